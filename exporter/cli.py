@@ -1,0 +1,131 @@
+"""Command line: flags to a validated Config, then run or check it."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from exporter import __version__, logs
+from exporter.collectors import COLLECTORS, DEFAULTS, build
+from exporter.config import Config, ConfigError, load_config, redact_url, summary
+from exporter.scrape import ScrapeRunner
+
+log = logging.getLogger("exporter")
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+# flag -> dotted config key it overrides
+VALUE_FLAGS = {
+    "--web.listen-address": ("web.listen_address", "address to listen on (default :9786)"),
+    "--web.telemetry-path": ("web.telemetry_path", "path for metrics (default /metrics)"),
+    "--web.max-requests": ("web.max_requests", "concurrent requests before 503 (default 40)"),
+    "--log.level": ("log.level", "debug, info, warning or error (default info)"),
+    "--log.format": ("log.format", "logfmt or json (default logfmt)"),
+    "--scrape.timeout": ("scrape.timeout", "time budget of each collector (default 4s)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; collector flags come from the collector table."""
+    parser = argparse.ArgumentParser(
+        prog="qatoolbox-exporter",
+        description="Prometheus exporter for QAToolBox: host, processes, PostgreSQL, Redis, "
+        "application and business metrics.",
+    )
+    parser.add_argument("--config.file", dest="config_file", metavar="PATH",
+                        help="YAML configuration file (optional)")
+    parser.add_argument("--config.check", dest="config_check", action="store_true",
+                        help="validate the configuration, print a summary and exit")
+    for flag, (key, help_text) in VALUE_FLAGS.items():
+        parser.add_argument(flag, dest=key, metavar="VALUE", help=help_text)
+    group = parser.add_argument_group("collectors")
+    for name, spec in COLLECTORS.items():
+        state = "on" if spec.default_enabled else "off"
+        group.add_argument(f"--collector.{name}", dest=f"collector.{name}",
+                           action="store_const", const=True,
+                           help=f"enable the {name} collector ({state} by default): {spec.help}")
+        group.add_argument(f"--no-collector.{name}", dest=f"collector.{name}",
+                           action="store_const", const=False,
+                           help=f"disable the {name} collector")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any], dict[str, bool]]:
+    """Parse flags into the namespace, config overrides and collector switches."""
+    args = build_parser().parse_args(argv)
+    values = vars(args)
+    overrides: dict[str, Any] = {}
+    for key, _ in VALUE_FLAGS.values():
+        if values.get(key) is not None:
+            raw = values[key]
+            overrides[key] = int(raw) if key == "web.max_requests" and raw.isdigit() else raw
+    switches = {
+        name: values[f"collector.{name}"]
+        for name in COLLECTORS
+        if values.get(f"collector.{name}") is not None
+    }
+    return args, overrides, switches
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the exporter (or check its config); return the exit code."""
+    args, overrides, switches = parse(argv)
+    try:
+        config = load_config(args.config_file, os.environ, DEFAULTS, overrides, switches)
+    except ConfigError as exc:
+        print("qatoolbox-exporter: invalid configuration:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.config_check:
+        print("configuration ok")
+        for line in summary(config):
+            print(f"  {line}")
+        return EXIT_OK
+    logs.setup(config.log.level, config.log.format)
+    return serve(config)
+
+
+def serve(config: Config) -> int:
+    """Start the HTTP server and block until SIGTERM or SIGINT."""
+    from exporter.server import ExporterHTTPServer
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        log.warning("PROMETHEUS_MULTIPROC_DIR is set in the exporter's environment; ignored: "
+                    "the exporter's own metrics never use multiprocess mode")
+    runner = ScrapeRunner(build(config), config.scrape.timeout, config.log.repeat_interval)
+    try:
+        server = ExporterHTTPServer(config.web, runner)
+    except OSError as exc:
+        print(f"qatoolbox-exporter: cannot listen on {config.web.listen_address}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        runner.close()
+        return EXIT_RUNTIME
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("shutting down", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    log.info("listening", extra={"address": config.web.listen_address,
+                                 "path": config.web.telemetry_path,
+                                 "collectors": ",".join(runner.names),
+                                 "version": __version__})
+    if config.enabled("redis"):
+        log.info("redis target", extra={"url": redact_url(config.redis.url)})
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    runner.close()
+    return EXIT_OK

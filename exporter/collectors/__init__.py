@@ -1,0 +1,37 @@
+"""The collector table: every collector's name, factory and whether it runs by default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from exporter.collectors.host import HostCollector
+from exporter.collectors.process import ProcessCollector
+from exporter.config import Config
+from exporter.scrape import Collector
+
+
+@dataclass(frozen=True)
+class CollectorSpec:
+    """One row of the table."""
+
+    factory: Callable[[Config], Collector]
+    default_enabled: bool
+    help: str
+
+
+COLLECTORS: dict[str, CollectorSpec] = {
+    "host": CollectorSpec(
+        lambda c: HostCollector(c.host), True, "CPU, memory, file systems, disks, network."
+    ),
+    "process": CollectorSpec(
+        lambda c: ProcessCollector(c.process), True, "Process groups (web, celery, ...)."
+    ),
+}
+
+DEFAULTS: dict[str, bool] = {name: spec.default_enabled for name, spec in COLLECTORS.items()}
+
+
+def build(config: Config) -> list[Collector]:
+    """Instantiate the enabled collectors, in table order."""
+    return [spec.factory(config) for name, spec in COLLECTORS.items() if config.enabled(name)]

@@ -1,0 +1,342 @@
+"""Host collector: CPU, load, memory, file systems, disks, network and pressure from /proc."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig
+
+CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size.
+MEMINFO_FIELDS = {
+    "memory_total_bytes": ("MemTotal", "Total usable memory."),
+    "memory_available_bytes": ("MemAvailable", "Memory available for new work without swapping."),
+    "memory_free_bytes": ("MemFree", "Memory not used at all."),
+    "memory_cached_bytes": ("Cached", "Memory used by the page cache."),
+    "memory_buffers_bytes": ("Buffers", "Memory used by block device buffers."),
+    "swap_total_bytes": ("SwapTotal", "Total swap space."),
+    "swap_free_bytes": ("SwapFree", "Unused swap space."),
+}
+# (metric suffix, help, field index after the device name, scale)
+DISK_FIELDS = (
+    ("reads_completed_total", "Reads completed.", 0, 1.0),
+    ("read_bytes_total", "Bytes read.", 2, SECTOR_BYTES),
+    ("read_time_seconds_total", "Time spent reading.", 3, 0.001),
+    ("writes_completed_total", "Writes completed.", 4, 1.0),
+    ("written_bytes_total", "Bytes written.", 6, SECTOR_BYTES),
+    ("write_time_seconds_total", "Time spent writing.", 7, 0.001),
+    ("io_time_seconds_total", "Time the device was busy with I/O.", 9, 0.001),
+)
+# (metric suffix, help, field index in /proc/net/dev after the interface name)
+NETWORK_FIELDS = (
+    ("receive_bytes_total", "Bytes received.", 0),
+    ("receive_packets_total", "Packets received.", 1),
+    ("receive_errors_total", "Receive errors.", 2),
+    ("receive_drop_total", "Received packets dropped.", 3),
+    ("transmit_bytes_total", "Bytes transmitted.", 8),
+    ("transmit_packets_total", "Packets transmitted.", 9),
+    ("transmit_errors_total", "Transmit errors.", 10),
+    ("transmit_drop_total", "Transmitted packets dropped.", 11),
+)
+
+
+# --- pure parsing -------------------------------------------------------------------------------
+
+
+def parse_stat(text: str, ticks_per_second: float) -> tuple[dict[str, list[float]], float]:
+    """Per-CPU seconds by mode (CPU_MODES order) and the boot time from /proc/stat."""
+    cpus: dict[str, list[float]] = {}
+    boot_time = 0.0
+    for line in text.splitlines():
+        if line.startswith("cpu") and not line.startswith("cpu "):
+            name, *values = line.split()
+            ticks = [float(v) for v in values[: len(CPU_MODES)]]
+            ticks += [0.0] * (len(CPU_MODES) - len(ticks))
+            cpus[name[3:]] = [t / ticks_per_second for t in ticks]
+        elif line.startswith("btime "):
+            boot_time = float(line.split()[1])
+    return cpus, boot_time
+
+
+def parse_meminfo(text: str) -> dict[str, float]:
+    """Bytes by /proc/meminfo field name."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            scale = 1024.0 if len(parts) > 1 and parts[1] == "kB" else 1.0
+            values[key] = float(parts[0]) * scale
+    return values
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    """The 1, 5 and 15 minute load averages."""
+    one, five, fifteen = text.split()[:3]
+    return float(one), float(five), float(fifteen)
+
+
+def parse_diskstats(text: str) -> dict[str, list[float]]:
+    """Raw counters by device name (fields after the name)."""
+    disks: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 14:
+            disks[parts[2]] = [float(v) for v in parts[3:]]
+    return disks
+
+
+def parse_net_dev(text: str) -> dict[str, list[float]]:
+    """Raw counters by interface (16 fields: 8 receive, 8 transmit)."""
+    devices: dict[str, list[float]] = {}
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        values = rest.split()
+        if sep and len(values) >= 16:
+            devices[name.strip()] = [float(v) for v in values[:16]]
+    return devices
+
+
+def parse_pressure(text: str) -> dict[str, float]:
+    """Total stall seconds by kind ("some", "full") from a /proc/pressure file."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        for item in fields:
+            if item.startswith("total="):
+                totals[kind] = float(item[6:]) / 1e6
+    return totals
+
+
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of a mounts table."""
+
+    device: str
+    mountpoint: str
+    fstype: str
+    readonly: bool
+
+
+def parse_mounts(text: str) -> list[Mount]:
+    """Mounts in order; a later mount on the same point hides the earlier one."""
+    by_point: dict[str, Mount] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        device, point, fstype, options = (
+            _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), p) for p in parts[:4]
+        )
+        by_point.pop(point, None)
+        by_point[point] = Mount(device, point, fstype, "ro" in options.split(","))
+    return list(by_point.values())
+
+
+def _matcher(include: str, exclude: str) -> Callable[[str], bool]:
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+
+    def wanted(value: str) -> bool:
+        if inc is not None and not inc.search(value):
+            return False
+        return not (exc is not None and exc.search(value))
+
+    return wanted
+
+
+def select_mounts(mounts: Iterable[Mount], cfg: FilesystemConfig) -> list[Mount]:
+    """The mounts that pass the mount point and file system type filters."""
+    point_ok = _matcher(cfg.mount_points_include, cfg.mount_points_exclude)
+    type_ok = _matcher(cfg.fs_types_include, cfg.fs_types_exclude)
+    return [m for m in mounts if point_ok(m.mountpoint) and type_ok(m.fstype)]
+
+
+def device_filter(cfg: DeviceFilterConfig) -> Callable[[str], bool]:
+    """A predicate for device names from include/exclude patterns."""
+    return _matcher(cfg.include, cfg.exclude)
+
+
+# --- the collector -------------------------------------------------------------------------------
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+class HostCollector:
+    """Host metrics under the node_exporter label layout, with the qatoolbox_host_ prefix.
+
+    qatoolbox_host_cpu_seconds_total{cpu="0",mode="user"} 1234.5
+    qatoolbox_host_load1 0.42
+    qatoolbox_host_memory_available_bytes 2.1e+10
+    qatoolbox_host_filesystem_avail_bytes{device="/dev/vda",fstype="ext4",mountpoint="/"} 8.6e+10
+    qatoolbox_host_disk_read_bytes_total{device="vda"} 1.2e+09
+    qatoolbox_host_network_receive_bytes_total{device="eth0"} 5.4e+08
+    qatoolbox_host_pressure_io_waiting_seconds_total 2.47
+    """
+
+    name = "host"
+
+    def __init__(
+        self,
+        cfg: HostConfig,
+        read: Callable[[str], str] = _read,
+        statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+        ticks_per_second: float | None = None,
+    ) -> None:
+        self._cfg = cfg
+        self._read = read
+        self._statvfs = statvfs
+        self._ticks = ticks_per_second or float(os.sysconf("SC_CLK_TCK"))
+        self._disk_ok = device_filter(cfg.disk)
+        self._net_ok = device_filter(cfg.network)
+
+    def _proc(self, rel: str) -> str:
+        return self._read(os.path.join(self._cfg.proc_path, rel))
+
+    def collect(self) -> Iterator[Metric]:
+        """Read /proc and /sys and yield the host families."""
+        yield from self._cpu_and_boot()
+        yield from self._load()
+        yield from self._memory()
+        yield from self._filesystems()
+        yield from self._disks()
+        yield from self._network()
+        yield from self._pressure()
+
+    def _cpu_and_boot(self) -> Iterator[Metric]:
+        cpus, boot_time = parse_stat(self._proc("stat"), self._ticks)
+        family = CounterMetricFamily(
+            "qatoolbox_host_cpu_seconds_total",
+            "Seconds each CPU spent in each mode.",
+            labels=["cpu", "mode"],
+        )
+        for cpu, seconds in cpus.items():
+            for mode, value in zip(CPU_MODES, seconds, strict=True):
+                family.add_metric([cpu, mode], value)
+        yield family
+        yield GaugeMetricFamily(
+            "qatoolbox_host_boot_time_seconds", "Unix time the host booted.", value=boot_time
+        )
+
+    def _load(self) -> Iterator[Metric]:
+        loads = parse_loadavg(self._proc("loadavg"))
+        for minutes, value in zip((1, 5, 15), loads, strict=True):
+            yield GaugeMetricFamily(
+                f"qatoolbox_host_load{minutes}", f"{minutes}-minute load average.", value=value
+            )
+
+    def _memory(self) -> Iterator[Metric]:
+        info = parse_meminfo(self._proc("meminfo"))
+        for suffix, (key, help_text) in MEMINFO_FIELDS.items():
+            if key in info:
+                yield GaugeMetricFamily(f"qatoolbox_host_{suffix}", help_text, value=info[key])
+
+    def _filesystems(self) -> Iterator[Metric]:
+        try:
+            text = self._proc("1/mounts")
+        except OSError:
+            text = self._proc("self/mounts")
+        labels = ["device", "mountpoint", "fstype"]
+        families = {
+            "size": GaugeMetricFamily(
+                "qatoolbox_host_filesystem_size_bytes", "File system size.", labels=labels
+            ),
+            "avail": GaugeMetricFamily(
+                "qatoolbox_host_filesystem_avail_bytes",
+                "File system space available to unprivileged users.",
+                labels=labels,
+            ),
+            "free": GaugeMetricFamily(
+                "qatoolbox_host_filesystem_free_bytes", "File system free space.", labels=labels
+            ),
+            "files": GaugeMetricFamily(
+                "qatoolbox_host_filesystem_files", "File system inodes in all.", labels=labels
+            ),
+            "files_free": GaugeMetricFamily(
+                "qatoolbox_host_filesystem_files_free", "File system free inodes.", labels=labels
+            ),
+            "readonly": GaugeMetricFamily(
+                "qatoolbox_host_filesystem_readonly",
+                "Whether the file system is mounted read-only (1) or not (0).",
+                labels=labels,
+            ),
+        }
+        for mount in select_mounts(parse_mounts(text), self._cfg.filesystem):
+            try:
+                st = self._statvfs(mount.mountpoint)
+            except OSError:
+                continue  # unmounted since the table was read, or not ours to see
+            key = [mount.device, mount.mountpoint, mount.fstype]
+            families["size"].add_metric(key, float(st.f_blocks * st.f_frsize))
+            families["avail"].add_metric(key, float(st.f_bavail * st.f_frsize))
+            families["free"].add_metric(key, float(st.f_bfree * st.f_frsize))
+            families["files"].add_metric(key, float(st.f_files))
+            families["files_free"].add_metric(key, float(st.f_ffree))
+            readonly = mount.readonly or bool(st.f_flag & os.ST_RDONLY)
+            families["readonly"].add_metric(key, 1.0 if readonly else 0.0)
+        yield from families.values()
+
+    def _whole_disks(self) -> set[str] | None:
+        try:
+            return {n.replace("!", "/") for n in os.listdir(f"{self._cfg.sys_path}/block")}
+        except OSError:
+            return None
+
+    def _disks(self) -> Iterator[Metric]:
+        disks = parse_diskstats(self._proc("diskstats"))
+        whole = self._whole_disks()
+        families = [
+            (CounterMetricFamily(f"qatoolbox_host_disk_{s}", h, labels=["device"]), i, scale)
+            for s, h, i, scale in DISK_FIELDS
+        ]
+        for device, values in disks.items():
+            if (whole is not None and device not in whole) or not self._disk_ok(device):
+                continue
+            for family, index, scale in families:
+                family.add_metric([device], values[index] * scale)
+        for family, _, _ in families:
+            yield family
+
+    def _network(self) -> Iterator[Metric]:
+        devices = parse_net_dev(self._proc("net/dev"))
+        families = [
+            (CounterMetricFamily(f"qatoolbox_host_network_{s}", h, labels=["device"]), i)
+            for s, h, i in NETWORK_FIELDS
+        ]
+        for device, values in devices.items():
+            if not self._net_ok(device):
+                continue
+            for family, index in families:
+                family.add_metric([device], values[index])
+        for family, _ in families:
+            yield family
+
+    def _pressure(self) -> Iterator[Metric]:
+        for resource in ("cpu", "memory", "io"):
+            try:
+                totals = parse_pressure(self._proc(f"pressure/{resource}"))
+            except OSError:
+                continue  # kernel without PSI, or PSI disabled
+            if "some" in totals:
+                yield CounterMetricFamily(
+                    f"qatoolbox_host_pressure_{resource}_waiting_seconds_total",
+                    f"Time at least one task waited for {resource}.",
+                    value=totals["some"],
+                )
+            if resource != "cpu" and "full" in totals:
+                yield CounterMetricFamily(
+                    f"qatoolbox_host_pressure_{resource}_stalled_seconds_total",
+                    f"Time all non-idle tasks stalled on {resource} at once.",
+                    value=totals["full"],
+                )

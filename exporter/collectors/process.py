@@ -1,0 +1,202 @@
+"""Process collector: counts and resources of named process groups (web, celery, ...)."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import psutil
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from exporter.config import ProcessConfig, ProcessGroup
+
+
+@dataclass(frozen=True)
+class ProcSample:
+    """What the collector reads of one process."""
+
+    pid: int
+    create_time: float
+    cpu_user: float
+    cpu_system: float
+    rss: float
+    fds: float
+    threads: float
+
+
+class GroupMatcher:
+    """Decides which group, if any, a process belongs to (first matching group wins)."""
+
+    _INTERPRETERS = re.compile(r"^python[0-9.]*$")
+
+    def __init__(self, groups: Sequence[ProcessGroup]) -> None:
+        self._groups = [
+            (g.name, frozenset(g.names), re.compile(g.cmdline) if g.cmdline else None)
+            for g in groups
+        ]
+
+    @classmethod
+    def program_names(cls, comm: str, cmdline: Sequence[str]) -> set[str]:
+        """The names a process goes by: its comm, argv[0], and the script or -m module of a
+        Python interpreter (so `python -m gunicorn` is a gunicorn)."""
+        names = {comm}
+        if cmdline:
+            argv0 = os.path.basename(cmdline[0])
+            names.add(argv0)
+            names.add(argv0.split(":", 1)[0])  # "gunicorn: worker [app]" from setproctitle
+            if cls._INTERPRETERS.match(argv0):
+                args = list(cmdline[1:])
+                while args and args[0].startswith("-") and args[0] != "-m":
+                    args.pop(0)
+                if len(args) >= 2 and args[0] == "-m":
+                    names.add(args[1])
+                elif args:
+                    names.add(os.path.basename(args[0]))
+        return names
+
+    def group_of(self, comm: str, cmdline: Sequence[str]) -> str | None:
+        """The group name for a process, or None."""
+        names: set[str] | None = None
+        joined: str | None = None
+        for group, wanted, pattern in self._groups:
+            if wanted:
+                if names is None:
+                    names = self.program_names(comm, cmdline)
+                if names & wanted:
+                    return group
+            if pattern is not None:
+                if joined is None:
+                    joined = " ".join(cmdline)
+                if pattern.search(joined):
+                    return group
+        return None
+
+
+class CpuAccount:
+    """Per-group CPU counters that never go backwards when processes exit.
+
+    A group's counter is the CPU of the processes seen so far: each scrape adds, per live
+    process, what it used since it was last seen (the whole of it for a new process). A process
+    is identified by pid and start time, so a reused pid starts a new account.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[int, float], tuple[str, float, float]] = {}
+        self._totals: dict[str, list[float]] = {}
+
+    def update(self, samples: Iterable[tuple[str, ProcSample]]) -> dict[str, list[float]]:
+        """Fold this scrape's samples in; return {group: [user, system]} totals."""
+        seen: dict[tuple[int, float], tuple[str, float, float]] = {}
+        for group, s in samples:
+            key = (s.pid, s.create_time)
+            total = self._totals.setdefault(group, [0.0, 0.0])
+            previous = self._last.get(key)
+            if previous is not None and previous[0] == group:
+                total[0] += max(0.0, s.cpu_user - previous[1])
+                total[1] += max(0.0, s.cpu_system - previous[2])
+            else:
+                total[0] += s.cpu_user
+                total[1] += s.cpu_system
+            seen[key] = (group, s.cpu_user, s.cpu_system)
+        self._last = seen
+        return {g: list(v) for g, v in self._totals.items()}
+
+
+def _sample(proc: psutil.Process) -> ProcSample | None:
+    try:
+        with proc.oneshot():
+            cpu = proc.cpu_times()
+            return ProcSample(
+                pid=proc.pid,
+                create_time=proc.create_time(),
+                cpu_user=cpu.user,
+                cpu_system=cpu.system,
+                rss=float(proc.memory_info().rss),
+                fds=float(proc.num_fds()),
+                threads=float(proc.num_threads()),
+            )
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def scan_processes(matcher: GroupMatcher) -> Iterator[tuple[str, ProcSample]]:
+    """Every process that belongs to a group, with its sample; vanished or hidden ones skipped."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        info = proc.info
+        group = matcher.group_of(info.get("name") or "", info.get("cmdline") or [])
+        if group is None:
+            continue
+        sample = _sample(proc)
+        if sample is not None:
+            yield group, sample
+
+
+class ProcessCollector:
+    """Process groups configured by name or command line.
+
+    qatoolbox_process_num_procs{group="web"} 4
+    qatoolbox_process_cpu_seconds_total{group="web",mode="user"} 12.5
+    qatoolbox_process_resident_memory_bytes{group="web"} 2.3e+08
+    qatoolbox_process_open_fds{group="web"} 48
+    qatoolbox_process_threads{group="web"} 8
+    qatoolbox_process_oldest_start_time_seconds{group="web"} 1.7e+09
+    """
+
+    name = "process"
+
+    def __init__(
+        self,
+        cfg: ProcessConfig,
+        scan: Callable[[GroupMatcher], Iterable[tuple[str, ProcSample]]] = scan_processes,
+    ) -> None:
+        self._groups = [g.name for g in cfg.groups]
+        self._matcher = GroupMatcher(cfg.groups)
+        self._scan = scan
+        self._cpu = CpuAccount()
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        """Scan the process table once and yield per-group families."""
+        samples = list(self._scan(self._matcher))
+        with self._lock:
+            cpu = self._cpu.update(samples)
+        labels = ["group"]
+        count = GaugeMetricFamily(
+            "qatoolbox_process_num_procs", "Processes in the group.", labels=labels
+        )
+        cpu_family = CounterMetricFamily(
+            "qatoolbox_process_cpu_seconds_total",
+            "CPU time used by the group's processes, including those that have exited.",
+            labels=["group", "mode"],
+        )
+        rss = GaugeMetricFamily(
+            "qatoolbox_process_resident_memory_bytes",
+            "Resident memory of the group's processes.",
+            labels=labels,
+        )
+        fds = GaugeMetricFamily(
+            "qatoolbox_process_open_fds", "Open file descriptors of the group.", labels=labels
+        )
+        threads = GaugeMetricFamily(
+            "qatoolbox_process_threads", "Threads in the group's processes.", labels=labels
+        )
+        oldest = GaugeMetricFamily(
+            "qatoolbox_process_oldest_start_time_seconds",
+            "Unix time the group's oldest running process started.",
+            labels=labels,
+        )
+        for group in self._groups:
+            members = [s for g, s in samples if g == group]
+            count.add_metric([group], float(len(members)))
+            user, system = cpu.get(group, [0.0, 0.0])
+            cpu_family.add_metric([group, "user"], user)
+            cpu_family.add_metric([group, "system"], system)
+            rss.add_metric([group], sum(s.rss for s in members))
+            fds.add_metric([group], sum(s.fds for s in members))
+            threads.add_metric([group], sum(s.threads for s in members))
+            if members:
+                oldest.add_metric([group], min(s.create_time for s in members))
+        yield from (count, cpu_family, rss, fds, threads, oldest)

@@ -1,0 +1,509 @@
+"""Configuration: YAML file and environment, validated into frozen dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(Exception):
+    """Every problem found in a configuration, one per line, each naming its key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Duration(float):
+    """Seconds, written in the config as "500ms", "2s", "1m" or "1h30m"."""
+
+
+class Regex(str):
+    """A Python regular expression, checked at load time."""
+
+
+class Secret(str):
+    """A password or token: never shown in summaries, logs or errors."""
+
+    def __repr__(self) -> str:
+        return "'<secret>'" if self else "''"
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Parse "1m30s" into 90.0; raise ValueError on anything else."""
+    text = text.strip()
+    pos, total = 0, 0.0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(text)
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos == 0:
+        raise ValueError(text)
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds the way the config writes them."""
+    if seconds and seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+# --- the configuration tree -------------------------------------------------------------------
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["logfmt", "json"]
+
+# node_exporter's defaults: kernel and container-internal file systems carry no capacity signal.
+DEFAULT_FS_TYPES_EXCLUDE = (
+    r"^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs"
+    r"|iso9660|mqueue|nsfs|overlay|proc|procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs"
+    r"|sysfs|tracefs)$"
+)
+DEFAULT_MOUNT_POINTS_EXCLUDE = (
+    r"^/(dev|proc|run/credentials/.+|sys|var/lib/docker/.+|var/lib/containers/storage/.+)($|/)"
+)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """HTTP server settings."""
+
+    listen_address: str = ":9786"
+    telemetry_path: str = "/metrics"
+    max_requests: int = 40
+    read_timeout: Duration = Duration(10.0)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging settings."""
+
+    level: LogLevel = "info"
+    format: LogFormat = "logfmt"
+    # A failing collector logs again with the same error only after this long.
+    repeat_interval: Duration = Duration(300.0)
+
+
+@dataclass(frozen=True)
+class ScrapeConfig:
+    """How the enabled collectors are run on each scrape."""
+
+    timeout: Duration = Duration(4.0)
+
+
+@dataclass(frozen=True)
+class FilesystemConfig:
+    """Which mounted file systems the host collector reports."""
+
+    mount_points_include: Regex = Regex("")
+    mount_points_exclude: Regex = Regex(DEFAULT_MOUNT_POINTS_EXCLUDE)
+    fs_types_include: Regex = Regex("")
+    fs_types_exclude: Regex = Regex(DEFAULT_FS_TYPES_EXCLUDE)
+
+
+@dataclass(frozen=True)
+class DeviceFilterConfig:
+    """Which devices (disks or network interfaces) the host collector reports."""
+
+    include: Regex = Regex("")
+    exclude: Regex = Regex("")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Host collector settings."""
+
+    proc_path: str = "/proc"
+    sys_path: str = "/sys"
+    filesystem: FilesystemConfig = FilesystemConfig()
+    disk: DeviceFilterConfig = DeviceFilterConfig(exclude=Regex(r"^(ram|loop|fd|zram)\d+$"))
+    network: DeviceFilterConfig = DeviceFilterConfig(
+        exclude=Regex(r"^(veth.*|docker\d+|br-.*|cali.*|flannel.*|cni\d+)$")
+    )
+
+
+@dataclass(frozen=True)
+class ProcessGroup:
+    """A named set of processes, matched by name or by command line."""
+
+    name: str = ""
+    names: tuple[str, ...] = ()
+    cmdline: Regex = Regex("")
+
+
+DEFAULT_PROCESS_GROUPS = (
+    ProcessGroup(name="web", names=("gunicorn", "uwsgi", "daphne", "uvicorn")),
+    ProcessGroup(name="celery", cmdline=Regex(r"\bcelery\b.*\bworker\b")),
+    ProcessGroup(name="postgres", names=("postgres", "postmaster")),
+    ProcessGroup(name="redis", names=("redis-server",)),
+)
+
+
+@dataclass(frozen=True)
+class ProcessConfig:
+    """Process collector settings."""
+
+    groups: tuple[ProcessGroup, ...] = DEFAULT_PROCESS_GROUPS
+
+
+@dataclass(frozen=True)
+class PostgresConfig:
+    """PostgreSQL connection and collector settings (DB_* environment variables as defaults)."""
+
+    host: str = "localhost"
+    port: int = 5432
+    dbname: str = "qatoolbox"
+    user: str = "postgres"
+    password: Secret = field(default=Secret(""), repr=False)
+    password_file: str = ""
+    sslmode: str = "prefer"
+    connect_timeout: Duration = Duration(2.0)
+    timeout: Duration = Duration(2.0)
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    """Redis connection and collector settings (REDIS_URL as default)."""
+
+    url: Secret = field(default=Secret("redis://127.0.0.1:6379"), repr=False)
+    password_file: str = ""
+    timeout: Duration = Duration(2.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    web: WebConfig = WebConfig()
+    log: LogConfig = LogConfig()
+    scrape: ScrapeConfig = ScrapeConfig()
+    collectors: Mapping[str, bool] = field(default_factory=dict)
+    host: HostConfig = HostConfig()
+    process: ProcessConfig = ProcessConfig()
+    postgres: PostgresConfig = PostgresConfig()
+    redis: RedisConfig = RedisConfig()
+
+    def enabled(self, name: str) -> bool:
+        """Whether the collector called name runs."""
+        return self.collectors.get(name, False)
+
+
+# --- building dataclasses from plain data ------------------------------------------------------
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"' if len(value) < 60 else f'"{value[:57]}..."'
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return repr(value)
+
+
+def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    """Convert one plain value to the annotated type, recording problems under path."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _build(tp, value, path, errors)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            options = ", ".join(str(c) for c in choices)
+            errors.append(f"{path}: expected one of {options}, got {_describe(value)}")
+        return value
+    if origin is tuple:
+        (item_type, _) = typing.get_args(tp)
+        if not isinstance(value, list):
+            errors.append(f"{path}: expected a list, got {_describe(value)}")
+            return ()
+        return tuple(_convert(item_type, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+    if origin in (Union, types.UnionType):
+        raise TypeError(f"unsupported config type at {path}")
+    return _convert_scalar(tp, value, path, errors)
+
+
+def _convert_scalar(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
+    if tp is Duration:
+        if isinstance(value, str):
+            try:
+                return Duration(parse_duration(value))
+            except ValueError:
+                pass
+        errors.append(f'{path}: expected a duration like "2s", got {_describe(value)}')
+        return Duration(0)
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{path}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{path}: expected a whole number, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{path}: expected a number, got {_describe(value)}")
+            return 0.0
+        return float(value)
+    if tp in (str, Regex, Secret):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            errors.append(f"{path}: expected a string, got {_describe(value)}")
+            return tp("")
+        if tp is Regex:
+            try:
+                re.compile(str(value))
+            except re.error as exc:
+                errors.append(f"{path}: invalid regular expression: {exc}")
+        return tp(str(value))
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def _build(cls: type[Any], data: Any, path: str, errors: list[str]) -> Any:
+    """Build dataclass cls from a mapping; unknown keys and wrong types become errors."""
+    prefix = f"{path}." if path else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        errors.append(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            errors.append(f"{prefix}{key}: unknown key")
+    values = {
+        name: _convert(hints[name], data[name], f"{prefix}{name}", errors)
+        for name in known
+        if name in data and name != "collectors"
+    }
+    return cls(**values)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str) -> Any:
+    """Read a YAML file, turning I/O and syntax errors into ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError([f"config file {path}: cannot read: {exc.strerror}"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError([f"config file {path}: invalid YAML{where}: {problem}"]) from None
+
+
+def _env_postgres(env: Mapping[str, str], section: dict[str, Any], errors: list[str]) -> None:
+    """Fill the postgres section from QAToolBox's DB_* variables where the file is silent."""
+    for var, key in (("DB_NAME", "dbname"), ("DB_USER", "user"), ("DB_HOST", "host")):
+        if var in env and key not in section:
+            section[key] = env[var]
+    if "DB_PORT" in env and "port" not in section:
+        try:
+            section["port"] = int(env["DB_PORT"])
+        except ValueError:
+            errors.append(f'DB_PORT: expected a port number, got "{env["DB_PORT"]}"')
+    if "password" not in section and "password_file" not in section:
+        if "DB_PASSWORD_FILE" in env:
+            section["password_file"] = env["DB_PASSWORD_FILE"]
+        elif "DB_PASSWORD" in env:
+            section["password"] = env["DB_PASSWORD"]
+
+
+def _env_redis(env: Mapping[str, str], section: dict[str, Any]) -> None:
+    if "REDIS_URL" in env and "url" not in section:
+        section["url"] = env["REDIS_URL"]
+    if "REDIS_PASSWORD_FILE" in env and "password_file" not in section:
+        section["password_file"] = env["REDIS_PASSWORD_FILE"]
+
+
+def _read_secret(path: str, key: str, errors: list[str]) -> Secret:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return Secret(handle.read().strip())
+    except OSError as exc:
+        errors.append(f"{key}: cannot read {path}: {exc.strerror}")
+        return Secret("")
+
+
+def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _collectors(
+    raw: Any, known: Mapping[str, bool], flags: Mapping[str, bool], errors: list[str]
+) -> dict[str, bool]:
+    enabled = dict(known)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        errors.append(f"collectors: expected a mapping of collector names to true/false, got "
+                      f"{_describe(raw)}")
+        raw = {}
+    for name, value in raw.items():
+        if name not in known:
+            errors.append(f"collectors.{name}: unknown collector (known: {', '.join(known)})")
+        elif not isinstance(value, bool):
+            errors.append(f"collectors.{name}: expected true or false, got {_describe(value)}")
+        else:
+            enabled[name] = value
+    enabled.update(flags)
+    return enabled
+
+
+def load_config(
+    path: str | None,
+    env: Mapping[str, str],
+    known_collectors: Mapping[str, bool],
+    overrides: Mapping[str, Any] | None = None,
+    collector_flags: Mapping[str, bool] | None = None,
+) -> Config:
+    """Build the Config from a YAML file (optional), the environment and flag overrides.
+
+    overrides maps dotted keys ("web.listen_address") to raw values from flags; flags win
+    over the file, the file wins over the environment, the environment over defaults.
+    """
+    raw: Any = read_yaml(path) if path else {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"config file {path}: expected a mapping at the top level, "
+                           f"got {_describe(raw)}"])
+    raw = dict(raw)
+    errors: list[str] = []
+    postgres = _section(raw, "postgres")
+    _env_postgres(env, postgres, errors)
+    redis = _section(raw, "redis")
+    _env_redis(env, redis)
+    if "postgres" in raw and not isinstance(raw["postgres"], Mapping):
+        postgres = raw["postgres"]
+    if "redis" in raw and not isinstance(raw["redis"], Mapping):
+        redis = raw["redis"]
+    raw["postgres"], raw["redis"] = postgres, redis
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        current = raw.get(section)
+        raw[section] = {**(current if isinstance(current, Mapping) else {}), key: value}
+
+    config: Config = _build(Config, raw, "", errors)
+    enabled = _collectors(raw.get("collectors"), known_collectors, collector_flags or {}, errors)
+    config = dataclasses.replace(config, collectors=types.MappingProxyType(enabled))
+    config = _resolve_secrets(config, errors)
+    errors.extend(_check(config))
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def _resolve_secrets(config: Config, errors: list[str]) -> Config:
+    pg, rd = config.postgres, config.redis
+    if pg.password_file:
+        pg = dataclasses.replace(
+            pg, password=_read_secret(pg.password_file, "postgres.password_file", errors)
+        )
+    if rd.password_file:
+        password = _read_secret(rd.password_file, "redis.password_file", errors)
+        rd = dataclasses.replace(rd, url=Secret(_url_with_password(rd.url, password)))
+    return dataclasses.replace(config, postgres=pg, redis=rd)
+
+
+def _url_with_password(url: str, password: str) -> str:
+    """Put password into a redis:// URL, keeping any username."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.hostname or "127.0.0.1"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _check(config: Config) -> list[str]:
+    """Cross-field checks that a single type cannot express."""
+    problems: list[str] = []
+    web = config.web
+    if not web.telemetry_path.startswith("/") or web.telemetry_path in ("/", "/healthz"):
+        problems.append(f'web.telemetry_path: must start with "/" and not be "/" or "/healthz", '
+                        f'got "{web.telemetry_path}"')
+    try:
+        split_listen_address(web.listen_address)
+    except ValueError as exc:
+        problems.append(f"web.listen_address: {exc}")
+    if web.max_requests < 1:
+        problems.append(f"web.max_requests: must be at least 1, got {web.max_requests}")
+    if config.scrape.timeout <= 0:
+        problems.append("scrape.timeout: must be greater than 0")
+    if not 0 < config.postgres.port < 65536:
+        problems.append(f"postgres.port: expected a port number, got {config.postgres.port}")
+    if not config.redis.url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("redis.url: expected a redis://, rediss:// or unix:// URL")
+    seen: set[str] = set()
+    for i, group in enumerate(config.process.groups):
+        where = f"process.groups[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", group.name):
+            problems.append(f"{where}.name: expected a short name (letters, digits, _ . -), "
+                            f"got {_describe(group.name)}")
+        elif group.name in seen:
+            problems.append(f"{where}.name: duplicate group \"{group.name}\"")
+        seen.add(group.name)
+        if not group.names and not group.cmdline:
+            problems.append(f"{where}: needs names or cmdline to match processes")
+    return problems
+
+
+def split_listen_address(address: str) -> tuple[str, int]:
+    """Split "host:port" (host may be empty or a bracketed IPv6 address)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f'expected "host:port" or ":port", got "{address}"')
+    return host.strip("[]"), int(port)
+
+
+def summary(config: Config) -> list[str]:
+    """A short description of what would run, with secrets left out."""
+    lines = [f"listen on {config.web.listen_address}, metrics at {config.web.telemetry_path}",
+             f"collector timeout {format_duration(config.scrape.timeout)}"]
+    for name, on in config.collectors.items():
+        lines.append(f"collector {name}: {'enabled' if on else 'disabled'}")
+    if config.enabled("postgres"):
+        pg = config.postgres
+        lines.append(f"postgres: {pg.user}@{pg.host}:{pg.port}/{pg.dbname} "
+                     f"(password {'set' if pg.password else 'not set'})")
+    if config.enabled("redis"):
+        lines.append(f"redis: {redact_url(config.redis.url)}")
+    if config.enabled("process"):
+        lines.append("process groups: " + ", ".join(g.name for g in config.process.groups))
+    return lines
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs and summaries."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1<secret>@", url)
+
+
+def environ() -> Mapping[str, str]:
+    """The process environment (a seam for tests)."""
+    return os.environ

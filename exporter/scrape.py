@@ -1,0 +1,222 @@
+"""The scrape runner: runs the enabled collectors concurrently, timed and isolated."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter import __version__
+
+log = logging.getLogger("exporter.scrape")
+
+_Timed = tuple[list[Metric], float]
+
+
+class Collector(Protocol):
+    """What the runner needs of a collector."""
+
+    name: str
+
+    def collect(self) -> Iterable[Metric]:
+        """Build this scrape's metric families."""
+
+
+@runtime_checkable
+class FailureAware(Protocol):
+    """A collector that still has something to say when it fails (an `up 0`)."""
+
+    def failure_metrics(self) -> Iterable[Metric]:
+        """Families served instead of collect()'s when it raised or ran out of time."""
+
+
+@runtime_checkable
+class Closable(Protocol):
+    """A collector holding connections to release at shutdown."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one collector's last run."""
+
+    success: bool
+    duration: float
+    error: str
+    finished_at: float
+
+
+class _FailureLog:
+    """Logs a collector's failure once, again when the error changes or after a quiet period."""
+
+    def __init__(self, name: str, repeat_interval: float, clock: Callable[[], float]) -> None:
+        self._name = name
+        self._repeat = repeat_interval
+        self._clock = clock
+        self._error: str | None = None
+        self._logged_at = 0.0
+
+    def failed(self, error: str) -> None:
+        now = self._clock()
+        if error != self._error or now - self._logged_at >= self._repeat:
+            log.warning("collector failed", extra={"collector": self._name, "err": error})
+            self._logged_at = now
+        self._error = error
+
+    def succeeded(self) -> None:
+        if self._error is not None:
+            log.info("collector recovered", extra={"collector": self._name})
+            self._error = None
+
+
+class ScrapeRunner:
+    """Runs collectors on demand; concurrent callers share one collection."""
+
+    def __init__(
+        self,
+        collectors: Sequence[Collector],
+        timeout: float,
+        repeat_interval: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._collectors = list(collectors)
+        self._timeout = timeout
+        self._clock = clock
+        # One run per collector at most is ever in flight, so this many threads always suffice.
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, len(self._collectors)), thread_name_prefix="collector"
+        )
+        self._running: dict[str, Future[_Timed]] = {}
+        self._failure_logs = {
+            c.name: _FailureLog(c.name, repeat_interval, clock) for c in self._collectors
+        }
+        self._outcomes: dict[str, Outcome] = {}
+        self._lock = threading.Lock()
+        self._flight: Future[list[Metric]] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The enabled collectors' names, in table order."""
+        return [c.name for c in self._collectors]
+
+    def outcomes(self) -> dict[str, Outcome]:
+        """Each collector's last outcome (absent before its first run)."""
+        return dict(self._outcomes)
+
+    def collect(self) -> list[Metric]:
+        """Run every collector once, or join the collection already under way."""
+        with self._lock:
+            flight = self._flight
+            leader = flight is None
+            if flight is None:
+                flight = self._flight = Future()
+        if not leader:
+            return flight.result()
+        try:
+            families = self._run_all()
+            flight.set_result(families)
+            return families
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._flight = None
+
+    def _run_all(self) -> list[Metric]:
+        started = self._clock()
+        futures: dict[str, Future[_Timed]] = {}
+        busy: set[str] = set()
+        for collector in self._collectors:
+            previous = self._running.get(collector.name)
+            if previous is not None and not previous.done():
+                # A run stuck past its budget (a paused server): don't pile up threads behind it.
+                busy.add(collector.name)
+                continue
+            futures[collector.name] = self._pool.submit(self._timed, collector)
+            self._running[collector.name] = futures[collector.name]
+        wait_futures(list(futures.values()), timeout=self._timeout)
+
+        families: list[Metric] = []
+        duration = GaugeMetricFamily(
+            "qatoolbox_exporter_collector_duration_seconds",
+            "Time the collector took in the last scrape.",
+            labels=["collector"],
+        )
+        success = GaugeMetricFamily(
+            "qatoolbox_exporter_collector_success",
+            "Whether the collector succeeded in the last scrape (1) or failed (0).",
+            labels=["collector"],
+        )
+        for collector in self._collectors:
+            name = collector.name
+            future = futures.get(name)
+            if future is not None and future.done() and future.exception() is None:
+                produced, elapsed = future.result()
+                families.extend(produced)
+                self._record(name, Outcome(True, elapsed, "", time.time()))
+                self._failure_logs[name].succeeded()
+            else:
+                if future is None and name in busy:
+                    error = "previous run still in progress"
+                elif future is not None and future.done():
+                    exc = future.exception()
+                    error = f"{type(exc).__name__}: {exc}"
+                else:
+                    error = f"timed out after {self._timeout:g}s"
+                elapsed = self._clock() - started
+                self._record(name, Outcome(False, elapsed, error, time.time()))
+                self._failure_logs[name].failed(error)
+                families.extend(self._fallback(collector))
+            outcome = self._outcomes[name]
+            duration.add_metric([name], outcome.duration)
+            success.add_metric([name], 1.0 if outcome.success else 0.0)
+        families.extend([duration, success, _build_info()])
+        return families
+
+    def _timed(self, collector: Collector) -> _Timed:
+        started = self._clock()
+        result = list(collector.collect())
+        return result, self._clock() - started
+
+    def _fallback(self, collector: Collector) -> list[Metric]:
+        if not isinstance(collector, FailureAware):
+            return []
+        try:
+            return list(collector.failure_metrics())
+        except Exception:
+            log.exception("failure_metrics raised", extra={"collector": collector.name})
+            return []
+
+    def _record(self, name: str, outcome: Outcome) -> None:
+        self._outcomes[name] = outcome
+
+    def close(self) -> None:
+        """Stop the pool without waiting for stuck runs, then release collectors' connections."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for collector in self._collectors:
+            if isinstance(collector, Closable):
+                try:
+                    collector.close()
+                except Exception:
+                    log.exception("close failed", extra={"collector": collector.name})
+
+
+def _build_info() -> GaugeMetricFamily:
+    info = GaugeMetricFamily(
+        "qatoolbox_exporter_build_info",
+        "Version of the exporter and of the Python it runs on; always 1.",
+        labels=["version", "python_version"],
+    )
+    info.add_metric([__version__, platform.python_version()], 1.0)
+    return info
