@@ -79,9 +79,9 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
-        # A slow or silent client cannot hold a thread longer than the read timeout.
-        self.timeout = self.server.web.read_timeout
         super().setup()
+        # A slow or silent client cannot hold a thread longer than the read timeout.
+        self.connection.settimeout(self.server.web.read_timeout)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("request", extra={"client": self.client_address[0], "line": format % args})
@@ -107,7 +107,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(405, b"Method Not Allowed\n", "text/plain; charset=utf-8",
                    headers={"Allow": "GET, HEAD"})
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
 
     def _serve(self, head: bool) -> None:
         path = self.path.split("?", 1)[0]

@@ -1,0 +1,381 @@
+"""Real servers for tests: throwaway PostgreSQL, Redis and exporter processes on free ports."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll predicate until it is true; fail the test with what after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if predicate():
+                return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _pg_bindir() -> Path:
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "postgres").exists():
+            return candidate
+    found = shutil.which("postgres")
+    if found:
+        return Path(found).resolve().parent
+    raise RuntimeError("PostgreSQL server binaries not found (apt-get install postgresql)")
+
+
+class _Process:
+    """A child server process the test can stop, kill and pause."""
+
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing."""
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """SIGKILL, no clean shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def _terminate(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+_PG_TEMPLATE: dict[str, Path] = {}
+
+
+def _as_postgres_user() -> dict[str, Any]:
+    """Popen arguments that drop root to the postgres user (initdb refuses to run as root)."""
+    if os.geteuid() != 0:
+        return {}
+    return {"user": "postgres", "group": pwd.getpwnam("postgres").pw_gid}
+
+
+def _pg_template() -> Path:
+    """initdb once per test session; each server copies the result (much faster)."""
+    if "dir" not in _PG_TEMPLATE:
+        holder = Path(tempfile.mkdtemp(prefix="qatb-pgtemplate-"))
+        os.chmod(holder, 0o755)
+        atexit.register(shutil.rmtree, holder, True)
+        target = holder / "data"
+        target.mkdir()
+        _chown_postgres(target)
+        subprocess.run(
+            [str(_pg_bindir() / "initdb"), "-D", str(target), "-U", "postgres",
+             "--auth=trust", "-E", "UTF8", "--locale=C", "--no-sync"],
+            check=True, capture_output=True, **_as_postgres_user(),
+        )
+        _PG_TEMPLATE["dir"] = target
+    return _PG_TEMPLATE["dir"]
+
+
+def _chown_postgres(path: Path) -> None:
+    if os.geteuid() == 0:
+        entry = pwd.getpwnam("postgres")
+        for p in [path, *path.rglob("*")]:
+            os.chown(p, entry.pw_uid, entry.pw_gid)
+
+
+@dataclass
+class PostgresServer(_Process):
+    """A throwaway PostgreSQL cluster on a free loopback port, superuser postgres, trust auth
+    on the socket and scram passwords over TCP for roles that have one."""
+
+    base: Path
+    port: int = field(default_factory=free_port)
+    settings: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.datadir = self.base / f"pg-{self.port}"
+        self.sockdir = self.base / f"pgsock-{self.port}"
+        shutil.copytree(_pg_template(), self.datadir)
+        self.sockdir.mkdir()
+        _chown_postgres(self.datadir)
+        _chown_postgres(self.sockdir)
+        os.chmod(self.datadir, 0o700)
+        hba = self.datadir / "pg_hba.conf"
+        hba.write_text(
+            "local all all trust\n"
+            "host all postgres 127.0.0.1/32 trust\n"
+            "host all all 127.0.0.1/32 scram-sha-256\n"
+        )
+        _chown_postgres(hba)
+        self.log_path = self.base / f"pg-{self.port}.log"
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def start(self) -> PostgresServer:
+        """Start the server and wait until it accepts connections."""
+        args = [str(_pg_bindir() / "postgres"), "-D", str(self.datadir), "-p", str(self.port),
+                "-k", str(self.sockdir), "-c", "listen_addresses=127.0.0.1",
+                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        for key, value in self.settings.items():
+            args += ["-c", f"{key}={value}"]
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, **_as_postgres_user())
+        wait_for(self._ready, 30, f"PostgreSQL on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"postgres exited: {self.log_path.read_text()[-2000:]}")
+        with self.connect():
+            return True
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT), waiting for it."""
+        self._terminate(signal.SIGINT)
+
+    def restart(self) -> None:
+        """Stop if running, then start on the same port and data."""
+        self.stop()
+        self.start()
+
+    def dsn(self, dbname: str = "postgres", user: str = "postgres", password: str = "") -> str:
+        """A libpq connection string for this server over TCP."""
+        dsn = f"host=127.0.0.1 port={self.port} dbname={dbname} user={user} connect_timeout=5"
+        return dsn + (f" password={password}" if password else "")
+
+    def connect(self, dbname: str = "postgres", user: str = "postgres",
+                password: str = "") -> Any:
+        """An autocommit psycopg connection (the caller closes it)."""
+        import psycopg
+
+        return psycopg.connect(self.dsn(dbname, user, password), autocommit=True)
+
+    def execute(self, sql: str, dbname: str = "postgres") -> list[tuple[Any, ...]]:
+        """Run SQL as the superuser and return its rows (empty for statements without rows)."""
+        with self.connect(dbname) as conn, conn.cursor() as cur:
+            cur.execute(sql)
+            return list(cur.fetchall()) if cur.description else []
+
+    def env(self, dbname: str = "postgres", user: str = "postgres",
+            password: str = "") -> dict[str, str]:
+        """The DB_* variables that point the exporter at this server."""
+        return {"DB_HOST": "127.0.0.1", "DB_PORT": str(self.port), "DB_NAME": dbname,
+                "DB_USER": user, "DB_PASSWORD": password}
+
+
+@dataclass
+class RedisServer(_Process):
+    """A throwaway Redis on a free loopback port, nothing kept on disk."""
+
+    base: Path
+    port: int = field(default_factory=free_port)
+    extra_args: Sequence[str] = ()
+
+    def start(self) -> RedisServer:
+        """Start redis-server and wait until it answers PING."""
+        self.log_path = self.base / f"redis-{self.port}.log"
+        workdir = self.base / f"redis-{self.port}"
+        workdir.mkdir(exist_ok=True)
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(workdir),
+                "--logfile", str(self.log_path), *self.extra_args]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.client().ping(), 15, f"Redis on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        """SIGTERM and wait."""
+        self._terminate()
+
+    def restart(self) -> None:
+        """Stop if running, then start on the same port."""
+        self.stop()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self, **kwargs: Any) -> Any:
+        """A redis-py client for this server."""
+        import redis
+
+        params: dict[str, Any] = {"socket_timeout": 5, **kwargs}
+        return redis.Redis(host="127.0.0.1", port=self.port, **params)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} from exposition text."""
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+class Scrape:
+    """One scrape's text with lookups by name and labels."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples = parse_metrics(text)
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The sample's value, or None when absent."""
+        return self.samples.get((name, tuple(sorted(labels.items()))))
+
+    def names(self) -> set[str]:
+        """Every sample name present."""
+        return {name for name, _ in self.samples}
+
+    def series(self, prefix: str = "") -> list[tuple[str, dict[str, str]]]:
+        """Every sample whose name starts with prefix."""
+        return [(n, dict(lbl)) for (n, lbl) in self.samples if n.startswith(prefix)]
+
+
+@dataclass
+class ExporterProcess:
+    """The real exporter, run as `python -m exporter` on a free port."""
+
+    base: Path
+    config: Mapping[str, Any] | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    args: Sequence[str] = ()
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> ExporterProcess:
+        """Start the exporter; by default wait until /healthz answers."""
+        argv = [sys.executable, "-m", "exporter", "--web.listen-address",
+                f"127.0.0.1:{self.port}", *self.args]
+        if self.config is not None:
+            path = self.base / f"exporter-{self.port}.yml"
+            path.write_text(yaml.safe_dump(dict(self.config)))
+            argv += ["--config.file", str(path)]
+        self.log_path = self.base / f"exporter-{self.port}.log"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("DB_", "REDIS_", "PROMETHEUS_MULTIPROC"))}
+        # Point at nothing by default, so tests never touch the machine's shared servers.
+        env.update({"DB_HOST": "127.0.0.1", "DB_PORT": "1", "REDIS_URL": "redis://127.0.0.1:1/0"})
+        env.update(self.env)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=ROOT)
+        if wait:
+            wait_for(self._healthy, 20, f"exporter on port {self.port}")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"exporter exited {self.proc.returncode}: {self.logs()}")
+        return self.get("/healthz")[0] == 200
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def get(self, path: str, headers: Mapping[str, str] | None = None,
+            timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+        """GET path: status, headers and body (errors are returned, not raised)."""
+        request = urllib.request.Request(self.url + path, headers=dict(headers or {}))
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def scrape(self, timeout: float = 30) -> Scrape:
+        """GET /metrics, assert 200, parse."""
+        status, _, body = self.get("/metrics", timeout=timeout)
+        assert status == 200, body[:500]
+        return Scrape(body.decode())
+
+    def logs(self) -> str:
+        """Everything the exporter wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> int | None:
+        """SIGTERM, wait, return the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def threads(self) -> int:
+        """Threads of the exporter process right now."""
+        status = Path(f"/proc/{self.proc.pid if self.proc else 0}/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines()
+                        if line.startswith("Threads:")))
+
+
+def run_exporter(args: Sequence[str], env: Mapping[str, str] | None = None,
+                 timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run `python -m exporter ARGS` to completion (for --config.check and bad flags)."""
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
+    base_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "exporter", *args], check=False,
+                          capture_output=True, text=True, env=base_env, timeout=timeout, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def tempdir() -> Iterator[Path]:
+    """A temporary directory readable by the postgres user."""
+    path = Path(tempfile.mkdtemp(prefix="qatb-"))
+    os.chmod(path, 0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
