@@ -64,30 +64,36 @@ class _Process:
         assert self.proc is not None
         return self.proc.pid
 
+    def _signal_group(self, sig: int) -> None:
+        # Servers run in their own session, so the group holds the server and its children
+        # (PostgreSQL's backends): pausing only the postmaster would leave them answering.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, sig)
+
     def pause(self) -> None:
-        """SIGSTOP: the server keeps its sockets but answers nothing."""
-        os.kill(self.pid, signal.SIGSTOP)
+        """SIGSTOP the server and its children: sockets stay open, nothing answers."""
+        self._signal_group(signal.SIGSTOP)
 
     def resume(self) -> None:
         """SIGCONT after pause()."""
-        os.kill(self.pid, signal.SIGCONT)
+        self._signal_group(signal.SIGCONT)
 
     def kill(self) -> None:
-        """SIGKILL, no clean shutdown."""
+        """SIGKILL the server and its children, no clean shutdown."""
         if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.pid, signal.SIGCONT)
-            self.proc.kill()
+            self._signal_group(signal.SIGCONT)
+            self._signal_group(signal.SIGKILL)
             self.proc.wait(10)
 
     def _terminate(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self._signal_group(signal.SIGCONT)
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)
                 self.proc.send_signal(sig)
             try:
                 self.proc.wait(15)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self._signal_group(signal.SIGKILL)
                 self.proc.wait(5)
 
 
@@ -164,7 +170,8 @@ class PostgresServer(_Process):
         for key, value in self.settings.items():
             args += ["-c", f"{key}={value}"]
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the fd
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, **_as_postgres_user())
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True,
+                                         **_as_postgres_user())
         wait_for(self._ready, 30, f"PostgreSQL on port {self.port}")
         return self
 
@@ -225,7 +232,8 @@ class RedisServer(_Process):
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(workdir),
                 "--logfile", str(self.log_path), *self.extra_args]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
         wait_for(lambda: self.client().ping(), 15, f"Redis on port {self.port}")
         return self
 
