@@ -122,16 +122,70 @@ def _sample(proc: psutil.Process) -> ProcSample | None:
         return None
 
 
+def _identity(pid: str) -> tuple[str, int] | None:
+    """comm and start time (clock ticks since boot) of a process from one read of its stat."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return None
+    head, _, tail = raw.rpartition(b")")
+    fields = tail.split()
+    if len(fields) < 20:
+        return None
+    return head.partition(b"(")[2].decode(errors="replace"), int(fields[19])
+
+
+def _cmdline(pid: str) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+class ProcessScanner:
+    """Finds the processes of the groups, remembering each process's group between scrapes.
+
+    A process is classified once, by pid and start time, so a scrape reads one small file per
+    process and does the full read (psutil) only for processes that belong to a group.
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple[int, int], str | None] = {}
+
+    def __call__(self, matcher: GroupMatcher) -> Iterator[tuple[str, ProcSample]]:
+        seen: dict[tuple[int, int], str | None] = {}
+        try:
+            pids = [name for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            identity = _identity(pid)
+            if identity is None:
+                continue  # exited since the listing
+            comm, start = identity
+            key = (int(pid), start)
+            if key in self._groups:
+                group = self._groups[key]
+            else:
+                group = matcher.group_of(comm, _cmdline(pid))
+            seen[key] = group
+            if group is None:
+                continue
+            try:
+                sample = _sample(psutil.Process(int(pid)))
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if sample is not None:
+                yield group, sample
+        self._groups = seen
+
+
 def scan_processes(matcher: GroupMatcher) -> Iterator[tuple[str, ProcSample]]:
-    """Every process that belongs to a group, with its sample; vanished or hidden ones skipped."""
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        info = proc.info
-        group = matcher.group_of(info.get("name") or "", info.get("cmdline") or [])
-        if group is None:
-            continue
-        sample = _sample(proc)
-        if sample is not None:
-            yield group, sample
+    """Every process that belongs to a group, with its sample (no memory between calls)."""
+    return ProcessScanner()(matcher)
 
 
 class ProcessCollector:
@@ -150,11 +204,11 @@ class ProcessCollector:
     def __init__(
         self,
         cfg: ProcessConfig,
-        scan: Callable[[GroupMatcher], Iterable[tuple[str, ProcSample]]] = scan_processes,
+        scan: Callable[[GroupMatcher], Iterable[tuple[str, ProcSample]]] | None = None,
     ) -> None:
         self._groups = [g.name for g in cfg.groups]
         self._matcher = GroupMatcher(cfg.groups)
-        self._scan = scan
+        self._scan = scan if scan is not None else ProcessScanner()
         self._cpu = CpuAccount()
         self._lock = threading.Lock()
 

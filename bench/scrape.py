@@ -1,0 +1,199 @@
+"""Scrape benchmark: latency, series, bytes, CPU and peak RSS of exporters, side by side.
+
+Examples:
+    .venv/bin/python bench/scrape.py                      # this exporter vs node_exporter
+    .venv/bin/python bench/scrape.py --scrapes 500 --markdown
+    .venv/bin/python bench/scrape.py --target other=http://127.0.0.1:9100/metrics,4242
+
+Contenders are scraped in turn, run by run (A, B, A, B, ...), so drift on a noisy machine
+hits all of them alike; compare the ratios, not the absolute figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Target:
+    """One exporter to measure: its metrics URL and (optionally) its pid for CPU and RSS."""
+
+    name: str
+    url: str
+    pid: int | None = None
+    latencies: list[float] = field(default_factory=list)
+    series: int = 0
+    body_bytes: int = 0
+    cpu_start: float = 0.0
+    cpu_end: float = 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """VmHWM: the process's peak resident set size."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def scrape(url: str) -> tuple[float, bytes]:
+    """One plain-text scrape: seconds taken and the body."""
+    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = response.read()
+    return time.perf_counter() - started, body
+
+
+def count_series(body: bytes) -> int:
+    """Samples in an exposition (lines that are not comments or blank)."""
+    return sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
+
+
+def measure(targets: Sequence[Target], scrapes: int, warmup: int = 5) -> None:
+    """Scrape every target scrapes times, interleaved, recording latency and CPU."""
+    for _ in range(warmup):
+        for target in targets:
+            scrape(target.url)
+    for target in targets:
+        target.cpu_start = cpu_seconds(target.pid) if target.pid else 0.0
+    for _ in range(scrapes):
+        for target in targets:
+            elapsed, body = scrape(target.url)
+            target.latencies.append(elapsed)
+            target.series = count_series(body)
+            target.body_bytes = len(body)
+    for target in targets:
+        target.cpu_end = cpu_seconds(target.pid) if target.pid else 0.0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) by nearest rank."""
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def report(targets: Sequence[Target], scrapes: int, markdown: bool) -> str:
+    """A table of the figures, plus ratios of the first target to each other one."""
+    header = ["target", "median ms", "p95 ms", "series", "bytes", "CPU s/1000 scrapes",
+              "peak RSS MB"]
+    rows = []
+    for t in targets:
+        cpu = (t.cpu_end - t.cpu_start) / scrapes * 1000 if t.pid else float("nan")
+        rss = peak_rss_bytes(t.pid) / 1e6 if t.pid else float("nan")
+        rows.append([t.name, f"{statistics.median(t.latencies) * 1000:.2f}",
+                     f"{percentile(t.latencies, 95) * 1000:.2f}", str(t.series),
+                     str(t.body_bytes), f"{cpu:.2f}", f"{rss:.1f}"])
+    lines = []
+    if markdown:
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    else:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    first = targets[0]
+    for other in targets[1:]:
+        ratio = statistics.median(first.latencies) / statistics.median(other.latencies)
+        lines.append(f"\nmedian latency ratio {first.name}/{other.name}: {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            scrape(url)
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"{url} did not answer within 20 s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start this exporter (and node_exporter unless told otherwise) and compare them."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scrapes", type=int, default=200, help="scrapes per target")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--no-node-exporter", action="store_true",
+                        help="don't start prometheus-node-exporter beside this exporter")
+    parser.add_argument("--exporter-arg", action="append", default=[],
+                        help="extra flag for this exporter (repeatable)")
+    parser.add_argument("--target", action="append", default=[],
+                        help="another exporter to measure: NAME=URL[,PID] (repeatable)")
+    args = parser.parse_args(argv)
+    if not 1 <= args.scrapes <= 100_000:
+        parser.error("--scrapes must be between 1 and 100000")
+
+    procs: list[subprocess.Popen[bytes]] = []
+    targets: list[Target] = []
+    try:
+        port = _free_port()
+        env = {**os.environ, "DB_PORT": "1", "REDIS_URL": "redis://127.0.0.1:1/0"}
+        ours = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}",
+             *args.exporter_arg],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(ours)
+        targets.append(Target("qatoolbox-exporter", f"http://127.0.0.1:{port}/metrics", ours.pid))
+        _wait_up(targets[0].url, ours)
+        node = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
+        if not args.no_node_exporter:
+            if node is None:
+                parser.error("prometheus-node-exporter not found (apt-get install "
+                             "prometheus-node-exporter) or pass --no-node-exporter")
+            node_port = _free_port()
+            node_proc = subprocess.Popen([node, f"--web.listen-address=127.0.0.1:{node_port}"],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(node_proc)
+            targets.append(Target("node_exporter", f"http://127.0.0.1:{node_port}/metrics",
+                                  node_proc.pid))
+            _wait_up(targets[-1].url, node_proc)
+        for spec in args.target:
+            name, _, rest = spec.partition("=")
+            url, _, pid = rest.partition(",")
+            if not name or not url:
+                parser.error(f"--target: expected NAME=URL[,PID], got {spec!r}")
+            targets.append(Target(name, url, int(pid) if pid else None))
+        measure(targets, args.scrapes)
+        print(report(targets, args.scrapes, args.markdown))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
