@@ -410,7 +410,10 @@ def load_config(
     enabled = _collectors(raw.get("collectors"), known_collectors, collector_flags or {}, errors)
     config = dataclasses.replace(config, collectors=types.MappingProxyType(enabled))
     config = _resolve_secrets(config, errors)
-    errors.extend(_check(config))
+    # A value that failed to convert was replaced by a placeholder: don't also report the
+    # placeholder as out of range under the same key.
+    failed = {problem.split(":", 1)[0] for problem in errors}
+    errors.extend(p for p in _check(config) if p.split(":", 1)[0] not in failed)
     if errors:
         raise ConfigError(errors)
     return config
