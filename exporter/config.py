@@ -455,7 +455,7 @@ def _check(config: Config) -> list[str]:
         split_listen_address(web.listen_address)
     except ValueError as exc:
         problems.append(f"web.listen_address: {exc}")
-    if web.max_requests < 1:
+    if isinstance(web.max_requests, int) and web.max_requests < 1:
         problems.append(f"web.max_requests: must be at least 1, got {web.max_requests}")
     if config.scrape.timeout <= 0:
         problems.append("scrape.timeout: must be greater than 0")
