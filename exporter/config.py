@@ -504,7 +504,8 @@ def summary(config: Config) -> list[str]:
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for logs and summaries."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1<secret>@", url)
+    # Up to the last "@" of the authority: a password may hold an unescaped "@" itself.
+    return re.sub(r"(://[^:/@]*:)[^/]*@", r"\1<secret>@", url)
 
 
 def environ() -> Mapping[str, str]:
