@@ -1,0 +1,377 @@
+"""Business collector: declarative SQL queries whose rows become metrics, run in the background."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from exporter.config import BusinessConfig, BusinessQuery, PostgresConfig
+
+log = logging.getLogger("exporter.business")
+
+# The client gives up on a query this long after its statement_timeout should have ended it:
+# only a server that stopped answering (paused, partitioned) gets this far.
+ABORT_GRACE = 2.0
+# A failed query runs again after min(interval, RETRY_AFTER), so recovery shows up quickly.
+RETRY_AFTER = 10.0
+# After a failed connection attempt, queries fail at once for this long instead of each
+# waiting for its own connect timeout against a database that is down.
+CONNECT_BACKOFF = 5.0
+
+Sample = tuple[tuple[str, ...], float]
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+class QueryError(Exception):
+    """A query ran (or could not run) and its result cannot be served; the message says why."""
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, (bool, int, float, Decimal)):
+        return float(value)
+    return None
+
+
+def result_samples(
+    query: BusinessQuery, columns: Sequence[str], rows: Sequence[Sequence[object]]
+) -> list[Sample]:
+    """Turn a query's result into (label values, value) samples; raise QueryError when the
+    result does not fit the query's declaration (missing column, too many rows, NULL or
+    non-numeric value, the same label values twice)."""
+    index: dict[str, int] = {}
+    for i, column in enumerate(columns):
+        index.setdefault(column, i)
+    missing = [c for c in (*query.labels, query.value) if c not in index]
+    if missing:
+        raise QueryError(f"column {', '.join(missing)} not in the result "
+                         f"(columns: {', '.join(columns) or 'none'})")
+    if len(rows) > query.max_rows:
+        raise QueryError(f"too many rows: more than max_rows ({query.max_rows})")
+    value_at = index[query.value]
+    label_at = [index[name] for name in query.labels]
+    samples: list[Sample] = []
+    seen: set[tuple[str, ...]] = set()
+    for row in rows:
+        raw = row[value_at]
+        if raw is None:
+            raise QueryError(f'NULL in value column "{query.value}"')
+        value = _number(raw)
+        if value is None:
+            raise QueryError(f'non-numeric {type(raw).__name__} in value column "{query.value}"')
+        labels = tuple("" if row[i] is None else str(row[i]) for i in label_at)
+        if labels in seen:
+            pairs = ", ".join(f'{k}="{v}"' for k, v in zip(query.labels, labels, strict=True))
+            raise QueryError(f"two rows with the same labels {{{pairs}}}")
+        seen.add(labels)
+        samples.append((labels, value))
+    return samples
+
+
+@dataclass
+class _State:
+    """What the collector knows of one query, guarded by the collector's lock."""
+
+    query: BusinessQuery
+    samples: list[Sample] | None = None  # what is served; None after a failure
+    duration: float = 0.0
+    last_success: float = 0.0  # wall clock
+    due: float = 0.0  # monotonic time after which the next run may start
+    queued: bool = False  # waiting for a worker or running
+    error: str | None = None
+    logged_at: float = 0.0
+
+
+@dataclass(eq=False)
+class _Run:
+    """One query execution on a connection, which the watchdog may abort."""
+
+    conn: Connection
+    done: bool = False
+    aborted: bool = False
+    timer: threading.Timer | None = field(default=None, repr=False)
+
+
+class BusinessCollector:
+    """Metrics from SQL queries in the config (QAToolBox's defaults unless replaced), each run
+    in a read-only transaction on the collector's own connections, every `interval`, in the
+    background: a scrape serves the latest results and never waits for a query.
+
+    qatoolbox_users{state="active"} 1520
+    qatoolbox_chat_messages_total{message_type="text"} 88211
+    qatoolbox_business_up 1
+    qatoolbox_business_query_success{query="qatoolbox_users"} 1
+    qatoolbox_business_query_duration_seconds{query="qatoolbox_users"} 0.0021
+    qatoolbox_business_query_last_success_timestamp_seconds{query="qatoolbox_users"} 1.7e+09
+    """
+
+    name = "business"
+
+    def __init__(
+        self,
+        cfg: BusinessConfig,
+        postgres: PostgresConfig,
+        repeat_interval: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pg = postgres
+        self._repeat = repeat_interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._states = [_State(q) for q in cfg.all_queries()]
+        self._queue: queue.Queue[_State | None] = queue.Queue()
+        self._idle: list[Connection] = []
+        self._runs: set[_Run] = set()
+        self._up = False
+        self._connect_failure: tuple[float, str] | None = None
+        self._closed = False
+        # Daemon threads: a query stuck at exit must not hold the process up.
+        self._workers = [
+            threading.Thread(target=self._work, name=f"business-{i}", daemon=True)
+            for i in range(cfg.concurrency)
+        ]
+        for worker in self._workers:
+            worker.start()
+        with self._lock:
+            self._schedule(self._clock())
+
+    # --- scrape side: never touches the database ---------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        """Serve the latest results and queue the queries whose interval has passed."""
+        with self._lock:
+            self._schedule(self._clock())
+            snapshot = [(s.query, s.samples, s.duration, s.last_success) for s in self._states]
+            up = self._up
+        success = GaugeMetricFamily(
+            "qatoolbox_business_query_success",
+            "Whether the query's last run succeeded and its result is served (1) or not (0).",
+            labels=["query"],
+        )
+        duration = GaugeMetricFamily(
+            "qatoolbox_business_query_duration_seconds",
+            "Time the query's last run took.",
+            labels=["query"],
+        )
+        last = GaugeMetricFamily(
+            "qatoolbox_business_query_last_success_timestamp_seconds",
+            "Unix time of the query's last successful run (0 before the first).",
+            labels=["query"],
+        )
+        for query, samples, took, last_success in snapshot:
+            success.add_metric([query.metric], 0.0 if samples is None else 1.0)
+            duration.add_metric([query.metric], took)
+            last.add_metric([query.metric], last_success)
+            if samples is not None:
+                yield _family(query, samples)
+        yield GaugeMetricFamily(
+            "qatoolbox_business_up",
+            "Whether the business collector reached PostgreSQL on its last attempt (1) or not "
+            "(0).",
+            value=1.0 if up else 0.0,
+        )
+        yield success
+        yield duration
+        yield last
+
+    def _schedule(self, now: float) -> None:
+        """Queue every due query that is not queued already (caller holds the lock)."""
+        if self._closed:
+            return
+        for state in self._states:
+            if not state.queued and now >= state.due:
+                state.queued = True
+                self._queue.put(state)
+
+    # --- worker side ----------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            state = self._queue.get()
+            if state is None:
+                return
+            self._run(state)
+
+    def _run(self, state: _State) -> None:
+        query = state.query
+        started = self._clock()
+        samples: list[Sample] | None = None
+        error: str | None = None
+        try:
+            samples = self._execute(query)
+        except (psycopg.Error, QueryError) as exc:
+            error = self._redact(_describe(exc))
+        finally:
+            finished = self._clock()
+            with self._lock:
+                state.queued = False
+                state.duration = finished - started
+                state.samples = samples
+                if samples is not None:
+                    state.last_success = time.time()
+                    state.due = finished + query.interval
+                else:
+                    state.due = finished + min(query.interval, RETRY_AFTER)
+                self._log_outcome(state, error, finished)
+
+    def _log_outcome(self, state: _State, error: str | None, now: float) -> None:
+        """One log line when a query starts failing, changes error or keeps failing for
+        repeat_interval; one when it recovers (caller holds the lock)."""
+        if error is None:
+            if state.error is not None:
+                log.info("business query recovered", extra={"query": state.query.metric})
+            state.error = None
+            return
+        if error != state.error or now - state.logged_at >= self._repeat:
+            log.warning("business query failed",
+                        extra={"query": state.query.metric, "err": error})
+            state.logged_at = now
+        state.error = error
+
+    def _execute(self, query: BusinessQuery) -> list[Sample]:
+        conn = self._connection()
+        run = _Run(conn)
+        run.timer = threading.Timer(query.timeout + ABORT_GRACE, self._abort, (run,))
+        run.timer.daemon = True
+        with self._lock:
+            self._runs.add(run)
+        run.timer.start()
+        reusable = False
+        try:
+            with conn.cursor() as cur:
+                # SET LOCAL: the timeout ends with the transaction, like everything else here.
+                cur.execute("SELECT set_config('statement_timeout', %s, true)",
+                            [f"{max(1, round(query.timeout * 1000))}ms"])
+                cur.execute(query.sql.encode("utf-8"))
+                if cur.description is None:
+                    raise QueryError("the statement returned no result set")
+                columns = [column.name for column in cur.description]
+                rows = cur.fetchmany(query.max_rows + 1)
+            conn.rollback()
+            reusable = True
+        except psycopg.Error as exc:
+            if run.aborted:
+                self._set_up(False)
+                raise QueryError(f"no answer from PostgreSQL within "
+                                 f"{query.timeout + ABORT_GRACE:g}s; connection dropped") from exc
+            # An SQL error came from a live server; a broken connection means it went away.
+            self._set_up(not conn.broken)
+            if not conn.broken:
+                reusable = self._rollback(conn)
+            raise
+        finally:
+            run.timer.cancel()
+            with self._lock:
+                run.done = True  # from here on the watchdog leaves this connection alone
+                self._runs.discard(run)
+            self._release(conn, reusable)
+        self._set_up(True)
+        return result_samples(query, columns, rows)
+
+    @staticmethod
+    def _rollback(conn: Connection) -> bool:
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            return False
+        return True
+
+    def _abort(self, run: _Run) -> None:
+        """Watchdog: cut the connection of a run the server stopped answering."""
+        with self._lock:
+            if run.done:
+                return
+            run.aborted = True
+            try:
+                # Shutting the socket down wakes the worker blocked reading it with an error;
+                # closing the psycopg connection from this thread would race with the worker.
+                with socket.socket(fileno=os.dup(run.conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, psycopg.Error):
+                pass
+
+    def _set_up(self, up: bool) -> None:
+        with self._lock:
+            self._up = up
+
+    def _connection(self) -> Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            failure = self._connect_failure
+        if failure is not None and self._clock() - failure[0] < CONNECT_BACKOFF:
+            raise QueryError(failure[1])
+        pg = self._pg
+        params: dict[str, Any] = {
+            "host": pg.host, "port": pg.port, "dbname": pg.dbname, "user": pg.user,
+            "sslmode": pg.sslmode, "connect_timeout": max(1, round(pg.connect_timeout)),
+            "application_name": "qatoolbox-exporter-business",
+        }
+        if pg.password:
+            params["password"] = str(pg.password)
+        try:
+            conn: Connection = psycopg.connect(**params)
+        except psycopg.Error as exc:
+            message = self._redact(f"cannot connect: {_describe(exc)}")
+            with self._lock:
+                self._connect_failure = (self._clock(), message)
+                self._up = False
+            raise QueryError(message) from exc
+        conn.read_only = True  # every transaction starts with BEGIN READ ONLY
+        with self._lock:
+            self._connect_failure = None
+        return conn
+
+    def _release(self, conn: Connection, reusable: bool) -> None:
+        with self._lock:
+            if reusable and not self._closed and not conn.closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _redact(self, text: str) -> str:
+        password = str(self._pg.password)
+        return text.replace(password, "<secret>") if password else text
+
+    def close(self) -> None:
+        """Stop the workers, cut running queries and close idle connections."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            running = list(self._runs)
+        for _ in self._workers:
+            self._queue.put(None)
+        for run in running:
+            self._abort(run)
+        for conn in idle:
+            conn.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """The first line of the error (PostgreSQL adds LINE/HINT lines), with its class for
+    database errors: "UndefinedTable: relation "x" does not exist"."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, QueryError):
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _family(query: BusinessQuery, samples: list[Sample]) -> Metric:
+    family: GaugeMetricFamily | CounterMetricFamily
+    if query.type == "counter":
+        family = CounterMetricFamily(query.metric, query.help, labels=list(query.labels))
+    else:
+        family = GaugeMetricFamily(query.metric, query.help, labels=list(query.labels))
+    for labels, value in samples:
+        family.add_metric(list(labels), value)
+    return family
