@@ -87,6 +87,7 @@ class WebConfig:
     telemetry_path: str = "/metrics"
     max_requests: int = 40
     read_timeout: Duration = Duration(10.0)
+    config_file: str = ""  # exporter-toolkit web config (TLS, basic auth), see webconfig.py
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,30 @@ class PostgresConfig:
     password_file: str = ""
     sslmode: str = "prefer"
     connect_timeout: Duration = Duration(2.0)
+    # Server-side statement_timeout of every query the collector runs.
     timeout: Duration = Duration(2.0)
+    # Active queries running longer than this count as slow (QAToolBox's monitor used 5 s).
+    slow_query_threshold: Duration = Duration(5.0)
+    # Database sizes, table and statement statistics are re-read at most this often.
+    cache_interval: Duration = Duration(60.0)
+    top_tables: int = 50
+    top_statements: int = 50
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    """A named set of Redis keys, matched by glob patterns (the first matching group wins)."""
+
+    name: str = ""
+    patterns: tuple[str, ...] = ()
+
+
+# QAToolBox's Django cache (django-redis, KEY_PREFIX "qatoolbox", version 1) and its sessions.
+DEFAULT_KEY_GROUPS = (
+    *(KeyGroup(name=g, patterns=(f"qatoolbox:1:{g}:*",))
+      for g in ("user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api")),
+    KeyGroup(name="session", patterns=("session:*",)),
+)
 
 
 @dataclass(frozen=True)
@@ -182,7 +206,242 @@ class RedisConfig:
 
     url: Secret = field(default=Secret("redis://127.0.0.1:6379"), repr=False)
     password_file: str = ""
+    # Socket timeout of every call (connect, command); must fit in scrape.timeout.
     timeout: Duration = Duration(2.0)
+    key_groups: tuple[KeyGroup, ...] = DEFAULT_KEY_GROUPS
+    # One key-group count stops after this many keys or this long, whichever comes first,
+    # and the next count resumes where it stopped.
+    key_scan_budget: int = 1_000_000
+    key_scan_time_budget: Duration = Duration(1.0)
+    key_scan_interval: Duration = Duration(60.0)
+    key_scan_batch: int = 1000
+    celery_queues: tuple[str, ...] = ("celery",)
+    # kombu's global_keyprefix transport option, prepended to every key Celery uses.
+    celery_key_prefix: str = ""
+    # kombu's priority_steps: step 0 is the queue's own list, step p is "<queue>\x06\x16<p>".
+    celery_priority_steps: tuple[int, ...] = (0, 3, 6, 9)
+    # Per-command series (commands_total, durations, latency histogram) for at most this many
+    # commands; the rest are summed under cmd="other".
+    max_command_labels: int = 30
+
+
+MetricType = Literal["gauge", "counter"]
+
+# Families the exporter makes itself: a business query may not use these prefixes.
+RESERVED_METRIC_PREFIXES = (
+    "qatoolbox_exporter_", "qatoolbox_host_", "qatoolbox_process_", "qatoolbox_postgres_",
+    "qatoolbox_redis_", "qatoolbox_http_", "qatoolbox_celery_", "qatoolbox_business_",
+)
+
+
+@dataclass(frozen=True)
+class BusinessQuery:
+    """One SQL query whose rows become the samples of one metric family."""
+
+    metric: str = ""
+    help: str = ""
+    type: MetricType = "gauge"
+    sql: str = ""
+    labels: tuple[str, ...] = ()
+    value: str = "value"
+    # A result is served for this long before the query runs again.
+    interval: Duration = Duration(60.0)
+    timeout: Duration = Duration(2.0)
+    max_rows: int = 100
+
+    @property
+    def family(self) -> str:
+        """The family name in the exposition (a counter's name without "_total")."""
+        if self.type == "counter" and self.metric.endswith("_total"):
+            return self.metric[: -len("_total")]
+        return self.metric
+
+
+@dataclass(frozen=True)
+class BusinessConfig:
+    """Business collector settings: declarative SQL queries that become metrics."""
+
+    # Serve the QAToolBox queries shipped in exporter/business_defaults.yml; a query in
+    # `queries` with the same metric name replaces the shipped one.
+    defaults: bool = True
+    queries: tuple[BusinessQuery, ...] = ()
+    # Queries running at once, each on its own connection.
+    concurrency: int = 2
+
+    def all_queries(self) -> tuple[BusinessQuery, ...]:
+        """The queries to run: shipped defaults (overridden by name), then the others."""
+        own = {q.metric: q for q in self.queries}
+        merged = [own.pop(q.metric, q) for q in business_defaults()] if self.defaults else []
+        return (*merged, *(q for q in self.queries if q.metric in own))
+
+
+BUSINESS_DEFAULTS_FILE = "business_defaults.yml"
+_BUSINESS_DEFAULTS: dict[str, tuple[BusinessQuery, ...]] = {}
+
+
+def business_defaults() -> tuple[BusinessQuery, ...]:
+    """The QAToolBox queries shipped in the package (read once)."""
+    if "queries" not in _BUSINESS_DEFAULTS:
+        from importlib import resources
+
+        text = resources.files("exporter").joinpath(BUSINESS_DEFAULTS_FILE).read_text("utf-8")
+        errors: list[str] = []
+        built = _build(BusinessConfig, yaml.safe_load(text), BUSINESS_DEFAULTS_FILE, errors)
+        if errors:
+            raise ConfigError(errors)
+        _BUSINESS_DEFAULTS["queries"] = built.queries
+    return _BUSINESS_DEFAULTS["queries"]
+
+
+_SQL_WORD = re.compile(r"[^\W\d][\w$]*")
+_SQL_DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$")
+# Words that only a statement changing data or schema contains (outside strings and comments).
+_SQL_WRITE_WORDS = frozenset(
+    ("insert", "update", "delete", "merge", "truncate", "copy", "create", "drop", "alter",
+     "grant", "revoke", "into")
+)
+
+
+def _skip_sql_quoted(sql: str, start: int, quote: str, backslashes: bool) -> int:
+    """Index just past the quoted string or identifier that opens at start."""
+    i = start + 1
+    while i < len(sql):
+        if backslashes and sql[i] == "\\":
+            i += 2
+        elif sql[i] == quote:
+            if not sql.startswith(quote * 2, i):
+                return i + 1
+            i += 2
+        else:
+            i += 1
+    raise ValueError("unterminated quoted string or identifier")
+
+
+def sql_words(sql: str) -> list[str]:
+    """The lower-cased bare words of one SQL statement: comments, string literals and quoted
+    identifiers are skipped; raise ValueError when a second statement follows a ';'."""
+    words: list[str] = []
+    i, n, ended = 0, len(sql), False
+    while i < n:
+        if sql.startswith("--", i):
+            newline = sql.find("\n", i)
+            i = n if newline < 0 else newline + 1
+            continue
+        if sql.startswith("/*", i):  # PostgreSQL block comments nest
+            depth, i = 1, i + 2
+            while depth:
+                if i >= n:
+                    raise ValueError("unterminated /* comment")
+                if sql.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif sql.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+            continue
+        char = sql[i]
+        if char.isspace():
+            i += 1
+            continue
+        if ended:
+            raise ValueError("must be a single statement, found more after ';'")
+        if char == ";":
+            ended = True
+            i += 1
+        elif char == "'":
+            escape_string = words[-1:] == ["e"] and i > 0 and sql[i - 1] in "eE"
+            i = _skip_sql_quoted(sql, i, "'", escape_string)
+        elif char == '"':
+            i = _skip_sql_quoted(sql, i, '"', False)
+        elif (tag := _SQL_DOLLAR_TAG.match(sql, i)) is not None:
+            end = sql.find(tag.group(0), tag.end())
+            if end < 0:
+                raise ValueError("unterminated dollar-quoted string")
+            i = end + len(tag.group(0))
+        elif (word := _SQL_WORD.match(sql, i)) is not None:
+            words.append(word.group(0).lower())
+            i = word.end()
+        else:
+            i += 1
+    return words
+
+
+def sql_problem(sql: str) -> str | None:
+    """Why sql is not a single read-only SELECT (or WITH ... SELECT) statement, or None."""
+    try:
+        words = sql_words(sql)
+    except ValueError as exc:
+        return str(exc)
+    if not words or words[0] not in ("select", "with"):
+        return "must be a single SELECT or WITH ... SELECT statement"
+    for previous, word in zip(["", *words[:-1]], words, strict=True):
+        if word in _SQL_WRITE_WORDS:
+            return f"must only read data, found {word.upper()}"
+        if word == "share" and previous in ("for", "key"):
+            return "must only read data, found a row lock (FOR SHARE)"
+    return None
+
+
+def _check_business(business: BusinessConfig) -> list[str]:
+    """Business queries: names, labels, types, limits and read-only single-statement SQL."""
+    problems: list[str] = []
+    if not 1 <= business.concurrency <= 8:
+        problems.append(f"business.concurrency: must be between 1 and 8, "
+                        f"got {business.concurrency}")
+    located = [(f"business.queries[{i}]", q) for i, q in enumerate(business.queries)]
+    if business.defaults:
+        try:
+            overridden = {q.metric for q in business.queries}
+            located += [(f"{BUSINESS_DEFAULTS_FILE}[{i}]", q)
+                        for i, q in enumerate(business_defaults()) if q.metric not in overridden]
+        except (OSError, ConfigError) as exc:
+            problems.append(f"business.defaults: cannot load the shipped queries: {exc}")
+    families: dict[str, str] = {}
+    for where, query in located:
+        name = query.metric
+        label = f"{where} ({name})" if name else where
+        if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name):
+            problems.append(f"{where}.metric: expected a metric name (letters, digits, _), "
+                            f"got {_describe(name)}")
+            continue
+        if name.startswith(RESERVED_METRIC_PREFIXES):
+            problems.append(f"{label}.metric: the prefix is reserved for the exporter's own "
+                            f"metrics ({', '.join(p + '*' for p in RESERVED_METRIC_PREFIXES)})")
+        if query.type == "counter" and not name.endswith("_total"):
+            problems.append(f"{label}.metric: a counter's name must end in _total")
+        if query.type == "gauge" and name.endswith("_total"):
+            problems.append(f"{label}.metric: _total is for counters; drop it or use "
+                            f"type: counter")
+        if query.family in families:
+            problems.append(f"{label}.metric: duplicate of {families[query.family]}")
+        families.setdefault(query.family, label)
+        if not query.help.strip():
+            problems.append(f"{label}.help: required")
+        seen: set[str] = set()
+        for j, label_name in enumerate(query.labels):
+            if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", label_name) or \
+                    label_name.startswith("__"):
+                problems.append(f"{label}.labels[{j}]: expected a label name (letters, digits, "
+                                f"_, not starting with __), got {_describe(label_name)}")
+            elif label_name in seen or label_name == query.value:
+                problems.append(f"{label}.labels[{j}]: \"{label_name}\" is used twice "
+                                f"(labels and value must be distinct columns)")
+            seen.add(label_name)
+        if not query.value:
+            problems.append(f"{label}.value: required (the column holding the value)")
+        if not query.sql.strip():
+            problems.append(f"{label}.sql: required")
+        elif (why := sql_problem(query.sql)) is not None:
+            problems.append(f"{label}.sql: {why}")
+        if query.interval <= 0:
+            problems.append(f"{label}.interval: must be greater than 0")
+        if not 0.001 <= query.timeout <= 300:
+            problems.append(f"{label}.timeout: must be between 1ms and 300s, "
+                            f"got {format_duration(query.timeout)}")
+        if isinstance(query.max_rows, int) and not 1 <= query.max_rows <= 10000:
+            problems.append(f"{label}.max_rows: must be between 1 and 10000, "
+                            f"got {query.max_rows}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -197,6 +456,7 @@ class Config:
     process: ProcessConfig = ProcessConfig()
     postgres: PostgresConfig = PostgresConfig()
     redis: RedisConfig = RedisConfig()
+    business: BusinessConfig = BusinessConfig()
 
     def enabled(self, name: str) -> bool:
         """Whether the collector called name runs."""
@@ -459,10 +719,31 @@ def _check(config: Config) -> list[str]:
         problems.append(f"web.max_requests: must be at least 1, got {web.max_requests}")
     if config.scrape.timeout <= 0:
         problems.append("scrape.timeout: must be greater than 0")
-    if not 0 < config.postgres.port < 65536:
-        problems.append(f"postgres.port: expected a port number, got {config.postgres.port}")
-    if not config.redis.url.startswith(("redis://", "rediss://", "unix://")):
-        problems.append("redis.url: expected a redis://, rediss:// or unix:// URL")
+    pg = config.postgres
+    if isinstance(pg.port, int) and not 0 < pg.port < 65536:
+        problems.append(f"postgres.port: expected a port number, got {pg.port}")
+    sslmodes = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+    if pg.sslmode not in sslmodes:
+        problems.append(f"postgres.sslmode: expected one of {', '.join(sslmodes)}, "
+                        f"got {_describe(pg.sslmode)}")
+    # libpq counts connect_timeout in whole seconds (and psycopg raises anything below 2 to 2).
+    if not 1 <= pg.connect_timeout <= 300:
+        problems.append(f"postgres.connect_timeout: must be between 1s and 300s, "
+                        f"got {format_duration(pg.connect_timeout)}")
+    if not 0.001 <= pg.timeout <= 300:
+        problems.append(f"postgres.timeout: must be between 1ms and 300s, "
+                        f"got {format_duration(pg.timeout)}")
+    if pg.slow_query_threshold <= 0:
+        problems.append("postgres.slow_query_threshold: must be greater than 0")
+    if not 0 <= pg.cache_interval <= 86400:
+        problems.append(f"postgres.cache_interval: must be between 0s and 1d, "
+                        f"got {format_duration(pg.cache_interval)}")
+    for key, top in (("top_tables", pg.top_tables), ("top_statements", pg.top_statements)):
+        # Bounded cardinality is the point of top N: more than 1000 would defeat it.
+        if isinstance(top, int) and not 0 <= top <= 1000:
+            problems.append(f"postgres.{key}: must be between 0 and 1000, got {top}")
+    problems.extend(_check_redis(config.redis))
+    problems.extend(_check_business(config.business))
     seen: set[str] = set()
     for i, group in enumerate(config.process.groups):
         where = f"process.groups[{i}]"
@@ -474,6 +755,42 @@ def _check(config: Config) -> list[str]:
         seen.add(group.name)
         if not group.names and not group.cmdline:
             problems.append(f"{where}: needs names or cmdline to match processes")
+    return problems
+
+
+def _check_redis(rd: RedisConfig) -> list[str]:
+    problems: list[str] = []
+    if not rd.url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append("redis.url: expected a redis://, rediss:// or unix:// URL")
+    if rd.timeout <= 0:
+        problems.append("redis.timeout: must be greater than 0")
+    seen: set[str] = set()
+    for i, group in enumerate(rd.key_groups):
+        where = f"redis.key_groups[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", group.name) or group.name == "other":
+            problems.append(f"{where}.name: expected a short name (letters, digits, _ . -) other "
+                            f"than \"other\", got {_describe(group.name)}")
+        elif group.name in seen:
+            problems.append(f"{where}.name: duplicate group \"{group.name}\"")
+        seen.add(group.name)
+        if not group.patterns or not all(group.patterns):
+            problems.append(f"{where}.patterns: needs at least one non-empty glob pattern")
+    for key, value, low, high in (("key_scan_budget", rd.key_scan_budget, 1, 10**9),
+                                  ("key_scan_batch", rd.key_scan_batch, 1, 100_000),
+                                  ("max_command_labels", rd.max_command_labels, 0, 1000)):
+        if isinstance(value, int) and not low <= value <= high:
+            problems.append(f"redis.{key}: must be between {low} and {high}, got {value}")
+    if rd.key_scan_time_budget <= 0:
+        problems.append("redis.key_scan_time_budget: must be greater than 0")
+    if rd.key_scan_interval <= 0:
+        problems.append("redis.key_scan_interval: must be greater than 0")
+    if len(set(rd.celery_queues)) != len(rd.celery_queues) or not all(rd.celery_queues):
+        problems.append("redis.celery_queues: expected distinct non-empty queue names")
+    steps = rd.celery_priority_steps
+    if any(isinstance(s, int) and not 0 <= s <= 255 for s in steps) or len(set(steps)) != len(
+            steps):
+        problems.append("redis.celery_priority_steps: expected distinct whole numbers from 0 "
+                        "to 255")
     return problems
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from exporter.collectors.business import BusinessCollector
 from exporter.collectors.host import HostCollector
+from exporter.collectors.postgres import PostgresCollector
 from exporter.collectors.process import ProcessCollector
 from exporter.config import Config
 from exporter.scrape import Collector
@@ -26,6 +28,14 @@ COLLECTORS: dict[str, CollectorSpec] = {
     ),
     "process": CollectorSpec(
         lambda c: ProcessCollector(c.process), True, "Process groups (web, celery, ...)."
+    ),
+    "postgres": CollectorSpec(
+        lambda c: PostgresCollector(c.postgres, c.scrape.timeout), True,
+        "PostgreSQL activity, locks, throughput, replication, statements, tables.",
+    ),
+    "business": CollectorSpec(
+        lambda c: BusinessCollector(c.business, c.postgres, c.log.repeat_interval), True,
+        "Business metrics from SQL queries (QAToolBox users, chat, time capsules).",
     ),
 }
 
