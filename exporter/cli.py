@@ -9,12 +9,15 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter import __version__, logs
 from exporter.collectors import COLLECTORS, DEFAULTS, build
 from exporter.config import Config, ConfigError, load_config, redact_url, summary
 from exporter.scrape import ScrapeRunner
+
+if TYPE_CHECKING:
+    from exporter.webconfig import WebConfigFile
 
 log = logging.getLogger("exporter")
 
@@ -25,6 +28,8 @@ VALUE_FLAGS = {
     "--web.listen-address": ("web.listen_address", "address to listen on (default :9786)"),
     "--web.telemetry-path": ("web.telemetry_path", "path for metrics (default /metrics)"),
     "--web.max-requests": ("web.max_requests", "concurrent requests before 503 (default 40)"),
+    "--web.config.file": ("web.config_file", "exporter-toolkit web config file: TLS, basic auth, "
+                          "headers (re-read when it changes)"),
     "--log.level": ("log.level", "debug, info, warning or error (default info)"),
     "--log.format": ("log.format", "logfmt or json (default logfmt)"),
     "--scrape.timeout": ("scrape.timeout", "time budget of each collector (default 4s)"),
@@ -84,16 +89,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
+    security = None
+    if config.web.config_file:
+        from exporter.webconfig import WebConfigFile
+
+        try:
+            security = WebConfigFile(config.web.config_file)
+        except ConfigError as exc:
+            print("qatoolbox-exporter: invalid web configuration:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_USAGE
     if args.config_check:
         print("configuration ok")
         for line in summary(config):
             print(f"  {line}")
+        if security is not None:
+            print(f"  {security.describe()}")
         return EXIT_OK
     logs.setup(config.log.level, config.log.format)
-    return serve(config)
+    return serve(config, security)
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, security: WebConfigFile | None = None) -> int:
     """Start the HTTP server and block until SIGTERM or SIGINT."""
     from exporter.server import ExporterHTTPServer
 
@@ -102,7 +120,7 @@ def serve(config: Config) -> int:
                     "the exporter's own metrics never use multiprocess mode")
     runner = ScrapeRunner(build(config), config.scrape.timeout, config.log.repeat_interval)
     try:
-        server = ExporterHTTPServer(config.web, runner)
+        server = ExporterHTTPServer(config.web, runner, security)
     except OSError as exc:
         print(f"qatoolbox-exporter: cannot listen on {config.web.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)

@@ -1,0 +1,440 @@
+"""The exporter-toolkit web config file: TLS, basic auth and headers, reloaded on change."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import ssl
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from exporter.config import ConfigError
+
+log = logging.getLogger("exporter.webconfig")
+
+# Go's tls.ClientAuthType names. The two that accept a certificate without verifying it are
+# refused: Python's ssl module cannot do that, and the toolkit itself calls them insecure.
+CLIENT_AUTH_TYPES: dict[str, ssl.VerifyMode | None] = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": None,
+    "RequireAnyClientCert": None,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+TLS_VERSIONS = {
+    "TLS10": ssl.TLSVersion.TLSv1,
+    "TLS11": ssl.TLSVersion.TLSv1_1,
+    "TLS12": ssl.TLSVersion.TLSv1_2,
+    "TLS13": ssl.TLSVersion.TLSv1_3,
+}
+TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
+            "max_version"}
+# Keys of the toolkit's format this exporter does not implement: named as such, not "unknown".
+TLS_UNSUPPORTED = {"cert", "key", "client_ca", "client_allowed_sans", "cipher_suites",
+                   "prefer_server_cipher_suites", "curve_preferences"}
+TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
+TOP_UNSUPPORTED = {"rate_limit"}
+HTTP_KEYS = {"headers", "http2"}
+# The toolkit's header set, with the values it accepts where it restricts them.
+HEADERS: dict[str, tuple[str, ...] | None] = {
+    "Content-Security-Policy": None,
+    "X-Frame-Options": ("deny", "sameorigin"),
+    "X-Content-Type-Options": ("nosniff",),
+    "X-XSS-Protection": None,
+    "Strict-Transport-Security": None,
+}
+_BCRYPT_HASH = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
+# Successful checks remembered; more distinct working credentials than this are not expected.
+AUTH_CACHE_SIZE = 64
+# How often, at most, the files' modification times are looked at.
+RELOAD_CHECK_INTERVAL = 1.0
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """The validated tls_server_config section."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str = ""
+    client_auth_type: str = "NoClientCert"
+    min_version: str = "TLS12"
+    max_version: str = "TLS13"
+
+
+@dataclass(frozen=True)
+class WebSecurity:
+    """One loaded web config file: what the HTTP server applies to each connection and request."""
+
+    tls: TLSSettings | None = None
+    ssl_context: ssl.SSLContext | None = None
+    users: Mapping[str, str] = field(default_factory=dict)
+    headers: tuple[tuple[str, str], ...] = ()
+    authenticator: Authenticator | None = None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"' if len(value) < 60 else f'"{value[:57]}..."'
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return type(value).__name__
+
+
+def _mapping(value: Any, key: str, errors: list[str]) -> Mapping[Any, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        errors.append(f"{key}: expected a mapping, got {_describe(value)}")
+        return {}
+    return value
+
+
+def _check_keys(section: Mapping[Any, Any], prefix: str, known: set[str],
+                unsupported: set[str], errors: list[str]) -> None:
+    for key in section:
+        if key in unsupported:
+            errors.append(f"{prefix}{key}: not supported by qatoolbox-exporter")
+        elif key not in known:
+            errors.append(f"{prefix}{key}: unknown key")
+
+
+def _string(section: Mapping[Any, Any], key: str, prefix: str, errors: list[str],
+            default: str = "") -> str:
+    value = section.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        errors.append(f"{prefix}{key}: expected a string, got {_describe(value)}")
+        return default
+    return value
+
+
+def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
+    if raw is None:
+        return None
+    prefix = "tls_server_config."
+    section = _mapping(raw, "tls_server_config", errors)
+    _check_keys(section, prefix, TLS_KEYS, TLS_UNSUPPORTED, errors)
+    values = {key: _string(section, key, prefix, errors) for key in TLS_KEYS}
+    for key in ("cert_file", "key_file"):
+        if not values[key]:
+            errors.append(f"{prefix}{key}: required when tls_server_config is present")
+    auth_type = values["client_auth_type"]
+    if not auth_type:
+        # As the toolkit does: a client CA without a policy means verified client certificates.
+        auth_type = "RequireAndVerifyClientCert" if values["client_ca_file"] else "NoClientCert"
+    if auth_type not in CLIENT_AUTH_TYPES:
+        errors.append(f"{prefix}client_auth_type: expected one of "
+                      f"{', '.join(CLIENT_AUTH_TYPES)}, got {_describe(auth_type)}")
+    elif CLIENT_AUTH_TYPES[auth_type] is None:
+        errors.append(f"{prefix}client_auth_type: {auth_type} accepts unverified certificates "
+                      f"and is not supported; use RequireAndVerifyClientCert")
+    elif auth_type == "NoClientCert" and values["client_ca_file"]:
+        errors.append(f"{prefix}client_ca_file: set, but client_auth_type is NoClientCert")
+    elif auth_type != "NoClientCert" and not values["client_ca_file"]:
+        errors.append(f"{prefix}client_ca_file: required with client_auth_type {auth_type}")
+    for key, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
+        values[key] = values[key] or default
+        if values[key] not in TLS_VERSIONS:
+            errors.append(f"{prefix}{key}: expected one of {', '.join(TLS_VERSIONS)}, "
+                          f"got {_describe(values[key])}")
+    if (values["min_version"] in TLS_VERSIONS and values["max_version"] in TLS_VERSIONS
+            and TLS_VERSIONS[values["min_version"]] > TLS_VERSIONS[values["max_version"]]):
+        errors.append(f"{prefix}min_version: {values['min_version']} is above max_version "
+                      f"{values['max_version']}")
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        # Relative paths are relative to the web config file, as in the toolkit.
+        if values[key] and not os.path.isabs(values[key]):
+            values[key] = os.path.join(base_dir, values[key])
+    return TLSSettings(
+        cert_file=values["cert_file"], key_file=values["key_file"],
+        client_ca_file=values["client_ca_file"], client_auth_type=auth_type,
+        min_version=values["min_version"], max_version=values["max_version"],
+    )
+
+
+def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """A server-side context from the settings; ConfigError naming the key on a bad file."""
+    prefix = "tls_server_config."
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = TLS_VERSIONS[tls.min_version]
+    context.maximum_version = TLS_VERSIONS[tls.max_version]
+    context.set_alpn_protocols(["http/1.1"])
+    problems: list[str] = []
+    for key in ("cert_file", "key_file"):
+        path = getattr(tls, key)
+        if not os.access(path, os.R_OK):
+            problems.append(f"{prefix}{key}: cannot read {path}")
+    if problems:
+        raise ConfigError(problems)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except (ssl.SSLError, OSError) as exc:
+        # The library's reason only ("PEM lib", "key values mismatch"): never file contents.
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        raise ConfigError([f"{prefix}cert_file: cannot load {tls.cert_file} with key_file "
+                           f"{tls.key_file}: {reason}"]) from None
+    if tls.client_ca_file:
+        try:
+            context.load_verify_locations(cafile=tls.client_ca_file)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+            raise ConfigError([f"{prefix}client_ca_file: cannot load {tls.client_ca_file}: "
+                               f"{reason}"]) from None
+    mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
+    context.verify_mode = mode if mode is not None else ssl.CERT_REQUIRED
+    return context
+
+
+def _users(raw: Any, errors: list[str]) -> dict[str, str]:
+    users: dict[str, str] = {}
+    for user, hashed in _mapping(raw, "basic_auth_users", errors).items():
+        key = f"basic_auth_users.{user}"
+        if not isinstance(user, str) or not user or ":" in user:
+            errors.append(f"{key}: a user name is a non-empty string without \":\"")
+            continue
+        if not isinstance(hashed, str):
+            errors.append(f"{key}: expected a bcrypt hash, got {_describe(hashed)}")
+            continue
+        match = _BCRYPT_HASH.fullmatch(hashed)
+        # The hash is not secret in the way a password is, but is still left out of errors.
+        if match is None:
+            errors.append(f"{key}: expected a bcrypt hash as made by `htpasswd -nBC 10`")
+        elif not 4 <= int(match.group(1)) <= 31:
+            errors.append(f"{key}: bcrypt cost must be between 4 and 31")
+        else:
+            users[user] = hashed
+    return users
+
+
+def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
+    prefix = "http_server_config."
+    section = _mapping(raw, "http_server_config", errors)
+    _check_keys(section, prefix, HTTP_KEYS, set(), errors)
+    if "http2" in section and not isinstance(section["http2"], bool):
+        errors.append(f"{prefix}http2: expected true or false, got "
+                      f"{_describe(section['http2'])}")
+    headers: list[tuple[str, str]] = []
+    for name, value in _mapping(section.get("headers"), f"{prefix}headers", errors).items():
+        key = f"{prefix}headers.{name}"
+        if name not in HEADERS:
+            errors.append(f"{key}: unknown header (known: {', '.join(HEADERS)})")
+            continue
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            errors.append(f"{key}: expected a string, got {_describe(value)}")
+            continue
+        if any(c in value for c in "\r\n\0"):
+            errors.append(f"{key}: must be a single line")
+            continue
+        allowed = HEADERS[name]
+        if allowed is not None and value.lower() not in allowed:
+            errors.append(f"{key}: expected one of {', '.join(allowed)}, got {_describe(value)}")
+            continue
+        headers.append((name, value))
+    return tuple(headers)
+
+
+def parse_web_config(raw: Any, base_dir: str = ".") -> WebSecurity:
+    """Validate a parsed web config document; raise ConfigError listing every problem."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"expected a mapping at the top level, got {_describe(raw)}"])
+    errors: list[str] = []
+    _check_keys(raw, "", TOP_KEYS, TOP_UNSUPPORTED, errors)
+    tls = _tls(raw.get("tls_server_config"), base_dir, errors)
+    users = _users(raw.get("basic_auth_users"), errors)
+    headers = _http(raw.get("http_server_config"), errors)
+    if errors:
+        raise ConfigError(errors)
+    context = build_ssl_context(tls) if tls is not None else None
+    authenticator = Authenticator(users) if users else None
+    return WebSecurity(tls=tls, ssl_context=context, users=users, headers=headers,
+                       authenticator=authenticator)
+
+
+def load_web_config(path: str) -> WebSecurity:
+    """Read and validate the web config file; every problem is prefixed with the file's name."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError([f"web config file {path}: cannot read: {exc.strerror}"]) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"web config file {path}: invalid YAML{where}"]) from None
+    try:
+        return parse_web_config(raw, os.path.dirname(os.path.abspath(path)))
+    except ConfigError as exc:
+        raise ConfigError([f"web config file {path}: {p}" for p in exc.problems]) from None
+
+
+class Authenticator:
+    """Checks HTTP basic credentials against bcrypt hashes, with a cache of successes."""
+
+    def __init__(self, users: Mapping[str, str]) -> None:
+        try:
+            import bcrypt
+        except ImportError:
+            raise ConfigError(["basic_auth_users: needs the bcrypt package "
+                               "(pip install 'qatoolbox-exporter[auth]')"]) from None
+        self._bcrypt = bcrypt
+        self._users = {user.encode(): hashed.encode() for user, hashed in users.items()}
+        self._cost = max(int(h[4:6]) for h in self._users.values())
+        self._dummy: bytes | None = None
+        # The cache holds keyed digests, not passwords: a memory dump does not reveal them.
+        self._key = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _dummy_hash(self) -> bytes:
+        # Made lazily: the first unknown user pays for it, not every reload.
+        with self._lock:
+            if self._dummy is None:
+                salt = self._bcrypt.gensalt(rounds=self._cost)
+                self._dummy = self._bcrypt.hashpw(secrets.token_bytes(16), salt)
+            return self._dummy
+
+    def check_header(self, header: str | None) -> bool:
+        """Whether an Authorization header carries valid credentials."""
+        if not header:
+            return False
+        scheme, _, encoded = header.strip().partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            credentials = base64.b64decode(encoded.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return self.check(credentials)
+
+    def check(self, credentials: bytes) -> bool:
+        """Whether b"user:password" is valid."""
+        digest = hmac.new(self._key, credentials, hashlib.sha256).digest()
+        with self._lock:
+            if digest in self._cache:
+                self._cache.move_to_end(digest)
+                return True
+        user, sep, password = credentials.partition(b":")
+        hashed = self._users.get(user) if sep else None
+        # An unknown user costs one bcrypt check too: response times do not reveal user names.
+        ok = self._checkpw(password, hashed if hashed is not None else self._dummy_hash())
+        ok = ok and hashed is not None
+        if ok:
+            with self._lock:
+                self._cache[digest] = None
+                while len(self._cache) > AUTH_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return ok
+
+    def _checkpw(self, password: bytes, hashed: bytes) -> bool:
+        if len(password) > 72:
+            # bcrypt ignores bytes past 72 (and bcrypt 5 refuses them): never a match, same work.
+            self._bcrypt.checkpw(password[:72], hashed)
+            return False
+        return bool(self._bcrypt.checkpw(password, hashed))
+
+    def cached(self) -> int:
+        """How many successful checks are remembered."""
+        with self._lock:
+            return len(self._cache)
+
+
+_Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+class WebConfigFile:
+    """The web config file, reloaded when it or a certificate file it names changes.
+
+    A file that became invalid is logged and the last valid settings stay in force, so a
+    half-written certificate during rotation never takes the exporter's endpoint down.
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._current = load_web_config(path)
+        self._fingerprint = self._stat()
+        self._failed: _Fingerprint | None = None
+        self._checked_at = clock()
+
+    def _files(self, security: WebSecurity) -> list[str]:
+        files = [self.path]
+        if security.tls is not None:
+            files += [security.tls.cert_file, security.tls.key_file]
+            if security.tls.client_ca_file:
+                files.append(security.tls.client_ca_file)
+        return files
+
+    def _stat(self) -> _Fingerprint:
+        result = []
+        for path in self._files(self._current):
+            try:
+                st = os.stat(path)
+                result.append((path, st.st_mtime_ns, st.st_size))
+            except OSError:
+                result.append((path, -1, -1))
+        return tuple(result)
+
+    def current(self) -> WebSecurity:
+        """The settings in force, after a reload if a file changed (checked at most 1/s)."""
+        now = self._clock()
+        if now - self._checked_at < RELOAD_CHECK_INTERVAL:
+            return self._current
+        with self._lock:
+            if now - self._checked_at < RELOAD_CHECK_INTERVAL:
+                return self._current
+            self._checked_at = now
+            fingerprint = self._stat()
+            if fingerprint not in (self._fingerprint, self._failed):
+                self._reload(fingerprint)
+            return self._current
+
+    def _reload(self, fingerprint: _Fingerprint) -> None:
+        try:
+            security = load_web_config(self.path)
+        except ConfigError as exc:
+            self._failed = fingerprint
+            log.error("web config file invalid; keeping the previous settings",
+                      extra={"file": self.path, "err": "; ".join(exc.problems)})
+            return
+        self._current = security
+        self._fingerprint = self._stat()
+        self._failed = None
+        log.info("web config file reloaded", extra={"file": self.path,
+                                                    "tls": security.tls is not None,
+                                                    "users": len(security.users)})
+
+    def describe(self) -> str:
+        """One line for --config.check: what the file turns on, no secrets."""
+        security = self._current
+        parts = [f"web config file {self.path}:"]
+        if security.tls is None:
+            parts.append("TLS off,")
+        else:
+            parts.append(f"TLS on ({security.tls.min_version}-{security.tls.max_version}, "
+                         f"client certificates: {security.tls.client_auth_type}),")
+        parts.append(f"basic auth {'on' if security.users else 'off'} "
+                     f"({len(security.users)} users), {len(security.headers)} extra headers")
+        return " ".join(parts)
