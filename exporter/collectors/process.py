@@ -153,10 +153,10 @@ class ProcessScanner:
     """
 
     def __init__(self) -> None:
-        self._groups: dict[tuple[int, int], str | None] = {}
+        self._groups: dict[tuple[int, int, str], str | None] = {}
 
     def __call__(self, matcher: GroupMatcher) -> Iterator[tuple[str, ProcSample]]:
-        seen: dict[tuple[int, int], str | None] = {}
+        seen: dict[tuple[int, int, str], str | None] = {}
         try:
             pids = [name for name in os.listdir("/proc") if name.isdigit()]
         except OSError:
@@ -166,7 +166,9 @@ class ProcessScanner:
             if identity is None:
                 continue  # exited since the listing
             comm, start = identity
-            key = (int(pid), start)
+            # exec keeps pid and start time but changes comm (`exec gunicorn` in an entry
+            # point): classify again then.
+            key = (int(pid), start, comm)
             if key in self._groups:
                 group = self._groups[key]
             else:
