@@ -1,0 +1,328 @@
+"""Process collector: group matching, CPU accounting, a fake scan and real child processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from prometheus_client.core import Metric
+
+from exporter.collectors.process import (
+    CpuAccount,
+    GroupMatcher,
+    ProcessCollector,
+    ProcSample,
+    scan_processes,
+)
+from exporter.config import DEFAULT_PROCESS_GROUPS, ProcessConfig, ProcessGroup, Regex
+from tests.harness import wait_for
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(families: Iterable[Metric]) -> Samples:
+    out: Samples = {}
+    for family in families:
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(found: Samples, name: str, **labels: str) -> float | None:
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+# --- matching -------------------------------------------------------------------------------
+
+DEFAULT = GroupMatcher(DEFAULT_PROCESS_GROUPS)
+
+
+@pytest.mark.parametrize(("comm", "cmdline", "group"), [
+    ("python3", ["python3", "-m", "gunicorn", "config.wsgi:application"], "web"),
+    ("python", ["/venv/bin/python", "-u", "-m", "gunicorn", "app:app"], "web"),
+    ("python", ["/venv/bin/python", "/venv/bin/gunicorn", "config.wsgi", "-w", "4"], "web"),
+    ("python3.11", ["/usr/bin/python3.11", "/venv/bin/uvicorn", "app:app"], "web"),
+    ("gunicorn", ["/venv/bin/gunicorn", "config.wsgi"], "web"),
+    # setproctitle rewrites argv into one string (and psutil may split it at spaces)
+    ("gunicorn: worke", ["gunicorn: worker [qatoolbox]"], "web"),
+    ("python", ["gunicorn:", "worker", "[qatoolbox]"], "web"),
+    ("python", ["gunicorn: master [config.wsgi:application]"], "web"),
+    ("daphne", ["/venv/bin/python", "/venv/bin/daphne", "asgi:app"], "web"),
+    ("uwsgi", ["uwsgi", "--ini", "app.ini"], "web"),
+    ("celery", ["/venv/bin/python", "/venv/bin/celery", "-A", "qatoolbox", "worker", "-l",
+                "info"], "celery"),
+    ("python", ["python", "-m", "celery", "-A", "qatoolbox", "worker"], "celery"),
+    ("celery", ["/venv/bin/celery", "-A", "qatoolbox", "beat"], None),
+    ("postgres", ["postgres: checkpointer "], "postgres"),
+    ("postgres", ["/usr/lib/postgresql/16/bin/postgres", "-D", "/var/lib/pg"], "postgres"),
+    ("redis-server", ["redis-server 127.0.0.1:6379"], "redis"),
+    ("bash", ["bash"], None),
+    ("python3", ["python3", "manage.py", "runserver"], None),
+    ("vim", ["vim", "gunicorn.conf.py"], None),
+    ("python3", ["python3", "-c", "import gunicorn"], None),
+    ("kworker/0:1", [], None),
+])
+def test_default_groups(comm: str, cmdline: list[str], group: str | None) -> None:
+    assert DEFAULT.group_of(comm, cmdline) == group
+
+
+def test_first_matching_group_wins_and_cmdline_regex() -> None:
+    matcher = GroupMatcher([
+        ProcessGroup(name="beat", cmdline=Regex(r"\bcelery\b.*\bbeat\b")),
+        ProcessGroup(name="python", names=("python3",)),
+        ProcessGroup(name="any-celery", cmdline=Regex("celery")),
+    ])
+    assert matcher.group_of("python3", ["python3", "-m", "celery", "beat"]) == "beat"
+    assert matcher.group_of("python3", ["python3", "-m", "celery", "worker"]) == "python"
+    assert matcher.group_of("celery", ["/bin/celery", "flower"]) == "any-celery"
+    assert matcher.group_of("sh", ["sh"]) is None
+
+
+def test_program_names() -> None:
+    names = GroupMatcher.program_names("python3", ["/venv/bin/python3", "-m", "gunicorn", "x"])
+    assert {"python3", "gunicorn"} <= names
+    assert "x" not in names
+    assert GroupMatcher.program_names("sh", []) == {"sh"}
+
+
+# --- CPU accounting -------------------------------------------------------------------------
+
+
+def proc(pid: int, user: float, system: float = 0.0, *, created: float = 1000.0,
+         rss: float = 1e6, fds: float = 5, threads: float = 1) -> ProcSample:
+    return ProcSample(pid, created, user, system, rss, fds, threads)
+
+
+def test_cpu_account_adds_deltas_and_survives_exits() -> None:
+    account = CpuAccount()
+    assert account.update([("web", proc(1, 1.0, 0.5)), ("web", proc(2, 2.0, 1.0))]) == {
+        "web": [3.0, 1.5]}
+    assert account.update([("web", proc(1, 1.5, 0.5)), ("web", proc(2, 2.5, 1.25))]) == {
+        "web": [4.0, 1.75]}
+    # pid 2 exits: what it used stays in the total
+    assert account.update([("web", proc(1, 2.0, 0.5))]) == {"web": [4.5, 1.75]}
+    # every process exits: the counter holds
+    assert account.update([]) == {"web": [4.5, 1.75]}
+
+
+def test_cpu_account_pid_reuse_starts_a_new_account() -> None:
+    account = CpuAccount()
+    account.update([("celery", proc(7, 10.0, 2.0, created=1000.0))])
+    # pid 7 reused by a new process with less CPU: its whole CPU is added, nothing subtracted
+    totals = account.update([("celery", proc(7, 0.25, 0.125, created=2000.0))])
+    assert totals == {"celery": [10.25, 2.125]}
+    totals = account.update([("celery", proc(7, 0.5, 0.125, created=2000.0))])
+    assert totals == {"celery": [10.5, 2.125]}
+
+
+def test_cpu_account_never_decreases() -> None:
+    account = CpuAccount()
+    history = [
+        [("web", proc(1, 5.0)), ("web", proc(2, 3.0))],
+        [("web", proc(1, 4.0))],  # a bogus lower reading of the same process
+        [("web", proc(2, 1.0, created=3000.0))],
+        [],
+        [("web", proc(3, 0.0))],
+    ]
+    previous = [0.0, 0.0]
+    for scrape in history:
+        now = account.update(scrape).get("web", [0.0, 0.0])
+        assert now[0] >= previous[0] and now[1] >= previous[1]
+        previous = now
+
+
+def test_cpu_account_groups_are_separate() -> None:
+    account = CpuAccount()
+    totals = account.update([("web", proc(1, 1.0)), ("celery", proc(2, 4.0, 1.0))])
+    assert totals == {"web": [1.0, 0.0], "celery": [4.0, 1.0]}
+
+
+# --- the collector on a fake scan ----------------------------------------------------------
+
+
+def fake_scan(rows: list[tuple[str, ProcSample]]) -> tuple[list[list[tuple[str, ProcSample]]],
+                                                          object]:
+    calls: list[list[tuple[str, ProcSample]]] = [rows]
+
+    def scan(matcher: GroupMatcher) -> Iterator[tuple[str, ProcSample]]:
+        assert isinstance(matcher, GroupMatcher)
+        yield from calls[-1]
+
+    return calls, scan
+
+
+def test_collector_on_fake_scan() -> None:
+    calls, scan = fake_scan([
+        ("web", proc(10, 1.0, 0.5, created=100.0, rss=1000.0, fds=10, threads=2)),
+        ("web", proc(11, 2.0, 0.5, created=50.0, rss=3000.0, fds=20, threads=4)),
+        ("celery", proc(20, 7.0, 1.0, created=70.0, rss=500.0, fds=3, threads=1)),
+    ])
+    collector = ProcessCollector(ProcessConfig(), scan=scan)  # type: ignore[arg-type]
+    assert collector.name == "process"
+    found = samples(collector.collect())
+    for group, n in (("web", 2), ("celery", 1), ("postgres", 0), ("redis", 0)):
+        assert value(found, "qatoolbox_process_num_procs", group=group) == n, group
+    assert value(found, "qatoolbox_process_cpu_seconds_total", group="web", mode="user") == 3.0
+    assert value(found, "qatoolbox_process_cpu_seconds_total", group="web", mode="system") == 1.0
+    assert value(found, "qatoolbox_process_cpu_seconds_total", group="redis", mode="user") == 0.0
+    assert value(found, "qatoolbox_process_resident_memory_bytes", group="web") == 4000.0
+    assert value(found, "qatoolbox_process_open_fds", group="web") == 30
+    assert value(found, "qatoolbox_process_threads", group="web") == 6
+    assert value(found, "qatoolbox_process_oldest_start_time_seconds", group="web") == 50.0
+    assert value(found, "qatoolbox_process_oldest_start_time_seconds", group="celery") == 70.0
+    # an empty group has a count of 0 and no start time
+    assert value(found, "qatoolbox_process_resident_memory_bytes", group="postgres") == 0.0
+    assert value(found, "qatoolbox_process_oldest_start_time_seconds", group="postgres") is None
+
+    # the web workers die: count 0, CPU kept
+    calls.append([("celery", proc(20, 8.0, 1.0, created=70.0))])
+    found = samples(collector.collect())
+    assert value(found, "qatoolbox_process_num_procs", group="web") == 0
+    assert value(found, "qatoolbox_process_cpu_seconds_total", group="web", mode="user") == 3.0
+    assert value(found, "qatoolbox_process_cpu_seconds_total", group="celery", mode="user") == 8.0
+    assert value(found, "qatoolbox_process_oldest_start_time_seconds", group="web") is None
+
+
+def test_collector_families() -> None:
+    _, scan = fake_scan([])
+    collector = ProcessCollector(ProcessConfig(groups=(ProcessGroup(name="g", names=("x",)),)),
+                                 scan=scan)  # type: ignore[arg-type]
+    types = {f.name: f.type for f in collector.collect()}
+    assert types == {
+        "qatoolbox_process_num_procs": "gauge",
+        "qatoolbox_process_cpu_seconds": "counter",
+        "qatoolbox_process_resident_memory_bytes": "gauge",
+        "qatoolbox_process_open_fds": "gauge",
+        "qatoolbox_process_threads": "gauge",
+        "qatoolbox_process_oldest_start_time_seconds": "gauge",
+    }
+
+
+# --- real processes ------------------------------------------------------------------------
+
+BURNER = """
+import sys, time
+deadline = time.process_time() + 0.2
+while time.process_time() < deadline:
+    pass
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for child in started:
+        if child.poll() is None:
+            child.kill()
+        child.wait(10)
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_real_children_counted_then_gone(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    marker = f"qatb-burn-{os.getpid()}-{time.monotonic_ns()}"
+    sleeper = f"qtsl{os.getpid() % 10**8}"
+    sleep_copy = tmp_path / sleeper
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", sleep_copy)
+    cfg = ProcessConfig(groups=(
+        ProcessGroup(name="burners", cmdline=Regex(rf"\b{marker}\b")),
+        ProcessGroup(name="sleepers", names=(sleeper,)),
+    ))
+    collector = ProcessCollector(cfg)
+    found = samples(collector.collect())
+    assert value(found, "qatoolbox_process_num_procs", group="burners") == 0
+    assert value(found, "qatoolbox_process_num_procs", group="sleepers") == 0
+
+    for _ in range(2):
+        child = subprocess.Popen([sys.executable, "-c", BURNER, marker], stdout=subprocess.PIPE)
+        children.append(child)
+        children.append(subprocess.Popen([str(sleep_copy), "120"]))
+    for child in children[::2]:
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
+
+    found = samples(collector.collect())
+    assert value(found, "qatoolbox_process_num_procs", group="burners") == 2
+    assert value(found, "qatoolbox_process_num_procs", group="sleepers") == 2
+    user = value(found, "qatoolbox_process_cpu_seconds_total", group="burners", mode="user")
+    system = value(found, "qatoolbox_process_cpu_seconds_total", group="burners", mode="system")
+    assert user is not None and system is not None
+    assert user + system >= 0.35  # each burned 0.2 s of CPU before saying ready
+    expected_rss = sum(psutil.Process(c.pid).memory_info().rss for c in children[::2])
+    rss = value(found, "qatoolbox_process_resident_memory_bytes", group="burners")
+    assert rss == pytest.approx(expected_rss, rel=0.5)
+    fds = value(found, "qatoolbox_process_open_fds", group="burners")
+    assert fds is not None and fds >= 6
+    threads = value(found, "qatoolbox_process_threads", group="sleepers")
+    assert threads == 2
+    oldest = min(psutil.Process(c.pid).create_time() for c in children[1::2])
+    assert value(found, "qatoolbox_process_oldest_start_time_seconds",
+                 group="sleepers") == pytest.approx(oldest, abs=0.05)
+
+    for child in children:
+        child.kill()
+        child.wait(10)
+    found = samples(collector.collect())
+    assert value(found, "qatoolbox_process_num_procs", group="burners") == 0
+    assert value(found, "qatoolbox_process_num_procs", group="sleepers") == 0
+    after_user = value(found, "qatoolbox_process_cpu_seconds_total", group="burners", mode="user")
+    after_system = value(found, "qatoolbox_process_cpu_seconds_total", group="burners",
+                         mode="system")
+    assert after_user is not None and after_system is not None
+    assert after_user >= user and after_system >= system
+
+
+def test_process_that_execs_into_a_group_is_counted(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    # Entry points often do `exec gunicorn ...`: same pid and start time, new program.
+    sleeper = f"qtex{os.getpid() % 10**8}"
+    sleep_copy = tmp_path / sleeper
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", sleep_copy)
+    gate = tmp_path / "go"
+    script = f"while [ ! -e {gate} ]; do sleep 0.02; done; exec {sleep_copy} 120"
+    cfg = ProcessConfig(groups=(ProcessGroup(name="late", names=(sleeper,)),))
+    collector = ProcessCollector(cfg)
+    children.append(subprocess.Popen(["sh", "-c", script]))
+    wait_for(lambda: psutil.Process(children[0].pid).name() == "sh", 10, "sh to start")
+    found = samples(collector.collect())
+    assert value(found, "qatoolbox_process_num_procs", group="late") == 0
+    gate.touch()
+    wait_for(lambda: psutil.Process(children[0].pid).name() == sleeper, 10, "the exec")
+    found = samples(collector.collect())
+    assert value(found, "qatoolbox_process_num_procs", group="late") == 1
+
+
+def test_vanished_process_is_skipped(children: list[subprocess.Popen[bytes]]) -> None:
+    from exporter.collectors.process import _sample
+
+    child = subprocess.Popen(["sleep", "120"])
+    children.append(child)
+    handle = psutil.Process(child.pid)
+    child.kill()
+    child.wait(10)
+    assert _sample(handle) is None
+
+
+def test_scan_processes_finds_this_process() -> None:
+    me = psutil.Process()
+    matcher = GroupMatcher([ProcessGroup(name="me", cmdline=Regex(r"pytest|py\.test|-m pytest")),
+                            ProcessGroup(name="any", cmdline=Regex("."))])
+    found = {s.pid: (g, s) for g, s in scan_processes(matcher)}
+    assert os.getpid() in found
+    group, sample = found[os.getpid()]
+    assert group == "me"
+    assert sample.create_time == pytest.approx(me.create_time(), abs=0.05)
+    assert sample.threads >= 1 and sample.rss > 0
