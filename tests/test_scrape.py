@@ -1,0 +1,307 @@
+"""ScrapeRunner: isolation, time budgets, single flight, fresh series and failure logging."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter import __version__
+from exporter.scrape import ScrapeRunner
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(families: Iterable[Metric]) -> Samples:
+    out: Samples = {}
+    for family in families:
+        for s in family.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = s.value
+    return out
+
+
+def success(found: Samples, name: str) -> float | None:
+    return found.get(("qatoolbox_exporter_collector_success", (("collector", name),)))
+
+
+def gauge(name: str, value: float, **labels: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, "Test.", labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+class Good:
+    def __init__(self, name: str = "good") -> None:
+        self.name = name
+        self.calls = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        yield gauge(f"test_{self.name}", 1.0)
+
+
+class Raising:
+    name = "raising"
+
+    def __init__(self) -> None:
+        self.error = "boom"
+
+    def collect(self) -> Iterator[Metric]:
+        yield gauge("test_raising_partial", 1.0)
+        raise RuntimeError(self.error)
+
+    def failure_metrics(self) -> Iterable[Metric]:
+        return [gauge("test_raising_up", 0.0)]
+
+
+class Hanging:
+    """Blocks until the test sets release."""
+
+    name = "hanging"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(30)
+        yield gauge("test_hanging_up", 1.0)
+
+    def failure_metrics(self) -> Iterable[Metric]:
+        return [gauge("test_hanging_up", 0.0)]
+
+
+@pytest.fixture
+def hanging() -> Iterator[Hanging]:
+    collector = Hanging()
+    yield collector
+    collector.release.set()  # let the worker thread end so the interpreter can exit
+
+
+def test_failing_and_hanging_collectors_do_not_affect_others(hanging: Hanging) -> None:
+    good, raising = Good(), Raising()
+    runner = ScrapeRunner([good, raising, hanging], timeout=0.3)
+    found = samples(runner.collect())
+    assert found[("test_good", ())] == 1.0
+    assert success(found, "good") == 1.0
+    assert success(found, "raising") == 0.0
+    assert success(found, "hanging") == 0.0
+    # failure_metrics stand in for what failed; nothing partial from the raising collector
+    assert found[("test_raising_up", ())] == 0.0
+    assert found[("test_hanging_up", ())] == 0.0
+    assert ("test_raising_partial", ()) not in found
+    for name in ("good", "raising", "hanging"):
+        assert ("qatoolbox_exporter_collector_duration_seconds", (("collector", name),)) in found
+    assert found[("qatoolbox_exporter_build_info",
+                  (("python_version", __import__("platform").python_version()),
+                   ("version", __version__)))] == 1.0
+    outcomes = runner.outcomes()
+    assert outcomes["good"].success and outcomes["good"].error == ""
+    assert outcomes["raising"].error == "RuntimeError: boom"
+    assert outcomes["hanging"].error == "timed out after 0.3s"
+    assert outcomes["hanging"].duration >= 0.3
+    runner.close()
+
+
+def test_timed_out_collector_is_not_run_again_while_in_flight(hanging: Hanging) -> None:
+    good = Good()
+    baseline = threading.active_count()
+    runner = ScrapeRunner([good, hanging], timeout=0.2)
+    runner.collect()
+    assert hanging.entered.wait(5)
+    for _ in range(30):
+        found = samples(runner.collect())
+        assert success(found, "good") == 1.0
+        assert success(found, "hanging") == 0.0
+        assert found[("test_hanging_up", ())] == 0.0
+    assert hanging.calls == 1
+    assert good.calls == 31
+    # one worker per collector at most, however many scrapes piled up behind the stuck one
+    assert threading.active_count() <= baseline + 2
+    assert runner.outcomes()["hanging"].error == "previous run still in progress"
+
+    hanging.release.set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = samples(runner.collect())
+        if success(found, "hanging") == 1.0:
+            break
+        time.sleep(0.05)
+    assert success(found, "hanging") == 1.0
+    assert found[("test_hanging_up", ())] == 1.0
+    assert hanging.calls == 2
+    runner.close()
+
+
+def test_close_does_not_wait_for_a_stuck_collector(hanging: Hanging) -> None:
+    runner = ScrapeRunner([hanging], timeout=0.1)
+    runner.collect()
+    started = time.monotonic()
+    runner.close()
+    assert time.monotonic() - started < 5
+
+
+class Slow:
+    """Counts runs; each run waits for the test's go-ahead."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        self.entered.set()
+        self.release.wait(30)
+        yield gauge("test_slow_run", float(self.calls))
+
+
+def test_concurrent_callers_share_one_collection() -> None:
+    slow = Slow()
+    runner = ScrapeRunner([slow], timeout=20)
+    results: list[list[Metric]] = []
+    started = threading.Barrier(6)
+
+    def scrape() -> None:
+        started.wait()
+        results.append(runner.collect())
+
+    threads = [threading.Thread(target=scrape) for _ in range(5)]
+    try:
+        for thread in threads:
+            thread.start()
+        started.wait()
+        assert slow.entered.wait(10)
+        time.sleep(0.3)  # let the other callers reach collect() and queue behind the first
+    finally:
+        slow.release.set()
+        for thread in threads:
+            thread.join(10)
+    assert len(results) == 5
+    assert slow.calls == 1
+    assert all(r is results[0] for r in results)
+    # the next scrape after the shared one runs afresh
+    found = samples(runner.collect())
+    assert found[("test_slow_run", ())] == 2.0
+    assert slow.calls == 2
+    runner.close()
+
+
+class Changing:
+    """Labels change between scrapes; fails when told to."""
+
+    name = "changing"
+
+    def __init__(self) -> None:
+        self.label = "a"
+        self.fail = False
+
+    def collect(self) -> Iterator[Metric]:
+        if self.fail:
+            raise OSError("gone")
+        yield gauge("test_item", 1.0, item=self.label)
+
+
+def test_no_stale_series_between_scrapes() -> None:
+    changing = Changing()
+    runner = ScrapeRunner([changing], timeout=5)
+    found = samples(runner.collect())
+    assert ("test_item", (("item", "a"),)) in found
+    changing.label = "b"
+    found = samples(runner.collect())
+    assert ("test_item", (("item", "b"),)) in found
+    assert ("test_item", (("item", "a"),)) not in found
+    changing.fail = True
+    found = samples(runner.collect())
+    assert not [k for k in found if k[0] == "test_item"]
+    assert success(found, "changing") == 0.0
+    runner.close()
+
+
+class BadFallback(Raising):
+    name = "badfallback"
+
+    def failure_metrics(self) -> Iterable[Metric]:
+        raise ValueError("fallback broke")
+
+
+def test_failure_metrics_that_raise_are_contained(caplog: pytest.LogCaptureFixture) -> None:
+    runner = ScrapeRunner([BadFallback(), Good()], timeout=5)
+    with caplog.at_level(logging.WARNING, logger="exporter.scrape"):
+        found = samples(runner.collect())
+    assert success(found, "badfallback") == 0.0
+    assert success(found, "good") == 1.0
+    assert any(r.getMessage() == "failure_metrics raised" for r in caplog.records)
+    runner.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failure_logged_once_again_on_change_or_after_quiet_period_and_recovery_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    raising = Raising()
+    runner = ScrapeRunner([raising, Good()], timeout=5, repeat_interval=300, clock=clock)
+
+    def scrape(times: int = 1) -> list[logging.LogRecord]:
+        caplog.clear()
+        for _ in range(times):
+            runner.collect()
+            clock.now += 15
+        return [r for r in caplog.records if r.name == "exporter.scrape"]
+
+    with caplog.at_level(logging.INFO, logger="exporter.scrape"):
+        first = scrape(5)
+        assert [(r.levelno, r.getMessage()) for r in first] == [
+            (logging.WARNING, "collector failed")]
+        assert first[0].__dict__["collector"] == "raising"
+        assert first[0].__dict__["err"] == "RuntimeError: boom"
+
+        raising.error = "connection refused"
+        changed = scrape(3)
+        assert [r.__dict__["err"] for r in changed] == ["RuntimeError: connection refused"]
+
+        clock.now += 300  # quiet period over: the same error is worth one more line
+        again = scrape(3)
+        assert [r.__dict__["err"] for r in again] == ["RuntimeError: connection refused"]
+
+        raising.collect = lambda: iter([gauge("test_raising_ok", 1.0)])  # type: ignore[method-assign]
+        recovered = scrape(4)
+        assert [(r.levelno, r.getMessage(), r.__dict__["collector"]) for r in recovered] == [
+            (logging.INFO, "collector recovered", "raising")]
+
+        del raising.collect
+        refailed = scrape(2)
+        assert [r.getMessage() for r in refailed] == ["collector failed"]
+    runner.close()
+
+
+def test_every_enabled_collector_has_self_metrics_every_scrape() -> None:
+    names = [f"c{i}" for i in range(6)]
+    runner = ScrapeRunner([Good(n) for n in names], timeout=5)
+    assert runner.names == names
+    assert runner.outcomes() == {}
+    for _ in range(3):
+        found = samples(runner.collect())
+        assert {dict(k[1])["collector"] for k in found
+                if k[0] == "qatoolbox_exporter_collector_success"} == set(names)
+        assert all(success(found, n) == 1.0 for n in names)
+    runner.close()
