@@ -9,6 +9,7 @@ from exporter.collectors.business import BusinessCollector
 from exporter.collectors.host import HostCollector
 from exporter.collectors.postgres import PostgresCollector
 from exporter.collectors.process import ProcessCollector
+from exporter.collectors.redis import RedisCollector
 from exporter.config import Config
 from exporter.scrape import Collector
 
@@ -36,6 +37,10 @@ COLLECTORS: dict[str, CollectorSpec] = {
     "business": CollectorSpec(
         lambda c: BusinessCollector(c.business, c.postgres, c.log.repeat_interval), True,
         "Business metrics from SQL queries (QAToolBox users, chat, time capsules).",
+    ),
+    "redis": CollectorSpec(
+        lambda c: RedisCollector(c.redis, c.scrape.timeout), True,
+        "Redis memory, clients, hit ratio, latency, key groups and Celery queues.",
     ),
 }
 

@@ -1,0 +1,802 @@
+"""Redis collector: health, memory, cache effectiveness, latency, key groups, Celery queues."""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+
+from exporter.config import KeyGroup, RedisConfig, redact_url
+
+log = logging.getLogger("exporter.redis")
+
+# Sections read on every scrape. INFO takes several sections only from Redis 7.0 on;
+# older servers get "all", which holds the same lines and a few more.
+INFO_SECTIONS = ("server", "clients", "memory", "persistence", "stats", "replication",
+                 "keyspace", "commandstats")
+KOMBU_SEP = "\x06\x16"
+KOMBU_UNACKED = "unacked"
+
+# (metric name, INFO field, help)
+INFO_GAUGES = (
+    ("qatoolbox_redis_uptime_seconds", "uptime_in_seconds", "Time since the server started."),
+    ("qatoolbox_redis_connected_clients", "connected_clients",
+     "Client connections open now, replicas excluded."),
+    ("qatoolbox_redis_blocked_clients", "blocked_clients",
+     "Clients waiting in a blocking command such as BRPOP."),
+    ("qatoolbox_redis_memory_used_bytes", "used_memory", "Memory allocated by Redis."),
+    ("qatoolbox_redis_memory_rss_bytes", "used_memory_rss",
+     "Resident memory of the Redis process as the kernel counts it."),
+    ("qatoolbox_redis_memory_peak_bytes", "used_memory_peak",
+     "Most memory Redis has had allocated since it started."),
+    ("qatoolbox_redis_memory_max_bytes", "maxmemory",
+     "The maxmemory limit, 0 when there is none."),
+    ("qatoolbox_redis_memory_fragmentation_ratio", "mem_fragmentation_ratio",
+     "Resident memory divided by allocated memory."),
+    ("qatoolbox_redis_connected_replicas", "connected_slaves", "Replicas connected now."),
+    ("qatoolbox_redis_rdb_last_save_timestamp_seconds", "rdb_last_save_time",
+     "Unix time of the last successful RDB save."),
+    ("qatoolbox_redis_rdb_changes_since_last_save", "rdb_changes_since_last_save",
+     "Writes since the last RDB save."),
+)
+INFO_COUNTERS = (
+    ("qatoolbox_redis_rejected_connections_total", "rejected_connections",
+     "Connections refused because maxclients was reached."),
+    ("qatoolbox_redis_connections_received_total", "total_connections_received",
+     "Connections accepted by the server."),
+    ("qatoolbox_redis_evicted_keys_total", "evicted_keys",
+     "Keys evicted because of the maxmemory limit."),
+    ("qatoolbox_redis_expired_keys_total", "expired_keys",
+     "Keys deleted because their TTL ran out."),
+    ("qatoolbox_redis_commands_processed_total", "total_commands_processed",
+     "Commands the server has run."),
+    ("qatoolbox_redis_net_input_bytes_total", "total_net_input_bytes",
+     "Bytes the server has read from the network."),
+    ("qatoolbox_redis_net_output_bytes_total", "total_net_output_bytes",
+     "Bytes the server has written to the network."),
+)
+
+# LATENCY HISTOGRAM's buckets are powers of two of 1.024 us (hdr_histogram counting in ns from
+# 1024); every second one is kept, which lines up exactly and keeps 12 series per command.
+HISTOGRAM_EXPONENTS = (3, 5, 7, 9, 11, 13, 15, 17, 19)
+HISTOGRAM_BOUNDS = tuple(2 ** (10 + k) / 1e9 for k in HISTOGRAM_EXPONENTS)
+
+
+# --- pure parsing -------------------------------------------------------------------------------
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """INFO's "field:value" lines as a mapping (section headers and blank lines skipped)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition(":")
+            if sep:
+                fields[key] = value.strip()
+    return fields
+
+
+def parse_fields(value: str) -> dict[str, str]:
+    """A "calls=2,usec=9" value as a mapping."""
+    pairs = (item.partition("=") for item in value.split(","))
+    return {k: v for k, sep, v in pairs if sep}
+
+
+def number(info: Mapping[str, str], key: str) -> float | None:
+    """INFO field as a float, None when absent or not a number."""
+    try:
+        return float(info[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def command_stats(info: Mapping[str, str]) -> dict[str, tuple[float, float]]:
+    """(calls, seconds spent) by command name from the commandstats section."""
+    stats: dict[str, tuple[float, float]] = {}
+    for key, value in info.items():
+        if key.startswith("cmdstat_"):
+            fields = parse_fields(value)
+            try:
+                stats[key[8:]] = (float(fields["calls"]), float(fields["usec"]) / 1e6)
+            except (KeyError, ValueError):
+                continue
+    return stats
+
+
+def keyspace(info: Mapping[str, str]) -> dict[str, tuple[float, float]]:
+    """(keys, keys with a TTL) by database ("db0") from the keyspace section."""
+    dbs: dict[str, tuple[float, float]] = {}
+    for key, value in info.items():
+        if re.fullmatch(r"db\d+", key):
+            fields = parse_fields(value)
+            try:
+                dbs[key] = (float(fields["keys"]), float(fields.get("expires", 0)))
+            except ValueError:
+                continue
+    return dbs
+
+
+def _pairs(value: Any) -> dict[Any, Any]:
+    """A RESP2 flat [k1, v1, k2, v2] list or a RESP3 map as a dict."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (list, tuple)):
+        return dict(zip(value[::2], value[1::2], strict=False))
+    return {}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def parse_latency_histogram(reply: Any) -> dict[str, tuple[int, dict[float, int]]]:
+    """LATENCY HISTOGRAM's reply as {command: (calls, {bucket upper bound in us: cumulative})}."""
+    result: dict[str, tuple[int, dict[float, int]]] = {}
+    for name, body in _pairs(reply).items():
+        fields = {_text(k): v for k, v in _pairs(body).items()}
+        points = {float(k): int(v) for k, v in _pairs(fields.get("histogram_usec")).items()}
+        result[_text(name)] = (int(fields.get("calls", 0)), points)
+    return result
+
+
+def histogram_counts(points: Mapping[float, int]) -> list[int]:
+    """Cumulative counts at HISTOGRAM_BOUNDS from Redis's sparse cumulative buckets.
+
+    Redis lists a bucket only where the count changes, labelled with its upper bound in whole
+    microseconds (1, 2, 4, ..., 65, 131, ...): that is 1.024 us * 2**k rounded down.
+    """
+    by_exponent: dict[int, int] = {}
+    for usec, count in points.items():
+        if usec > 0:
+            exponent = round(math.log2(usec / 1.024))
+            by_exponent[exponent] = max(count, by_exponent.get(exponent, 0))
+    counts: list[int] = []
+    for bound in HISTOGRAM_EXPONENTS:
+        below = [count for exponent, count in by_exponent.items() if exponent <= bound]
+        counts.append(max(below, default=0))
+    return counts
+
+
+def glob_to_regex(pattern: str) -> str:
+    """A Redis glob (*, ?, [a-z], [^a], \\x) as an equivalent Python regular expression."""
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        char = pattern[i]
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif char == "\\" and i + 1 < n:
+            i += 1
+            out.append(re.escape(pattern[i]))
+        elif char == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1: i + 2] == "^" else i + 1)
+            if end < 0:
+                out.append(re.escape(char))
+            else:
+                body = pattern[i + 1: end]
+                negate = body.startswith("^")
+                body = body[1:] if negate else body
+                parts: list[str] = []
+                j = 0
+                while j < len(body):
+                    if j + 2 < len(body) and body[j + 1] == "-":
+                        low, high = sorted((body[j], body[j + 2]))
+                        parts.append(f"{re.escape(low)}-{re.escape(high)}")
+                        j += 3
+                    else:
+                        parts.append(re.escape(body[j]))
+                        j += 1
+                out.append(f"[{'^' if negate else ''}{''.join(parts)}]")
+                i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
+
+
+class KeyClassifier:
+    """Assigns keys to groups: the first group with a matching pattern, else "other"."""
+
+    def __init__(self, groups: Sequence[KeyGroup]) -> None:
+        self.names = [g.name for g in groups]
+        alternatives = (
+            "(" + "|".join(f"(?:{glob_to_regex(p)})" for p in g.patterns) + ")" for g in groups
+        )
+        # One alternation of capturing groups: lastindex names the first group that matched.
+        source = "(?:" + "|".join(alternatives) + ")"
+        self._regex = re.compile(source.encode(), re.DOTALL) if groups else None
+
+    def count(self, keys: Iterable[bytes], into: list[int]) -> None:
+        """Add each key to into[group index], into[-1] being "other"."""
+        regex = self._regex
+        if regex is None:
+            into[-1] += sum(1 for _ in keys)
+            return
+        fullmatch = regex.fullmatch
+        for key in keys:
+            match = fullmatch(key)
+            into[match.lastindex - 1 if match and match.lastindex else -1] += 1
+
+
+def celery_keys(queues: Sequence[str], prefix: str, steps: Sequence[int]) -> list[tuple[str, str]]:
+    """(queue, list key) for every queue and priority step, the way kombu names them."""
+    return [(q, f"{prefix}{q}{KOMBU_SEP}{p}" if p else f"{prefix}{q}")
+            for q in queues for p in steps]
+
+
+class LookupAccount:
+    """The keyspace lookups the exporter made itself, to subtract from the server's counters.
+
+    LLEN and HLEN count as a hit (key found) or a miss in keyspace_hits/keyspace_misses like any
+    read. Redis resets those counters on restart (new run_id) and on CONFIG RESETSTAT, which
+    shows as a counter going backwards; our own tally starts over with them.
+    """
+
+    def __init__(self) -> None:
+        self.hits = 0
+        self.misses = 0
+        self._run_id: str | None = None
+        self._commands = 0.0
+
+    def adjust(self, run_id: str, hits: float, misses: float, commands: float,
+               lookup_calls: float | None) -> tuple[float, float]:
+        """The server's hits and misses less ours, for INFO read before this scrape's lookups.
+
+        lookup_calls is the server's LLEN+HLEN call count (commandstats), when known: fewer
+        calls than we made ourselves means the statistics were reset.
+        """
+        reset = (run_id != self._run_id or hits < self.hits or misses < self.misses
+                 or commands < self._commands
+                 or (lookup_calls is not None and lookup_calls < self.hits + self.misses))
+        if reset:
+            self.hits = self.misses = 0
+        self._run_id = run_id
+        self._commands = commands
+        return hits - self.hits, misses - self.misses
+
+    def record(self, hits: int, misses: int) -> None:
+        """Count this scrape's own lookups (after their replies came back)."""
+        self.hits += hits
+        self.misses += misses
+
+
+class CommandLabels:
+    """A bounded, stable set of command label values: the first `limit` commands seen (busiest
+    first) keep their name for the life of the server, any other is "other"."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._chosen: set[str] = set()
+
+    def reset(self) -> None:
+        """Forget the chosen commands (the server restarted)."""
+        self._chosen.clear()
+
+    def labels(self, calls: Mapping[str, float]) -> dict[str, str]:
+        """The label value of each command in calls."""
+        if len(self._chosen) < self._limit:
+            for cmd in sorted(calls, key=lambda c: (-calls[c], c)):
+                if len(self._chosen) >= self._limit:
+                    break
+                self._chosen.add(cmd)
+        return {cmd: cmd if cmd in self._chosen else "other" for cmd in calls}
+
+
+def count_lookups(replies: Sequence[Any]) -> tuple[int, int, list[int]]:
+    """(hits, misses, lengths) of LLEN/HLEN replies; a wrong-type key is a hit of length 0."""
+    hits = misses = 0
+    lengths: list[int] = []
+    for reply in replies:
+        if isinstance(reply, int):
+            lengths.append(reply)
+            if reply > 0:
+                hits += 1
+            else:
+                misses += 1  # Redis deletes empty lists and hashes: 0 means no key.
+        else:
+            lengths.append(0)
+            if isinstance(reply, ResponseError) and str(reply).startswith("WRONGTYPE"):
+                hits += 1
+    return hits, misses, lengths
+
+
+# --- connections --------------------------------------------------------------------------------
+
+
+def _raw(response: Any, **_: Any) -> Any:
+    return response
+
+
+def connect(url: str, timeout: float) -> redis.Redis:
+    """A client on one lazily opened connection: no retries, timeouts on every call."""
+    pool = redis.ConnectionPool.from_url(
+        url,
+        max_connections=1,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+        # RESP2 and no CLIENT SETINFO: fewer round trips and commands for the ACL to allow.
+        protocol=2,
+        lib_name=None,
+        lib_version=None,
+    )
+    client = redis.Redis(connection_pool=pool)
+    client.set_response_callback("INFO", _raw)
+    return client
+
+
+class RedisUnavailableError(Exception):
+    """Redis could not be reached or refused the exporter's INFO."""
+
+
+def _describe(exc: RedisError) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# --- key groups ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyGroupCounts:
+    """What the last key-group count found."""
+
+    counts: Mapping[str, float]
+    complete: bool
+    duration: float
+
+
+class KeyGroupScanner:
+    """Counts keys by group with SCAN in a background thread, within key and time budgets.
+
+    A run starts when a scrape finds the last one `interval` old; it stops at the budget and
+    the next run carries on from the same cursor, so a large keyspace is still covered in
+    full over several intervals. Scrapes only read the published result.
+    """
+
+    def __init__(
+        self,
+        cfg: RedisConfig,
+        client_factory: Callable[[], redis.Redis],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._classifier = KeyClassifier(cfg.key_groups)
+        self._labels = [*self._classifier.names, "other"]
+        self._budget = cfg.key_scan_budget
+        self._time_budget = cfg.key_scan_time_budget
+        self._interval = cfg.key_scan_interval
+        self._batch = cfg.key_scan_batch
+        self._client_factory = client_factory
+        self._client: redis.Redis | None = None
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._last_start: float | None = None
+        self._generation = 0
+        self._cursor = 0
+        self._partial = [0] * len(self._labels)
+        self._published: KeyGroupCounts | None = None
+        self._error: str | None = None
+
+    def poke(self) -> None:
+        """Start a run in the background if one is due; never waits for it."""
+        with self._lock:
+            if self._stopping or self._running:
+                return
+            now = self._clock()
+            if self._last_start is not None and now - self._last_start < self._interval:
+                return
+            self._last_start = now
+            self._running = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="redis-keygroups",
+                                                daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def forget(self) -> None:
+        """Drop all counts (the server was replaced) and count again at the next scrape."""
+        with self._lock:
+            self._generation += 1
+            self._cursor = 0
+            self._partial = [0] * len(self._labels)
+            self._published = None
+            self._last_start = None
+
+    def result(self) -> KeyGroupCounts | None:
+        """The published counts, None before the first run ends."""
+        with self._lock:
+            return self._published
+
+    def close(self) -> None:
+        """Stop the thread (after its current SCAN call) and close its connection."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._client is not None:
+            self._client.connection_pool.disconnect()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                self._run()
+            finally:
+                with self._lock:
+                    self._running = False
+
+    def _run(self) -> None:
+        with self._lock:
+            generation, cursor, counts = self._generation, self._cursor, list(self._partial)
+        started = self._clock()
+        examined = 0
+        try:
+            if self._client is None:
+                self._client = self._client_factory()
+            while True:
+                cursor, keys = self._client.scan(cursor, count=self._batch)
+                self._classifier.count(cast(list[bytes], keys), counts)
+                examined += len(keys)
+                if cursor == 0 or self._stopping:
+                    break
+                if examined >= self._budget or self._clock() - started >= self._time_budget:
+                    break
+        except RedisError as exc:
+            if self._client is not None:
+                self._client.connection_pool.disconnect()
+            error = _describe(exc)
+            if error != self._error:
+                log.warning("key group count failed", extra={"err": error})
+            self._error = error
+            with self._lock:
+                if generation == self._generation:
+                    self._cursor, self._partial = 0, [0] * len(self._labels)
+            return
+        self._error = None
+        duration = self._clock() - started
+        complete = cursor == 0
+        with self._lock:
+            if generation != self._generation:
+                return
+            values = dict(zip(self._labels, map(float, counts), strict=True))
+            if complete:
+                self._published = KeyGroupCounts(values, True, duration)
+                self._cursor, self._partial = 0, [0] * len(self._labels)
+            else:
+                self._cursor, self._partial = cursor, counts
+                previous = self._published
+                if previous is None or not previous.complete:
+                    self._published = KeyGroupCounts(values, False, duration)
+                else:
+                    self._published = KeyGroupCounts(previous.counts, True, duration)
+
+
+# --- the collector ------------------------------------------------------------------------------
+
+
+class RedisCollector:
+    """Reads INFO, SLOWLOG LEN, LATENCY HISTOGRAM, CONFIG GET and the Celery queue lengths in
+    one pipelined round trip on one persistent connection; key groups come from a cache filled
+    by a background SCAN.
+
+    qatoolbox_redis_up 1
+    qatoolbox_redis_version_info{mode="standalone",role="master",version="7.0.15"} 1
+    qatoolbox_redis_keyspace_hits_total 1523
+    qatoolbox_redis_db_keys{db="db0"} 200004
+    qatoolbox_redis_commands_total{cmd="get"} 1002
+    qatoolbox_redis_command_duration_seconds_bucket{cmd="get",le="8.192e-06"} 1001
+    qatoolbox_redis_key_group_keys{group="user"} 28572
+    qatoolbox_redis_key_group_scan_complete 1
+    qatoolbox_celery_queue_length{queue="celery"} 12
+    qatoolbox_celery_unacked_messages 3
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        cfg: RedisConfig,
+        timeout: float | None = None,
+        client_factory: Callable[[], redis.Redis] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cfg = cfg
+        self._where = redact_url(cfg.url)
+        # Leave the runner's budget room for the connect that may precede the round trip.
+        socket_timeout = min(cfg.timeout, 0.8 * timeout) if timeout else cfg.timeout
+        self._factory = client_factory or (lambda: connect(cfg.url, socket_timeout))
+        self._client: redis.Redis | None = None
+        self._scanner = KeyGroupScanner(cfg, self._factory, clock)
+        self._celery = celery_keys(cfg.celery_queues, cfg.celery_key_prefix,
+                                   cfg.celery_priority_steps)
+        self._unacked_key = f"{cfg.celery_key_prefix}{KOMBU_UNACKED}"
+        self._account = LookupAccount()
+        self._labels = CommandLabels(cfg.max_command_labels)
+        self._run_id: str | None = None
+        self._multi_section_info = False
+        # Optional parts, probed on first use: False once the server refused them.
+        self._supported: dict[str, bool] = {}
+
+    # -- I/O
+
+    def _round_trip(self) -> tuple[dict[str, str], dict[str, Any]]:
+        if self._client is None:
+            self._client = self._factory()
+        pipe = self._client.pipeline(transaction=False)
+        # redis-py leaves Pipeline.execute_command unannotated.
+        send: Callable[..., Any] = pipe.execute_command
+        sections = INFO_SECTIONS if self._multi_section_info else ("all",)
+        send("INFO", *sections)
+        # INFO first: the lookups below must not be in the counters it reports.
+        parts: list[tuple[str, int]] = []
+
+        def add(part: str, *commands: tuple[str, ...]) -> None:
+            if self._supported.get(part, True):
+                for command in commands:
+                    send(*command)
+                parts.append((part, len(commands)))
+
+        add("slowlog", ("SLOWLOG", "LEN"))
+        add("latency", ("LATENCY", "HISTOGRAM"))
+        add("config", ("CONFIG", "GET", "maxclients"),
+            ("CONFIG", "GET", "slowlog-log-slower-than"))
+        if self._celery:
+            add("celery", *(("LLEN", key) for _, key in self._celery),
+                ("HLEN", self._unacked_key))
+        replies = pipe.execute(raise_on_error=False)
+        info_reply = replies[0]
+        if isinstance(info_reply, Exception):
+            self._multi_section_info = False  # maybe an older server now: plain INFO next time
+            raise info_reply
+        info = parse_info(_text(info_reply))
+        results: dict[str, Any] = {}
+        position = 1
+        for part, length in parts:
+            chunk = replies[position: position + length]
+            position += length
+            refused = [r for r in chunk if isinstance(r, ResponseError)
+                       and not str(r).startswith("WRONGTYPE")]
+            if part == "celery":
+                # Lookups that ran counted as hits or misses, even when others were refused.
+                results["lookups"] = count_lookups(chunk)[:2]
+            if refused:
+                self._unsupported(part, str(refused[0]))
+                continue
+            self._supported[part] = True
+            results[part] = chunk
+        return info, results
+
+    def _unsupported(self, part: str, error: str) -> None:
+        if self._supported.get(part, True):
+            log.warning("optional Redis command refused; its metrics are left out",
+                        extra={"part": part, "err": error, "redis": self._where})
+        self._supported[part] = False
+
+    def collect(self) -> Iterator[Metric]:
+        """One round trip to Redis; raises RedisUnavailableError when it fails."""
+        try:
+            info, results = self._round_trip()
+        except RedisError as exc:
+            if self._client is not None:
+                self._client.connection_pool.disconnect()
+            raise RedisUnavailableError(f"redis at {self._where}: {_describe(exc)}") from None
+        run_id = info.get("run_id", "")
+        if run_id != self._run_id:
+            if self._run_id is not None:
+                self._labels.reset()
+                self._scanner.forget()
+                self._supported.clear()
+            self._run_id = run_id
+        version = info.get("redis_version", "")
+        self._multi_section_info = _version(version) >= (7, 0)
+        self._scanner.poke()
+        return iter(self._families(info, results))
+
+    # -- families
+
+    def _families(self, info: Mapping[str, str], results: Mapping[str, Any]) -> list[Metric]:
+        families: list[Metric] = [_gauge("qatoolbox_redis_up",
+                                         "Whether Redis answered the last scrape.", 1.0)]
+        version = GaugeMetricFamily("qatoolbox_redis_version_info",
+                                    "Redis version, mode and replication role; always 1.",
+                                    labels=["version", "mode", "role"])
+        role = info.get("role", "")
+        version.add_metric([info.get("redis_version", ""), info.get("redis_mode", ""),
+                            "replica" if role == "slave" else role], 1.0)
+        families.append(version)
+        for name, key, help_text in INFO_GAUGES:
+            value = number(info, key)
+            if value is not None:
+                families.append(_gauge(name, help_text, value))
+        for name, key, help_text in INFO_COUNTERS:
+            value = number(info, key)
+            if value is not None:
+                families.append(_counter(name, help_text, value))
+        families.extend(self._clients(info, results))
+        if role == "slave":
+            families.append(_gauge("qatoolbox_redis_master_link_up",
+                                   "Whether this replica's link to its master is up.",
+                                   1.0 if info.get("master_link_status") == "up" else 0.0))
+        families.extend(self._keyspace(info, results))
+        families.extend(self._commands(info, results))
+        families.extend(self._key_groups())
+        families.extend(self._celery_families(results))
+        return families
+
+    def _clients(self, info: Mapping[str, str], results: Mapping[str, Any]) -> list[Metric]:
+        config = {}
+        for reply in results.get("config", []):
+            config.update({_text(k): _text(v) for k, v in _pairs(reply).items()})
+        families: list[Metric] = []
+        max_clients = number(info, "maxclients")
+        if max_clients is None:
+            max_clients = number(config, "maxclients")
+        if max_clients is not None:
+            families.append(_gauge("qatoolbox_redis_max_clients",
+                                   "Most client connections the server accepts.", max_clients))
+        threshold = number(config, "slowlog-log-slower-than")
+        if threshold is not None:
+            families.append(_gauge(
+                "qatoolbox_redis_slowlog_threshold_seconds",
+                "Commands slower than this enter the slow log; negative when it is off.",
+                threshold / 1e6))
+        if "slowlog" in results:
+            families.append(_gauge("qatoolbox_redis_slowlog_length",
+                                   "Entries in the slow log.", float(results["slowlog"][0])))
+        return families
+
+    def _keyspace(self, info: Mapping[str, str], results: Mapping[str, Any]) -> list[Metric]:
+        families: list[Metric] = []
+        hits, misses = number(info, "keyspace_hits"), number(info, "keyspace_misses")
+        if hits is not None and misses is not None:
+            stats = command_stats(info)
+            calls = (stats["llen"][0] if "llen" in stats else 0.0) + (
+                stats["hlen"][0] if "hlen" in stats else 0.0)
+            hits, misses = self._account.adjust(
+                info.get("run_id", ""), hits, misses,
+                number(info, "total_commands_processed") or 0.0, calls if stats else None)
+            families.append(_counter(
+                "qatoolbox_redis_keyspace_hits_total",
+                "Key lookups that found the key, the exporter's own excluded.", max(hits, 0.0)))
+            families.append(_counter(
+                "qatoolbox_redis_keyspace_misses_total",
+                "Key lookups that found no key, the exporter's own excluded.", max(misses, 0.0)))
+        if "lookups" in results:
+            self._account.record(*results["lookups"])
+        keys = GaugeMetricFamily("qatoolbox_redis_db_keys", "Keys in the database.",
+                                 labels=["db"])
+        expiring = GaugeMetricFamily("qatoolbox_redis_db_keys_expiring",
+                                     "Keys with a TTL in the database.", labels=["db"])
+        for db, (count, expires) in sorted(keyspace(info).items()):
+            keys.add_metric([db], count)
+            expiring.add_metric([db], expires)
+        families.extend((keys, expiring))
+        return families
+
+    def _commands(self, info: Mapping[str, str], results: Mapping[str, Any]) -> list[Metric]:
+        stats = command_stats(info)
+        histograms = (parse_latency_histogram(results["latency"][0])
+                      if "latency" in results else {})
+        calls = {cmd: c for cmd, (c, _) in stats.items()}
+        for cmd, (histogram_calls, _) in histograms.items():
+            calls.setdefault(cmd, float(histogram_calls))
+        labels = self._labels.labels(calls)
+        totals: dict[str, list[float]] = {}
+        for cmd, (cmd_calls, seconds) in stats.items():
+            total = totals.setdefault(labels[cmd], [0.0, 0.0])
+            total[0] += cmd_calls
+            total[1] += seconds
+        calls_family = CounterMetricFamily("qatoolbox_redis_commands_total",
+                                           "Calls of each command.", labels=["cmd"])
+        time_family = CounterMetricFamily(
+            "qatoolbox_redis_commands_duration_seconds_total",
+            "Time the server spent running each command.", labels=["cmd"])
+        for label, (label_calls, seconds) in sorted(totals.items()):
+            calls_family.add_metric([label], label_calls)
+            time_family.add_metric([label], seconds)
+        families: list[Metric] = [calls_family, time_family]
+        if "latency" in results:
+            merged: dict[str, list[int]] = {}
+            for cmd, (count, points) in histograms.items():
+                counts = [*histogram_counts(points), count]
+                previous = merged.get(labels[cmd])
+                merged[labels[cmd]] = ([a + b for a, b in zip(previous, counts, strict=True)]
+                                       if previous else counts)
+            histogram = HistogramMetricFamily(
+                "qatoolbox_redis_command_duration_seconds",
+                "Time the server spent running each call of a command (LATENCY HISTOGRAM).",
+                labels=["cmd"])
+            bounds = [*map(floatToGoString, HISTOGRAM_BOUNDS), "+Inf"]
+            for label, counts in sorted(merged.items()):
+                histogram.add_metric([label], list(zip(bounds, map(float, counts), strict=True)),
+                                     totals.get(label, [0.0, 0.0])[1])
+            families.append(histogram)
+        return families
+
+    def _key_groups(self) -> list[Metric]:
+        result = self._scanner.result()
+        complete = _gauge("qatoolbox_redis_key_group_scan_complete",
+                          "Whether the key group counts cover the whole keyspace (1) or only "
+                          "the part scanned within the budget (0).",
+                          1.0 if result and result.complete else 0.0)
+        if result is None:
+            return [complete]
+        keys = GaugeMetricFamily("qatoolbox_redis_key_group_keys",
+                                 "Keys in the database by configured key group.",
+                                 labels=["group"])
+        for group, count in result.counts.items():
+            keys.add_metric([group], count)
+        duration = _gauge("qatoolbox_redis_key_group_scan_duration_seconds",
+                          "Time the last key group count took.", result.duration)
+        return [keys, complete, duration]
+
+    def _celery_families(self, results: Mapping[str, Any]) -> list[Metric]:
+        if "celery" not in results:
+            return []
+        _, _, lengths = count_lookups(results["celery"])
+        queues: dict[str, float] = {}
+        for (queue, _), length in zip(self._celery, lengths, strict=False):
+            queues[queue] = queues.get(queue, 0.0) + length
+        family = GaugeMetricFamily(
+            "qatoolbox_celery_queue_length",
+            "Messages waiting in the Celery queue, all priorities together.", labels=["queue"])
+        for queue, total in queues.items():
+            family.add_metric([queue], total)
+        unacked = _gauge("qatoolbox_celery_unacked_messages",
+                         "Messages delivered to Celery workers and not yet acknowledged.",
+                         float(lengths[-1]))
+        return [family, unacked]
+
+    # -- runner hooks
+
+    def failure_metrics(self) -> Iterable[Metric]:
+        """`qatoolbox_redis_up 0` when Redis could not be read."""
+        return [_gauge("qatoolbox_redis_up", "Whether Redis answered the last scrape.", 0.0)]
+
+    def close(self) -> None:
+        """Stop the key group thread and close both connections."""
+        self._scanner.close()
+        if self._client is not None:
+            self._client.connection_pool.disconnect()
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        if not piece.isdigit():
+            break
+        parts.append(int(piece))
+    return tuple(parts)
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_text, value=value)
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help_text, value=value)

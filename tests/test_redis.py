@@ -1,0 +1,259 @@
+"""Unit tests of the Redis collector's parsing, key classification and bookkeeping."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from redis.exceptions import ResponseError
+
+from exporter.collectors import redis as rc
+from exporter.config import DEFAULT_KEY_GROUPS, ConfigError, KeyGroup, load_config
+
+INFO_TEXT = """# Server\r
+redis_version:7.0.15\r
+redis_mode:standalone\r
+run_id:95e0572945f25eac0cab64805729b64e6a1be28b\r
+uptime_in_seconds:305\r
+\r
+# Clients\r
+connected_clients:3\r
+maxclients:10000\r
+\r
+# Memory\r
+used_memory:1325416\r
+mem_fragmentation_ratio:5.54\r
+maxmemory_policy:noeviction\r
+\r
+# Stats\r
+keyspace_hits:1001\r
+keyspace_misses:3\r
+\r
+# Replication\r
+role:master\r
+\r
+# Commandstats\r
+cmdstat_get:calls=1002,usec=123,usec_per_call=0.12,rejected_calls=0,failed_calls=0\r
+cmdstat_client|setname:calls=1,usec=2,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r
+cmdstat_broken:calls=x\r
+\r
+# Keyspace\r
+db0:keys=104,expires=2,avg_ttl=0\r
+db12:keys=5,expires=0,avg_ttl=0\r
+"""
+
+
+def test_parse_info_fields_and_sections() -> None:
+    info = rc.parse_info(INFO_TEXT)
+    assert info["redis_version"] == "7.0.15"
+    assert info["role"] == "master"
+    assert rc.number(info, "mem_fragmentation_ratio") == 5.54
+    assert rc.number(info, "maxmemory_policy") is None
+    assert rc.number(info, "absent") is None
+    assert not any(k.startswith("#") for k in info)
+
+
+def test_command_stats_and_keyspace() -> None:
+    info = rc.parse_info(INFO_TEXT)
+    assert rc.command_stats(info) == {"get": (1002.0, 123e-6), "client|setname": (1.0, 2e-6)}
+    assert rc.keyspace(info) == {"db0": (104.0, 2.0), "db12": (5.0, 0.0)}
+    assert rc.parse_fields("keys=1,expires=0") == {"keys": "1", "expires": "0"}
+
+
+def test_latency_histogram_resp2_and_resp3_shapes() -> None:
+    resp2 = [b"get", [b"calls", 1002, b"histogram_usec", [1, 999, 4, 1001, 8, 1002]],
+             b"info", [b"calls", 1, b"histogram_usec", [264, 1]]]
+    resp3 = {b"get": {b"calls": 1002, b"histogram_usec": {1: 999, 4: 1001, 8: 1002}},
+             b"info": {b"calls": 1, b"histogram_usec": {264: 1}}}
+    expected = {"get": (1002, {1.0: 999, 4.0: 1001, 8.0: 1002}), "info": (1, {264.0: 1})}
+    assert rc.parse_latency_histogram(resp2) == expected
+    assert rc.parse_latency_histogram(resp3) == expected
+    assert rc.parse_latency_histogram([]) == {}
+
+
+def test_histogram_counts_on_fixed_bounds() -> None:
+    # Bounds are 1.024us * 2**k for k = 3, 5, ..., 19: 8.192us, 32.8us, 131us, 524us, ...
+    assert rc.HISTOGRAM_BOUNDS[0] == pytest.approx(8.192e-6)
+    assert rc.HISTOGRAM_BOUNDS[-1] == pytest.approx(0.536870912)
+    # 1 and 4 us fall under 8.192, 8 us is exactly the 8.192 bucket (Redis rounds it down).
+    assert rc.histogram_counts({1: 999, 4: 1001, 8: 1002}) == [1002] * 9
+    # Redis labels 2**16 * 1.024us as 65 us and 2**18 as 262 us: buckets 6 and 8.
+    assert rc.histogram_counts({16: 2, 65: 5, 262: 7}) == [0, 2, 5, 7, 7, 7, 7, 7, 7]
+    assert rc.histogram_counts({}) == [0] * 9
+    counts = rc.histogram_counts({2: 1, 32: 3, 1048: 10, 1048576: 11})
+    assert counts == sorted(counts)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matches", "misses"),
+    [
+        ("qatoolbox:1:user:*", ["qatoolbox:1:user:1", "qatoolbox:1:user:"],
+         ["qatoolbox:1:users:1", "xqatoolbox:1:user:1"]),
+        ("h?llo", ["hello", "hallo"], ["hllo", "heello"]),
+        ("h[ae]llo", ["hello", "hallo"], ["hillo"]),
+        ("h[^e]llo", ["hallo", "hbllo"], ["hello"]),
+        ("h[a-b]llo", ["hallo", "hbllo"], ["hcllo"]),
+        ("a\\*b", ["a*b"], ["axb"]),
+        ("a.b+c", ["a.b+c"], ["axbbc"]),
+        ("line*", ["line\nbreak"], []),
+    ],
+)
+def test_glob_to_regex_follows_redis_glob(pattern: str, matches: list[str],
+                                          misses: list[str]) -> None:
+    regex = re.compile(rc.glob_to_regex(pattern), re.DOTALL)
+    for key in matches:
+        assert regex.fullmatch(key), (pattern, key)
+    for key in misses:
+        assert not regex.fullmatch(key), (pattern, key)
+
+
+def test_classifier_first_group_wins_and_other() -> None:
+    classifier = rc.KeyClassifier([KeyGroup("a", ("x:*",)), KeyGroup("b", ("x:1*", "y:*"))])
+    counts = [0, 0, 0]
+    classifier.count([b"x:1", b"x:2", b"y:9", b"z", b"\xff\xfe"], counts)
+    assert counts == [2, 1, 2]
+    empty = rc.KeyClassifier([])
+    counts = [0]
+    empty.count([b"a", b"b"], counts)
+    assert counts == [2]
+
+
+@given(st.lists(st.sampled_from(["user", "chat_room", "stats", "api", "nope"]), max_size=50),
+       st.lists(st.text(alphabet="ab:1", max_size=6), max_size=20))
+def test_default_groups_count_every_key_once(groups: list[str], noise: list[str]) -> None:
+    keys = [f"qatoolbox:1:{g}:{i}".encode() for i, g in enumerate(groups)]
+    keys += [n.encode() for n in noise]
+    classifier = rc.KeyClassifier(DEFAULT_KEY_GROUPS)
+    counts = [0] * (len(DEFAULT_KEY_GROUPS) + 1)
+    classifier.count(keys, counts)
+    assert sum(counts) == len(keys)
+    for i, group in enumerate(classifier.names):
+        assert counts[i] == groups.count(group)
+
+
+def test_celery_keys_follow_kombu_naming() -> None:
+    assert rc.celery_keys(["celery"], "", (0, 3, 6, 9)) == [
+        ("celery", "celery"), ("celery", "celery\x06\x163"), ("celery", "celery\x06\x166"),
+        ("celery", "celery\x06\x169")]
+    assert rc.celery_keys(["a", "b"], "qa:", (0, 5)) == [
+        ("a", "qa:a"), ("a", "qa:a\x06\x165"), ("b", "qa:b"), ("b", "qa:b\x06\x165")]
+
+
+def test_count_lookups_hits_misses_and_wrong_type() -> None:
+    replies = [3, 0, ResponseError("WRONGTYPE Operation against a key"),
+               ResponseError("NOPERM no permissions"), 1]
+    hits, misses, lengths = rc.count_lookups(replies)
+    assert (hits, misses) == (3, 1)
+    assert lengths == [3, 0, 0, 0, 1]
+
+
+def test_lookup_account_subtracts_own_and_follows_resets() -> None:
+    account = rc.LookupAccount()
+    assert account.adjust("a", 100, 50, 1000, 0) == (100, 50)
+    account.record(2, 3)
+    assert account.adjust("a", 110, 53, 1010, 5) == (108, 50)
+    account.record(2, 3)
+    # Restarted server: new run_id, counters from zero.
+    assert account.adjust("b", 7, 1, 20, 0) == (7, 1)
+    account.record(4, 4)
+    # CONFIG RESETSTAT: the command count went back.
+    assert account.adjust("b", 9, 9, 5, 8) == (9, 9)
+    account.record(1, 1)
+    # RESETSTAT again, seen through LLEN/HLEN calls fewer than our own lookups.
+    assert account.adjust("b", 30, 30, 5000, 1) == (30, 30)
+
+
+def test_command_labels_bounded_and_stable() -> None:
+    labels = rc.CommandLabels(2)
+    assert labels.labels({"get": 10, "set": 5, "del": 1}) == {
+        "get": "get", "set": "set", "del": "other"}
+    # del becomes the busiest: get and set keep their labels, no churn.
+    assert labels.labels({"get": 11, "set": 5, "del": 100, "hget": 1000}) == {
+        "get": "get", "set": "set", "del": "other", "hget": "other"}
+    labels.reset()
+    assert labels.labels({"hget": 1000, "get": 1, "del": 100})["get"] == "other"
+    assert rc.CommandLabels(0).labels({"get": 1}) == {"get": "other"}
+
+
+def test_version_parsing() -> None:
+    assert rc._version("7.0.15") == (7, 0, 15)
+    assert rc._version("6.2.14") < (7, 0)
+    assert rc._version("") == ()
+    assert rc._version("7.2.rc1") == (7, 2)
+
+
+def test_collector_module_uses_redis_py() -> None:
+    # exporter/collectors/redis.py must not shadow the redis package it imports.
+    assert Path(rc.redis.__file__).parent.name == "redis"
+    assert hasattr(rc.redis, "ConnectionPool")
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None):
+    path = tmp_path / "c.yml"
+    path.write_text(text)
+    return load_config(str(path), env or {}, {"redis": True})
+
+
+def test_config_defaults_and_yaml(tmp_path: Path) -> None:
+    config = load_config(None, {"REDIS_URL": "redis://u:p@h:7/2"}, {"redis": True})
+    assert config.redis.url == "redis://u:p@h:7/2"
+    assert [g.name for g in config.redis.key_groups] == [
+        "user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api",
+        "session"]
+    assert config.redis.key_scan_budget == 1_000_000
+    assert config.redis.key_scan_time_budget == 1.0
+    assert config.redis.key_scan_interval == 60.0
+    assert config.redis.celery_queues == ("celery",)
+    config = _load(tmp_path, """
+redis:
+  key_groups:
+    - {name: carts, patterns: ["shop:cart:*", "cart:*"]}
+  key_scan_budget: 5000
+  key_scan_time_budget: 250ms
+  celery_queues: [celery, mail]
+  celery_key_prefix: "qa:"
+""")
+    assert config.redis.key_groups == (KeyGroup("carts", ("shop:cart:*", "cart:*")),)
+    assert config.redis.key_scan_time_budget == 0.25
+    assert config.redis.celery_queues == ("celery", "mail")
+
+
+def test_config_password_file_keeps_user(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cr:t@\n")
+    config = load_config(None, {"REDIS_URL": "redis://exporter@127.0.0.1:7/0",
+                                "REDIS_PASSWORD_FILE": str(secret)}, {"redis": True})
+    assert config.redis.url == "redis://exporter:s3cr%3At%40@127.0.0.1:7/0"
+    assert "s3cr" not in repr(config)
+
+
+def test_config_errors_name_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, """
+redis:
+  url: http://x
+  timeout: 0s
+  key_groups:
+    - {name: other, patterns: ["a*"]}
+    - {name: "bad name", patterns: []}
+  key_scan_budget: 0
+  key_scan_batch: 1000000
+  key_scan_interval: 0s
+  celery_queues: ["", x]
+  celery_priority_steps: [0, 0, 300]
+  max_command_labels: -1
+""")
+    text = str(caught.value)
+    for key in ("redis.url", "redis.timeout", "redis.key_groups[0].name",
+                "redis.key_groups[1].name", "redis.key_groups[1].patterns",
+                "redis.key_scan_budget", "redis.key_scan_batch", "redis.key_scan_interval",
+                "redis.celery_queues", "redis.celery_priority_steps",
+                "redis.max_command_labels"):
+        assert key in text, key
+    assert len(caught.value.problems) == 11
