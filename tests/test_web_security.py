@@ -1,0 +1,547 @@
+"""Web security: the web config file (TLS, client certificates, basic auth, headers) and reloads."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import http.client
+import os
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+
+from exporter.collectors import COLLECTORS
+from exporter.config import ConfigError
+from exporter.webconfig import (
+    AUTH_CACHE_SIZE,
+    Authenticator,
+    WebConfigFile,
+    load_web_config,
+    parse_web_config,
+)
+from tests.harness import ExporterProcess, run_exporter, wait_for
+
+# Cost 4 keeps the unit tests fast; the end-to-end tests use 10 like `htpasswd -nBC 10`.
+FAST = 4
+
+
+def bcrypt_hash(password: str, cost: int = FAST, prefix: str = "$2y$") -> str:
+    """A hash as htpasswd writes it ($2y$), unless another prefix is asked for."""
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode()
+    return prefix + hashed[4:]
+
+
+def only_collectors(*names: str) -> list[str]:
+    """Flags that enable exactly the named collectors."""
+    return [f"--collector.{n}" if n in names else f"--no-collector.{n}" for n in COLLECTORS]
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def problems(raw: Any, base: Path | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_web_config(raw, str(base or "."))
+    return info.value.problems
+
+
+# --- certificates made with the openssl command line ------------------------------------------
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA: (certificate, key)."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+             "-subj", f"/CN={name}")
+    return cert, key
+
+
+def make_cert(directory: Path, name: str, ca: tuple[Path, Path],
+              san: str = "IP:127.0.0.1") -> tuple[Path, Path]:
+    """A certificate for name signed by ca: (certificate, key)."""
+    cert, key, csr = (directory / f"{name}.pem", directory / f"{name}.key",
+                      directory / f"{name}.csr")
+    ext = directory / f"{name}.ext"
+    ext.write_text(f"subjectAltName={san}\n")
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+             "-set_serial", str(int(time.time() * 1000)), "-out", str(cert), "-days", "2",
+             "-extfile", str(ext))
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """A CA with a server and a client certificate, and a second CA nobody trusts."""
+    directory = tmp_path_factory.mktemp("pki")
+    ca = make_ca(directory, "ca")
+    other = make_ca(directory, "other-ca")
+    return {
+        "ca": ca,
+        "server": make_cert(directory, "server-a", ca),
+        "server-b": make_cert(directory, "server-b", ca),
+        "client": make_cert(directory, "client", ca, san="DNS:prometheus"),
+        "stranger": make_cert(directory, "stranger", other, san="DNS:prometheus"),
+    }
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ({"tls_config": {}}, "tls_config: unknown key"),
+    ({"tls_server_config": {"cert_file": "a", "key_file": "b", "certfile": "c"}},
+     "tls_server_config.certfile: unknown key"),
+    ({"http_server_config": {"header": {}}}, "http_server_config.header: unknown key"),
+    ({"http_server_config": {"headers": {"X-Powered-By": "me"}}},
+     "http_server_config.headers.X-Powered-By: unknown header"),
+    ({"rate_limit": {"interval": "1s", "burst": 2}},
+     "rate_limit: not supported by qatoolbox-exporter"),
+    ({"tls_server_config": {"cert": "PEM", "key_file": "b"}},
+     "tls_server_config.cert: not supported by qatoolbox-exporter"),
+])
+def test_unknown_and_unsupported_keys_are_named(raw: Any, expected: str) -> None:
+    assert any(p.startswith(expected) for p in problems(raw)), problems(raw)
+
+
+@pytest.mark.parametrize(("tls", "expected"), [
+    ({"cert_file": "c"}, "tls_server_config.key_file: required"),
+    ({"cert_file": "c", "key_file": "k", "client_auth_type": "Sometimes"},
+     "tls_server_config.client_auth_type: expected one of NoClientCert, "),
+    ({"cert_file": "c", "key_file": "k", "client_auth_type": "RequireAnyClientCert",
+      "client_ca_file": "ca"},
+     "tls_server_config.client_auth_type: RequireAnyClientCert accepts unverified"),
+    ({"cert_file": "c", "key_file": "k", "client_auth_type": "RequireAndVerifyClientCert"},
+     "tls_server_config.client_ca_file: required with client_auth_type"),
+    ({"cert_file": "c", "key_file": "k", "client_auth_type": "NoClientCert",
+      "client_ca_file": "ca"}, "tls_server_config.client_ca_file: set, but client_auth_type"),
+    ({"cert_file": "c", "key_file": "k", "min_version": "TLS14"},
+     "tls_server_config.min_version: expected one of TLS10, TLS11, TLS12, TLS13"),
+    ({"cert_file": "c", "key_file": "k", "min_version": "TLS13", "max_version": "TLS12"},
+     "tls_server_config.min_version: TLS13 is above max_version TLS12"),
+    ({"cert_file": ["c"], "key_file": "k"}, "tls_server_config.cert_file: expected a string"),
+])
+def test_tls_section_errors(tls: dict[str, Any], expected: str) -> None:
+    found = problems({"tls_server_config": tls})
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_user_and_header_errors_name_the_key() -> None:
+    raw = {
+        "basic_auth_users": {"alice": "plaintext-password", "a:b": bcrypt_hash("x"),
+                             "carol": 12},
+        "http_server_config": {"headers": {"X-Frame-Options": "allow-from-everywhere",
+                                           "Content-Security-Policy": "a\r\nSet-Cookie: x"},
+                               "http2": "yes"},
+    }
+    found = problems(raw)
+    assert "basic_auth_users.alice: expected a bcrypt hash as made by `htpasswd -nBC 10`" in found
+    assert any(p.startswith("basic_auth_users.a:b:") for p in found)
+    assert any(p.startswith("basic_auth_users.carol: expected a bcrypt hash") for p in found)
+    assert any(p.startswith("http_server_config.headers.X-Frame-Options: expected one of deny")
+               for p in found)
+    assert "http_server_config.headers.Content-Security-Policy: must be a single line" in found
+    assert any(p.startswith("http_server_config.http2: expected true or false") for p in found)
+    # The rejected plaintext "hash" is not echoed back.
+    assert not any("plaintext-password" in p for p in found)
+
+
+def test_valid_file_loads(tmp_path: Path, pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    (tmp_path / "web.yml").write_text(
+        f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+        f"  client_ca_file: {pki['ca'][0]}\n  min_version: TLS13\n"
+        f"basic_auth_users:\n  alice: '{bcrypt_hash('pw')}'\n"
+        "http_server_config:\n  http2: false\n  headers:\n    X-Content-Type-Options: nosniff\n"
+        "    X-XSS-Protection: ''\n"
+    )
+    security = load_web_config(str(tmp_path / "web.yml"))
+    assert security.tls is not None
+    # A client CA without a policy means verified client certificates, as in the toolkit.
+    assert security.tls.client_auth_type == "RequireAndVerifyClientCert"
+    assert security.ssl_context is not None
+    assert security.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    assert security.ssl_context.minimum_version == ssl.TLSVersion.TLSv1_3
+    assert security.headers == (("X-Content-Type-Options", "nosniff"),)
+    assert set(security.users) == {"alice"}
+
+
+def test_relative_certificate_paths_are_relative_to_the_file(
+        tmp_path: Path, pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    (tmp_path / "tls").mkdir()
+    (tmp_path / "tls" / "c.pem").write_bytes(cert.read_bytes())
+    (tmp_path / "tls" / "k.pem").write_bytes(key.read_bytes())
+    (tmp_path / "web.yml").write_text(
+        "tls_server_config:\n  cert_file: tls/c.pem\n  key_file: tls/k.pem\n")
+    security = load_web_config(str(tmp_path / "web.yml"))
+    assert security.tls is not None
+    assert security.tls.cert_file == str(tmp_path / "tls" / "c.pem")
+
+
+def test_bad_certificate_files_name_the_key(tmp_path: Path,
+                                            pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, _ = pki["server"]
+    _, other_key = pki["server-b"]
+    with pytest.raises(ConfigError) as info:
+        parse_web_config({"tls_server_config": {"cert_file": str(tmp_path / "missing.pem"),
+                                                "key_file": str(other_key)}})
+    assert info.value.problems == [f"tls_server_config.cert_file: cannot read "
+                                   f"{tmp_path / 'missing.pem'}"]
+    with pytest.raises(ConfigError) as info:
+        parse_web_config({"tls_server_config": {"cert_file": str(cert),
+                                                "key_file": str(other_key)}})
+    (problem,) = info.value.problems
+    assert problem.startswith("tls_server_config.cert_file: cannot load")
+    # The key's bytes never end up in the message.
+    assert "PRIVATE" not in problem
+
+
+def test_file_errors_carry_the_file_name(tmp_path: Path) -> None:
+    path = tmp_path / "web.yml"
+    path.write_text("basic_auth_users: [alice]\n")
+    with pytest.raises(ConfigError) as info:
+        load_web_config(str(path))
+    assert info.value.problems == [
+        f"web config file {path}: basic_auth_users: expected a mapping, got a list"]
+    path.write_text("tls_server_config: {cert_file: [\n")
+    with pytest.raises(ConfigError) as info:
+        load_web_config(str(path))
+    assert info.value.problems[0].startswith(f"web config file {path}: invalid YAML (line ")
+
+
+def test_cli_rejects_a_bad_web_config_and_checks_a_good_one(
+        tmp_path: Path, pki: dict[str, tuple[Path, Path]]) -> None:
+    bad = tmp_path / "bad.yml"
+    bad.write_text("basic_auth_users:\n  alice: hunter2\nunknown_section: {}\n")
+    result = run_exporter(["--web.config.file", str(bad), *only_collectors("host")])
+    assert result.returncode == 2
+    assert f"web config file {bad}: basic_auth_users.alice: expected a bcrypt hash" in result.stderr
+    assert f"web config file {bad}: unknown_section: unknown key" in result.stderr
+    assert "hunter2" not in result.stderr + result.stdout
+    good = tmp_path / "good.yml"
+    cert, key = pki["server"]
+    good.write_text(f"tls_server_config: {{cert_file: {cert}, key_file: {key}}}\n"
+                    f"basic_auth_users: {{alice: '{bcrypt_hash('pw')}'}}\n")
+    result = run_exporter(["--web.config.file", str(good), "--config.check",
+                           *only_collectors("host")])
+    assert result.returncode == 0, result.stderr
+    assert "TLS on (TLS12-TLS13, client certificates: NoClientCert)" in result.stdout
+    assert "basic auth on (1 users)" in result.stdout
+
+
+# --- the authenticator ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def checkpw_calls(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """Every hash bcrypt.checkpw is called with."""
+    calls: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def spy(password: bytes, hashed: bytes) -> bool:
+        calls.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", spy)
+    return calls
+
+
+def test_credentials_are_checked() -> None:
+    auth = Authenticator({"alice": bcrypt_hash("s3cret"), "bob": bcrypt_hash("pw", prefix="$2b$")})
+    assert auth.check_header(basic("alice", "s3cret")["Authorization"])
+    assert auth.check_header(basic("bob", "pw")["Authorization"])
+    assert auth.check(b"alice:s3cret")
+    for header in (None, "", "Basic", "Basic !!!notbase64", "Bearer abc",
+                   basic("alice", "wrong")["Authorization"], basic("alice", "")["Authorization"],
+                   basic("mallory", "s3cret")["Authorization"],
+                   "Basic " + base64.b64encode(b"alice").decode(),
+                   "Basic " + base64.b64encode(b"\xff\xfe:\x00").decode(),
+                   basic("alice", "s3cret" + "x" * 100)["Authorization"]):
+        assert not auth.check_header(header), header
+    # A password is case-sensitive and user names are exact.
+    assert not auth.check(b"Alice:s3cret")
+    assert not auth.check(b"alice:S3cret")
+
+
+def test_unknown_user_costs_the_same_bcrypt_work(checkpw_calls: list[bytes]) -> None:
+    auth = Authenticator({"alice": bcrypt_hash("s3cret", cost=6)})
+    assert not auth.check(b"alice:wrong")
+    assert not auth.check(b"mallory:wrong")
+    assert not auth.check(b"no-colon-at-all")
+    assert not auth.check(b"alice:" + b"y" * 100)
+    # One bcrypt check each, all at the configured cost: timing does not tell users apart.
+    assert len(checkpw_calls) == 4
+    assert {hashed[4:6] for hashed in checkpw_calls} == {b"06"}
+
+
+def test_successful_checks_are_cached(checkpw_calls: list[bytes]) -> None:
+    auth = Authenticator({"alice": bcrypt_hash("s3cret")})
+    for _ in range(5):
+        assert auth.check(b"alice:s3cret")
+    assert len(checkpw_calls) == 1
+    # Failures are never cached: each costs a check.
+    for _ in range(3):
+        assert not auth.check(b"alice:wrong")
+    assert len(checkpw_calls) == 4
+    assert auth.cached() == 1
+
+
+def test_cache_is_bounded() -> None:
+    users = {f"user{i}": bcrypt_hash(f"pw{i}") for i in range(AUTH_CACHE_SIZE + 10)}
+    auth = Authenticator(users)
+    for i in range(AUTH_CACHE_SIZE + 10):
+        assert auth.check(f"user{i}:pw{i}".encode())
+    assert auth.cached() == AUTH_CACHE_SIZE
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _write(path: Path, text: str) -> None:
+    # Atomic replace, as a config manager does; the mtime moves on even within one tick.
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+
+
+def test_reload_at_most_once_a_second_and_drops_the_cache(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "web.yml"
+    _write(path, f"basic_auth_users: {{alice: '{bcrypt_hash('old')}'}}\n")
+    clock = FakeClock()
+    web = WebConfigFile(str(path), clock=clock)
+    first = web.current().authenticator
+    assert first is not None and first.check(b"alice:old")
+
+    _write(path, f"basic_auth_users: {{alice: '{bcrypt_hash('new')}'}}\n")
+    clock.now += 0.5
+    assert web.current().authenticator is first  # not looked at yet
+    clock.now += 0.6
+    second = web.current().authenticator
+    assert second is not None and second is not first
+    # The cached success of the old password is gone with the old file.
+    assert not second.check(b"alice:old")
+    assert second.check(b"alice:new")
+
+    # A broken file keeps the last valid settings, and says so once.
+    _write(path, "basic_auth_users: {alice: nothash}\n")
+    clock.now += 1.1
+    with caplog.at_level("ERROR", logger="exporter.webconfig"):
+        assert web.current().authenticator is second
+        clock.now += 1.1
+        assert web.current().authenticator is second
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1
+    assert "basic_auth_users.alice: expected a bcrypt hash" in errors[0].__dict__["err"]
+
+    _write(path, "{}\n")
+    clock.now += 1.1
+    assert web.current().authenticator is None
+
+
+# --- end to end --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def exporter(workdir: Path, web_yaml: str, *args: str) -> Iterator[ExporterProcess]:
+    """A real exporter with a web config file; waits for /healthz over TLS or plain HTTP."""
+    (workdir / "web.yml").write_text(web_yaml)
+    process = ExporterProcess(workdir, args=["--web.config.file", str(workdir / "web.yml"),
+                                             *only_collectors("host"), *args])
+    process.start(wait=False)
+    tls = "tls_server_config" in web_yaml
+
+    def healthy() -> bool:
+        assert process.proc is not None and process.proc.poll() is None, process.logs()
+        context = ssl._create_unverified_context() if tls else None
+        return request(process.port, "/healthz", context=context)[0] == 200
+
+    try:
+        wait_for(healthy, 20, "exporter with a web config")
+        yield process
+    finally:
+        process.stop()
+
+
+def request(port: int, path: str, headers: dict[str, str] | None = None,
+            context: ssl.SSLContext | None = None,
+            method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One request over a fresh connection (TLS when a context is given)."""
+    conn: http.client.HTTPConnection
+    if context is not None:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=20, context=context)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def client_context(ca: Path, cert: tuple[Path, Path] | None = None,
+                   maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if cert is not None:
+        context.load_cert_chain(str(cert[0]), str(cert[1]))
+    if maximum is not None:
+        context.maximum_version = maximum
+    return context
+
+
+def peer_name(port: int, ca: Path) -> str:
+    """The CN of the certificate the server presents on a new connection."""
+    context = client_context(ca)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        cert = tls.getpeercert()
+    assert cert is not None
+    subject = dict(item for rdn in cert["subject"] for item in rdn)
+    return str(subject["commonName"])
+
+
+@pytest.mark.integration
+def test_basic_auth_end_to_end(workdir: Path) -> None:
+    hashed = bcrypt_hash("correct horse", cost=10)
+    web = (f"basic_auth_users:\n  prometheus: '{hashed}'\n"
+           "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+           "    X-Content-Type-Options: nosniff\n")
+    with exporter(workdir, web) as process:
+        good = basic("prometheus", "correct horse")
+        for path in ("/metrics", "/", "/no-such-page"):
+            status, headers, _ = request(process.port, path)
+            assert status == 401, path
+            assert headers["WWW-Authenticate"].startswith('Basic realm="qatoolbox-exporter"')
+            assert headers["X-Frame-Options"] == "deny"
+            for wrong in (basic("prometheus", "wrong"), basic("nobody", "correct horse"),
+                          {"Authorization": "Bearer token"}):
+                assert request(process.port, path, wrong)[0] == 401
+        status, headers, body = request(process.port, "/metrics", good)
+        assert status == 200
+        assert b"qatoolbox_exporter_collector_success" in body
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert request(process.port, "/", good)[0] == 200
+        assert request(process.port, "/no-such-page", good)[0] == 404
+        assert request(process.port, "/metrics", good, method="HEAD")[0] == 200
+        # Liveness probes carry no credentials.
+        status, headers, _ = request(process.port, "/healthz")
+        assert status == 200 and headers["X-Frame-Options"] == "deny"
+        # Neither the password nor the Authorization header reaches the log.
+        assert "correct horse" not in process.logs()
+        assert good["Authorization"].split()[1] not in process.logs()
+
+
+@pytest.mark.integration
+def test_tls_with_rotation_and_min_version(workdir: Path,
+                                           pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = workdir / "tls.crt", workdir / "tls.key"
+    cert.write_bytes(pki["server"][0].read_bytes())
+    key.write_bytes(pki["server"][1].read_bytes())
+    ca = pki["ca"][0]
+    web = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n  min_version: TLS13\n"
+    with exporter(workdir, web) as process:
+        status, _, body = request(process.port, "/metrics", context=client_context(ca))
+        assert status == 200 and b"qatoolbox_exporter_build_info" in body
+        assert peer_name(process.port, ca) == "server-a"
+        # Below min_version: no handshake.
+        with pytest.raises(ssl.SSLError):
+            request(process.port, "/healthz",
+                    context=client_context(ca, maximum=ssl.TLSVersion.TLSv1_2))
+        # Plain HTTP to the TLS port gets no HTTP answer.
+        with pytest.raises((http.client.HTTPException, OSError)):
+            request(process.port, "/metrics")
+
+        # Rotate: new key first, then the certificate (a half-done rotation must not break).
+        assert process.proc is not None
+        pid = process.proc.pid
+        _write(key, pki["server-b"][1].read_text())
+        time.sleep(1.2)
+        assert request(process.port, "/healthz", context=client_context(ca))[0] == 200
+        _write(cert, pki["server-b"][0].read_text())
+        wait_for(lambda: peer_name(process.port, ca) == "server-b", 10, "rotated certificate")
+        assert request(process.port, "/metrics", context=client_context(ca))[0] == 200
+        assert process.proc is not None and process.proc.pid == pid
+        assert process.proc.poll() is None
+        assert "web config file invalid; keeping the previous settings" in process.logs()
+
+
+@pytest.mark.integration
+def test_client_certificates_required(workdir: Path, pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    web = (f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+           f"  client_ca_file: {ca}\n  client_auth_type: RequireAndVerifyClientCert\n")
+    (workdir / "web.yml").write_text(web)
+    process = ExporterProcess(workdir, args=["--web.config.file", str(workdir / "web.yml"),
+                                             *only_collectors("host")])
+    process.start(wait=False)
+    try:
+        good = client_context(ca, pki["client"])
+        wait_for(lambda: request(process.port, "/healthz", context=good)[0] == 200, 20,
+                 "exporter with client certificates")
+        assert request(process.port, "/metrics", context=good)[0] == 200
+        for context in (client_context(ca), client_context(ca, pki["stranger"])):
+            # TLS 1.3 reports a refused client certificate on the first read, not the handshake.
+            with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+                request(process.port, "/metrics", context=context)
+        assert process.proc is not None and process.proc.poll() is None
+    finally:
+        process.stop()
+
+
+@pytest.mark.integration
+def test_slow_tls_handshake_blocks_nobody(workdir: Path,
+                                          pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    web = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+    with exporter(workdir, web, "--log.level", "debug") as process:
+        # Connections that never start (or never finish) the handshake.
+        silent = [socket.create_connection(("127.0.0.1", process.port)) for _ in range(3)]
+        half = socket.create_connection(("127.0.0.1", process.port))
+        half.sendall(b"\x16\x03\x01\x00\xff\x01")  # the start of a ClientHello, then nothing
+        try:
+            for _ in range(3):
+                assert request(process.port, "/metrics", context=client_context(ca))[0] == 200
+        finally:
+            for sock in [*silent, half]:
+                sock.close()
+
+
+@pytest.mark.integration
+def test_users_added_without_restart(workdir: Path) -> None:
+    web_file = workdir / "web.yml"
+    with exporter(workdir, f"basic_auth_users: {{alice: '{bcrypt_hash('a-pw')}'}}\n") as process:
+        assert request(process.port, "/metrics", basic("alice", "a-pw"))[0] == 200
+        assert request(process.port, "/metrics", basic("bob", "b-pw"))[0] == 401
+        _write(web_file, f"basic_auth_users: {{bob: '{bcrypt_hash('b-pw')}'}}\n")
+        wait_for(lambda: request(process.port, "/metrics", basic("bob", "b-pw"))[0] == 200, 10,
+                 "bob accepted after the reload")
+        # alice's cached success went with the old file.
+        assert request(process.port, "/metrics", basic("alice", "a-pw"))[0] == 401
+        _write(web_file, "{}\n")
+        wait_for(lambda: request(process.port, "/metrics")[0] == 200, 10, "auth turned off")
