@@ -420,7 +420,8 @@ def peer_name(port: int, ca: Path) -> str:
             context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         cert = tls.getpeercert()
     assert cert is not None
-    names = [value for rdn in cert["subject"] for key, value in rdn if key == "commonName"]
+    subject: Any = cert["subject"]
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
     return str(names[0])
 
 
