@@ -118,14 +118,15 @@ def serve(config: Config, security: WebConfigFile | None = None) -> int:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         log.warning("PROMETHEUS_MULTIPROC_DIR is set in the exporter's environment; ignored: "
                     "the exporter's own metrics never use multiprocess mode")
-    runner = ScrapeRunner(build(config), config.scrape.timeout, config.log.repeat_interval)
     try:
-        server = ExporterHTTPServer(config.web, runner, security)
+        server = ExporterHTTPServer(config.web, ScrapeRunner([], config.scrape.timeout), security)
     except OSError as exc:
         print(f"qatoolbox-exporter: cannot listen on {config.web.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
-        runner.close()
         return EXIT_RUNTIME
+    # Collectors are built once the port is ours: some start background work (and log) at once.
+    runner = ScrapeRunner(build(config), config.scrape.timeout, config.log.repeat_interval)
+    server.set_runner(runner)
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:

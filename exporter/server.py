@@ -268,6 +268,11 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         super().__init__((host or self._any_address(), port), _Handler)
 
+    def set_runner(self, runner: ScrapeRunner) -> None:
+        """Serve this runner's collections from now on (set before serve_forever)."""
+        self.runner = runner
+        self.registry = make_registry(runner)
+
     def security_settings(self) -> WebSecurity:
         """The web config in force (empty without --web.config.file)."""
         return self.security.current() if self.security is not None else _NO_SECURITY
