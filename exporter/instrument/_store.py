@@ -1,0 +1,238 @@
+"""Per-process metric storage: floats in memory, mirrored into mmap files the exporter merges.
+
+File layout is prometheus_client's multiprocess format (a used-bytes header, then entries of
+length, JSON key padded to 8 bytes, value and timestamp doubles), one file per metric type and
+process, so the exporter's `app` collector and prometheus_client's own reader both understand it.
+
+Files are named `<type>_<pid>-<token>.db` (`gauge_livesum_<pid>-<token>.db` for gauges) and come
+with a lock file `<pid>-<token>.lock` that the writing process holds with flock(2) for its whole
+life. The kernel drops that lock when the process dies however it dies, so the exporter can tell
+a dead writer's files from a live one's without trusting pids (which are reused, and not even
+visible across container pid namespaces); the random token means a reused pid never writes into
+a dead process's file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import secrets
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+
+ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+_INITIAL_SIZE = 1 << 15
+_HEADER = 8
+_INT = struct.Struct("i")
+_DOUBLE = struct.Struct("d")
+_ENTRY_TAIL = struct.Struct("dd")
+
+# Types whose files the exporter folds into an accumulator when the writer is gone.
+FOLDABLE_TYPES = ("counter", "histogram")
+GAUGE_MODE = "livesum"
+
+
+def mmap_key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> str:
+    """The entry key, the same JSON prometheus_client writes (so either reader can parse it)."""
+    return json.dumps([metric, sample, labels, help_text], sort_keys=True)
+
+
+def encode_entry(key: str, value: float) -> bytes:
+    """One entry in the file layout: length, key padded to 8-byte alignment, value, timestamp."""
+    encoded = key.encode("utf-8")
+    padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
+    return _INT.pack(len(encoded)) + padded + _ENTRY_TAIL.pack(value, 0.0)
+
+
+def read_entries(path: str) -> Iterator[tuple[str, float]]:
+    """(key, value) of every entry of a file; raises OSError or ValueError."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if len(data) < _HEADER:
+        return
+    used = _INT.unpack_from(data, 0)[0]
+    if used > len(data) or used < _HEADER:
+        raise ValueError(f"{os.path.basename(path)}: bad header")
+    pos = _HEADER
+    while pos < used:
+        length = _INT.unpack_from(data, pos)[0]
+        end = pos + 4 + length + (8 - (length + 4) % 8)
+        if length <= 0 or end + 16 > used:
+            raise ValueError(f"{os.path.basename(path)}: truncated entry")
+        key = data[pos + 4:pos + 4 + length].decode("utf-8")
+        yield key, _DOUBLE.unpack_from(data, end)[0]
+        pos = end + 16
+
+
+def write_file(path: str, entries: Sequence[tuple[str, float]]) -> None:
+    """Write a complete file atomically: a temporary sibling, fsync, then rename over path."""
+    body = b"".join(encode_entry(k, v) for k, v in entries)
+    header = _INT.pack(_HEADER + len(body)) + b"\0" * 4
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, header + body)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+class _File:
+    """One metric type's values for this process; mirrored into an mmap file when path is set.
+
+    Values live in a Python list (the source of truth for this process) and each change is
+    copied into the mapping with one 8-byte slice assignment, which never shows a reader a
+    half-written double (struct.pack_into would zero the bytes first).
+    """
+
+    __slots__ = ("_fd", "_map", "_size", "_used", "keys", "positions", "values")
+
+    def __init__(self, path: str | None) -> None:
+        self.keys: list[str] = []
+        self.values: list[float] = []
+        self.positions: list[int] = []
+        self._map: mmap.mmap | None = None
+        self._fd = -1
+        self._size = self._used = 0
+        if path is not None:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._size = _INITIAL_SIZE
+            os.ftruncate(self._fd, self._size)
+            self._map = mmap.mmap(self._fd, self._size)
+            self._used = _HEADER
+            self._map[0:4] = _INT.pack(self._used)
+
+    def slot(self, key: str) -> int:
+        """Add a zero-valued entry for key; return its index."""
+        self.keys.append(key)
+        self.values.append(0.0)
+        if self._map is not None:
+            entry = encode_entry(key, 0.0)
+            while self._used + len(entry) > self._size:
+                # Double the file; entries never move, only the mapping is replaced.
+                self._size *= 2
+                os.ftruncate(self._fd, self._size)
+                self._map.close()
+                self._map = mmap.mmap(self._fd, self._size)
+            self._map[self._used:self._used + len(entry)] = entry
+            self.positions.append(self._used + len(entry) - 16)
+            self._used += len(entry)
+            # Publish the entry only once its bytes are in place.
+            self._map[0:4] = _INT.pack(self._used)
+        return len(self.keys) - 1
+
+    def add(self, index: int, amount: float) -> None:
+        """Add amount to the value at index."""
+        value = self.values[index] + amount
+        self.values[index] = value
+        if self._map is not None:
+            pos = self.positions[index]
+            self._map[pos:pos + 8] = _DOUBLE.pack(value)
+
+    def close(self) -> None:
+        """Unmap and close (the file stays for the exporter)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Store:
+    """This process's metrics: one _File per type, a flock-held lock file when file-backed."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory
+        self.lock = threading.Lock()
+        self.ident = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self._lock_fd = -1
+        if directory is not None:
+            self._lock_fd = _hold_lock(directory, self.ident)
+
+        def path(prefix: str) -> str | None:
+            if directory is None:
+                return None
+            return os.path.join(directory, f"{prefix}_{self.ident}.db")
+
+        self.counters = _File(path("counter"))
+        self.histograms = _File(path("histogram"))
+        self.gauges = _File(path(f"gauge_{GAUGE_MODE}"))
+
+    def files(self) -> dict[str, _File]:
+        """The files by type name, for in-process reading."""
+        return {"counter": self.counters, "histogram": self.histograms,
+                "gauge_" + GAUGE_MODE: self.gauges}
+
+    def close(self) -> None:
+        """Close the files and drop the lock: the exporter will see this writer as gone."""
+        for file in (self.counters, self.histograms, self.gauges):
+            file.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def lock_path(directory: str, ident: str) -> str:
+    """The lock file a writer holds while it lives."""
+    return os.path.join(directory, f"{ident}.lock")
+
+
+def _hold_lock(directory: str, ident: str) -> int:
+    # Lock under a temporary name, then rename: nobody can ever see the lock file unlocked
+    # while its writer lives (the exporter would take the writer for dead).
+    tmp = os.path.join(directory, f".{ident}.lock.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(tmp, lock_path(directory, ident))
+    except OSError:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return fd
+
+
+def writer_alive(directory: str, ident: str) -> bool:
+    """Whether the process that wrote ident's files still holds its lock.
+
+    A missing lock file means dead too: writers create it before any data file and only the
+    exporter's compaction removes it, after the data files.
+    """
+    try:
+        fd = os.open(lock_path(directory, ident), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def parse_name(name: str) -> tuple[str, str] | None:
+    """(type prefix, ident) of a data file name like `gauge_livesum_12-ab.db`, or None."""
+    if not name.endswith(".db"):
+        return None
+    stem = name[:-3]
+    prefix, sep, ident = stem.rpartition("_")
+    if not sep or not prefix:
+        return None
+    return prefix, ident
+
+
+def is_writer_ident(ident: str) -> bool:
+    """Whether ident is ours (`<pid>-<hex token>`), as opposed to a plain prometheus_client pid."""
+    pid, sep, token = ident.partition("-")
+    return bool(sep) and pid.isdigit() and len(token) >= 8 and all(
+        c in "0123456789abcdef" for c in token)
+

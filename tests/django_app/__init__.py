@@ -1,0 +1,1 @@
+"""A tiny Django project for the instrumentation tests (SQLite, no apps of its own)."""
