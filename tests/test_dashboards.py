@@ -1,0 +1,235 @@
+"""Lint of the generated Grafana dashboards and their provisioning files."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.grafana_queries import (
+    DASHBOARD_DIR,
+    GRAFANA,
+    PROMETHEUS_SERIES,
+    ROOT,
+    analyse,
+    documented_metric_names,
+    iter_panels,
+    iter_queries,
+    load_dashboards,
+    load_generator,
+    metric_names,
+    problems,
+    tokens,
+)
+
+# The classic dashboard JSON model's current schema version: Grafana 12.2 and later (13.x
+# included) write 42, the last version of the v1 model; older files are migrated on load.
+CURRENT_SCHEMA_VERSION = 42
+# Changing a uid breaks every bookmark and link to the dashboard: these are fixed.
+EXPECTED_UIDS = {
+    "business.json": "qatoolbox-business",
+    "host.json": "qatoolbox-host",
+    "http.json": "qatoolbox-http",
+    "overview.json": "qatoolbox-overview",
+    "postgres.json": "qatoolbox-postgres",
+    "redis.json": "qatoolbox-redis",
+}
+# Panel types of the React era. Angular ones (graph, singlestat, table-old, the old
+# piechart/worldmap plugins) no longer render in Grafana 11 and 12.
+ALLOWED_PANEL_TYPES = {"row", "timeseries", "stat", "gauge", "bargauge", "table", "heatmap",
+                       "text", "piechart", "state-timeline", "status-history", "barchart",
+                       "histogram", "alertlist", "dashlist", "logs", "nodeGraph", "xychart"}
+ANGULAR_PANEL_TYPES = {"graph", "singlestat", "table-old", "grafana-piechart-panel",
+                       "grafana-worldmap-panel", "grafana-clock-panel", "natel-discrete-panel",
+                       "grafana-polystat-panel", "flant-statusmap-panel", "heatmap-old"}
+
+DASHBOARDS = load_dashboards()
+
+
+def panels_of(dash: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in iter_panels(dash) if p.get("type") != "row"]
+
+
+def test_six_dashboards_with_fixed_uids() -> None:
+    assert {name: d["uid"] for name, d in DASHBOARDS.items()} == EXPECTED_UIDS
+    titles = [d["title"] for d in DASHBOARDS.values()]
+    assert len(set(titles)) == len(titles)
+
+
+def test_regenerating_changes_nothing() -> None:
+    rendered = load_generator().render()
+    assert set(rendered) == {p.name for p in DASHBOARD_DIR.glob("*.json")}
+    for name, text in rendered.items():
+        assert (DASHBOARD_DIR / name).read_text(encoding="utf-8") == text, (
+            f"{name} is out of date: run python grafana/generate.py")
+    # A second run renders byte for byte the same (no dict-order or id drift).
+    assert load_generator().render() == rendered
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_dashboard_header(name: str) -> None:
+    dash = DASHBOARDS[name]
+    assert dash["schemaVersion"] == CURRENT_SCHEMA_VERSION
+    text = json.dumps(dash)
+    assert "__inputs" not in dash and "__requires" not in dash
+    assert "${DS_" not in text, "unresolved import placeholder"
+    assert "id" not in dash or dash["id"] is None
+    assert "qatoolbox" in dash["tags"]
+    assert dash["description"]
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_variables(name: str) -> None:
+    variables = {v["name"]: v for v in DASHBOARDS[name]["templating"]["list"]}
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    for var in ("job", "instance"):
+        v = variables[var]
+        assert v["type"] == "query"
+        assert v["multi"] is True and v["includeAll"] is True
+        assert v["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert v["refresh"] == 2, "options must follow the time range"
+        assert v["allValue"] == ".+"
+    assert "$job" in variables["instance"]["definition"], "instance must follow job"
+    for v in variables.values():
+        if v["type"] == "query":
+            assert v["definition"] == v["query"]["query"]
+            assert v["definition"].startswith("label_values(")
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_panels_use_the_datasource_variable(name: str) -> None:
+    for panel in panels_of(DASHBOARDS[name]):
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_unit_description_and_targets(name: str) -> None:
+    for panel in panels_of(DASHBOARDS[name]):
+        title = panel["title"]
+        assert panel["description"].strip(), f"{title}: no description"
+        assert panel["fieldConfig"]["defaults"].get("unit"), f"{title}: no unit"
+        assert panel["targets"], f"{title}: no targets"
+        refs = [t.get("refId") for t in panel["targets"]]
+        assert all(refs) and len(set(refs)) == len(refs), f"{title}: refIds {refs}"
+        for target in panel["targets"]:
+            assert target.get("expr", "").strip(), f"{title}: target without a query"
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_no_angular_panels(name: str) -> None:
+    for panel in iter_panels(DASHBOARDS[name]):
+        assert panel["type"] not in ANGULAR_PANEL_TYPES, panel["title"]
+        assert panel["type"] in ALLOWED_PANEL_TYPES, panel["title"]
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_grid_inside_24_columns_without_overlap(name: str) -> None:
+    cells: dict[tuple[int, int], str] = {}
+    ids: set[int] = set()
+    for panel in iter_panels(DASHBOARDS[name]):
+        pos = panel["gridPos"]
+        assert panel["id"] not in ids
+        ids.add(panel["id"])
+        assert pos["w"] > 0 and pos["h"] > 0 and pos["x"] >= 0 and pos["y"] >= 0
+        assert pos["x"] + pos["w"] <= 24, f"{panel['title']} runs past column 24"
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                other = cells.setdefault((x, y), panel["title"])
+                assert other == panel["title"], f"{panel['title']} overlaps {other}"
+
+
+def test_range_selectors_and_counters() -> None:
+    found = [f"{q.where}: {p}" for q in iter_queries(DASHBOARDS) for p in problems(q.expr)]
+    assert not found, "\n".join(found)
+
+
+def test_checker_catches_bad_queries() -> None:
+    # The lint must be able to fail: typical community-dashboard mistakes.
+    assert problems("rate(x_total[5m])")
+    assert problems("sum(qatoolbox_http_requests_total)")
+    assert problems("histogram_quantile(0.9, sum by (le) (x_bucket))")
+    assert problems("predict_linear(x[1h], 3600)")
+    assert not problems("sum by (le) (rate(x_bucket{a=~\"$b\"}[$__rate_interval]))")
+    assert not problems("predict_linear(x[$trend_window], 3600)")
+    assert metric_names('sum by (route, le) (rate(a_bucket{x="y"}[1m])) / b') == {"a_bucket",
+                                                                                 "b"}
+    assert analyse("time() - up")[0] == ["up"]
+    assert ("string", '"a b"') in tokens('x{} == "a b"')
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_links_between_dashboards(name: str) -> None:
+    dash = DASHBOARDS[name]
+    links = [link for link in dash["links"] if link["type"] == "dashboards"]
+    assert links and all("qatoolbox" in link["tags"] for link in links)
+    assert all(link["keepTime"] and link["includeVars"] for link in links)
+    uids = set(EXPECTED_UIDS.values())
+    for panel in panels_of(dash):
+        for link in panel.get("links", []):
+            uid = link["url"].split("/d/")[1].split("?")[0]
+            assert uid in uids, f"{panel['title']} links to unknown dashboard {uid}"
+    if name == "overview.json":
+        targets = {link["url"].split("/d/")[1].split("?")[0]
+                   for p in panels_of(dash) for link in p.get("links", [])}
+        assert len(targets) >= 3, "the overview should lead to the detailed dashboards"
+
+
+@pytest.mark.parametrize("name", sorted(DASHBOARDS))
+def test_firing_alerts_are_annotations(name: str) -> None:
+    annotations = DASHBOARDS[name]["annotations"]["list"]
+    alerts = [a for a in annotations if "ALERTS" in a.get("expr", "")]
+    assert alerts and alerts[0]["enable"] is True
+    assert alerts[0]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert 'alertstate="firing"' in alerts[0]["expr"]
+
+
+def test_overview_shows_alerts_by_severity() -> None:
+    exprs = [t["expr"] for p in panels_of(DASHBOARDS["overview.json"]) for t in p["targets"]]
+    for severity in ("critical", "warning", "info"):
+        assert any("ALERTS" in e and f'severity="{severity}"' in e for e in exprs)
+
+
+def test_every_metric_is_documented() -> None:
+    documented = documented_metric_names()
+    used = {name for q in iter_queries(DASHBOARDS) for name in metric_names(q.expr)}
+    histogram_parts = ("_bucket", "_count", "_sum")
+    missing = set()
+    for name in used - PROMETHEUS_SERIES:
+        base = name
+        for suffix in histogram_parts:
+            if name.endswith(suffix) and name not in documented:
+                base = name[: -len(suffix)]
+        if base not in documented:
+            missing.add(name)
+    assert not missing, f"used by a dashboard but not documented: {sorted(missing)}"
+
+
+def test_datasource_provisioning() -> None:
+    config = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yml").read_text())
+    (ds,) = config["datasources"]
+    assert ds["type"] == "prometheus" and ds["uid"] == "prometheus"
+    assert ds["isDefault"] is True and ds["editable"] is False
+    # The dashboards' default data source is this uid.
+    for dash in DASHBOARDS.values():
+        var = next(v for v in dash["templating"]["list"] if v["name"] == "datasource")
+        assert var["current"]["value"] == ds["uid"]
+    # $__rate_interval is at least four scrape intervals only when Grafana knows the interval.
+    interval = ds["jsonData"]["timeInterval"]
+    prom = ROOT / "prometheus" / "prometheus.yml"
+    expected = "15s"
+    if prom.exists():
+        expected = yaml.safe_load(prom.read_text())["global"]["scrape_interval"]
+    assert interval == expected
+
+
+def test_dashboard_provider() -> None:
+    config = yaml.safe_load((GRAFANA / "provisioning/dashboards/provider.yml").read_text())
+    (provider,) = config["providers"]
+    assert provider["type"] == "file"
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert provider["allowUiUpdates"] is False
