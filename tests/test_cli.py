@@ -1,0 +1,177 @@
+"""The command line: --config.check, bad config and flags, collector flags, entry points."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter import __version__
+from exporter.collectors import COLLECTORS
+from tests.harness import run_exporter
+
+
+def write(workdir: Path, text: str) -> str:
+    path = workdir / "config.yml"
+    path.write_text(text)
+    return str(path)
+
+
+def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def test_config_check_without_file_prints_summary() -> None:
+    result = run_exporter(["--config.check"])
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    assert lines[0] == "configuration ok"
+    assert "listen on :9786, metrics at /metrics" in lines
+    assert "collector host: enabled" in lines
+    assert "collector process: enabled" in lines
+    assert "process groups: web, celery, postgres, redis" in lines
+
+
+def test_config_check_reads_file_and_environment(workdir: Path) -> None:
+    path = write(workdir, "web:\n  listen_address: '127.0.0.1:9999'\ncollectors:\n"
+                          "  process: false\n")
+    env = {"DB_HOST": "db.example", "DB_PORT": "6543", "DB_USER": "qa",
+           "DB_PASSWORD": "hunter2-pg", "REDIS_URL": "redis://:hunter2-redis@cache:6379/0"}
+    result = run_exporter(["--config.file", path, "--config.check"], env=env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "listen on 127.0.0.1:9999" in out
+    assert "collector process: disabled" in out
+    assert "hunter2" not in out + result.stderr
+    if "postgres" in COLLECTORS and COLLECTORS["postgres"].default_enabled:
+        assert "qa@db.example:6543" in out
+    if "redis" in COLLECTORS and COLLECTORS["redis"].default_enabled:
+        assert "redis://:<secret>@cache:6379/0" in out
+
+
+def test_config_check_flags_override_file(workdir: Path) -> None:
+    path = write(workdir, "web:\n  telemetry_path: /fromfile\n")
+    result = run_exporter(["--config.file", path, "--config.check",
+                           "--web.telemetry-path", "/fromflag", "--no-collector.host"])
+    assert result.returncode == 0, result.stderr
+    assert "metrics at /fromflag" in result.stdout
+    assert "collector host: disabled" in result.stdout
+
+
+def test_bad_config_lists_every_problem_and_exits_2(workdir: Path) -> None:
+    path = write(workdir, "postgres:\n  timeout: fast\nwebb: {}\nlog:\n  level: loud\n"
+                          "host:\n  disk:\n    exclude: '('\n")
+    result = run_exporter(["--config.file", path, "--config.check"])
+    assert_usage_error(
+        result,
+        'postgres.timeout: expected a duration like "2s", got "fast"',
+        "webb: unknown key",
+        "log.level: expected one of debug, info, warning, error",
+        "host.disk.exclude: invalid regular expression",
+    )
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "qatoolbox-exporter: invalid configuration:"
+    assert len(lines) == 5
+
+
+def test_bad_config_stops_start_up_too(workdir: Path) -> None:
+    path = write(workdir, "scrape:\n  timeout: soon\n")
+    result = run_exporter(["--config.file", path, "--web.listen-address", "127.0.0.1:0"])
+    assert_usage_error(result, 'scrape.timeout: expected a duration like "2s", got "soon"')
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("web:\n  telemetry_path: [/m\nlog: {}\n", "invalid YAML (line 3, column"),
+    ("- just\n- a list\n", "expected a mapping at the top level, got a list"),
+    ("web:\n  max_requests: many\n", 'web.max_requests: expected a whole number, got "many"'),
+    ("collectors:\n  nosuch: true\n", "collectors.nosuch: unknown collector"),
+])
+def test_bad_config_kinds(workdir: Path, text: str, needle: str) -> None:
+    result = run_exporter(["--config.file", write(workdir, text), "--config.check"])
+    assert_usage_error(result, needle)
+
+
+def test_unreadable_config_file(workdir: Path) -> None:
+    missing = workdir / "missing.yml"
+    result = run_exporter(["--config.file", str(missing), "--config.check"])
+    assert_usage_error(result, f"config file {missing}: cannot read: No such file or directory")
+
+
+def test_environment_problems_exit_2(workdir: Path) -> None:
+    result = run_exporter(["--config.check"], env={"DB_PORT": "five"})
+    assert_usage_error(result, 'DB_PORT: expected a port number, got "five"')
+    result = run_exporter(["--config.check"],
+                          env={"DB_PASSWORD_FILE": str(workdir / "no-such-secret")})
+    assert_usage_error(result, "postgres.password_file: cannot read")
+
+
+def test_password_file_from_environment_is_used_not_shown(workdir: Path) -> None:
+    secret = workdir / "pw"
+    secret.write_text("hunter2-file\n")
+    result = run_exporter(["--config.check"], env={"DB_PASSWORD_FILE": str(secret)})
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    if "postgres" in COLLECTORS and COLLECTORS["postgres"].default_enabled:
+        assert "(password set)" in result.stdout
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--scrape.timeout", "fast"], 'scrape.timeout: expected a duration like "2s", got "fast"'),
+    (["--log.level", "loud"], "log.level: expected one of"),
+    (["--log.format", "xml"], 'log.format: expected one of logfmt, json, got "xml"'),
+    (["--web.listen-address", "nonsense"], "web.listen_address: expected \"host:port\""),
+    (["--web.telemetry-path", "metrics"], "web.telemetry_path: must start with \"/\""),
+    (["--web.max-requests", "0"], "web.max_requests: must be at least 1, got 0"),
+])
+def test_bad_flag_values(args: list[str], needle: str) -> None:
+    assert_usage_error(run_exporter([*args, "--config.check"]), needle)
+
+
+def test_unknown_flag_prints_usage_and_exits_2() -> None:
+    result = run_exporter(["--web.listen-adress", ":1"])
+    assert_usage_error(result, "usage: qatoolbox-exporter", "unrecognized arguments")
+
+
+def test_unknown_collector_flag_is_a_usage_error() -> None:
+    result = run_exporter(["--collector.nosuch", "--config.check"])
+    assert_usage_error(result, "usage: qatoolbox-exporter", "--collector.nosuch")
+    result = run_exporter(["--no-collector.nosuch", "--config.check"])
+    assert_usage_error(result, "usage: qatoolbox-exporter", "--no-collector.nosuch")
+
+
+def test_collector_flags_come_from_the_table() -> None:
+    result = run_exporter(["--help"])
+    assert result.returncode == 0
+    for name in COLLECTORS:
+        assert f"--collector.{name}" in result.stdout
+        assert f"--no-collector.{name}" in result.stdout
+    for flag in ("--web.listen-address", "--web.telemetry-path", "--log.level", "--log.format",
+                 "--config.file", "--config.check"):
+        assert flag in result.stdout
+    every_off = [f"--no-collector.{name}" for name in COLLECTORS]
+    result = run_exporter([*every_off, "--collector.host", "--config.check"])
+    assert result.returncode == 0, result.stderr
+    for name in COLLECTORS:
+        state = "enabled" if name == "host" else "disabled"
+        assert f"collector {name}: {state}" in result.stdout
+
+
+def test_version_and_console_script() -> None:
+    result = run_exporter(["--version"])
+    assert (result.returncode, result.stdout.strip()) == (0, f"qatoolbox-exporter {__version__}")
+    script = Path(sys.executable).parent / "qatoolbox-exporter"
+    if not script.exists():
+        found = shutil.which("qatoolbox-exporter")
+        assert found, "console script qatoolbox-exporter not installed"
+        script = Path(found)
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                            timeout=30, check=False)
+    assert (result.returncode, result.stdout.strip()) == (0, f"qatoolbox-exporter {__version__}")

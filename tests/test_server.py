@@ -1,0 +1,234 @@
+"""The real exporter over HTTP: metrics, formats, landing page, health, errors and promtool."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from exporter import __version__
+from exporter.collectors import COLLECTORS
+from tests.harness import ExporterProcess, Scrape, free_port
+
+Factory = Callable[..., ExporterProcess]
+
+HOST_METRICS = (
+    "qatoolbox_host_cpu_seconds_total", "qatoolbox_host_load1", "qatoolbox_host_load5",
+    "qatoolbox_host_load15", "qatoolbox_host_memory_total_bytes",
+    "qatoolbox_host_memory_available_bytes", "qatoolbox_host_memory_free_bytes",
+    "qatoolbox_host_memory_cached_bytes", "qatoolbox_host_memory_buffers_bytes",
+    "qatoolbox_host_swap_total_bytes", "qatoolbox_host_swap_free_bytes",
+    "qatoolbox_host_filesystem_size_bytes", "qatoolbox_host_filesystem_avail_bytes",
+    "qatoolbox_host_filesystem_free_bytes", "qatoolbox_host_filesystem_files",
+    "qatoolbox_host_filesystem_files_free", "qatoolbox_host_filesystem_readonly",
+    "qatoolbox_host_disk_read_bytes_total", "qatoolbox_host_disk_written_bytes_total",
+    "qatoolbox_host_disk_reads_completed_total", "qatoolbox_host_disk_writes_completed_total",
+    "qatoolbox_host_disk_io_time_seconds_total", "qatoolbox_host_disk_read_time_seconds_total",
+    "qatoolbox_host_disk_write_time_seconds_total",
+    "qatoolbox_host_network_receive_bytes_total", "qatoolbox_host_network_transmit_bytes_total",
+    "qatoolbox_host_network_receive_packets_total",
+    "qatoolbox_host_network_transmit_packets_total",
+    "qatoolbox_host_network_receive_errors_total", "qatoolbox_host_network_transmit_errors_total",
+    "qatoolbox_host_network_receive_drop_total", "qatoolbox_host_network_transmit_drop_total",
+    "qatoolbox_host_boot_time_seconds",
+)
+PROCESS_METRICS = (
+    "qatoolbox_process_num_procs", "qatoolbox_process_cpu_seconds_total",
+    "qatoolbox_process_resident_memory_bytes", "qatoolbox_process_open_fds",
+    "qatoolbox_process_threads",
+)
+
+
+def closed_backends() -> dict[str, str]:
+    """PostgreSQL and Redis settings pointing at loopback ports where nothing listens."""
+    return {"DB_HOST": "127.0.0.1", "DB_PORT": str(free_port()),
+            "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
+
+
+def success(scrape: Scrape, collector: str) -> float | None:
+    return scrape.value("qatoolbox_exporter_collector_success", collector=collector)
+
+
+def request(exporter: ExporterProcess, path: str, method: str) -> tuple[int, bytes]:
+    req = urllib.request.Request(exporter.url + path, method=method,
+                                 data=b"x" if method in ("POST", "PUT") else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_no_config_serves_host_and_process(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(env=closed_backends())
+    scrape = exporter.scrape()
+    names = scrape.names()
+    for name in HOST_METRICS + PROCESS_METRICS:
+        assert name in names, name
+    for group in ("web", "celery", "postgres", "redis"):
+        assert scrape.value("qatoolbox_process_num_procs", group=group) is not None, group
+    assert success(scrape, "host") == 1.0
+    assert success(scrape, "process") == 1.0
+    assert scrape.value("qatoolbox_exporter_collector_duration_seconds",
+                        collector="host") is not None
+    build = [labels for name, labels in scrape.series("qatoolbox_exporter_build_info")]
+    assert len(build) == 1 and build[0]["version"] == __version__
+    assert build[0]["python_version"].count(".") == 2
+    # every enabled collector reports its outcome, every scrape
+    enabled = {n for n, spec in COLLECTORS.items() if spec.default_enabled}
+    reported = {labels["collector"] for _, labels in
+                scrape.series("qatoolbox_exporter_collector_success")}
+    assert reported == enabled
+
+
+def test_unreachable_postgres_and_redis_still_answer_fast(exporter_factory: Factory) -> None:
+    backends = [n for n in ("postgres", "redis") if n in COLLECTORS]
+    exporter = exporter_factory(
+        config={"collectors": dict.fromkeys(backends, True), "scrape": {"timeout": "4s"}},
+        env=closed_backends())
+    for _ in range(2):
+        started = time.monotonic()
+        scrape = exporter.scrape()
+        took = time.monotonic() - started
+        assert took < 3, f"scrape took {took:.1f}s with closed backend ports"
+        assert success(scrape, "host") == 1.0
+        assert success(scrape, "process") == 1.0
+        for name in backends:
+            assert success(scrape, name) == 0.0, name
+
+
+def test_promtool_check_metrics_is_clean(exporter_factory: Factory) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool not installed (apt-get install prometheus)")
+    exporter = exporter_factory(env=closed_backends())
+    exporter.scrape()  # the second scrape has every collector's outcome from a warm start
+    status, _, body = exporter.get("/metrics")
+    assert status == 200
+    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
+                            timeout=30, check=False)
+    assert (result.returncode, result.stdout + result.stderr) == (0, b"")
+
+
+def test_landing_health_404_and_methods(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(env=closed_backends())
+    status, headers, body = exporter.get("/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    page = body.decode()
+    assert "qatoolbox-exporter" in page and __version__ in page
+    assert 'href="/metrics"' in page
+    assert "<td>host</td><td>not run yet</td>" in page
+    exporter.scrape()
+    page = exporter.get("/")[2].decode()
+    assert "<td>host</td><td>ok</td>" in page
+    assert "<td>process</td><td>ok</td>" in page
+    assert " ms</td>" in page
+    if "postgres" in COLLECTORS and COLLECTORS["postgres"].default_enabled:
+        assert "<td>postgres</td><td>failed: " in page
+
+    assert exporter.get("/healthz")[:1] == (200,)
+    assert exporter.get("/nope")[0] == 404
+    assert exporter.get("/metrics/extra")[0] == 404
+    for method in ("POST", "PUT", "DELETE"):
+        assert request(exporter, "/metrics", method)[0] == 405, method
+    status, body = request(exporter, "/metrics", "HEAD")
+    assert (status, body) == (200, b"")
+    assert exporter.get("/metrics?debug=1")[0] == 200
+
+
+def test_openmetrics_when_asked(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(env=closed_backends())
+    status, headers, body = exporter.get(
+        "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    text = body.decode()
+    assert text.endswith("# EOF\n")
+    assert "# TYPE qatoolbox_host_cpu_seconds counter" in text
+    status, headers, body = exporter.get("/metrics")
+    assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    assert "# EOF" not in body.decode()
+
+
+def test_gzip_when_accepted(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(env=closed_backends())
+    status, headers, body = exporter.get("/metrics", {"Accept-Encoding": "gzip"})
+    assert status == 200
+    assert headers.get("Content-Encoding") == "gzip"
+    assert int(headers["Content-Length"]) == len(body)
+    text = gzip.decompress(body).decode()
+    assert "qatoolbox_host_memory_total_bytes" in text
+    status, headers, body = exporter.get("/metrics", {"Accept-Encoding": "identity"})
+    assert "Content-Encoding" not in headers
+    assert b"qatoolbox_host_memory_total_bytes" in body
+
+
+def test_custom_telemetry_path(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(args=["--web.telemetry-path", "/custom"], env=closed_backends())
+    status, _, body = exporter.get("/custom")
+    assert status == 200 and b"qatoolbox_host_load1" in body
+    assert exporter.get("/metrics")[0] == 404
+    assert 'href="/custom"' in exporter.get("/")[2].decode()
+
+
+def test_no_collector_process_removes_process_metrics(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(args=["--no-collector.process"], env=closed_backends())
+    scrape = exporter.scrape()
+    assert not scrape.series("qatoolbox_process_")
+    assert success(scrape, "process") is None
+    assert success(scrape, "host") == 1.0
+    assert "<td>process</td>" not in exporter.get("/")[2].decode()
+
+
+def test_json_logs_and_sigterm_exit_zero(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(args=["--log.format", "json"], env=closed_backends())
+    exporter.scrape()
+    assert exporter.stop() == 0
+    lines = [line for line in exporter.logs().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    messages = [r["msg"] for r in records]
+    assert "listening" in messages and "shutting down" in messages
+    listening = records[messages.index("listening")]
+    assert listening["level"] == "info" and listening["path"] == "/metrics"
+    assert records[messages.index("shutting down")]["signal"] == "SIGTERM"
+
+
+def test_logfmt_is_the_default(exporter_factory: Factory) -> None:
+    exporter = exporter_factory(env=closed_backends())
+    assert exporter.stop() == 0
+    lines = [line for line in exporter.logs().splitlines() if "msg=listening" in line]
+    assert len(lines) == 1
+    assert "level=info" in lines[0] and "path=/metrics" in lines[0]
+
+
+def test_failing_backend_logs_once_not_per_scrape(exporter_factory: Factory) -> None:
+    if "redis" not in COLLECTORS:
+        pytest.skip("no redis collector in this build")
+    exporter = exporter_factory(config={"collectors": {"redis": True}}, env=closed_backends())
+    for _ in range(4):
+        assert success(exporter.scrape(), "redis") == 0.0
+    exporter.stop()
+    failed = [line for line in exporter.logs().splitlines()
+              if "collector failed" in line and "collector=redis" in line]
+    assert len(failed) == 1, exporter.logs()
+
+
+def test_port_already_in_use_is_one_line_and_exit_1(exporter_factory: Factory) -> None:
+    first = exporter_factory(env=closed_backends())
+    from tests.harness import run_exporter
+
+    result = run_exporter(["--web.listen-address", f"127.0.0.1:{first.port}"],
+                          env=closed_backends())
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{first.port}" in lines[0] and "in use" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert first.get("/healthz")[0] == 200
