@@ -445,6 +445,16 @@ def _check_business(business: BusinessConfig) -> list[str]:
 
 
 @dataclass(frozen=True)
+class AppConfig:
+    """App collector settings: folders the application's workers write metrics files to."""
+
+    multiprocess_dirs: tuple[str, ...] = ()
+    # Fold the files of exited workers into one accumulator per metric type (needs write
+    # access to the folders); off, dead workers' files are read as they are, forever.
+    compact: bool = True
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -457,6 +467,7 @@ class Config:
     postgres: PostgresConfig = PostgresConfig()
     redis: RedisConfig = RedisConfig()
     business: BusinessConfig = BusinessConfig()
+    app: AppConfig = AppConfig()
 
     def enabled(self, name: str) -> bool:
         """Whether the collector called name runs."""
@@ -744,6 +755,13 @@ def _check(config: Config) -> list[str]:
             problems.append(f"postgres.{key}: must be between 0 and 1000, got {top}")
     problems.extend(_check_redis(config.redis))
     problems.extend(_check_business(config.business))
+    app_dirs = [os.path.normpath(d) if d else d for d in config.app.multiprocess_dirs]
+    for i, directory in enumerate(app_dirs):
+        if not directory.startswith("/"):
+            problems.append(f"app.multiprocess_dirs[{i}]: expected an absolute path, "
+                            f"got {_describe(directory)}")
+        elif app_dirs.index(directory) != i:
+            problems.append(f"app.multiprocess_dirs[{i}]: duplicate folder {_describe(directory)}")
     seen: set[str] = set()
     for i, group in enumerate(config.process.groups):
         where = f"process.groups[{i}]"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from exporter.collectors.app import AppCollector
 from exporter.collectors.business import BusinessCollector
 from exporter.collectors.host import HostCollector
 from exporter.collectors.postgres import PostgresCollector
@@ -41,6 +42,10 @@ COLLECTORS: dict[str, CollectorSpec] = {
     "redis": CollectorSpec(
         lambda c: RedisCollector(c.redis, c.scrape.timeout), True,
         "Redis memory, clients, hit ratio, latency, key groups and Celery queues.",
+    ),
+    "app": CollectorSpec(
+        lambda c: AppCollector(c.app), True,
+        "App requests and Celery tasks merged from the workers' files (app.multiprocess_dirs).",
     ),
 }
 

@@ -1,0 +1,272 @@
+"""App collector: merges the metrics the application's workers record (exporter.instrument).
+
+Each folder in app.multiprocess_dirs holds one set of files per worker process plus, per
+metric type, one accumulator file `<type>_folded.db` holding everything dead workers counted.
+On each scrape the collector folds the files of workers that are gone into the accumulators,
+so the files read per scrape are those of live workers plus a constant few, however many
+workers have come and gone. See docs/app.md for the crash-safety argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from exporter.config import AppConfig
+from exporter.instrument._merge import MARKER_PREFIX, Merger
+from exporter.instrument._store import (
+    FOLDABLE_TYPES,
+    is_writer_ident,
+    lock_path,
+    mmap_key,
+    parse_name,
+    read_entries,
+    write_file,
+    writer_alive,
+)
+
+DIR_LOCK = ".qatoolbox-exporter.lock"
+FOLDED_IDENT = "folded"
+_MARKER = MARKER_PREFIX + "folded__"
+
+_Entries = list[tuple[str, float]]
+
+
+def accumulator_path(directory: str, prefix: str) -> str:
+    """Where the dead workers' values of one metric type are kept."""
+    return os.path.join(directory, f"{prefix}_{FOLDED_IDENT}.db")
+
+
+def marker_key(ident: str) -> str:
+    """The accumulator entry recording that ident's file of that type is already in it."""
+    return mmap_key(_MARKER, ident, {}, "")
+
+
+def marker_ident(key: str) -> str | None:
+    """The worker ident a marker key names, or None for a metric key."""
+    if not key.startswith(f'["{_MARKER}"'):
+        return None
+    return str(json.loads(key)[1])
+
+
+@dataclass
+class _Listing:
+    """A folder's files by role."""
+
+    workers: dict[str, list[str]] = field(default_factory=dict)  # ident -> data file names
+    foreign: list[str] = field(default_factory=list)  # plain prometheus_client files
+
+
+def _list(directory: str) -> _Listing:
+    listing = _Listing()
+    for name in os.listdir(directory):
+        parsed = parse_name(name)
+        if parsed is None:
+            continue
+        ident = parsed[1]
+        if ident == FOLDED_IDENT:
+            continue
+        if is_writer_ident(ident):
+            listing.workers.setdefault(ident, []).append(name)
+        else:
+            listing.foreign.append(name)
+    return listing
+
+
+def fold(directory: str, dead: list[str]) -> int:
+    """Fold dead workers' counters and histograms into the accumulators, then delete their files.
+
+    Caller holds the folder lock exclusively. Returns how many workers were folded. Safe to
+    interrupt anywhere: each accumulator is replaced atomically together with its record of
+    which workers' files it contains, and files are deleted only after that.
+    """
+    if not dead:
+        return 0
+    present = set(os.listdir(directory))
+    for prefix in FOLDABLE_TYPES:
+        path = accumulator_path(directory, prefix)
+        values: dict[str, float] = {}
+        with contextlib.suppress(FileNotFoundError):
+            values.update(read_entries(path))
+        folded = {ident for ident in map(marker_ident, values) if ident is not None}
+        changed = False
+        for ident in dead:
+            name = f"{prefix}_{ident}.db"
+            if name not in present or ident in folded:
+                continue
+            try:
+                entries = list(read_entries(os.path.join(directory, name)))
+            except FileNotFoundError:
+                continue
+            for key, value in entries:
+                values[key] = values.get(key, 0.0) + value
+            values[marker_key(ident)] = 1.0
+            changed = True
+        # A marker is only needed while its source file exists (a fold interrupted between
+        # replacing the accumulator and deleting the sources); drop the others.
+        for ident in folded:
+            if f"{prefix}_{ident}.db" not in present:
+                del values[marker_key(ident)]
+                changed = True
+        if changed:
+            write_file(path, list(values.items()))
+    for ident in dead:
+        for name in present:
+            parsed = parse_name(name)
+            if parsed is not None and parsed[1] == ident:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+        # The lock file goes last: while data files remain it marks them as of a dead writer.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock_path(directory, ident))
+    return len(dead)
+
+
+@dataclass
+class _DirResult:
+    up: bool = False
+    workers: int = 0
+    files: int = 0
+    entries: list[tuple[str, _Entries, str]] = field(default_factory=list)
+
+
+class AppCollector:
+    """Merges the app's worker files; also reports on the folders themselves.
+
+        qatoolbox_http_requests_total{route="api/chat/rooms/<str:id>/",method="GET",status="200"} 2
+        qatoolbox_http_request_duration_seconds_bucket{route="...",method="GET",le="0.1"} 9
+        qatoolbox_http_requests_in_flight 1
+        qatoolbox_celery_tasks_total{task="chat.cleanup_expired_rooms",state="succeeded"} 3
+        qatoolbox_app_multiprocess_dir_up{dir="/run/qatoolbox/metrics/web"} 1
+        qatoolbox_app_workers{dir="/run/qatoolbox/metrics/web"} 3
+        qatoolbox_app_workers_folded_total{dir="/run/qatoolbox/metrics/web"} 17
+    """
+
+    name = "app"
+
+    def __init__(self, config: AppConfig) -> None:
+        self._dirs = config.multiprocess_dirs
+        self._compact = config.compact
+        self._merger = Merger()
+        self._folded = dict.fromkeys(self._dirs, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        """Fold, read and merge every folder."""
+        if not self._dirs:
+            return
+        results = {d: self._read_dir(d) for d in self._dirs}
+        merger = self._merger
+        merger.reset()
+        for result in results.values():
+            if result.up:
+                for prefix, entries, ident in result.entries:
+                    merger.add(prefix, entries, ident)
+        yield from merger.families()
+        up = GaugeMetricFamily("qatoolbox_app_multiprocess_dir_up",
+                               "Whether the app's metrics folder could be read in full.",
+                               labels=["dir"])
+        workers = GaugeMetricFamily("qatoolbox_app_workers",
+                                    "App processes with live metrics files in the folder.",
+                                    labels=["dir"])
+        files = GaugeMetricFamily("qatoolbox_app_multiprocess_files",
+                                  "Metrics files read from the folder in this scrape.",
+                                  labels=["dir"])
+        folded = CounterMetricFamily("qatoolbox_app_workers_folded",
+                                     "Exited app processes whose files this exporter folded "
+                                     "into the folder's accumulators.", labels=["dir"])
+        for directory, result in results.items():
+            up.add_metric([directory], 1.0 if result.up else 0.0)
+            workers.add_metric([directory], float(result.workers))
+            files.add_metric([directory], float(result.files))
+            folded.add_metric([directory], float(self._folded[directory]))
+        yield from (up, workers, files, folded)
+
+    def _read_dir(self, directory: str) -> _DirResult:
+        result = _DirResult()
+        try:
+            listing = _list(directory)
+        except OSError:
+            return result
+        lock_fd = _open_dir_lock(directory)
+        try:
+            alive = {ident: writer_alive(directory, ident) for ident in listing.workers}
+            dead = [ident for ident, live in alive.items() if not live]
+            if dead and self._compact and lock_fd is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+                # Under the lock: another exporter may have folded these meanwhile.
+                listing = _list(directory)
+                dead = [i for i in dead if i in listing.workers]
+                self._folded[directory] += fold(directory, dead)
+                listing = _list(directory)
+                alive = {ident: alive[ident] if ident in alive else writer_alive(directory, ident)
+                         for ident in listing.workers}
+            # Readers share the lock: a fold elsewhere never runs halfway through this read.
+            if lock_fd is not None:
+                fcntl.flock(lock_fd, fcntl.LOCK_SH)
+            self._read_files(directory, listing, alive, result)
+        except (OSError, ValueError):
+            # A file we cannot read or parse: serve nothing from this folder rather than
+            # totals that are too low (Prometheus would take the drop for a counter reset).
+            result.entries = []
+            return result
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
+        result.up = True
+        return result
+
+    @staticmethod
+    def _read_files(directory: str, listing: _Listing, alive: dict[str, bool],
+                    result: _DirResult) -> None:
+        folded: dict[str, set[str]] = {}
+        for prefix in FOLDABLE_TYPES:
+            try:
+                entries = list(read_entries(accumulator_path(directory, prefix)))
+            except FileNotFoundError:
+                entries = []
+            else:
+                result.files += 1
+            folded[prefix] = {i for i in map(marker_ident, (k for k, _ in entries)) if i}
+            result.entries.append((prefix, entries, FOLDED_IDENT))
+        for ident, names in listing.workers.items():
+            live = alive.get(ident, False)
+            result.workers += live
+            for name in names:
+                prefix = name[:-3].rpartition("_")[0]
+                if prefix in FOLDABLE_TYPES:
+                    if ident in folded[prefix]:
+                        # Already in the accumulator (a fold stopped before deleting it).
+                        continue
+                elif not live:
+                    # A dead worker's gauges (requests in flight) are no longer true.
+                    continue
+                _add_file(directory, name, prefix, ident, result)
+        for name in listing.foreign:
+            prefix, _, ident = name[:-3].rpartition("_")
+            _add_file(directory, name, prefix, ident, result)
+
+
+def _add_file(directory: str, name: str, prefix: str, ident: str, result: _DirResult) -> None:
+    try:
+        entries = list(read_entries(os.path.join(directory, name)))
+    except FileNotFoundError:
+        # Removed since the listing: a dead worker's gauges (gunicorn child_exit) or an app
+        # restart emptying the folder.
+        return
+    result.files += 1
+    result.entries.append((prefix, entries, ident))
+
+
+def _open_dir_lock(directory: str) -> int | None:
+    try:
+        return os.open(os.path.join(directory, DIR_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        # A read-only folder: no folding, reads are still right (dead workers' files are
+        # read as they are).
+        return None
