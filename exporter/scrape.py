@@ -167,16 +167,20 @@ class ScrapeRunner:
                 self._record(name, Outcome(True, elapsed, "", time.time()))
                 self._failure_logs[name].succeeded()
             else:
+                timed_out = f"timed out after {self._timeout:g}s"
+                logged = None
                 if future is None and name in busy:
                     error = "previous run still in progress"
+                    # Still the run that timed out: the same failure, not a new one to log.
+                    logged = timed_out
                 elif future is not None and future.done():
                     exc = future.exception()
                     error = f"{type(exc).__name__}: {exc}"
                 else:
-                    error = f"timed out after {self._timeout:g}s"
+                    error = timed_out
                 elapsed = self._clock() - started
                 self._record(name, Outcome(False, elapsed, error, time.time()))
-                self._failure_logs[name].failed(error)
+                self._failure_logs[name].failed(logged or error)
                 families.extend(self._fallback(collector))
             outcome = self._outcomes[name]
             duration.add_metric([name], outcome.duration)
