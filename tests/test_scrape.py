@@ -305,3 +305,31 @@ def test_every_enabled_collector_has_self_metrics_every_scrape() -> None:
                 if k[0] == "qatoolbox_exporter_collector_success"} == set(names)
         assert all(success(found, n) == 1.0 for n in names)
     runner.close()
+
+
+class Sluggish:
+    """Always takes longer than the runner's budget (a server that stopped answering)."""
+
+    name = "sluggish"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def collect(self) -> Iterator[Metric]:
+        self.calls += 1
+        time.sleep(0.25)
+        yield gauge("test_sluggish", 1.0)
+
+
+def test_collector_that_keeps_timing_out_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    sluggish = Sluggish()
+    runner = ScrapeRunner([sluggish], timeout=0.1, repeat_interval=300, clock=Clock())
+    with caplog.at_level(logging.INFO, logger="exporter.scrape"):
+        for _ in range(12):
+            found = samples(runner.collect())
+            assert success(found, "sluggish") == 0.0
+            time.sleep(0.05)
+    assert sluggish.calls >= 2  # it ran again after its stuck run ended...
+    warnings = [r for r in caplog.records if r.name == "exporter.scrape"]
+    assert len(warnings) == 1, [r.__dict__.get("err") for r in warnings]  # ...same failure
+    runner.close()
