@@ -1,0 +1,274 @@
+"""HTTP robustness: methods, size limits, read deadlines, concurrency and connection bounds."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator
+
+import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from exporter.config import Duration, WebConfig
+from exporter.scrape import ScrapeRunner
+from exporter.server import MAX_HEADER_BYTES, MAX_REQUEST_LINE, ExporterHTTPServer
+from tests.harness import wait_for
+
+
+class GateCollector:
+    """A collector that blocks until the test opens the gate."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+
+    def collect(self) -> Iterable[Metric]:
+        self.entered.set()
+        self.gate.wait(30)
+        family = GaugeMetricFamily("qatoolbox_test_gate", "A gate for tests.")
+        family.add_metric([], 1.0)
+        return [family]
+
+
+class Server:
+    """An in-process exporter HTTP server on a free port."""
+
+    def __init__(self, max_requests: int = 4, read_timeout: float = 1.0) -> None:
+        self.collector = GateCollector()
+        self.runner = ScrapeRunner([self.collector], timeout=30)
+        web = WebConfig(listen_address="127.0.0.1:0", max_requests=max_requests,
+                        read_timeout=Duration(read_timeout))
+        self.httpd = ExporterHTTPServer(web, self.runner)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.collector.gate.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.runner.close()
+
+    def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                        timeout=20) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
+    def raw(self, data: bytes, timeout: float = 10) -> bytes:
+        """Send data, read until the server closes the connection."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            chunks = []
+            while True:
+                try:
+                    chunk = sock.recv(65536)
+                except ConnectionResetError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    yield srv
+    srv.close()
+
+
+def status_of(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1.1 "), response[:200]
+    return int(response.split(b" ", 2)[1])
+
+
+@pytest.mark.parametrize("method", [b"FOO", b"PROPFIND", b"POST", b"PUT", b"DELETE", b"PATCH",
+                                    b"OPTIONS", b"TRACE", b"CONNECT", b"get"])
+def test_methods_other_than_get_and_head_get_405(server: Server, method: bytes) -> None:
+    for path in (b"/metrics", b"/", b"/healthz", b"/nowhere"):
+        response = server.raw(method + b" " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                              b"Connection: close\r\n\r\n")
+        assert status_of(response) == 405, (method, path)
+        assert b"\r\nAllow: GET, HEAD\r\n" in response
+
+
+def test_paths(server: Server) -> None:
+    assert server.get("/metrics")[0] == 200
+    assert server.get("/metrics?name[]=x&debug=1")[0] == 200
+    assert server.get("/")[0] == 200
+    assert server.get("/healthz")[0] == 200
+    for path in ("/metrics/", "/metricsx", "/favicon.ico", "/%2e%2e/etc/passwd", "/healthz/x"):
+        assert server.get(path)[0] == 404, path
+    response = server.raw(b"HEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert status_of(response) == 200
+    assert response.endswith(b"\r\n\r\n")  # headers only
+
+
+def test_request_line_limit(server: Server) -> None:
+    path = b"/metrics?" + b"a" * MAX_REQUEST_LINE
+    assert status_of(server.raw(b"GET " + path + b" HTTP/1.1\r\n\r\n")) == 414
+    # Just under the limit is fine.
+    fits = b"/metrics?" + b"a" * (MAX_REQUEST_LINE - 40)
+    assert status_of(server.raw(b"GET " + fits + b" HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200
+
+
+def test_header_limits(server: Server) -> None:
+    big = b"X-Big: " + b"b" * MAX_HEADER_BYTES + b"\r\n"
+    assert status_of(server.raw(b"GET /metrics HTTP/1.1\r\n" + big + b"\r\n")) == 431
+    many = b"".join(b"X-%d: %d\r\n" % (i, i) for i in range(1000))
+    assert len(many) > MAX_HEADER_BYTES
+    assert status_of(server.raw(b"GET /metrics HTTP/1.1\r\n" + many + b"\r\n")) == 431
+    # More than 100 headers within the byte budget: still refused (the stdlib's count limit).
+    counted = b"".join(b"X%d: 1\r\n" % i for i in range(150))
+    assert len(counted) < MAX_HEADER_BYTES
+    assert status_of(server.raw(b"GET /metrics HTTP/1.1\r\n" + counted + b"\r\n")) == 431
+    assert server.get("/healthz")[0] == 200
+
+
+@pytest.mark.parametrize(("request_bytes", "expected"), [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /metrics HTTP/9.9\r\n\r\n", 505),
+    (b"GET /metrics HTTX/1.1\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1 extra\r\n\r\n", 400),
+    (b"GET /metrics\r\n\r\n", 200),  # HTTP/0.9 style: answered, connection closed
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS to a plain port
+    (b"GET /\xff\xfe HTTP/1.1\r\nConnection: close\r\n\r\n", 404),
+    (b"GET /metrics HTTP/1.1\r\nBad header line\r\nConnection: close\r\n\r\n", 200),
+])
+def test_malformed_requests_get_a_status(server: Server, request_bytes: bytes,
+                                         expected: int) -> None:
+    assert status_of(server.raw(request_bytes)) == expected
+
+
+def test_keep_alive_pipelining_and_bodies(server: Server) -> None:
+    two = b"GET /healthz HTTP/1.1\r\n\r\nGET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
+    response = server.raw(two)
+    assert response.count(b"HTTP/1.1 200 OK") == 2
+    # A body that is never read must not be parsed as the next request.
+    smuggled = (b"GET /healthz HTTP/1.1\r\nContent-Length: 27\r\n\r\n"
+                b"POST /metrics HTTP/1.1\r\n\r\n")
+    response = server.raw(smuggled)
+    assert response.count(b"HTTP/1.1 ") == 1
+    assert status_of(response) == 200
+
+
+def test_silent_and_slow_clients_are_cut_off(server: Server) -> None:
+    # read_timeout is 1 s: a silent connection is closed by the server.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as silent:
+        silent.sendall(b"GET /metr")
+        started = time.monotonic()
+        assert silent.recv(100) == b""
+        assert time.monotonic() - started < 10
+    # A client trickling a byte every 100 ms never finishes: one deadline covers the request.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=15) as slow:
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"z" * 200:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.1)
+            slow.setblocking(False)
+            try:
+                if slow.recv(100) == b"":
+                    closed = True
+                    break
+            except BlockingIOError:
+                pass
+            finally:
+                slow.setblocking(True)
+        assert closed
+        assert time.monotonic() - started < 10
+    # Meanwhile and afterwards, the server answers.
+    assert server.get("/metrics")[0] == 200
+
+
+def test_max_requests_answers_503_beyond_the_limit() -> None:
+    srv = Server(max_requests=2, read_timeout=10)
+    try:
+        srv.collector.gate.clear()
+        results: list[int] = []
+        threads = [threading.Thread(target=lambda: results.append(srv.get("/metrics")[0]))
+                   for _ in range(2)]
+        threads[0].start()
+        assert srv.collector.entered.wait(10)
+        threads[1].start()
+        # Both slots taken (the second request waits on the first one's collection).
+        wait_for(lambda: srv.get("/")[0] == 503, 10, "a 503 while two scrapes are in flight")
+        status, headers, _ = srv.get("/metrics")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert srv.get("/healthz")[0] == 200  # liveness is not counted
+        srv.collector.gate.set()
+        for thread in threads:
+            thread.join(20)
+        assert results == [200, 200]
+        assert srv.get("/")[0] == 200
+    finally:
+        srv.close()
+
+
+def test_connection_cap_and_no_thread_growth() -> None:
+    srv = Server(max_requests=2, read_timeout=5)
+    try:
+        baseline = threading.active_count()
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+        wait_for(lambda: threading.active_count() >= baseline + 4, 10, "4 connection threads")
+        refused = srv.raw(b"GET /healthz HTTP/1.1\r\n\r\n")
+        assert status_of(refused) == 503
+        assert threading.active_count() <= baseline + 4
+        for sock in idle:
+            sock.close()
+        wait_for(lambda: srv.get("/healthz")[0] == 200, 10, "room again after closing")
+        for _ in range(50):
+            assert srv.get("/metrics")[0] == 200
+        wait_for(lambda: threading.active_count() <= baseline + 1, 10,
+                 "connection threads gone")
+    finally:
+        srv.close()
+
+
+@pytest.mark.integration
+def test_real_exporter_survives_a_malformed_request_barrage(exporter_factory) -> None:
+    process = exporter_factory(args=["--collector.host", "--no-collector.process"]
+                               + [f"--no-collector.{n}" for n in _others("host")])
+    port = process.port
+    barrage = [
+        b"\x00" * 5000, b"GET " + b"/" * 20000 + b" HTTP/1.1\r\n\r\n", b"\r\n" * 1000,
+        b"GET /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /metrics HTTP/1.1\r\nAccept: " + b"text/plain;q=" * 500 + b"\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nAccept-Encoding: gzip, gzip;q=x\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: \xff\xff\r\nAuthorization: Basic ????\r\n\r\n",
+    ]
+    for data in barrage:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+    assert process.proc.poll() is None
+    assert process.get("/healthz")[0] == 200
+    assert process.scrape().value("qatoolbox_exporter_collector_success", collector="host") == 1
+    assert "Traceback" not in process.logs()
+
+
+def _others(keep: str) -> list[str]:
+    from exporter.collectors import COLLECTORS
+
+    return [name for name in COLLECTORS if name not in (keep, "process")]
