@@ -50,7 +50,9 @@ class GroupMatcher:
             if cls._INTERPRETERS.match(argv0):
                 args = list(cmdline[1:])
                 while args and args[0].startswith("-") and args[0] != "-m":
-                    args.pop(0)
+                    # -W and -X take a value of their own: it is not the script
+                    if args.pop(0) in ("-W", "-X") and args:
+                        args.pop(0)
                 if len(args) >= 2 and args[0] == "-m":
                     names.add(args[1])
                 elif args:
