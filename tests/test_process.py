@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ DEFAULT = GroupMatcher(DEFAULT_PROCESS_GROUPS)
 @pytest.mark.parametrize(("comm", "cmdline", "group"), [
     ("python3", ["python3", "-m", "gunicorn", "config.wsgi:application"], "web"),
     ("python", ["/venv/bin/python", "-u", "-m", "gunicorn", "app:app"], "web"),
+    ("python", ["/venv/bin/python", "-W", "ignore", "-m", "gunicorn", "app:app"], "web"),
+    ("python", ["python3", "-X", "dev", "/venv/bin/uvicorn", "app:app"], "web"),
     ("python", ["/venv/bin/python", "/venv/bin/gunicorn", "config.wsgi", "-w", "4"], "web"),
     ("python3.11", ["/usr/bin/python3.11", "/venv/bin/uvicorn", "app:app"], "web"),
     ("gunicorn", ["/venv/bin/gunicorn", "config.wsgi"], "web"),
@@ -314,6 +317,24 @@ def test_vanished_process_is_skipped(children: list[subprocess.Popen[bytes]]) ->
     child.kill()
     child.wait(10)
     assert _sample(handle) is None
+
+
+class DeniedProcess:
+    """A process we may not look at (another user's, without root)."""
+
+    pid = 4242
+
+    def oneshot(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def cpu_times(self) -> None:
+        raise psutil.AccessDenied(self.pid)
+
+
+def test_denied_process_is_skipped() -> None:
+    from exporter.collectors.process import _sample
+
+    assert _sample(DeniedProcess()) is None  # type: ignore[arg-type]
 
 
 def test_scan_processes_finds_this_process() -> None:
