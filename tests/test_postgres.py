@@ -1,0 +1,590 @@
+"""PostgreSQL collector: SQL selection, row-to-metric builders, the collector on real servers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import psutil
+import psycopg
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+
+from exporter.collectors.postgres import (
+    BACKEND_STATES,
+    LOCK_MODES,
+    PostgresCollector,
+    PostgresError,
+    Watchdog,
+    build_activity,
+    build_checkpoints,
+    build_locks,
+    build_replica_lag,
+    build_statements,
+    build_tables,
+    normalise_query,
+    queries_for,
+    statements_sql,
+    statements_time_column,
+)
+from exporter.config import ConfigError, PostgresConfig, Secret, load_config
+from tests.harness import PostgresServer, Scrape, wait_for
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def render(families: list[Metric]) -> Scrape:
+    """Exposition text of families, parsed (as the exporter would serve them)."""
+
+    class _Fixed:
+        def collect(self) -> list[Metric]:
+            return families
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed())
+    return Scrape(generate_latest(registry).decode())
+
+
+def config_for(pg: PostgresServer, **kwargs: Any) -> PostgresConfig:
+    params: dict[str, Any] = {"host": "127.0.0.1", "port": pg.port, "dbname": "postgres"}
+    params.update(kwargs)
+    return PostgresConfig(**params)
+
+
+@contextlib.contextmanager
+def collector(cfg: PostgresConfig, **kwargs: Any) -> Iterator[PostgresCollector]:
+    c = PostgresCollector(cfg, **kwargs)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def scrape(c: PostgresCollector) -> Scrape:
+    return render(list(c.collect()))
+
+
+def signal_cluster(pg: PostgresServer, sig: int) -> None:
+    """Signal the postmaster and every backend: PostgreSQL's children call setsid(), so the
+    harness's process-group pause() reaches only the postmaster."""
+    try:
+        root = psutil.Process(pg.pid)
+    except psutil.NoSuchProcess:
+        return
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+
+
+@contextlib.contextmanager
+def paused(pg: PostgresServer) -> Iterator[None]:
+    signal_cluster(pg, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        signal_cluster(pg, signal.SIGCONT)
+
+
+def exporter_sessions(pg: PostgresServer) -> int:
+    rows = pg.execute("SELECT count(*) FROM pg_stat_activity "
+                      "WHERE application_name = 'qatoolbox-exporter'")
+    return int(rows[0][0])
+
+
+# --- SQL selection and pure builders ------------------------------------------------------------
+
+
+def test_checkpoint_queries_follow_the_server_version() -> None:
+    for version in (120000, 130012, 150010, 160004):
+        q = queries_for(version)
+        assert "pg_stat_bgwriter" in q.checkpoints
+        assert "pg_stat_checkpointer" not in q.checkpoints
+        assert "buffers_backend" in q.checkpoints
+    for version in (170000, 170002, 180001):
+        q = queries_for(version)
+        assert "pg_stat_checkpointer" in q.checkpoints
+        assert "num_timed" in q.checkpoints and "pg_stat_io" in q.checkpoints
+        # Both columns were removed from pg_stat_bgwriter in 17.
+        assert "buffers_backend" not in q.checkpoints
+        assert "checkpoints_timed" not in q.checkpoints
+
+
+def test_slot_position_depends_on_recovery() -> None:
+    q = queries_for(150000)
+    assert "pg_current_wal_lsn()" in q.slots(in_recovery=False)
+    assert "pg_last_wal_receive_lsn()" in q.slots(in_recovery=True)
+
+
+@pytest.mark.parametrize(
+    ("extversion", "column"),
+    [("1.6", "total_time"), ("1.7", "total_time"), ("1.8", "total_exec_time"),
+     ("1.10", "total_exec_time"), ("1.11", "total_exec_time"), ("2.0", "total_exec_time"),
+     ("weird", "total_exec_time")],
+)
+def test_statement_time_column_by_extension_version(extversion: str, column: str) -> None:
+    assert statements_time_column(extversion) == column
+
+
+def test_statements_sql_quotes_the_schema_and_bounds_the_rows() -> None:
+    top, total = statements_sql('odd "schema"', "1.10", 7)
+    text = top.as_string(None)
+    assert '"odd ""schema""".pg_stat_statements' in text
+    assert "LIMIT 7" in text and '"total_exec_time"' in text
+    assert "pg_stat_statements(false)" in total.as_string(None)
+
+
+def test_normalise_query() -> None:
+    assert normalise_query("SELECT  a,\n\tb\nFROM t  ") == "SELECT a, b FROM t"
+    assert len(normalise_query("x" * 500)) == 200
+    assert normalise_query(None) == ""
+
+
+def test_activity_folds_states_and_zero_fills_databases() -> None:
+    rows = [
+        ("app", "active", 3, 1, Decimal("7.5"), Decimal("9.0"), None, 1),
+        ("app", "idle in transaction", 2, 0, None, Decimal("30.0"), Decimal("25.0"), 0),
+        ("app", "", 1, 0, None, None, None, 0),  # a backend we may not see the state of
+    ]
+    s = render(build_activity(rows, ["app", "other"]))
+    assert s.value("qatoolbox_postgres_connections", datname="app", state="active") == 3
+    assert s.value("qatoolbox_postgres_connections", datname="app",
+                   state="idle in transaction") == 2
+    assert s.value("qatoolbox_postgres_connections", datname="app", state="unknown") == 1
+    assert s.value("qatoolbox_postgres_connections", datname="app", state="idle") == 0
+    for state in BACKEND_STATES:
+        assert s.value("qatoolbox_postgres_connections", datname="other", state=state) == 0
+    assert s.value("qatoolbox_postgres_slow_queries", datname="app") == 1
+    assert s.value("qatoolbox_postgres_longest_query_seconds", datname="app") == 7.5
+    assert s.value("qatoolbox_postgres_oldest_transaction_seconds", datname="app") == 30
+    assert s.value("qatoolbox_postgres_oldest_idle_in_transaction_seconds", datname="app") == 25
+    assert s.value("qatoolbox_postgres_lock_waits", datname="app") == 1
+    assert s.value("qatoolbox_postgres_lock_waits", datname="other") == 0
+
+
+def test_locks_zero_filled_and_unknown_modes_kept() -> None:
+    s = render([build_locks([("app", "ShareLock", 2), ("app", "SIReadLock", 1)], ["app"])])
+    assert s.value("qatoolbox_postgres_locks", datname="app", mode="ShareLock") == 2
+    assert s.value("qatoolbox_postgres_locks", datname="app", mode="SIReadLock") == 1
+    for mode in LOCK_MODES:
+        assert s.value("qatoolbox_postgres_locks", datname="app", mode=mode) is not None
+
+
+def test_checkpoints_and_replica_lag() -> None:
+    s = render(build_checkpoints((5, 2, 100, 20, Decimal(3))))
+    assert s.value("qatoolbox_postgres_checkpoints_timed_total") == 5
+    assert s.value("qatoolbox_postgres_checkpoints_requested_total") == 2
+    assert s.value("qatoolbox_postgres_buffers_written_total", by="checkpoint") == 100
+    assert s.value("qatoolbox_postgres_buffers_written_total", by="bgwriter") == 20
+    assert s.value("qatoolbox_postgres_buffers_written_total", by="backend") == 3
+    assert build_replica_lag(None) == []
+    lag = render(build_replica_lag(Decimal("1.5")))
+    assert lag.value("qatoolbox_postgres_replication_lag_seconds") == 1.5
+
+
+def test_statements_one_text_per_queryid() -> None:
+    top = [("42", "app", "alice", 10, Decimal("2.5"), 100, "SELECT\n  1"),
+           ("42", "app", "bob", 1, Decimal("0.5"), 1, "SELECT\n  1"),
+           ("7", "app", "alice", 3, Decimal("0.1"), 3, "SELECT 2")]
+    s = render(build_statements(top, (50, 1000, Decimal("9.0"), 2000)))
+    assert s.value("qatoolbox_postgres_statement_calls_total", queryid="42", datname="app",
+                   user="bob") == 1
+    assert s.value("qatoolbox_postgres_statement_info", queryid="42", query="SELECT 1") == 1
+    assert len(s.series("qatoolbox_postgres_statement_info")) == 2
+    assert s.value("qatoolbox_postgres_statements_tracked") == 50
+    assert s.value("qatoolbox_postgres_statements_seconds_total") == 9
+
+
+def test_tables_skip_missing_timestamps() -> None:
+    rows = [("public", "a", 1, 2, 3, 4, 8192, None, Decimal("1700000000.5"))]
+    s = render(build_tables(rows, 12))
+    assert s.value("qatoolbox_postgres_table_size_bytes", schema="public", table="a") == 8192
+    assert s.value("qatoolbox_postgres_table_last_autovacuum_timestamp_seconds",
+                   schema="public", table="a") is None
+    assert s.value("qatoolbox_postgres_table_last_autoanalyze_timestamp_seconds",
+                   schema="public", table="a") == 1700000000.5
+    assert s.value("qatoolbox_postgres_tables") == 12
+
+
+def test_failure_metrics_are_only_up_zero() -> None:
+    c = PostgresCollector(PostgresConfig(port=1))
+    s = render(c.failure_metrics())
+    assert s.series() == [("qatoolbox_postgres_up", {})]
+    assert s.value("qatoolbox_postgres_up") == 0
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_environment() -> None:
+    env = {"DB_HOST": "db", "DB_PORT": "6543", "DB_NAME": "qa", "DB_USER": "u",
+           "DB_PASSWORD": "pw"}
+    pg = load_config(None, env, {"postgres": True}).postgres
+    assert (pg.host, pg.port, pg.dbname, pg.user, pg.password) == ("db", 6543, "qa", "u", "pw")
+    durations = (pg.slow_query_threshold, pg.cache_interval, pg.timeout)
+    assert tuple(float(d) for d in durations) == (5.0, 60.0, 2.0)
+    assert pg.top_tables == 50 and pg.top_statements == 50
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [({"top_tables": -1}, "postgres.top_tables"),
+     ({"top_statements": 5000}, "postgres.top_statements"),
+     ({"cache_interval": "2d"}, "postgres.cache_interval"),
+     ({"slow_query_threshold": "0s"}, "postgres.slow_query_threshold"),
+     ({"timeout": "0s"}, "postgres.timeout"),
+     ({"connect_timeout": "500ms"}, "postgres.connect_timeout"),
+     ({"sslmode": "sometimes"}, "postgres.sslmode"),
+     ({"port": 70000}, "postgres.port"),
+     ({"top_tables": "many"}, "postgres.top_tables")],
+)
+def test_config_rejects_out_of_range(workdir: Any, section: dict[str, Any], key: str) -> None:
+    import yaml
+
+    path = workdir / "c.yml"
+    path.write_text(yaml.safe_dump({"postgres": section}))
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path), {}, {"postgres": True})
+    assert any(p.startswith(key + ":") for p in info.value.problems), info.value.problems
+
+
+# --- the watchdog --------------------------------------------------------------------------------
+
+
+def test_watchdog_cuts_a_blocked_read_and_reports_it() -> None:
+    left, right = socket.socketpair()
+    watchdog = Watchdog()
+    try:
+        watchdog.arm(left.fileno(), time.monotonic() + 0.2)
+        started = time.monotonic()
+        assert left.recv(10) == b""  # blocked until the watchdog shut the socket down
+        assert time.monotonic() - started < 5
+        assert watchdog.disarm() is True
+        assert left.fileno() >= 0  # shut down, not closed: the owner closes it
+    finally:
+        left.close()
+        right.close()
+    left, right = socket.socketpair()
+    try:
+        # Disarmed in time: nothing is cut.
+        watchdog.arm(left.fileno(), time.monotonic() + 0.2)
+        assert watchdog.disarm() is False
+        time.sleep(0.3)
+        left.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            left.recv(10)  # still open (would block, not EOF)
+    finally:
+        watchdog.stop()
+        left.close()
+        right.close()
+
+
+# --- the collector on real servers ---------------------------------------------------------------
+
+
+def test_values_match_pg_stat_database_after_a_workload(
+    pg_factory: Callable[..., PostgresServer],
+) -> None:
+    pg = pg_factory(settings={"autovacuum": "off"})
+    pg.execute("CREATE DATABASE work")
+    pg.execute("CREATE TABLE items (id int PRIMARY KEY, v int)", dbname="work")
+    with collector(config_for(pg, cache_interval=0)) as c:
+        before = scrape(c)
+        with pg.connect("work") as conn:
+            for i in range(40):
+                conn.execute("INSERT INTO items VALUES (%s, 0)", (i,))
+            conn.execute("UPDATE items SET v = 1 WHERE id < 10")
+            conn.execute("DELETE FROM items WHERE id >= 30")
+            for i in range(5):
+                with contextlib.suppress(psycopg.errors.UniqueViolation):
+                    conn.execute("INSERT INTO items VALUES (%s, 0)", (i,))  # rolled back
+        columns = ("xact_commit", "xact_rollback", "tup_inserted", "tup_updated", "tup_deleted")
+        query = (f"SELECT {', '.join(columns)} FROM pg_stat_database WHERE datname = 'work'")
+
+        # The workload's backend reports its counters as it exits: wait until they settle.
+        def settled() -> bool:
+            return bool(pg.execute(query)[0][1] >= 5 and pg.execute(query)[0][3] == 10)
+
+        wait_for(settled, 15, "the workload's statistics")
+        direct = dict(zip(columns, pg.execute(query)[0], strict=True))
+        after = scrape(c)
+    names = {"xact_commit": "transactions_committed", "xact_rollback": "transactions_rolled_back",
+             "tup_inserted": "rows_inserted", "tup_updated": "rows_updated",
+             "tup_deleted": "rows_deleted"}
+    for column, name in names.items():
+        value = after.value(f"qatoolbox_postgres_{name}_total", datname="work")
+        assert value == direct[column], (name, value, direct[column])
+    delta = {name: (after.value(f"qatoolbox_postgres_{name}_total", datname="work") or 0)
+             - (before.value(f"qatoolbox_postgres_{name}_total", datname="work") or 0)
+             for name in names.values()}
+    assert delta["transactions_committed"] >= 42
+    assert delta["transactions_rolled_back"] == 5
+    assert delta["rows_inserted"] == 45  # rolled-back inserts count too
+    assert delta["rows_updated"] == 10
+    assert delta["rows_deleted"] == 10
+    assert after.value("qatoolbox_postgres_up") == 1
+    assert after.value("qatoolbox_postgres_in_recovery") == 0
+    assert after.value("qatoolbox_postgres_max_connections") == 100
+    version = pg.execute("SHOW server_version")[0][0].split(" ")[0]
+    assert after.value("qatoolbox_postgres_version_info", version=version) == 1
+    size = pg.execute("SELECT pg_database_size('work')")[0][0]
+    assert after.value("qatoolbox_postgres_database_size_bytes", datname="work") == size
+    assert after.value("qatoolbox_postgres_checkpoints_timed_total") is not None
+
+
+def test_slow_query_lock_wait_and_idle_in_transaction(postgres: PostgresServer) -> None:
+    pg = postgres
+    for db in ("slowdb", "lockdb"):
+        pg.execute(f"CREATE DATABASE {db}")
+    pg.execute("CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t VALUES (1, 0)",
+               dbname="lockdb")
+    sleeper = pg.connect("slowdb")
+    holder = pg.connect("lockdb")
+    waiter = pg.connect("lockdb")
+    threads: list[threading.Thread] = []
+    try:
+        sleep_thread = threading.Thread(target=sleeper.execute, args=("SELECT pg_sleep(8)",))
+        sleep_thread.start()
+        threads.append(sleep_thread)
+        started = time.monotonic()
+        holder.execute("BEGIN")
+        holder.execute("UPDATE t SET v = 1 WHERE id = 1")  # now idle in transaction
+        wait_thread = threading.Thread(target=waiter.execute,
+                                       args=("UPDATE t SET v = 2 WHERE id = 1",))
+        wait_thread.start()
+        threads.append(wait_thread)
+        with collector(config_for(pg)) as c:
+            wait_for(lambda: scrape(c).value("qatoolbox_postgres_lock_waits",
+                                             datname="lockdb") == 1, 10, "the lock wait")
+            time.sleep(max(0.0, 5.5 - (time.monotonic() - started)))
+            s = scrape(c)
+            # Only the pg_sleep has been running for more than 5 s.
+            assert s.value("qatoolbox_postgres_slow_queries", datname="slowdb") == 1
+            assert (s.value("qatoolbox_postgres_longest_query_seconds", datname="slowdb")
+                    or 0) >= 5
+            assert s.value("qatoolbox_postgres_connections", datname="slowdb",
+                           state="active") == 1
+            assert s.value("qatoolbox_postgres_lock_waits", datname="lockdb") == 1
+            assert s.value("qatoolbox_postgres_lock_waits", datname="slowdb") == 0
+            assert s.value("qatoolbox_postgres_connections", datname="lockdb",
+                           state="idle in transaction") == 1
+            idle = s.value("qatoolbox_postgres_oldest_idle_in_transaction_seconds",
+                           datname="lockdb")
+            assert idle is not None and 1 < idle < 60
+            assert (s.value("qatoolbox_postgres_oldest_transaction_seconds", datname="lockdb")
+                    or 0) >= idle
+            # The waiter awaits the holder's transaction id in ShareLock mode.
+            assert (s.value("qatoolbox_postgres_locks", datname="lockdb", mode="ShareLock")
+                    or 0) >= 1
+            # The collector's own backend is left out of the activity.
+            assert s.value("qatoolbox_postgres_connections", datname="postgres",
+                           state="active") == 0
+            holder.execute("ROLLBACK")
+            wait_thread.join(10)
+            s = scrape(c)
+            assert s.value("qatoolbox_postgres_lock_waits", datname="lockdb") == 0
+            assert s.value("qatoolbox_postgres_oldest_idle_in_transaction_seconds",
+                           datname="lockdb") == 0
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            holder.execute("ROLLBACK")
+        for t in threads:
+            t.join(15)
+        for conn in (sleeper, holder, waiter):
+            conn.close()
+
+
+def test_pg_stat_statements_top_n_and_totals(pg_factory: Callable[..., PostgresServer]) -> None:
+    pg = pg_factory(settings={"shared_preload_libraries": "pg_stat_statements"})
+    pg.execute("CREATE DATABASE app")
+    pg.execute("CREATE EXTENSION pg_stat_statements", dbname="app")
+    with pg.connect("app") as conn:
+        conn.execute("SELECT pg_sleep(0.3)::text")
+        conn.execute("SELECT 1 FROM pg_sleep(0.2)")
+        conn.execute("SELECT count(*) FROM pg_sleep(0.1)")
+        for i in range(30):
+            conn.execute(f"SELECT {i} + 1 AS n{i % 10}")  # ten cheap statements
+    top_query = """
+        SELECT queryid::text, (SELECT datname FROM pg_database WHERE oid = dbid),
+               sum(calls), sum(total_exec_time) / 1000
+        FROM pg_stat_statements WHERE queryid IS NOT NULL
+        GROUP BY queryid, dbid, userid ORDER BY 4 DESC LIMIT 3"""
+    totals_query = "SELECT count(*), sum(calls) FROM pg_stat_statements"
+    with collector(config_for(pg, dbname="app", top_statements=3)) as c:
+        before = pg.execute(totals_query, dbname="app")[0]
+        s = scrape(c)
+        after = pg.execute(totals_query, dbname="app")[0]
+        expected = pg.execute(top_query, dbname="app")
+    calls = s.series("qatoolbox_postgres_statement_calls_total")
+    assert len(calls) == 3
+    got = {labels["queryid"] for _, labels in calls}
+    assert got == {row[0] for row in expected}
+    for queryid, datname, n_calls, seconds in expected:
+        # pg_stat_statements covers the cluster: CREATE DATABASE app ran in postgres.
+        labels = {"queryid": queryid, "datname": datname, "user": "postgres"}
+        assert s.value("qatoolbox_postgres_statement_calls_total", **labels) == n_calls
+        assert s.value("qatoolbox_postgres_statement_seconds_total",
+                       **labels) == pytest.approx(float(seconds))
+    texts = {labels["query"] for _, labels in s.series("qatoolbox_postgres_statement_info")}
+    assert "SELECT pg_sleep($1)::text" in texts
+    tracked = s.value("qatoolbox_postgres_statements_tracked") or 0
+    assert before[0] <= tracked <= after[0]
+    total_calls = s.value("qatoolbox_postgres_statements_calls_total") or 0
+    assert before[1] <= total_calls <= after[1]
+    assert total_calls >= 33
+    top_seconds = sum(float(row[3]) for row in expected)
+    assert (s.value("qatoolbox_postgres_statements_seconds_total") or 0) >= top_seconds
+
+
+def test_non_superuser_with_pg_monitor(pg_factory: Callable[..., PostgresServer],
+                                       caplog: pytest.LogCaptureFixture) -> None:
+    pg = pg_factory(settings={"shared_preload_libraries": "pg_stat_statements"})
+    pg.execute("CREATE EXTENSION pg_stat_statements")
+    # The role docs/postgres.md tells operators to create.
+    pg.execute("CREATE ROLE qatoolbox_exporter LOGIN PASSWORD 'monitor-pass-1' "
+               "NOSUPERUSER NOCREATEDB NOCREATEROLE; "
+               "GRANT pg_monitor TO qatoolbox_exporter")
+    pg.execute("CREATE TABLE visible (id int)")
+    pg.execute("SELECT pg_create_physical_replication_slot('standby1', true)")
+    with pg.connect() as other:  # another user's activity must be visible too
+        other.execute("BEGIN")
+        other.execute("SELECT 1")
+        cfg = config_for(pg, user="qatoolbox_exporter", password=Secret("monitor-pass-1"))
+        with caplog.at_level(logging.INFO, "exporter.collectors.postgres"), collector(cfg) as c:
+            s = scrape(c)
+        other.execute("ROLLBACK")
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert s.value("qatoolbox_postgres_up") == 1
+    assert s.value("qatoolbox_postgres_connections", datname="postgres",
+                   state="idle in transaction") == 1
+    for family in ("database_size_bytes", "statement_calls_total", "table_size_bytes",
+                   "checkpoints_timed_total", "locks", "replication_slot_retained_bytes"):
+        assert s.series(f"qatoolbox_postgres_{family}"), family
+    assert s.value("qatoolbox_postgres_tables") == 1
+    assert (s.value("qatoolbox_postgres_replication_slot_retained_bytes",
+                    slot_name="standby1") or 0) > 0
+    # The superuser's statements are visible with their text to a pg_monitor member.
+    texts = {lbl["query"] for _, lbl in s.series("qatoolbox_postgres_statement_info")}
+    assert "CREATE TABLE visible (id int)" in texts
+
+
+def test_a_family_that_fails_is_left_out_and_logged_once(
+    postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    pg = postgres
+    pg.execute("CREATE ROLE plain LOGIN PASSWORD 'plain-pass-2'")
+    pg.execute("REVOKE SELECT ON pg_catalog.pg_stat_bgwriter FROM PUBLIC")
+    cfg = config_for(pg, user="plain", password=Secret("plain-pass-2"), cache_interval=0)
+    with caplog.at_level(logging.INFO, "exporter.collectors.postgres"), collector(cfg) as c:
+        first, second = scrape(c), scrape(c)
+        pg.execute("GRANT SELECT ON pg_catalog.pg_stat_bgwriter TO PUBLIC")
+        third = scrape(c)
+    for s in (first, second):
+        assert s.value("qatoolbox_postgres_up") == 1
+        assert s.value("qatoolbox_postgres_checkpoints_timed_total") is None
+        assert s.series("qatoolbox_postgres_transactions_committed_total")
+        assert s.series("qatoolbox_postgres_connections")
+        # Not installed: absent.
+        assert not s.series("qatoolbox_postgres_statement")
+    assert third.value("qatoolbox_postgres_checkpoints_timed_total") is not None
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [getattr(r, "family", None) for r in warnings] == ["checkpoints"]
+    assert "permission denied" in getattr(warnings[0], "err", "")
+    notes = [r for r in caplog.records if "pg_stat_statements is not installed" in r.getMessage()]
+    assert len(notes) == 1
+    assert any(r.getMessage() == "postgres family back" for r in caplog.records)
+
+
+def test_statement_timeout_leaves_one_family_out(postgres: PostgresServer) -> None:
+    pg = postgres
+    pg.execute("CREATE TABLE busy (id int)")
+    with pg.connect() as locker, collector(config_for(pg, timeout=0.5)) as c:
+        # An ALTER TABLE in progress: sizing the table has to wait for its lock.
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
+        s = scrape(c)
+        assert s.value("qatoolbox_postgres_up") == 1
+        assert not s.series("qatoolbox_postgres_table_")
+        assert s.series("qatoolbox_postgres_connections")
+        locker.execute("ROLLBACK")
+        s = scrape(c)  # the same connection, still good
+        assert s.value("qatoolbox_postgres_table_size_bytes", schema="public",
+                       table="busy") == 0
+    assert exporter_sessions(pg) == 0
+
+
+def test_expensive_families_are_cached(postgres: PostgresServer) -> None:
+    pg = postgres
+    now = [1000.0]
+    with collector(config_for(pg, cache_interval=60), clock=lambda: now[0]) as c:
+        first = scrape(c)
+        pg.execute("CREATE TABLE newer (id int); INSERT INTO newer VALUES (1)")
+        now[0] += 30
+        cached = scrape(c)
+        now[0] += 31
+        fresh = scrape(c)
+    assert first.value("qatoolbox_postgres_tables") == 0
+    assert cached.value("qatoolbox_postgres_tables") == 0
+    assert cached.value("qatoolbox_postgres_database_size_bytes", datname="postgres") == \
+        first.value("qatoolbox_postgres_database_size_bytes", datname="postgres")
+    # Cheap families are read every time.
+    assert (cached.value("qatoolbox_postgres_rows_inserted_total", datname="postgres") or 0) > \
+        (first.value("qatoolbox_postgres_rows_inserted_total", datname="postgres") or 0)
+    assert fresh.value("qatoolbox_postgres_tables") == 1
+
+
+def test_top_tables_bounded_by_total_size(postgres: PostgresServer) -> None:
+    pg = postgres
+    pg.execute("CREATE TABLE big (id int, pad text); "
+               "INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, 5000) g; "
+               "CREATE TABLE mid (id int PRIMARY KEY); "
+               "INSERT INTO mid SELECT generate_series(1, 2000); "
+               "CREATE TABLE tiny (id int); CREATE SCHEMA other; CREATE TABLE other.t (id int)")
+    with collector(config_for(pg, top_tables=2)) as c:
+        s = scrape(c)
+    sizes = s.series("qatoolbox_postgres_table_size_bytes")
+    assert sorted(lbl["table"] for _, lbl in sizes) == ["big", "mid"]
+    assert s.value("qatoolbox_postgres_tables") == 4
+    expected = pg.execute("SELECT pg_total_relation_size('mid')")[0][0]
+    assert s.value("qatoolbox_postgres_table_size_bytes", schema="public", table="mid") == expected
+
+
+def test_server_restart_and_stop(postgres: PostgresServer) -> None:
+    pg = postgres
+    with collector(config_for(pg)) as c:
+        assert scrape(c).value("qatoolbox_postgres_up") == 1
+        pg.restart()
+        # The kept connection died with the old server: one retry on a fresh one, still up.
+        assert scrape(c).value("qatoolbox_postgres_up") == 1
+        assert exporter_sessions(pg) == 1
+        pg.stop()
+        with pytest.raises(PostgresError, match="cannot connect"):
+            c.collect()
+        pg.start()
+        assert scrape(c).value("qatoolbox_postgres_up") == 1
+
+
+def test_paused_server_cut_at_the_deadline_then_recovered(postgres: PostgresServer) -> None:
+    pg = postgres
+    budget = 2.5
+    with collector(config_for(pg), budget=budget) as c:
+        scrape(c)
+        threads = threading.active_count()
+        with paused(pg):
+            for _ in range(3):
+                started = time.monotonic()
+                with pytest.raises(PostgresError):
+                    c.collect()
+                assert time.monotonic() - started < budget + 1
+                assert threading.active_count() == threads
+        wait_for(lambda: scrape(c).value("qatoolbox_postgres_up") == 1, 15, "recovery")
+        # The backend of the connection cut during the pause exits once it runs again.
+        wait_for(lambda: exporter_sessions(pg) == 1, 15, "a single exporter session")
+        assert threading.active_count() == threads
