@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -415,3 +416,24 @@ def test_boot_time_load_and_loopback_counters_are_real() -> None:
     if "lo" in before:
         got = value(found, "qatoolbox_host_network_receive_bytes_total", device="lo")
         assert before["lo"][0] <= got <= after["lo"][0]
+
+
+def read_pressure() -> dict[str, float]:
+    totals = {}
+    for resource in ("cpu", "memory", "io"):
+        with contextlib.suppress(OSError):  # kernel without PSI
+            text = Path(f"/proc/pressure/{resource}").read_text()
+            totals[resource] = parse_pressure(text)["some"]
+    return totals
+
+
+def test_pressure_where_the_kernel_has_it() -> None:
+    before = read_pressure()
+    found = samples(real_host().collect())
+    after = read_pressure()
+    for resource in ("cpu", "memory", "io"):
+        name = f"qatoolbox_host_pressure_{resource}_waiting_seconds_total"
+        if resource not in before:
+            assert (name, ()) not in found
+        else:
+            assert before[resource] <= found[(name, ())] <= after[resource]

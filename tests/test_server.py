@@ -86,6 +86,8 @@ def test_no_config_serves_host_and_process(exporter_factory: Factory) -> None:
     reported = {labels["collector"] for _, labels in
                 scrape.series("qatoolbox_exporter_collector_success")}
     assert reported == enabled
+    # the exporter's own registry: no client-library process_* or python_* series
+    assert {n for n in names if not n.startswith("qatoolbox_")} == set()
 
 
 def test_unreachable_postgres_and_redis_still_answer_fast(exporter_factory: Factory) -> None:
@@ -232,3 +234,15 @@ def test_port_already_in_use_is_one_line_and_exit_1(exporter_factory: Factory) -
     assert f"127.0.0.1:{first.port}" in lines[0] and "in use" in lines[0]
     assert "Traceback" not in result.stderr
     assert first.get("/healthz")[0] == 200
+
+
+def test_log_level_flag(exporter_factory: Factory) -> None:
+    quiet = exporter_factory(args=["--log.level", "error"], env=closed_backends())
+    chatty = exporter_factory(args=["--log.level", "debug"], env=closed_backends())
+    for exporter in (quiet, chatty):
+        exporter.get("/healthz")
+        assert exporter.stop() == 0
+    assert "msg=listening" not in quiet.logs()
+    assert "level=info" not in quiet.logs() and "level=debug" not in quiet.logs()
+    assert "msg=listening" in chatty.logs()
+    assert "level=debug" in chatty.logs() and "msg=request" in chatty.logs()
