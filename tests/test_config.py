@@ -16,6 +16,7 @@ from exporter.config import (
     load_config,
     parse_duration,
     redact_url,
+    split_listen_address,
     summary,
 )
 
@@ -430,3 +431,17 @@ def test_environ_seam_is_the_process_environment() -> None:
     from exporter.config import environ
 
     assert environ() is os.environ
+
+
+@pytest.mark.parametrize(("address", "parts"), [
+    (":9786", ("", 9786)), ("127.0.0.1:9000", ("127.0.0.1", 9000)), ("[::1]:80", ("::1", 80)),
+    ("[::]:9786", ("::", 9786)), ("localhost:0", ("localhost", 0)),
+])
+def test_split_listen_address(address: str, parts: tuple[str, int]) -> None:
+    assert split_listen_address(address) == parts
+
+
+@pytest.mark.parametrize("address", ["9786", "host:", "host:port", ":70000", ":-1", ""])
+def test_split_listen_address_rejects(address: str) -> None:
+    with pytest.raises(ValueError):
+        split_listen_address(address)
