@@ -231,5 +231,5 @@ def test_dashboard_provider() -> None:
     config = yaml.safe_load((GRAFANA / "provisioning/dashboards/provider.yml").read_text())
     (provider,) = config["providers"]
     assert provider["type"] == "file"
-    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
     assert provider["allowUiUpdates"] is False

@@ -1,0 +1,31 @@
+# qatoolbox-exporter image, and (target "demo") the QAToolBox demo app used by the compose
+# file's demo profile. `docker build .` builds the exporter (the last stage).
+FROM python:3.12.8-slim-bookworm AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY exporter ./exporter
+# A fixed uid/gid so that files on shared volumes (the app's metrics folders) match across
+# the exporter and demo containers.
+RUN pip install . \
+ && groupadd --system --gid 10001 qatoolbox \
+ && useradd --system --uid 10001 --gid qatoolbox --no-create-home \
+            --home-dir /nonexistent --shell /usr/sbin/nologin qatoolbox
+
+FROM base AS demo
+# The demo's own dependencies, never the exporter's: Django, gunicorn, Celery with Redis.
+RUN pip install "django>=4.2,<6" "gunicorn>=21.2,<24" "celery[redis]>=5.3,<6"
+COPY examples ./examples
+WORKDIR /app/examples/qatoolbox_demo
+USER 10001:10001
+EXPOSE 8000
+
+FROM base AS exporter
+USER 10001:10001
+EXPOSE 9786
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9786/healthz', timeout=4)"]
+ENTRYPOINT ["qatoolbox-exporter"]
