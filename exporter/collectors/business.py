@@ -25,9 +25,9 @@ log = logging.getLogger("exporter.business")
 ABORT_GRACE = 2.0
 # A failed query runs again after min(interval, RETRY_AFTER), so recovery shows up quickly.
 RETRY_AFTER = 10.0
-# After a failed connection attempt, queries fail at once for this long instead of each
+# After a failed connection attempt, the queries queued with it fail at once instead of each
 # waiting for its own connect timeout against a database that is down.
-CONNECT_BACKOFF = 5.0
+CONNECT_BACKOFF = 1.0
 
 Sample = tuple[tuple[str, ...], float]
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -198,7 +198,7 @@ class BusinessCollector:
     def _work(self) -> None:
         while True:
             state = self._queue.get()
-            if state is None:
+            if state is None or self._closed:
                 return
             self._run(state)
 
@@ -343,8 +343,9 @@ class BusinessCollector:
         password = str(self._pg.password)
         return text.replace(password, "<secret>") if password else text
 
-    def close(self) -> None:
-        """Stop the workers, cut running queries and close idle connections."""
+    def close(self, timeout: float = 0.0) -> None:
+        """Stop the workers, cut running queries and close idle connections; wait up to
+        timeout seconds for the workers to end (the runner does not wait)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
@@ -355,6 +356,9 @@ class BusinessCollector:
             self._abort(run)
         for conn in idle:
             conn.close()
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
 
 
 def _describe(exc: BaseException) -> str:

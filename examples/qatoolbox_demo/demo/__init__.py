@@ -1,0 +1,1 @@
+"""The QAToolBox demo project (settings, URLs, WSGI entry point)."""

@@ -1,0 +1,1 @@
+"""The demo's tools app: QAToolBox's chat, presence and time capsule tables."""

@@ -1,0 +1,435 @@
+"""Business collector: config validation, result shaping, and runs against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.collectors import DEFAULTS
+from exporter.collectors.business import BusinessCollector, QueryError, result_samples
+from exporter.config import (
+    BusinessConfig,
+    BusinessQuery,
+    ConfigError,
+    business_defaults,
+    load_config,
+    sql_problem,
+)
+from tests.harness import PostgresServer, Scrape, free_port, run_exporter, wait_for
+
+SUCCESS = "qatoolbox_business_query_success"
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def load(workdir: Path, data: dict[str, Any], env: dict[str, str] | None = None) -> Any:
+    path = workdir / "business.yml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(str(path), env or {}, DEFAULTS)
+
+
+def problems(workdir: Path, business: dict[str, Any]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load(workdir, {"business": business})
+    return info.value.problems
+
+
+def query(metric: str, sql: str, **extra: Any) -> dict[str, Any]:
+    return {"metric": metric, "help": "A test metric.", "sql": sql, **extra}
+
+
+def scrape(collector: BusinessCollector) -> Scrape:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return Scrape(generate_latest(registry).decode())
+
+
+@pytest.fixture
+def collectors() -> Iterator[list[BusinessCollector]]:
+    """Collectors a test made; closed (workers joined) at the end."""
+    made: list[BusinessCollector] = []
+    yield made
+    for collector in made:
+        collector.close(timeout=10)
+
+
+@pytest.fixture
+def make_collector(
+    workdir: Path, collectors: list[BusinessCollector]
+) -> Callable[..., BusinessCollector]:
+    def make(pg_env: dict[str, str], queries: list[dict[str, Any]], **business: Any
+             ) -> BusinessCollector:
+        config = load(workdir, {"business": {"defaults": False, "queries": queries, **business}},
+                      pg_env)
+        collector = BusinessCollector(config.business, config.postgres)
+        collectors.append(collector)
+        return collector
+
+    return make
+
+
+def settled(collector: BusinessCollector, names: list[str], timeout: float = 30) -> Scrape:
+    """Scrape until every named query has finished a run (success 1, or a logged failure)."""
+    result: list[Scrape] = []
+
+    def done() -> bool:
+        result[:] = [scrape(collector)]
+        return all(
+            result[0].value(SUCCESS, query=n) == 1
+            or result[0].value("qatoolbox_business_query_duration_seconds", query=n)
+            for n in names
+        )
+
+    wait_for(done, timeout, f"queries {names} to run")
+    return result[0]
+
+
+# --- SQL and config validation (no database) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 1 AS value",
+    "select count(*) as value from t;",
+    "  -- leading comment\n WITH x AS (SELECT 1 AS v) SELECT v AS value FROM x",
+    "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) "
+    "SELECT count(*) AS value FROM r",
+    "SELECT count(*) AS value FROM t WHERE note <> 'update; delete' -- ; drop table t",
+    'SELECT "update" AS value FROM t /* insert /* nested */ into */',
+    "SELECT $tag$; DELETE FROM t$tag$ AS label, 1 AS value",
+    "SELECT E'it\\'s; delete' AS label, 1 AS value",
+    "SELECT count(*) AS value FROM t WHERE last_update > now() - interval '1 hour'",
+    "SELECT substring(name FROM 1 FOR 3) AS label, 1 AS value FROM t",
+])
+def test_read_only_selects_are_accepted(sql: str) -> None:
+    assert sql_problem(sql) is None
+
+
+@pytest.mark.parametrize(("sql", "why"), [
+    ("UPDATE t SET n = n + 1", "single SELECT"),
+    ("DELETE FROM t", "single SELECT"),
+    ("VALUES (1)", "single SELECT"),
+    ("SELECT 1; SELECT 2", "single statement"),
+    ("SELECT 1; DROP TABLE t", "single statement"),
+    ("SELECT 1 /* unterminated", "unterminated"),
+    ("SELECT 'unterminated", "unterminated"),
+    ("WITH gone AS (DELETE FROM t RETURNING *) SELECT count(*) AS value FROM gone", "DELETE"),
+    ("WITH n AS (INSERT INTO t VALUES (1) RETURNING 1) SELECT 1 AS value", "INSERT"),
+    ("WITH u AS (UPDATE t SET n = 0 RETURNING 1) SELECT count(*) AS value FROM u", "UPDATE"),
+    ("SELECT * INTO copy_of_t FROM t", "INTO"),
+    ("SELECT n AS value FROM t FOR UPDATE", "UPDATE"),
+    ("SELECT n AS value FROM t FOR KEY SHARE", "FOR SHARE"),
+    ("SELECT 1 AS value -- fine\n; TRUNCATE t", "single statement"),
+])
+def test_other_statements_are_rejected(sql: str, why: str) -> None:
+    problem = sql_problem(sql)
+    assert problem is not None and why in problem
+
+
+def test_defaults_load_validate_and_are_overridable(workdir: Path) -> None:
+    defaults = business_defaults()
+    names = [q.metric for q in defaults]
+    assert names == [
+        "qatoolbox_users", "qatoolbox_users_active", "qatoolbox_users_online",
+        "qatoolbox_users_by_status", "qatoolbox_chat_rooms", "qatoolbox_chat_rooms_stale",
+        "qatoolbox_chat_messages_total", "qatoolbox_chat_messages_last_hour",
+        "qatoolbox_time_capsules", "qatoolbox_time_capsules_overdue",
+    ]
+    assert all(sql_problem(q.sql) is None and q.help.endswith(".") for q in defaults)
+    assert load(workdir, {}).business.all_queries() == defaults
+    assert load(workdir, {"business": {"defaults": False}}).business.all_queries() == ()
+
+    mine = query("qatoolbox_users", "SELECT 1 AS value")
+    extra = query("shop_orders", "SELECT 2 AS value")
+    merged = load(workdir, {"business": {"queries": [extra, mine]}}).business.all_queries()
+    assert [q.metric for q in merged] == [*names, "shop_orders"]
+    assert merged[0].sql == "SELECT 1 AS value"
+    assert merged[-1].interval == 60 and merged[-1].timeout == 2 and merged[-1].max_rows == 100
+
+
+def test_every_kind_of_bad_query_is_a_config_error_naming_it(workdir: Path) -> None:
+    found = problems(workdir, {"defaults": False, "concurrency": 0, "queries": [
+        query("ok_metric", "SELECT 1 AS value"),
+        query("ok_metric", "SELECT 2 AS value"),
+        query("bad-name", "SELECT 1 AS value"),
+        query("qatoolbox_postgres_mine", "SELECT 1 AS value"),
+        query("qatoolbox_business_up", "SELECT 1 AS value"),
+        query("qatoolbox_exporter_x", "SELECT 1 AS value"),
+        query("orders", "SELECT 1 AS value", type="histogram"),
+        query("orders_total", "SELECT 1 AS value"),
+        query("orders_count", "SELECT 1 AS value", type="counter"),
+        query("labelled", "SELECT 1 AS value", labels=["ok", "bad-label", "__x", "ok", "value"]),
+        query("writer", "UPDATE t SET n = 1"),
+        query("cte_writer", "WITH d AS (DELETE FROM t RETURNING 1) SELECT 1 AS value"),
+        query("two", "SELECT 1 AS value; SELECT 2"),
+        query("limits", "SELECT 1 AS value", interval="0s", timeout="10m", max_rows=0),
+        {"metric": "no_help", "sql": "SELECT 1 AS value", "surprise": 1},
+        {"metric": "no_sql", "help": "x"},
+    ]})
+    expected = [
+        "business.concurrency: must be between 1 and 8",
+        "business.queries[1] (ok_metric).metric: duplicate of business.queries[0] (ok_metric)",
+        "business.queries[2].metric: expected a metric name",
+        "business.queries[3] (qatoolbox_postgres_mine).metric: the prefix is reserved",
+        "business.queries[4] (qatoolbox_business_up).metric: the prefix is reserved",
+        "business.queries[5] (qatoolbox_exporter_x).metric: the prefix is reserved",
+        "business.queries[6].type: expected one of gauge, counter",
+        "business.queries[7] (orders_total).metric: _total is for counters",
+        "business.queries[8] (orders_count).metric: a counter's name must end in _total",
+        "business.queries[9] (labelled).labels[1]: expected a label name",
+        "business.queries[9] (labelled).labels[2]: expected a label name",
+        'business.queries[9] (labelled).labels[3]: "ok" is used twice',
+        'business.queries[9] (labelled).labels[4]: "value" is used twice',
+        "business.queries[10] (writer).sql: must be a single SELECT",
+        "business.queries[11] (cte_writer).sql: must only read data, found DELETE",
+        "business.queries[12] (two).sql: must be a single statement",
+        "business.queries[13] (limits).interval: must be greater than 0",
+        "business.queries[13] (limits).timeout: must be between 1ms and 300s",
+        "business.queries[13] (limits).max_rows: must be between 1 and 10000",
+        "business.queries[14].surprise: unknown key",
+        "business.queries[14] (no_help).help: required",
+        "business.queries[15] (no_sql).sql: required",
+    ]
+    for line in expected:
+        assert any(p.startswith(line) for p in found), (line, found)
+    assert len(found) == len(expected), found
+
+
+def test_counter_and_gauge_of_one_family_collide(workdir: Path) -> None:
+    found = problems(workdir, {"defaults": False, "queries": [
+        query("orders", "SELECT 1 AS value"),
+        query("orders_total", "SELECT 1 AS value", type="counter"),
+    ]})
+    assert found == ["business.queries[1] (orders_total).metric: duplicate of "
+                     "business.queries[0] (orders)"]
+
+
+def test_config_check_rejects_a_writing_query_by_name(workdir: Path) -> None:
+    path = workdir / "bad.yml"
+    path.write_text(yaml.safe_dump({"business": {"queries": [
+        query("shop_orders", "SELECT count(*) AS value FROM orders"),
+        query("shop_cleanup", "WITH gone AS (DELETE FROM orders RETURNING 1) "
+                              "SELECT count(*) AS value FROM gone"),
+    ]}}))
+    result = run_exporter(["--config.check", "--config.file", str(path)])
+    assert result.returncode == 2
+    assert "business.queries[1] (shop_cleanup).sql: must only read data, found DELETE" \
+        in result.stderr
+    assert "shop_orders" not in result.stderr
+
+
+# --- result shaping (no database) ---------------------------------------------------------------
+
+
+def test_result_samples_converts_and_rejects() -> None:
+    q = BusinessQuery(metric="m", help="h.", sql="SELECT", labels=("kind",), max_rows=3)
+    assert result_samples(q, ["kind", "value"], [("a", 1), ("b", Decimal("2.5")),
+                                                 (None, True)]) == [
+        (("a",), 1.0), (("b",), 2.5), (("",), 1.0)]
+    cases: list[tuple[list[str], list[tuple[Any, ...]], str]] = [
+        (["kind"], [("a",)], "column value not in the result"),
+        (["value"], [(1,)], "column kind not in the result"),
+        (["kind", "value"], [("a", 1)] * 4, "too many rows"),
+        (["kind", "value"], [("a", None)], "NULL"),
+        (["kind", "value"], [("a", "12")], "non-numeric str"),
+        (["kind", "value"], [("a", 1), ("a", 2)], 'two rows with the same labels {kind="a"}'),
+    ]
+    for columns, rows, message in cases:
+        with pytest.raises(QueryError, match=message.replace("{", r"\{")):
+            result_samples(q, columns, rows)
+
+
+# --- against a real PostgreSQL ------------------------------------------------------------------
+
+
+SETUP = """
+CREATE TABLE items (id serial PRIMARY KEY, kind text NOT NULL, amount numeric);
+INSERT INTO items (kind, amount) VALUES ('a', 1.5), ('a', 2), ('b', NULL);
+CREATE SEQUENCE ticket;
+CREATE TABLE audit (at timestamptz DEFAULT now());
+CREATE FUNCTION write_audit() RETURNS int LANGUAGE plpgsql VOLATILE AS
+  $$ BEGIN INSERT INTO audit DEFAULT VALUES; RETURN 1; END $$;
+"""
+
+
+def database_state(pg: PostgresServer) -> list[Any]:
+    return [
+        pg.execute("SELECT id, kind, amount FROM items ORDER BY id"),
+        pg.execute("SELECT last_value, is_called FROM ticket"),
+        pg.execute("SELECT count(*) FROM audit"),
+        pg.execute("SELECT count(*) FROM pg_class WHERE relname = 'stolen'"),
+    ]
+
+
+def test_broken_queries_fail_alone_and_change_nothing(
+    postgres: PostgresServer, make_collector: Callable[..., BusinessCollector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    postgres.execute(SETUP)
+    before = database_state(postgres)
+    good = [
+        query("items", "SELECT count(*) AS value FROM items"),
+        query("item_amount", "SELECT kind, sum(amount) AS value FROM items "
+                             "WHERE amount IS NOT NULL GROUP BY kind", labels=["kind"]),
+        query("items_seen_total", "SELECT count(*) AS value FROM items", type="counter"),
+    ]
+    broken = {
+        "bad_syntax": query("bad_syntax", "SELECT count(* AS value FROM items"),
+        "missing_table": query("missing_table", "SELECT count(*) AS value FROM no_such_table"),
+        "text_value": query("text_value", "SELECT kind AS value FROM items LIMIT 1"),
+        "null_value": query("null_value", "SELECT amount AS value FROM items WHERE kind = 'b'"),
+        "too_many_rows": query("too_many_rows", "SELECT id::text AS id, 1 AS value FROM items",
+                               labels=["id"], max_rows=2),
+        "missing_column": query("missing_column", "SELECT 1 AS n"),
+        "timed_out": query("timed_out", "SELECT 1 AS value FROM pg_sleep(30)",
+                           timeout="300ms"),
+        "writes_via_function": query("writes_via_function", "SELECT write_audit() AS value"),
+        "takes_a_ticket": query("takes_a_ticket", "SELECT nextval('ticket') AS value"),
+        "turns_read_only_off": query(
+            "turns_read_only_off",
+            "SELECT 1 AS value FROM (SELECT set_config('default_transaction_read_only', "
+            "'off', false)) AS s, LATERAL (SELECT write_audit()) AS w"),
+    }
+    # One connection for all, failures first: each failure must leave it usable.
+    collector = make_collector(postgres.env(), [*broken.values(), *good], concurrency=1)
+    result = settled(collector, [q["metric"] for q in good] + list(broken))
+
+    assert result.value("items") == 3
+    assert result.value("item_amount", kind="a") == 3.5
+    assert result.value("item_amount", kind="b") is None
+    assert result.value("items_seen_total") == 3
+    assert "# TYPE items_seen_total counter" in result.text
+    for name in [q["metric"] for q in good]:
+        assert result.value(SUCCESS, query=name) == 1
+        assert (result.value("qatoolbox_business_query_last_success_timestamp_seconds",
+                             query=name) or 0) > 1e9
+    for name in broken:
+        assert result.value(SUCCESS, query=name) == 0, name
+        assert not [n for n, _ in result.series(name)], f"{name} served a value"
+        assert result.value("qatoolbox_business_query_last_success_timestamp_seconds",
+                            query=name) == 0
+    assert result.value("qatoolbox_business_up") == 1
+
+    errors = {r.__dict__["query"]: r.__dict__["err"] for r in caplog.records
+              if r.getMessage() == "business query failed"}
+    assert set(errors) == set(broken)
+    assert errors["bad_syntax"].startswith("SyntaxError: syntax error")
+    assert errors["missing_table"] == 'UndefinedTable: relation "no_such_table" does not exist'
+    assert errors["text_value"] == 'non-numeric str in value column "value"'
+    assert errors["null_value"] == 'NULL in value column "value"'
+    assert errors["too_many_rows"] == "too many rows: more than max_rows (2)"
+    assert errors["missing_column"].startswith("column value not in the result")
+    assert errors["timed_out"].startswith("QueryCanceled: canceling statement due to statement")
+    assert "read-only transaction" in errors["writes_via_function"]
+    assert "read-only transaction" in errors["takes_a_ticket"]
+    assert "read-only transaction" in errors["turns_read_only_off"]
+    assert database_state(postgres) == before
+
+
+def test_results_are_reused_within_the_interval(
+    pg_factory: Callable[..., PostgresServer], make_collector: Callable[..., BusinessCollector],
+) -> None:
+    pg = pg_factory(settings={"shared_preload_libraries": "pg_stat_statements"})
+    pg.execute("CREATE EXTENSION pg_stat_statements; CREATE TABLE reuse_probe (n int); "
+               "CREATE TABLE refresh_probe (n int); INSERT INTO reuse_probe VALUES (1), (2);")
+
+    def calls(table: str) -> int:
+        rows = pg.execute(f"SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
+                          f"WHERE query LIKE '%FROM {table}%' "
+                          f"AND query NOT LIKE '%pg_stat_statements%'")
+        return int(rows[0][0])
+
+    collector = make_collector(pg.env(), [
+        query("reused", "SELECT count(*) AS value FROM reuse_probe", interval="1h"),
+        query("refreshed", "SELECT count(*) AS value FROM refresh_probe", interval="200ms"),
+    ])
+    settled(collector, ["reused", "refreshed"])
+    pg.execute("INSERT INTO reuse_probe VALUES (3)")
+    for _ in range(30):
+        result = scrape(collector)
+        assert result.value("reused") == 2  # the cached result, not the table's 3 rows
+    def refreshed_often() -> bool:
+        scrape(collector)  # scrapes are what queue a due query
+        return calls("refresh_probe") >= 3
+
+    wait_for(refreshed_often, 30, "the short-interval query to run again")
+    assert calls("reuse_probe") == 1
+
+
+def test_database_down_paused_and_back(
+    pg_factory: Callable[..., PostgresServer], make_collector: Callable[..., BusinessCollector],
+) -> None:
+    port = free_port()
+    env = {"DB_HOST": "127.0.0.1", "DB_PORT": str(port), "DB_NAME": "postgres",
+           "DB_USER": "postgres"}
+    names = ["one", "two", "three"]
+    collector = make_collector(env, [query(n, "SELECT 1 AS value", interval="1s",
+                                           timeout="500ms") for n in names])
+    result = settled(collector, names)
+    assert [result.value(SUCCESS, query=n) for n in names] == [0, 0, 0]
+    assert result.value("qatoolbox_business_up") == 0
+
+    pg = pg_factory(port=port)
+    wait_for(lambda: scrape(collector).value(SUCCESS, query="three") == 1, 30, "recovery")
+    assert scrape(collector).value("qatoolbox_business_up") == 1
+
+    # A server that stops answering: the watchdog cuts the connection, scrapes stay answered.
+    # PostgreSQL's backends run in sessions of their own, so they are stopped one by one.
+    backends = [int(row[0]) for row in pg.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'qatoolbox-exporter-business'")]
+    assert backends
+    pg.pause()
+    for pid in backends:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: scrape(collector).value(SUCCESS, query="one") == 0, 30,
+                 "the paused server's query to be cut")
+        assert scrape(collector).value("one") is None
+        assert scrape(collector).value("qatoolbox_business_up") == 0
+    finally:
+        for pid in backends:
+            os.kill(pid, signal.SIGCONT)
+        pg.resume()
+    wait_for(lambda: scrape(collector).value(SUCCESS, query="one") == 1, 30, "recovery")
+
+
+def test_no_password_in_errors_or_logs(
+    postgres: PostgresServer, make_collector: Callable[..., BusinessCollector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    secret = "Sw0rdfish-business"
+    postgres.execute(f"CREATE ROLE reader LOGIN PASSWORD '{secret}'")
+    env = postgres.env(user="reader", password=secret)
+    collector = make_collector(env, [
+        query("granted", "SELECT 1 AS value"),
+        query("denied", "SELECT count(*) AS value FROM pg_authid"),
+    ])
+    result = settled(collector, ["granted", "denied"])
+    assert result.value("granted") == 1 and result.value(SUCCESS, query="denied") == 0
+    wrong = make_collector({**env, "DB_PASSWORD": secret + "-wrong"},
+                           [query("granted", "SELECT 1 AS value")])
+    assert settled(wrong, ["granted"]).value(SUCCESS, query="granted") == 0
+    logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert "permission denied" in logged and "password authentication failed" in logged
+    assert secret not in logged
+    assert secret not in result.text
+
+
+def test_collect_with_no_queries(make_collector: Callable[..., BusinessCollector]) -> None:
+    collector = make_collector({"DB_PORT": "1"}, [])
+    text = scrape(collector).text
+    assert "qatoolbox_business_up 0.0" in text
+
+
+def test_business_config_defaults() -> None:
+    config = BusinessConfig()
+    assert config.defaults and config.concurrency == 2 and config.queries == ()
+    assert len(config.all_queries()) == 10
