@@ -24,7 +24,7 @@ def room(request: Any, room_id: str) -> Any:
 
 
 def slow(request: Any) -> Any:
-    time.sleep(0.12)
+    time.sleep(min(float(request.GET.get("s", "0.12")), 5.0))
     return HttpResponse("slow")
 
 
