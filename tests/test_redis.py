@@ -187,8 +187,13 @@ def test_version_parsing() -> None:
 
 def test_collector_module_uses_redis_py() -> None:
     # exporter/collectors/redis.py must not shadow the redis package it imports.
-    assert Path(rc.redis.__file__).parent.name == "redis"
-    assert hasattr(rc.redis, "ConnectionPool")
+    import redis
+
+    assert redis.__file__ is not None and Path(redis.__file__).parent.name == "redis"
+    assert Path(redis.__file__).parent.parent.name == "site-packages"
+    client = rc.connect("redis://127.0.0.1:1/0", 1.5)  # connects lazily
+    assert client.connection_pool.max_connections == 1
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 1.5
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -257,3 +262,10 @@ redis:
                 "redis.max_command_labels"):
         assert key in text, key
     assert len(caught.value.problems) == 11
+
+
+def test_location_never_shows_the_password() -> None:
+    assert rc.location("redis://:p@ss@h:1/0") == "redis://h:1/0"
+    assert rc.location("redis://exporter:pw@127.0.0.1:6379/2") == "redis://exporter@127.0.0.1:6379/2"
+    assert rc.location("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock"
+    assert "pw" not in rc.location("redis://u:pw@h:port/0")

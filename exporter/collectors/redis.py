@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import re
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import unquote, urlsplit
 
 import redis
 from prometheus_client.core import (
@@ -322,6 +324,14 @@ def count_lookups(replies: Sequence[Any]) -> tuple[int, int, list[int]]:
 # --- connections --------------------------------------------------------------------------------
 
 
+# redis-py 8 turns CLIENT SETINFO off with driver_info=None; older versions with lib_name=None.
+_NO_SETINFO: dict[str, None] = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(redis.connection.AbstractConnection.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
+
 def _raw(response: Any, **_: Any) -> Any:
     return response
 
@@ -337,12 +347,23 @@ def connect(url: str, timeout: float) -> redis.Redis:
         health_check_interval=0,
         # RESP2 and no CLIENT SETINFO: fewer round trips and commands for the ACL to allow.
         protocol=2,
-        lib_name=None,
-        lib_version=None,
+        **_NO_SETINFO,
     )
     client = redis.Redis(connection_pool=pool)
     client.set_response_callback("INFO", _raw)
     return client
+
+
+def location(url: str) -> str:
+    """The server a URL names, with its user but without any password: for logs."""
+    try:
+        parts = urlsplit(url)
+        user = f"{unquote(parts.username)}@" if parts.username else ""
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # a port that is not a number
+        return redact_url(url)
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
 
 
 class RedisUnavailableError(Exception):
@@ -431,24 +452,28 @@ class KeyGroupScanner:
             return self._published
 
     def close(self) -> None:
-        """Stop the thread (after its current SCAN call) and close its connection."""
+        """Stop the thread; it closes its connection after the SCAN call under way."""
         with self._lock:
             self._stopping = True
         self._wake.set()
-        if self._client is not None:
-            self._client.connection_pool.disconnect()
 
     def _loop(self) -> None:
-        while True:
-            self._wake.wait()
-            self._wake.clear()
-            if self._stopping:
-                return
-            try:
-                self._run()
-            finally:
-                with self._lock:
-                    self._running = False
+        try:
+            while True:
+                self._wake.wait()
+                self._wake.clear()
+                if self._stopping:
+                    return
+                try:
+                    self._run()
+                finally:
+                    with self._lock:
+                        self._running = False
+        finally:
+            # Only this thread touches its connection: closing it from another thread
+            # mid-read would break redis-py's reader.
+            if self._client is not None:
+                self._client.connection_pool.disconnect()
 
     def _run(self) -> None:
         with self._lock:
@@ -526,7 +551,7 @@ class RedisCollector:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cfg = cfg
-        self._where = redact_url(cfg.url)
+        self._where = location(cfg.url)
         # Leave the runner's budget room for the connect that may precede the round trip.
         socket_timeout = min(cfg.timeout, 0.8 * timeout) if timeout else cfg.timeout
         self._factory = client_factory or (lambda: connect(cfg.url, socket_timeout))

@@ -1,0 +1,432 @@
+"""Redis collector against real Redis servers: values, key groups, Celery, failures, auth."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from exporter.collectors import DEFAULTS
+from exporter.collectors.redis import KeyClassifier, RedisCollector
+from exporter.config import KeyGroup, RedisConfig, Secret
+from tests.harness import ExporterProcess, RedisServer, Scrape, wait_for
+
+pytestmark = pytest.mark.integration
+
+GROUPS = ("user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api")
+
+# Fills QAToolBox-style keys server-side: i % 9 picks one of the 7 cache groups, a session or a
+# key of no group; every third cache key has a ":suffix" as django-redis callers add.
+FILL_SCRIPT = """
+local groups = {'user','chat_room','chat_message','time_capsule','heart_link','stats','api'}
+local n = tonumber(ARGV[1])
+for i = 0, n - 1 do
+  local slot = i % 9
+  local key
+  if slot < 7 then
+    key = 'qatoolbox:1:' .. groups[slot + 1] .. ':' .. i
+    if i % 3 == 0 then key = key .. ':detail' end
+  elseif slot == 7 then
+    key = 'session:1:django.contrib.sessions.cache' .. i
+  else
+    key = 'celery-task-meta-' .. i
+  end
+  redis.call('SET', key, 'x')
+end
+return n
+"""
+
+
+def expected_groups(n: int) -> dict[str, int]:
+    counts = dict.fromkeys([*GROUPS, "session", "other"], 0)
+    for i in range(n):
+        slot = i % 9
+        counts[GROUPS[slot] if slot < 7 else "session" if slot == 7 else "other"] += 1
+    return counts
+
+
+def only_redis() -> dict[str, bool]:
+    return {name: name == "redis" for name in DEFAULTS}
+
+
+def collect(collector: RedisCollector) -> Scrape:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    return Scrape(generate_latest(registry).decode())
+
+
+def info(server: RedisServer, section: str = "everything") -> dict[str, Any]:
+    result: dict[str, Any] = server.client().info(section)
+    return result
+
+
+def start_exporter(factory: Callable[..., ExporterProcess], server: RedisServer | None,
+                   redis_cfg: dict[str, Any] | None = None, timeout: str = "2s",
+                   env: dict[str, str] | None = None) -> ExporterProcess:
+    config = {"collectors": only_redis(), "scrape": {"timeout": timeout},
+              "redis": redis_cfg or {}}
+    full_env = {"REDIS_URL": server.url} if server else {}
+    full_env.update(env or {})
+    return factory(config=config, env=full_env)
+
+
+def redis_series(scrape: Scrape) -> list[str]:
+    return sorted({name for name, _ in scrape.series("qatoolbox_redis_")}
+                  | {name for name, _ in scrape.series("qatoolbox_celery_")})
+
+
+# --- values ------------------------------------------------------------------------------------
+
+
+def test_values_match_info_for_a_workload(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    for i in range(10):
+        client.set(f"k{i}", "v", ex=600 if i < 3 else None)
+    for _ in range(25):
+        client.get("k1")
+    for i in range(7):
+        client.get(f"missing{i}")
+    extra = [redis_server.client() for _ in range(3)]
+    for c in extra:
+        c.ping()
+    blocker = redis_server.client()
+    thread = threading.Thread(target=blocker.blpop, args=(["wake"],), kwargs={"timeout": 20})
+    thread.start()
+    collector = RedisCollector(RedisConfig(url=Secret(redis_server.url), celery_queues=()), 4.0)
+    try:
+        wait_for(lambda: client.info("clients")["blocked_clients"] == 1, 10, "BLPOP")
+        clients_before = client.info("clients")["connected_clients"]
+        scrape = collect(collector)
+        server = client.info("everything")
+        assert scrape.value("qatoolbox_redis_up") == 1
+        assert scrape.value("qatoolbox_redis_keyspace_hits_total") == server["keyspace_hits"] == 25
+        assert scrape.value("qatoolbox_redis_keyspace_misses_total") == server[
+            "keyspace_misses"] == 7
+        assert scrape.value("qatoolbox_redis_db_keys", db="db0") == 10
+        assert scrape.value("qatoolbox_redis_db_keys_expiring", db="db0") == 3
+        # test client, 3 extra, the blocked one, then the exporter's own connection
+        assert clients_before == 5
+        assert scrape.value("qatoolbox_redis_connected_clients") == 6
+        assert scrape.value("qatoolbox_redis_blocked_clients") == 1
+        assert scrape.value("qatoolbox_redis_max_clients") == server["maxclients"]
+        assert scrape.value("qatoolbox_redis_commands_total", cmd="get") == 32
+        assert scrape.value("qatoolbox_redis_command_duration_seconds_count", cmd="get") == 32
+        assert scrape.value("qatoolbox_redis_command_duration_seconds_bucket", cmd="get",
+                            le="+Inf") == 32
+        assert scrape.value("qatoolbox_redis_commands_duration_seconds_total", cmd="get") == (
+            pytest.approx(server["cmdstat_get"]["usec"] / 1e6))
+        assert scrape.value("qatoolbox_redis_memory_max_bytes") == 0
+        used = scrape.value("qatoolbox_redis_memory_used_bytes")
+        assert used is not None and 0.5 < used / server["used_memory"] < 2
+        assert scrape.value("qatoolbox_redis_version_info", version=server["redis_version"],
+                            mode="standalone", role="master") == 1
+        assert scrape.value("qatoolbox_redis_slowlog_length") == 0
+        assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") == 0.01
+        assert scrape.value("qatoolbox_redis_rdb_changes_since_last_save") == server[
+            "rdb_changes_since_last_save"]
+        assert scrape.value("qatoolbox_redis_master_link_up") is None
+        # No celery queues configured: no lookups, no families.
+        assert scrape.value("qatoolbox_celery_unacked_messages") is None
+    finally:
+        client.lpush("wake", "x")
+        thread.join(10)
+        collector.close()
+
+
+def test_counters_follow_resetstat_and_restart(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.lpush("celery", "m")
+    collector = RedisCollector(RedisConfig(url=Secret(redis_server.url)), 4.0)
+    try:
+        for _ in range(3):
+            collect(collector)
+        client.config_resetstat()
+        for _ in range(5):
+            client.get("nothing")
+        scrape = collect(collector)
+        assert scrape.value("qatoolbox_redis_keyspace_misses_total") == 5
+        assert scrape.value("qatoolbox_redis_keyspace_hits_total") == 0
+        redis_server.restart()
+        redis_server.client().get("nothing")
+        scrape = collect(collector)  # redis-py notices the closed socket and reconnects
+        assert scrape.value("qatoolbox_redis_up") == 1
+        assert scrape.value("qatoolbox_redis_keyspace_misses_total") == 1
+    finally:
+        collector.close()
+
+
+def test_hit_ratio_not_distorted_by_scrapes(redis_server: RedisServer,
+                                            exporter_factory: Callable[..., ExporterProcess],
+                                            workdir: Path) -> None:
+    client = redis_server.client()
+    client.lpush("celery", "a", "b")
+    client.lpush("celery\x06\x166", "c")
+    client.hset("unacked", "tag", "m")
+    client.set("qatoolbox:1:user:1", "x")
+    client.get("qatoolbox:1:user:1")
+    client.get("qatoolbox:1:user:2")
+    exporter = start_exporter(exporter_factory, redis_server, {
+        "celery_queues": ["celery", "mail"], "key_scan_interval": "1s"})
+    before = info(redis_server, "stats")
+    values = set()
+    for _ in range(50):
+        scrape = exporter.scrape()
+        assert scrape.value("qatoolbox_redis_up") == 1
+        values.add((scrape.value("qatoolbox_redis_keyspace_hits_total"),
+                    scrape.value("qatoolbox_redis_keyspace_misses_total")))
+        time.sleep(0.2)
+    after = info(redis_server, "stats")
+    assert values == {(1.0, 1.0)}
+    # The exporter's 9 lookups a scrape did reach the server's counters: 3 hits, 6 misses.
+    assert after["keyspace_hits"] - before["keyspace_hits"] >= 3 * 50
+    assert after["keyspace_misses"] - before["keyspace_misses"] >= 6 * 50
+    assert scrape.value("qatoolbox_celery_queue_length", queue="celery") == 3
+    assert scrape.value("qatoolbox_celery_queue_length", queue="mail") == 0
+    assert scrape.value("qatoolbox_celery_unacked_messages") == 1
+    metrics = workdir / "metrics.txt"
+    metrics.write_text(scrape.text)
+    lint = subprocess.run(["promtool", "check", "metrics"], input=scrape.text,
+                          capture_output=True, text=True, check=False)
+    assert lint.returncode == 0 and not lint.stdout.strip() and not lint.stderr.strip(), (
+        lint.stdout + lint.stderr)
+
+
+# --- key groups -----------------------------------------------------------------------------
+
+
+def test_key_groups_200k_keys(redis_server: RedisServer,
+                              exporter_factory: Callable[..., ExporterProcess]) -> None:
+    n = 200_000
+    client = redis_server.client(socket_timeout=60)
+    assert client.eval(FILL_SCRIPT, 0, n) == n
+    expected = expected_groups(n)
+
+    # The budget allows a full count: exact numbers.
+    full = start_exporter(exporter_factory, redis_server, {
+        "key_scan_time_budget": "60s", "key_scan_interval": "60s"})
+    # One key at a time: a count takes many seconds, scrapes must not wait for it.
+    slow = start_exporter(exporter_factory, redis_server, {
+        "key_scan_batch": 10, "key_scan_time_budget": "60s", "key_scan_interval": "60s"})
+    # Tiny budget: a partial count, flagged as such.
+    tiny = start_exporter(exporter_factory, redis_server, {
+        "key_scan_budget": 1000, "key_scan_batch": 100, "key_scan_interval": "60s"})
+
+    for exporter in (slow, tiny, full):
+        exporter.scrape()  # starts the counts
+    scrape = slow.scrape()
+    assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
+    assert scrape.value("qatoolbox_redis_key_group_scan_complete") == 0
+    assert scrape.value("qatoolbox_redis_key_group_keys", group="user") is None
+
+    def counted(exporter: ExporterProcess) -> Scrape | None:
+        result = exporter.scrape()
+        return result if result.value("qatoolbox_redis_key_group_keys", group="other") else None
+
+    wait_for(lambda: counted(full), 60, "the full key group count")
+    scrape = full.scrape()
+    assert scrape.value("qatoolbox_redis_key_group_scan_complete") == 1
+    for group, count in expected.items():
+        assert scrape.value("qatoolbox_redis_key_group_keys", group=group) == count, group
+    assert (scrape.value("qatoolbox_redis_key_group_scan_duration_seconds") or 0) > 0
+
+    wait_for(lambda: counted(tiny), 30, "the partial key group count")
+    scrape = tiny.scrape()
+    assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
+    assert scrape.value("qatoolbox_redis_key_group_scan_complete") == 0
+    partial = sum(scrape.value("qatoolbox_redis_key_group_keys", group=g) or 0
+                  for g in expected)
+    assert 1000 <= partial <= 1100 + 100  # stops at the first batch past the budget
+    duration = scrape.value("qatoolbox_exporter_collector_duration_seconds", collector="redis")
+    assert duration is not None and duration < 2
+
+
+def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer) -> None:
+    keys = ["user:1", "user:22", "user:", "users:1", "h?llo", "hello", "hallo", "h*llo",
+            "a[b]c", "abc", "x\\y", "x-y", "ca", "cz", "c^"]
+    client = redis_server.client()
+    for key in keys:
+        client.set(key, "1")
+    patterns = ["user:*", "user:?", "h?llo", "h[ae]llo", "h[^e]llo", "h\\*llo", "a\\[b\\]c",
+                "c[a-m]", "c[^a]", "*"]
+    for pattern in patterns:
+        cursor, found = 0, set()
+        while True:
+            cursor, batch = client.scan(cursor, match=pattern, count=100)
+            found.update(batch)
+            if cursor == 0:
+                break
+        classifier = KeyClassifier([KeyGroup("g", (pattern,))])
+        matched = set()
+        for key in keys:
+            counts = [0, 0]
+            classifier.count([key.encode()], counts)
+            if counts[0]:
+                matched.add(key.encode())
+        assert matched == found, pattern
+
+
+# --- Celery ---------------------------------------------------------------------------------
+
+
+def test_celery_queue_length_sums_priorities(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.lpush("qa:celery", "m1", "m2")
+    client.lpush("qa:celery\x06\x163", "m3")
+    client.lpush("qa:celery\x06\x166", "m4", "m5", "m6")
+    client.lpush("qa:celery\x06\x169", "m7", "m8", "m9", "m10")
+    client.lpush("qa:mail", *[f"x{i}" for i in range(5)])
+    client.set("qa:mail\x06\x169", "not a list")
+    client.lpush("celery", *range(100))  # unprefixed: another app's queue
+    client.hset("qa:unacked", mapping={"t1": "a", "t2": "b", "t3": "c"})
+    cfg = RedisConfig(url=Secret(redis_server.url), celery_queues=("celery", "mail", "gone"),
+                      celery_key_prefix="qa:")
+    collector = RedisCollector(cfg, 4.0)
+    try:
+        scrape = collect(collector)
+        assert scrape.value("qatoolbox_celery_queue_length", queue="celery") == 10
+        assert scrape.value("qatoolbox_celery_queue_length", queue="mail") == 5
+        assert scrape.value("qatoolbox_celery_queue_length", queue="gone") == 0
+        assert scrape.value("qatoolbox_celery_unacked_messages") == 3
+        client.rpop("qa:celery\x06\x169")
+        assert collect(collector).value("qatoolbox_celery_queue_length", queue="celery") == 9
+    finally:
+        collector.close()
+
+
+# --- failures ---------------------------------------------------------------------------------
+
+
+def assert_down(exporter: ExporterProcess) -> Scrape:
+    scrape = exporter.scrape()
+    assert scrape.value("qatoolbox_redis_up") == 0
+    assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 0
+    assert redis_series(scrape) == ["qatoolbox_redis_up"]
+    return scrape
+
+
+def test_server_stopped_or_killed_then_back(redis_server: RedisServer,
+                                            exporter_factory: Callable[..., ExporterProcess]
+                                            ) -> None:
+    exporter = start_exporter(exporter_factory, redis_server)
+    assert exporter.scrape().value("qatoolbox_redis_up") == 1
+    redis_server.stop()
+    for _ in range(3):
+        assert_down(exporter)
+    redis_server.start()
+    assert exporter.scrape().value("qatoolbox_redis_up") == 1
+    redis_server.kill()
+    assert_down(exporter)
+    redis_server.start()
+    scrape = exporter.scrape()
+    assert scrape.value("qatoolbox_redis_up") == 1
+    assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
+    failures = [line for line in exporter.logs().splitlines()
+                if "collector failed" in line and "collector=redis" in line]
+    assert 2 <= len(failures) <= 4, failures  # once per outage (and per distinct error)
+    assert all("redis at redis://127.0.0.1:" in line for line in failures), failures
+
+
+def test_server_paused(redis_server: RedisServer,
+                       exporter_factory: Callable[..., ExporterProcess]) -> None:
+    budget = 1.0
+    exporter = start_exporter(exporter_factory, redis_server, {"key_scan_interval": "1s"},
+                              timeout=f"{budget:g}s")
+    for _ in range(3):
+        assert exporter.scrape().value("qatoolbox_redis_up") == 1
+        time.sleep(0.4)
+    threads = exporter.threads()
+    clients = len(redis_server.client().client_list())
+    redis_server.pause()
+    try:
+        for _ in range(20):
+            started = time.monotonic()
+            scrape = exporter.scrape(timeout=budget + 10)
+            elapsed = time.monotonic() - started
+            assert elapsed < budget + 1, elapsed
+            assert scrape.value("qatoolbox_redis_up") == 0
+            assert redis_series(scrape) == ["qatoolbox_redis_up"]
+        assert exporter.threads() <= threads
+    finally:
+        redis_server.resume()
+    wait_for(lambda: exporter.scrape().value("qatoolbox_redis_up") == 1, 10, "recovery")
+    # Connections abandoned during the pause are closed once the server reads them again.
+    wait_for(lambda: len(redis_server.client().client_list()) <= clients, 10,
+             f"at most {clients} client connections")
+    assert exporter.threads() <= threads
+
+
+# --- authentication ---------------------------------------------------------------------------
+
+PASSWORD = "pw-Secret-123"
+WRONG = "wrong-Pass-456"
+ACL_FULL = ("on >exp-Secret-789 resetkeys resetchannels -@all +info +slowlog|len "
+            "+latency|histogram +config|get +scan +llen +hlen %R~*")
+ACL_NO_OPTIONAL = ("on >exp-Secret-789 resetkeys resetchannels -@all +info +slowlog|len "
+                   "+scan +llen +hlen %R~*")
+
+
+def test_password_acl_and_optional_commands(redis_server: RedisServer,
+                                            exporter_factory: Callable[..., ExporterProcess],
+                                            workdir: Path) -> None:
+    server = redis_server
+    # Set at run time: the harness waits for an unauthenticated PING at start.
+    server.client().config_set("requirepass", PASSWORD)
+    admin = server.client(password=PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "exporter", *ACL_FULL.split())
+    admin.execute_command("ACL", "SETUSER", "limited", *ACL_NO_OPTIONAL.split())
+    admin.lpush("celery", "m")
+    base = f"127.0.0.1:{server.port}/0"
+    secret_file = workdir / "redis-password"
+    secret_file.write_text("exp-Secret-789\n")
+
+    good = start_exporter(exporter_factory, None, env={"REDIS_URL": f"redis://:{PASSWORD}@{base}"})
+    wrong = start_exporter(exporter_factory, None, env={"REDIS_URL": f"redis://:{WRONG}@{base}"})
+    acl = start_exporter(exporter_factory, None, {"key_scan_interval": "1s"}, env={
+        "REDIS_URL": f"redis://exporter@{base}", "REDIS_PASSWORD_FILE": str(secret_file)})
+    limited = start_exporter(exporter_factory, None, env={
+        "REDIS_URL": f"redis://limited:exp-Secret-789@{base}"})
+
+    assert good.scrape().value("qatoolbox_redis_up") == 1
+    for _ in range(3):
+        scrape = assert_down(wrong)
+        assert WRONG not in scrape.text and PASSWORD not in scrape.text
+    failures = [line for line in wrong.logs().splitlines() if "collector=redis" in line]
+    assert len(failures) == 1, failures
+    assert "AuthenticationError" in failures[0] and "redis at redis://127.0.0.1:" in failures[0]
+    for exporter in (good, wrong, acl, limited):
+        assert WRONG not in exporter.logs() and PASSWORD not in exporter.logs()
+        assert "exp-Secret-789" not in exporter.logs()
+
+    # Everything the ACL allows is there, and the count of refused commands stays at 0.
+    wait_for(lambda: acl.scrape().value("qatoolbox_redis_key_group_keys", group="other") == 1,
+             10, "key groups as the ACL user")
+    scrape = acl.scrape()
+    assert scrape.value("qatoolbox_redis_command_duration_seconds_count", cmd="get") is None
+    assert scrape.value("qatoolbox_redis_command_duration_seconds_count", cmd="info")
+    assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") is not None
+    assert scrape.value("qatoolbox_celery_queue_length", queue="celery") == 1
+    assert "refused" not in acl.logs()
+    assert "errorstat_NOPERM" not in admin.info("errorstats")
+
+    # Without CONFIG and LATENCY: probed once, one log line each, no errors afterwards.
+    first = limited.scrape()
+    assert first.value("qatoolbox_redis_up") == 1
+    refused_after_probe = admin.info("errorstats")["errorstat_NOPERM"]["count"]
+    for _ in range(5):
+        scrape = limited.scrape()
+        assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
+        assert scrape.value("qatoolbox_redis_command_duration_seconds_count", cmd="info") is None
+        assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") is None
+        assert scrape.value("qatoolbox_redis_commands_total", cmd="info")
+    assert admin.info("errorstats")["errorstat_NOPERM"]["count"] == refused_after_probe
+    refusals = [line for line in limited.logs().splitlines() if "refused" in line]
+    assert len(refusals) == 2, refusals
+    assert {re.search(r"part=(\w+)", line).group(1) for line in refusals} == {  # type: ignore[union-attr]
+        "latency", "config"}
