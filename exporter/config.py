@@ -667,9 +667,10 @@ def load_config(
     _env_postgres(env, postgres, errors)
     redis = _section(raw, "redis")
     _env_redis(env, redis)
-    if "postgres" in raw and not isinstance(raw["postgres"], Mapping):
+    # An empty section (all its keys commented out) is null: the environment still applies.
+    if raw.get("postgres") is not None and not isinstance(raw["postgres"], Mapping):
         postgres = raw["postgres"]
-    if "redis" in raw and not isinstance(raw["redis"], Mapping):
+    if raw.get("redis") is not None and not isinstance(raw["redis"], Mapping):
         redis = raw["redis"]
     raw["postgres"], raw["redis"] = postgres, redis
     for dotted, value in (overrides or {}).items():
