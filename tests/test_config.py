@@ -445,3 +445,16 @@ def test_split_listen_address(address: str, parts: tuple[str, int]) -> None:
 def test_split_listen_address_rejects(address: str) -> None:
     with pytest.raises(ValueError):
         split_listen_address(address)
+
+
+def test_empty_sections_keep_the_environment(tmp_path: Path) -> None:
+    # A section whose keys are all commented out is null in YAML: not a reason to drop DB_*.
+    path = write(tmp_path, "postgres:\n  # host: commented out\nredis:\n")
+    config = load_config(path, ENV, KNOWN)
+    assert (config.postgres.host, config.postgres.port) == ("10.1.2.3", 6543)
+    assert config.redis.url == "redis://cache.local:6390/2"
+
+
+def test_section_of_wrong_type_is_an_error_not_the_environment(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, "postgres: db.example\n", env=ENV) == [
+        'postgres: expected a mapping, got "db.example"']
