@@ -19,11 +19,16 @@ INSTALLED_APPS = [
 
 # No CsrfViewMiddleware: the views are a JSON API driven by load generators, not forms.
 MIDDLEWARE = [
+    # First, so its time covers the other middleware (exporter.instrument, see docs/app.md).
+    "exporter.instrument.django.PrometheusMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
 ]
+
+# Liveness probes are not traffic.
+QATOOLBOX_METRICS_SKIP_PATHS = ("/healthz",)
 
 ROOT_URLCONF = "demo.urls"
 WSGI_APPLICATION = "demo.wsgi.application"
