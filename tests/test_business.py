@@ -23,7 +23,14 @@ from exporter.config import (
     load_config,
     sql_problem,
 )
-from tests.harness import PostgresServer, Scrape, free_port, run_exporter, wait_for
+from tests.harness import (
+    ExporterProcess,
+    PostgresServer,
+    Scrape,
+    free_port,
+    run_exporter,
+    wait_for,
+)
 
 SUCCESS = "qatoolbox_business_query_success"
 
@@ -433,3 +440,35 @@ def test_business_config_defaults() -> None:
     config = BusinessConfig()
     assert config.defaults and config.concurrency == 2 and config.queries == ()
     assert len(config.all_queries()) == 10
+
+
+def test_slow_query_never_holds_up_the_scrape(
+    postgres: PostgresServer, exporter_factory: Callable[..., ExporterProcess],
+) -> None:
+    others = {name: False for name in DEFAULTS if name != "business"}
+    exporter = exporter_factory(env=postgres.env(), config={
+        "collectors": others,
+        "scrape": {"timeout": "2s"},
+        "business": {"defaults": False, "queries": [
+            query("sleepy", "SELECT 1 AS value FROM pg_sleep(60)", timeout="2m"),
+            query("quick", "SELECT 42 AS value"),
+        ]},
+    })
+
+    def sleeping() -> bool:
+        return bool(postgres.execute("SELECT count(*) FROM pg_stat_activity "
+                                     "WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' "
+                                     "AND pid <> pg_backend_pid()")[0][0])
+
+    wait_for(sleeping, 20, "the slow query to be running")
+    wait_for(lambda: exporter.scrape().value("quick") == 42, 20, "the quick query")
+    for _ in range(3):
+        assert sleeping()
+        result = exporter.scrape()
+        # Within its 2 s budget although a query of the collector runs for a minute.
+        assert result.value("qatoolbox_exporter_collector_success", collector="business") == 1
+        assert result.value(SUCCESS, query="sleepy") == 0 and result.value("sleepy") is None
+        assert result.value("quick") == 42
+    # Shutting down cuts the running query instead of waiting for it (stop() kills the
+    # exporter, exit code -9, if it has not ended 10 s after SIGTERM).
+    assert exporter.stop() == 0
