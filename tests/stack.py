@@ -1,0 +1,507 @@
+"""The monitoring stack without Docker: exporter, Prometheus, Alertmanager and the demo app.
+
+Used by scripts/stack (run it by hand) and by tests/test_dashboards_live.py, so what the
+tests prove is what a person starts. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.harness import (
+    ROOT,
+    ExporterProcess,
+    PostgresServer,
+    RedisServer,
+    free_port,
+    wait_for,
+)
+
+DEMO_DIR = ROOT / "examples" / "qatoolbox_demo"
+PROMETHEUS_BIN = "prometheus"
+ALERTMANAGER_BINS = ("prometheus-alertmanager", "alertmanager")
+
+
+def _http(url: str, data: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class ServerProcess:
+    """A child process in its own session, logging to a file, stopped as a group."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.name = name
+        self.log_path = log_path
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_MULTI")}
+        full_env.update(env or {})
+        with open(log_path, "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT,
+                                         env=full_env, cwd=cwd or ROOT, start_new_session=True)
+
+    def check(self) -> None:
+        """Raise with the log's tail if the process has exited."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                               f"{self.logs()[-3000:]}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM the process group, SIGKILL it if it lingers."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+# --- Prometheus and Alertmanager -----------------------------------------------------------
+
+
+def prometheus_config(exporter_targets: Sequence[str], prometheus_address: str,
+                      alertmanager: str | None, base: Path, *,
+                      scrape_interval: str | None = None,
+                      extra_rule_files: Sequence[Path] = ()) -> dict[str, Any]:
+    """The repository's prometheus/prometheus.yml pointed at local addresses.
+
+    Job names, rules and everything else stay as in the repository; only where things are
+    changes: the exporter targets (a file_sd file of our own), Prometheus itself, the
+    Alertmanager, and rule paths made absolute. scrape_interval shortens both intervals.
+    """
+    source = ROOT / "prometheus" / "prometheus.yml"
+    config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
+    if scrape_interval:
+        config["global"]["scrape_interval"] = scrape_interval
+        config["global"]["evaluation_interval"] = scrape_interval
+        config["global"]["scrape_timeout"] = scrape_interval
+    rules = [str((source.parent / pattern).resolve()) for pattern in config.get("rule_files", [])]
+    config["rule_files"] = rules + [str(p) for p in extra_rule_files]
+    if alertmanager:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    else:
+        config.pop("alerting", None)
+    targets_file = base / "targets.yml"
+    targets_file.write_text(yaml.safe_dump([{"targets": list(exporter_targets),
+                                             "labels": {"env": "local"}}]))
+    for job in config["scrape_configs"]:
+        if job["job_name"] == "prometheus":
+            job["static_configs"] = [{"targets": [prometheus_address]}]
+        elif "file_sd_configs" in job:
+            job["file_sd_configs"] = [{"files": [str(targets_file)], "refresh_interval": "5s"}]
+    return config
+
+
+@dataclass
+class PrometheusServer:
+    """A real Prometheus (the local binary) with a generated config, on a free port."""
+
+    base: Path
+    exporter_targets: Sequence[str]
+    alertmanager: str | None = None
+    scrape_interval: str | None = None
+    extra_rule_files: Sequence[Path] = ()
+    port: int = field(default_factory=free_port)
+    process: ServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> PrometheusServer:
+        """Write the config, start Prometheus and wait until it is ready."""
+        workdir = self.base / f"prometheus-{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = prometheus_config(self.exporter_targets, f"127.0.0.1:{self.port}",
+                                   self.alertmanager, workdir,
+                                   scrape_interval=self.scrape_interval,
+                                   extra_rule_files=self.extra_rule_files)
+        config_path = workdir / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.process = ServerProcess(
+            "prometheus",
+            [PROMETHEUS_BIN, f"--config.file={config_path}",
+             f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
+             "--storage.tsdb.retention.time=1d"],
+            workdir / "prometheus.log")
+        wait_for(self._ready, 30, f"Prometheus on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        self.process.check()
+        return _http(f"{self.url}/-/ready", timeout=2)[0] == 200
+
+    def api(self, path: str, **params: str) -> Any:
+        """GET /api/v1/<path> and return its data (raise on an error answer)."""
+        query = urllib.parse.urlencode(params)
+        status, body = _http(f"{self.url}/api/v1/{path}?{query}", timeout=30)
+        answer = json.loads(body)
+        if answer.get("status") != "success":
+            raise ValueError(f"{status} {answer.get('errorType')}: {answer.get('error')}")
+        return answer["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query: the result vector (raises ValueError on a parse error)."""
+        data = self.api("query", query=expr)
+        result = data["result"]
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": result}]
+        return list(result)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+@dataclass
+class AlertmanagerServer:
+    """A real Alertmanager (Debian's prometheus-alertmanager) with the repository's config."""
+
+    base: Path
+    config_file: Path = ROOT / "alertmanager" / "alertmanager.yml"
+    port: int = field(default_factory=free_port)
+    process: ServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> AlertmanagerServer:
+        """Start Alertmanager without clustering and wait until it is ready."""
+        binary = next((b for b in ALERTMANAGER_BINS if shutil.which(b)), None)
+        if binary is None:
+            raise RuntimeError("Alertmanager not found (apt-get install prometheus-alertmanager)")
+        workdir = self.base / f"alertmanager-{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.process = ServerProcess(
+            "alertmanager",
+            [binary, f"--config.file={self.config_file}", f"--storage.path={workdir}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
+            workdir / "alertmanager.log", cwd=self.config_file.parent)
+        wait_for(self._ready, 30, f"Alertmanager on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        self.process.check()
+        return _http(f"{self.url}/-/ready", timeout=2)[0] == 200
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+# --- the demo application --------------------------------------------------------------------
+
+
+def demo_env(pg: PostgresServer, redis: RedisServer, dbname: str = "qatoolbox") -> dict[str, str]:
+    """The environment QAToolBox (and so the demo and the exporter) reads."""
+    return {**pg.env(dbname), "REDIS_URL": redis.url}
+
+
+def prepare_demo_database(pg: PostgresServer, redis: RedisServer, base: Path,
+                          seed_args: Sequence[str] = ("--users", "300", "--rooms", "60",
+                                                      "--messages", "2000",
+                                                      "--capsules", "150")) -> None:
+    """Create the qatoolbox database, pg_stat_statements, the demo's tables and data."""
+    pg.execute("CREATE DATABASE qatoolbox")
+    pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", dbname="qatoolbox")
+    env = {**os.environ, **demo_env(pg, redis), "DJANGO_SETTINGS_MODULE": "demo.settings",
+           "PYTHONPATH": str(DEMO_DIR)}
+    for argv in (["migrate", "--noinput"], ["seed_demo", *seed_args]):
+        result = subprocess.run([sys.executable, "manage.py", *argv], cwd=DEMO_DIR, env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"manage.py {argv[0]} failed: {result.stderr[-2000:]}")
+    (base / "demo-prepared").touch()
+
+
+@dataclass
+class DemoApp:
+    """The demo app under gunicorn and a Celery worker, both recording metrics for the app
+    collector in their own folders."""
+
+    base: Path
+    env: Mapping[str, str]
+    workers: int = 2
+    port: int = field(default_factory=free_port)
+    web: ServerProcess | None = None
+    worker: ServerProcess | None = None
+
+    @property
+    def metrics_dirs(self) -> list[Path]:
+        return [self.base / "metrics" / "web", self.base / "metrics" / "celery"]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> DemoApp:
+        """Start gunicorn and the Celery worker; wait until the web app answers."""
+        web_dir, celery_dir = self.metrics_dirs
+        for path in self.metrics_dirs:
+            path.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "PYTHONPATH": os.pathsep.join([str(DEMO_DIR), str(ROOT)]),
+               "DJANGO_SETTINGS_MODULE": "demo.settings"}
+        self.web = ServerProcess(
+            "gunicorn",
+            [sys.executable, "-m", "gunicorn", "--config", str(DEMO_DIR / "gunicorn.conf.py"),
+             "--workers", str(self.workers), "--bind", f"127.0.0.1:{self.port}",
+             "--graceful-timeout", "5", "demo.wsgi:application"],
+            self.base / "gunicorn.log", env={**env, "PROMETHEUS_MULTIPROC_DIR": str(web_dir)},
+            cwd=DEMO_DIR)
+        self.worker = ServerProcess(
+            "celery",
+            [sys.executable, "-m", "celery", "--app", "demo", "worker", "--beat",
+             "--schedule", str(self.base / "celerybeat-schedule"), "--concurrency", "2",
+             "--loglevel", "WARNING", "--without-heartbeat", "--without-gossip",
+             "--without-mingle"],
+            self.base / "celery.log", env={**env, "PROMETHEUS_MULTIPROC_DIR": str(celery_dir)},
+            cwd=DEMO_DIR)
+        wait_for(self._ready, 60, f"demo app on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.web is not None
+        self.web.check()
+        return _http(f"{self.url}/healthz", timeout=2)[0] == 200
+
+    def worker_alive(self) -> bool:
+        """Whether the Celery worker still runs."""
+        return self.worker is not None and self.worker.proc.poll() is None
+
+    def send_task(self, name: str, count: int = 1) -> None:
+        """Queue a task by name on the demo's broker (the worker may run it or not)."""
+        from celery import Celery  # type: ignore[import-untyped]
+
+        client = Celery("stack-client", broker=self.env["REDIS_URL"])
+        try:
+            for _ in range(count):
+                client.send_task(name)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for process in (self.web, self.worker):
+            if process is not None:
+                process.stop()
+
+
+def drive_traffic(url: str, seconds: float, rate: float = 20.0,
+                  stop: threading.Event | None = None) -> dict[int, int]:
+    """Bounded mixed traffic against the demo (loopback only): fast, slow, 4xx and 5xx.
+
+    Returns the count of answers by status code.
+    """
+    paths = ["/rooms/", "/rooms/", "/rooms/", "/login/", "/capsules/", "/slow/", "/fail/",
+             "/rooms/no-such-room/messages/", "/no-such-page/"]
+    counts: dict[int, int] = {}
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline and not (stop and stop.is_set()):
+        path = paths[i % len(paths)]
+        data = b"text=hello" if path.endswith(("messages/", "capsules/", "login/")) else None
+        with contextlib.suppress(OSError):
+            status, _ = _http(url + path, data=data, timeout=10)
+            counts[status] = counts.get(status, 0) + 1
+        i += 1
+        time.sleep(1.0 / rate)
+    return counts
+
+
+# --- the whole stack ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """Exporter + Prometheus (+ Alertmanager) (+ throwaway PostgreSQL, Redis and demo app)."""
+
+    base: Path
+    demo: bool = False
+    alertmanager: bool = True
+    scrape_interval: str | None = None
+    exporter_config: Mapping[str, Any] = field(default_factory=dict)
+    exporter_env: Mapping[str, str] = field(default_factory=dict)
+    extra_rule_files: Sequence[Path] = ()
+    postgres_settings: Mapping[str, str] = field(default_factory=dict)
+    redis_args: Sequence[str] = ()
+    exporter_port: int | None = None
+    prometheus_port: int | None = None
+    postgres: PostgresServer | None = None
+    redis: RedisServer | None = None
+    app: DemoApp | None = None
+    exporter: ExporterProcess | None = None
+    prometheus: PrometheusServer | None = None
+    alertmanager_server: AlertmanagerServer | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def start(self) -> Stack:
+        """Start everything in dependency order; stop what started if a step fails."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        env = dict(self.exporter_env)
+        config: dict[str, Any] = {k: v for k, v in self.exporter_config.items()}
+        if self.demo:
+            self.postgres = PostgresServer(self.base, settings={
+                "shared_preload_libraries": "pg_stat_statements",
+                **self.postgres_settings}).start()
+            self.redis = RedisServer(self.base, extra_args=self.redis_args).start()
+            prepare_demo_database(self.postgres, self.redis, self.base)
+            env.update(demo_env(self.postgres, self.redis))
+            self.app = DemoApp(self.base, demo_env(self.postgres, self.redis)).start()
+            app_section = dict(config.get("app", {}))
+            app_section["multiprocess_dirs"] = [str(p) for p in self.app.metrics_dirs]
+            config["app"] = app_section
+        kwargs: dict[str, Any] = {"config": config, "env": env}
+        if self.exporter_port:
+            kwargs["port"] = self.exporter_port
+        self.exporter = ExporterProcess(self.base, **kwargs).start()
+        if self.alertmanager:
+            config_file = ROOT / "alertmanager" / "alertmanager.yml"
+            if config_file.exists():
+                try:
+                    self.alertmanager_server = AlertmanagerServer(self.base, config_file).start()
+                except (RuntimeError, AssertionError) as exc:
+                    self.warnings.append(f"Alertmanager did not start: {exc}")
+            else:
+                self.warnings.append("alertmanager/alertmanager.yml missing: no Alertmanager")
+        am = self.alertmanager_server
+        prom_kwargs: dict[str, Any] = {}
+        if self.prometheus_port:
+            prom_kwargs["port"] = self.prometheus_port
+        self.prometheus = PrometheusServer(
+            self.base, [f"127.0.0.1:{self.exporter.port}"],
+            f"127.0.0.1:{am.port}" if am else None, self.scrape_interval,
+            self.extra_rule_files, **prom_kwargs).start()
+
+    def urls(self) -> dict[str, str]:
+        """What a person opens, by name."""
+        urls: dict[str, str] = {}
+        if self.exporter:
+            urls["exporter"] = self.exporter.url
+        if self.prometheus:
+            urls["prometheus"] = self.prometheus.url
+        if self.alertmanager_server:
+            urls["alertmanager"] = self.alertmanager_server.url
+        if self.app:
+            urls["demo app"] = self.app.url
+        return urls
+
+    def stop(self) -> None:
+        """Stop everything that was started, last first."""
+        for part in (self.prometheus, self.alertmanager_server, self.exporter, self.app):
+            if part is not None:
+                with contextlib.suppress(Exception):
+                    part.stop()
+        for server in (self.redis, self.postgres):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    server.stop()
+
+
+@contextlib.contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    """Start the stack and stop it on the way out, whatever happens."""
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """scripts/stack: run the stack until Ctrl-C."""
+    parser = argparse.ArgumentParser(
+        prog="scripts/stack",
+        description="Run the exporter, Prometheus and Alertmanager from local binaries with "
+                    "the repository's configs (loopback only); Ctrl-C stops everything.")
+    parser.add_argument("--demo", action="store_true",
+                        help="also start throwaway PostgreSQL and Redis, the demo app under "
+                             "gunicorn with a Celery worker, and a load generator")
+    parser.add_argument("--no-alertmanager", action="store_true", help="skip Alertmanager")
+    parser.add_argument("--exporter-port", type=int, default=9786)
+    parser.add_argument("--prometheus-port", type=int, default=9090)
+    parser.add_argument("--load-rate", type=float, default=10.0,
+                        help="demo requests per second (default 10)")
+    parser.add_argument("--duration", type=float, default=0,
+                        help="stop by itself after this many seconds (default: run until Ctrl-C)")
+    args = parser.parse_args(argv)
+    for binary in (PROMETHEUS_BIN, "redis-server"):
+        if (args.demo or binary == PROMETHEUS_BIN) and shutil.which(binary) is None:
+            print(f"scripts/stack: {binary} not found (run ./scripts/test once as root "
+                  f"to install the Debian packages)", file=sys.stderr)
+            return 1
+    base = Path(tempfile.mkdtemp(prefix="qatb-stack-"))
+    os.chmod(base, 0o755)
+    env = {k: v for k, v in os.environ.items() if k.startswith(("DB_", "REDIS_"))}
+    stack = Stack(base, demo=args.demo, alertmanager=not args.no_alertmanager,
+                  exporter_env=env, exporter_port=args.exporter_port,
+                  prometheus_port=args.prometheus_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        stack.start()
+        for warning in stack.warnings:
+            print(f"warning: {warning}")
+        print("qatoolbox stack is up (Ctrl-C stops everything):")
+        for name, url in stack.urls().items():
+            print(f"  {name:<13} {url}")
+        print(f"  logs          {base}")
+        traffic = None
+        if stack.app is not None:
+            seconds = args.duration or 7 * 86400
+            traffic = threading.Thread(target=drive_traffic, daemon=True,
+                                       args=(stack.app.url, seconds, args.load_rate, stop))
+            traffic.start()
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            stop.wait(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        print("stopping...")
+        stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""Every dashboard query against a real Prometheus scraping the real exporter under traffic.
+
+One stack for the module (tests/stack.py, the code scripts/stack runs): throwaway PostgreSQL
+with pg_stat_statements and the demo app's schema and data, Redis, the demo app under gunicorn
+with a Celery worker, the exporter with every collector, and Prometheus with the repository's
+config and rules scraping every second. After some mixed traffic, each panel query, with the
+variables set to All and $__rate_interval set to a short window, goes to Prometheus: all must
+parse, and at least 95% must return data (a sample that is not NaN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.grafana_queries import (
+    PROMETHEUS_SERIES,
+    Query,
+    expand,
+    iter_queries,
+    load_dashboards,
+    metric_names,
+)
+from tests.harness import tempdir, wait_for
+from tests.stack import Stack, drive_traffic
+
+pytestmark = pytest.mark.integration
+
+SCRAPE_INTERVAL = "1s"
+# What Grafana makes of $__rate_interval at a 1 s scrape interval is 4 s at least; a little
+# more keeps single slow scrapes from emptying a window.
+RATE_WINDOW = "15s"
+TRAFFIC_SECONDS = 22.0
+
+# Queries allowed to return nothing here, each with its reason (by "dashboard / panel / ref").
+NO_DATA_EXPECTED = {
+    "postgres.json / Replication lag / A":
+        "replay lag exists only on a replica; the test server is a primary",
+    "postgres.json / Replication lag / B":
+        "per-replica lag needs a streaming replica; the test server has none",
+    "redis.json / Replication and persistence / B":
+        "master_link_up exists only on a Redis replica",
+}
+# Metric names the exporter only exposes in situations the test does not create.
+ABSENT_METRICS = {
+    "qatoolbox_postgres_replication_lag_seconds": "only on a replica",
+    "qatoolbox_postgres_replica_lag_bytes": "only on a primary with replicas",
+    "qatoolbox_redis_master_link_up": "only on a Redis replica",
+}
+MIN_DATA_SHARE = 0.95
+
+ALWAYS_FIRING = """
+groups:
+  - name: dashboard-live-test
+    rules:
+      - alert: DashboardLiveTestAlert
+        expr: vector(1)
+        labels:
+          severity: info
+        annotations:
+          summary: Always firing, so the firing-alert panels have an alert to show.
+"""
+
+
+def _postgres_activity(stack: Stack, stop: threading.Event) -> Iterator[None]:
+    """Sessions that make the activity panels show something: a long query, a session idle in
+    a transaction, a replication slot, a sort spilling to a temporary file."""
+    assert stack.postgres is not None
+    pg = stack.postgres
+    pg.execute("SELECT pg_create_physical_replication_slot('dashboards_test', true)")
+    idle = pg.connect("qatoolbox")
+    idle.autocommit = False
+    idle.execute("SELECT count(*) FROM tools_chatroom")  # idle in transaction from now on
+
+    def long_query() -> None:
+        with contextlib.suppress(Exception), pg.connect("qatoolbox") as conn:
+            conn.execute("SELECT pg_sleep(60)")
+
+    sleeper = threading.Thread(target=long_query, daemon=True)
+    sleeper.start()
+    with pg.connect("qatoolbox") as conn:
+        conn.execute("SET work_mem = '64kB'")
+        conn.execute("SELECT count(*) FROM (SELECT g FROM generate_series(1, 200000) g "
+                     "ORDER BY g DESC) s")
+        # Dead rows for the table-health panel, which autovacuum then cleans.
+        conn.execute("UPDATE tools_chatroom SET last_activity = last_activity")
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            idle.close()
+        with contextlib.suppress(Exception):
+            pg.execute("SELECT pg_cancel_backend(pid) FROM pg_stat_activity "
+                       "WHERE query LIKE 'SELECT pg_sleep(60)%'")
+
+
+def _redis_keys(stack: Stack) -> None:
+    """QAToolBox-shaped cache keys and a key with a TTL."""
+    assert stack.redis is not None
+    client = stack.redis.client()
+    for i in range(50):
+        client.set(f"qatoolbox:1:user:{i}", "x")
+        client.set(f"qatoolbox:1:chat_room:{i}:members", "x")
+    client.set("session:abc", "x", ex=3600)
+    client.set("unrelated", "x")
+
+
+def _keep_busy(stack: Stack, stop: threading.Event) -> None:
+    """Until stop: cache lookups (half hit, half miss) and Celery tasks every second, so that
+    rate windows ending at any moment of the test hold some."""
+    assert stack.redis is not None and stack.app is not None
+    client = stack.redis.client()
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            for i in range(20):
+                client.get(f"qatoolbox:1:user:{i * 5}")
+            stack.app.send_task("tools.unlock_due_capsules")
+        stop.wait(1)
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with tempdir() as base:
+        rules = base / "always-firing.yml"
+        rules.write_text(ALWAYS_FIRING)
+        exporter_config: dict[str, Any] = {
+            "collectors": {"postgres": True, "redis": True, "business": True, "app": True},
+            # Refresh the cached families within the test's short life.
+            "postgres": {"cache_interval": "2s"},
+            "redis": {"key_scan_interval": "2s"},
+        }
+        stack = Stack(
+            base, demo=True, alertmanager=False, scrape_interval=SCRAPE_INTERVAL,
+            exporter_config=exporter_config, extra_rule_files=[rules],
+            postgres_settings={"autovacuum_naptime": "1", "autovacuum_vacuum_threshold": "1",
+                               "autovacuum_vacuum_scale_factor": "0",
+                               "autovacuum_analyze_threshold": "1",
+                               "autovacuum_analyze_scale_factor": "0"},
+            redis_args=["--maxmemory", "256mb", "--maxmemory-policy", "noeviction"])
+        stack.start()
+        stop = threading.Event()
+        activity = _postgres_activity(stack, stop)
+        try:
+            next(activity)
+            _redis_keys(stack)
+            assert stack.app is not None and stack.prometheus is not None
+            app = stack.app
+            busy = threading.Thread(target=_keep_busy, args=(stack, stop), daemon=True)
+            busy.start()
+            with contextlib.suppress(Exception):
+                app.send_task("tools.cleanup_expired_chat_rooms", 2)
+            drive_traffic(app.url, TRAFFIC_SECONDS, rate=25)
+            # Keep some traffic going while the tests query, so rate windows ending now hold it.
+            background = threading.Thread(target=drive_traffic, daemon=True,
+                                          args=(app.url, 300, 10, stop))
+            background.start()
+            prometheus = stack.prometheus
+            wait_for(lambda: prometheus.query("up{job='qatoolbox'} == 1"), 10, "scrapes")
+            yield stack
+        finally:
+            with contextlib.suppress(StopIteration):
+                next(activity)
+            stack.stop()
+
+
+def _has_data(result: list[dict[str, Any]]) -> bool:
+    for series in result:
+        value = float(series["value"][1])
+        if not math.isnan(value):
+            return True
+    return False
+
+
+def _panel_queries() -> list[Query]:
+    return list(iter_queries(load_dashboards(), with_annotations=True))
+
+
+def test_every_query_parses_and_95_percent_return_data(stack: Stack) -> None:
+    assert stack.prometheus is not None
+    queries = _panel_queries()
+    unparsable: list[str] = []
+    empty: list[str] = []
+    # Traffic, cache lookups and tasks keep going in the background while this runs.
+    for query in queries:
+        expr = expand(query.expr, RATE_WINDOW)
+        try:
+            result = stack.prometheus.query(expr)
+        except ValueError as exc:
+            unparsable.append(f"{query.where}: {exc}")
+            continue
+        if not _has_data(result) and query.where not in NO_DATA_EXPECTED:
+            empty.append(query.where)
+    assert not unparsable, "\n".join(unparsable)
+    share = 1 - len(empty) / len(queries)
+    assert share >= MIN_DATA_SHARE and not empty, (
+        f"{len(empty)} of {len(queries)} queries returned no data ({share:.1%} did); "
+        f"unexpected: {empty}")
+
+
+def test_exceptions_are_still_needed(stack: Stack) -> None:
+    # An exception that now returns data should be removed from the list.
+    assert stack.prometheus is not None
+    by_where = {q.where: q for q in _panel_queries()}
+    for where in NO_DATA_EXPECTED:
+        assert where in by_where, f"exception for a query that no longer exists: {where}"
+        result = stack.prometheus.query(expand(by_where[where].expr, RATE_WINDOW))
+        assert not _has_data(result), f"{where} returns data now: drop its exception"
+
+
+def test_variable_queries_have_values(stack: Stack) -> None:
+    assert stack.prometheus is not None
+    for name, dash in load_dashboards().items():
+        for var in dash["templating"]["list"]:
+            if var["type"] != "query":
+                continue
+            # label_values(<selector>, <label>): the selector must select series with it.
+            inner = var["definition"][len("label_values("):-1]
+            selector, label = inner.rsplit(",", 1)
+            result = stack.prometheus.query(expand(selector, RATE_WINDOW))
+            values = {series["metric"].get(label.strip()) for series in result} - {None}
+            assert values, f"{name}: variable {var['name']} would have no values"
+
+
+def test_every_metric_used_is_exposed(stack: Stack) -> None:
+    assert stack.prometheus is not None
+    exposed = set(stack.prometheus.api("label/__name__/values"))
+    used = {name for q in _panel_queries() for name in metric_names(q.expr)}
+    missing = sorted(used - exposed - PROMETHEUS_SERIES - set(ABSENT_METRICS))
+    assert not missing, f"dashboards use metrics the exporter did not expose: {missing}"
+
+
+def test_stack_cleans_up(stack: Stack) -> None:
+    # The processes the stack started belong to it: all alive now, none left after stop()
+    # (checked on a second, tiny stack so the module's stack stays up for the other tests).
+    assert stack.exporter is not None and stack.exporter.proc is not None
+    assert stack.exporter.proc.poll() is None
+    with tempdir() as base:
+        small = Stack(base, alertmanager=False, scrape_interval="1s").start()
+        assert small.prometheus is not None and small.exporter is not None
+        procs = [small.prometheus.process.proc if small.prometheus.process else None,
+                 small.exporter.proc]
+        small.stop()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(p is not None and p.poll() is None
+                                                  for p in procs):
+            time.sleep(0.1)
+        assert all(p is not None and p.poll() is not None for p in procs)
