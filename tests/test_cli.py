@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter import __version__
+from exporter.cli import main
 from exporter.collectors import COLLECTORS
 from tests.harness import run_exporter
 
@@ -25,6 +26,25 @@ def assert_usage_error(result: subprocess.CompletedProcess[str], *needles: str) 
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in result.stderr, (needle, result.stderr)
+
+
+def run_in_process(args: list[str], capsys: pytest.CaptureFixture[str],
+                   monkeypatch: pytest.MonkeyPatch,
+                   env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """main() in this interpreter: the same code path as the process, without its start-up."""
+    import os
+
+    for key in list(os.environ):
+        if key.startswith(("DB_", "REDIS_")):
+            monkeypatch.delenv(key)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    try:
+        code = main(args)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
 
 
 def test_config_check_without_file_prints_summary() -> None:
@@ -94,8 +114,11 @@ def test_bad_config_stops_start_up_too(workdir: Path) -> None:
     ("web:\n  max_requests: many\n", 'web.max_requests: expected a whole number, got "many"'),
     ("collectors:\n  nosuch: true\n", "collectors.nosuch: unknown collector"),
 ])
-def test_bad_config_kinds(workdir: Path, text: str, needle: str) -> None:
-    result = run_exporter(["--config.file", write(workdir, text), "--config.check"])
+def test_bad_config_kinds(workdir: Path, text: str, needle: str,
+                          capsys: pytest.CaptureFixture[str],
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_in_process(["--config.file", write(workdir, text), "--config.check"], capsys,
+                            monkeypatch)
     assert_usage_error(result, needle)
 
 
@@ -105,11 +128,12 @@ def test_unreadable_config_file(workdir: Path) -> None:
     assert_usage_error(result, f"config file {missing}: cannot read: No such file or directory")
 
 
-def test_environment_problems_exit_2(workdir: Path) -> None:
+def test_environment_problems_exit_2(workdir: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     result = run_exporter(["--config.check"], env={"DB_PORT": "five"})
     assert_usage_error(result, 'DB_PORT: expected a port number, got "five"')
-    result = run_exporter(["--config.check"],
-                          env={"DB_PASSWORD_FILE": str(workdir / "no-such-secret")})
+    result = run_in_process(["--config.check"], capsys, monkeypatch,
+                            env={"DB_PASSWORD_FILE": str(workdir / "no-such-secret")})
     assert_usage_error(result, "postgres.password_file: cannot read")
 
 
@@ -131,8 +155,9 @@ def test_password_file_from_environment_is_used_not_shown(workdir: Path) -> None
     (["--web.telemetry-path", "metrics"], "web.telemetry_path: must start with \"/\""),
     (["--web.max-requests", "0"], "web.max_requests: must be at least 1, got 0"),
 ])
-def test_bad_flag_values(args: list[str], needle: str) -> None:
-    assert_usage_error(run_exporter([*args, "--config.check"]), needle)
+def test_bad_flag_values(args: list[str], needle: str, capsys: pytest.CaptureFixture[str],
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert_usage_error(run_in_process([*args, "--config.check"], capsys, monkeypatch), needle)
 
 
 def test_unknown_flag_prints_usage_and_exits_2() -> None:
@@ -140,10 +165,11 @@ def test_unknown_flag_prints_usage_and_exits_2() -> None:
     assert_usage_error(result, "usage: qatoolbox-exporter", "unrecognized arguments")
 
 
-def test_unknown_collector_flag_is_a_usage_error() -> None:
+def test_unknown_collector_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     result = run_exporter(["--collector.nosuch", "--config.check"])
     assert_usage_error(result, "usage: qatoolbox-exporter", "--collector.nosuch")
-    result = run_exporter(["--no-collector.nosuch", "--config.check"])
+    result = run_in_process(["--no-collector.nosuch", "--config.check"], capsys, monkeypatch)
     assert_usage_error(result, "usage: qatoolbox-exporter", "--no-collector.nosuch")
 
 
