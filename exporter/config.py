@@ -18,6 +18,10 @@ class ConfigError(Exception):
     """Every problem found in a configuration, one per line, each naming its key."""
 
     def __init__(self, problems: list[str]) -> None:
+        # Values quoted in a problem come from files and the environment: a newline or other
+        # control character in one must not split the one-line message or forge another.
+        problems = ["".join(c if c.isprintable() else repr(c)[1:-1] for c in p)
+                    for p in problems]
         super().__init__("\n".join(problems))
         self.problems = problems
 
@@ -489,6 +493,11 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
+# Returned for a value that failed to convert (its problem is recorded): the field keeps its
+# default, so later checks and the collectors never see a value of the wrong type.
+_INVALID: Any = object()
+
+
 def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
     """Convert one plain value to the annotated type, recording problems under path."""
     origin = typing.get_origin(tp)
@@ -496,16 +505,18 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         return _build(tp, value, path, errors)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value not in choices:
+        if isinstance(value, (list, dict)) or value not in choices:
             options = ", ".join(str(c) for c in choices)
             errors.append(f"{path}: expected one of {options}, got {_describe(value)}")
+            return _INVALID
         return value
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if not isinstance(value, list):
             errors.append(f"{path}: expected a list, got {_describe(value)}")
-            return ()
-        return tuple(_convert(item_type, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+            return _INVALID
+        items = (_convert(item_type, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
+        return tuple(item for item in items if item is not _INVALID)
     if origin in (Union, types.UnionType):
         raise TypeError(f"unsupported config type at {path}")
     return _convert_scalar(tp, value, path, errors)
@@ -519,29 +530,35 @@ def _convert_scalar(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
             except ValueError:
                 pass
         errors.append(f'{path}: expected a duration like "2s", got {_describe(value)}')
-        return Duration(0)
+        return _INVALID
     if tp is bool:
         if not isinstance(value, bool):
             errors.append(f"{path}: expected true or false, got {_describe(value)}")
+            return _INVALID
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             errors.append(f"{path}: expected a whole number, got {_describe(value)}")
+            return _INVALID
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{path}: expected a number, got {_describe(value)}")
-            return 0.0
+            return _INVALID
         return float(value)
     if tp in (str, Regex, Secret):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             errors.append(f"{path}: expected a string, got {_describe(value)}")
-            return tp("")
+            return _INVALID
         if tp is Regex:
             try:
                 re.compile(str(value))
             except re.error as exc:
                 errors.append(f"{path}: invalid regular expression: {exc}")
+            except (OverflowError, RecursionError) as exc:
+                # re raises these, not re.error, for a{4294967296} and deep nesting.
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+                errors.append(f"{path}: invalid regular expression: {reason}")
         return tp(str(value))
     raise TypeError(f"unsupported config type {tp!r} at {path}")
 
@@ -564,7 +581,7 @@ def _build(cls: type[Any], data: Any, path: str, errors: list[str]) -> Any:
         for name in known
         if name in data and name != "collectors"
     }
-    return cls(**values)
+    return cls(**{name: value for name, value in values.items() if value is not _INVALID})
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -582,6 +599,10 @@ def read_yaml(path: str) -> Any:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError([f"config file {path}: invalid YAML{where}: {problem}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"config file {path}: not UTF-8 text"]) from None
+    except RecursionError:
+        raise ConfigError([f"config file {path}: invalid YAML: nested too deeply"]) from None
 
 
 def _env_postgres(env: Mapping[str, str], section: dict[str, Any], errors: list[str]) -> None:
@@ -614,6 +635,10 @@ def _read_secret(path: str, key: str, errors: list[str]) -> Secret:
             return Secret(handle.read().strip())
     except OSError as exc:
         errors.append(f"{key}: cannot read {path}: {exc.strerror}")
+        return Secret("")
+    except (ValueError, UnicodeDecodeError):
+        # A NUL in the path, or a binary file: the content is never echoed.
+        errors.append(f"{key}: cannot read {_describe(path)} as a text file")
         return Secret("")
 
 
