@@ -9,13 +9,13 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from exporter import __version__
 from exporter.collectors import COLLECTORS
-from tests.harness import ExporterProcess, Scrape, free_port
+from tests.harness import ExporterProcess, Scrape, free_port, tempdir
 
 Factory = Callable[..., ExporterProcess]
 
@@ -52,6 +52,17 @@ def closed_backends() -> dict[str, str]:
             "REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"}
 
 
+@pytest.fixture(scope="module")
+def shared() -> Iterator[ExporterProcess]:
+    """One exporter with no config file for the tests that only read from it."""
+    with tempdir() as base:
+        exporter = ExporterProcess(base, env=closed_backends()).start()
+        try:
+            yield exporter
+        finally:
+            exporter.stop()
+
+
 def success(scrape: Scrape, collector: str) -> float | None:
     return scrape.value("qatoolbox_exporter_collector_success", collector=collector)
 
@@ -66,8 +77,8 @@ def request(exporter: ExporterProcess, path: str, method: str) -> tuple[int, byt
         return exc.code, exc.read()
 
 
-def test_no_config_serves_host_and_process(exporter_factory: Factory) -> None:
-    exporter = exporter_factory(env=closed_backends())
+def test_no_config_serves_host_and_process(shared: ExporterProcess) -> None:
+    exporter = shared
     scrape = exporter.scrape()
     names = scrape.names()
     for name in HOST_METRICS + PROCESS_METRICS:
@@ -106,11 +117,11 @@ def test_unreachable_postgres_and_redis_still_answer_fast(exporter_factory: Fact
             assert success(scrape, name) == 0.0, name
 
 
-def test_promtool_check_metrics_is_clean(exporter_factory: Factory) -> None:
+def test_promtool_check_metrics_is_clean(shared: ExporterProcess) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.fail("promtool not installed (apt-get install prometheus)")
-    exporter = exporter_factory(env=closed_backends())
+    exporter = shared
     exporter.scrape()  # the second scrape has every collector's outcome from a warm start
     status, _, body = exporter.get("/metrics")
     assert status == 200
@@ -145,8 +156,8 @@ def test_landing_health_404_and_methods(exporter_factory: Factory) -> None:
     assert exporter.get("/metrics?debug=1")[0] == 200
 
 
-def test_openmetrics_when_asked(exporter_factory: Factory) -> None:
-    exporter = exporter_factory(env=closed_backends())
+def test_openmetrics_when_asked(shared: ExporterProcess) -> None:
+    exporter = shared
     status, headers, body = exporter.get(
         "/metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
     assert status == 200
@@ -159,8 +170,8 @@ def test_openmetrics_when_asked(exporter_factory: Factory) -> None:
     assert "# EOF" not in body.decode()
 
 
-def test_gzip_when_accepted(exporter_factory: Factory) -> None:
-    exporter = exporter_factory(env=closed_backends())
+def test_gzip_when_accepted(shared: ExporterProcess) -> None:
+    exporter = shared
     status, headers, body = exporter.get("/metrics", {"Accept-Encoding": "gzip"})
     assert status == 200
     assert headers.get("Content-Encoding") == "gzip"
@@ -202,14 +213,6 @@ def test_json_logs_and_sigterm_exit_zero(exporter_factory: Factory) -> None:
     assert records[messages.index("shutting down")]["signal"] == "SIGTERM"
 
 
-def test_logfmt_is_the_default(exporter_factory: Factory) -> None:
-    exporter = exporter_factory(env=closed_backends())
-    assert exporter.stop() == 0
-    lines = [line for line in exporter.logs().splitlines() if "msg=listening" in line]
-    assert len(lines) == 1
-    assert "level=info" in lines[0] and "path=/metrics" in lines[0]
-
-
 def test_failing_backend_logs_once_not_per_scrape(exporter_factory: Factory) -> None:
     if "redis" not in COLLECTORS:
         pytest.skip("no redis collector in this build")
@@ -244,5 +247,8 @@ def test_log_level_flag(exporter_factory: Factory) -> None:
         assert exporter.stop() == 0
     assert "msg=listening" not in quiet.logs()
     assert "level=info" not in quiet.logs() and "level=debug" not in quiet.logs()
-    assert "msg=listening" in chatty.logs()
     assert "level=debug" in chatty.logs() and "msg=request" in chatty.logs()
+    # logfmt is the default format
+    listening = [line for line in chatty.logs().splitlines() if "msg=listening" in line]
+    assert len(listening) == 1
+    assert "level=info" in listening[0] and "path=/metrics" in listening[0]
