@@ -145,6 +145,26 @@ def test_promtool_check_config() -> None:
     assert f"{len(RULE_FILES)} rule files found" in result.stdout
 
 
+def test_prometheus_config_shape() -> None:
+    """file_sd targets for the exporter, 15s interval, rules loaded, Alertmanager API v2."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    assert config["global"]["scrape_interval"] == "15s"
+    assert config["rule_files"] == ["rules/*.yml"]
+    job = next(s for s in config["scrape_configs"] if s["job_name"] == "qatoolbox")
+    assert job["file_sd_configs"][0]["files"] == ["targets/*.yml"]
+    for target_file in (PROMETHEUS_DIR / "targets").glob("*.yml"):
+        for group in yaml.safe_load(target_file.read_text()):
+            assert group["targets"], target_file
+    for manager in config["alerting"]["alertmanagers"]:
+        assert manager.get("api_version", "v2") == "v2"  # v1 is gone in Prometheus 3
+
+
+def test_docs_list_every_alert() -> None:
+    text = (ROOT / "docs" / "alerting.md").read_text()
+    missing = [r["alert"] for r in alert_rules() if f"| `{r['alert']}` |" not in text]
+    assert not missing, missing
+
+
 def test_promtool_check_rules() -> None:
     result = run(["promtool", "check", "rules", *map(str, RULE_FILES)])
     assert result.returncode == 0, result.stdout + result.stderr
