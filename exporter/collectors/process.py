@@ -111,13 +111,19 @@ def _sample(proc: psutil.Process) -> ProcSample | None:
     try:
         with proc.oneshot():
             cpu = proc.cpu_times()
+            try:
+                fds = float(proc.num_fds())
+            except psutil.AccessDenied:
+                # /proc/<pid>/fd is open only to the process's user (or root); the rest of
+                # /proc/<pid> is public, so a non-root exporter still counts the process.
+                fds = 0.0
             return ProcSample(
                 pid=proc.pid,
                 create_time=proc.create_time(),
                 cpu_user=cpu.user,
                 cpu_system=cpu.system,
                 rss=float(proc.memory_info().rss),
-                fds=float(proc.num_fds()),
+                fds=fds,
                 threads=float(proc.num_threads()),
             )
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
