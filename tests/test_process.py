@@ -8,8 +8,10 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -335,6 +337,68 @@ def test_denied_process_is_skipped() -> None:
     from exporter.collectors.process import _sample
 
     assert _sample(DeniedProcess()) is None  # type: ignore[arg-type]
+
+
+class FdsDeniedProcess:
+    """Another user's process: /proc/<pid>/fd is closed to us, the rest of /proc/<pid> is not."""
+
+    pid = 4243
+
+    def oneshot(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def cpu_times(self) -> Any:
+        return types.SimpleNamespace(user=1.5, system=0.5)
+
+    def create_time(self) -> float:
+        return 1234.0
+
+    def memory_info(self) -> Any:
+        return types.SimpleNamespace(rss=4096)
+
+    def num_fds(self) -> int:
+        raise psutil.AccessDenied(self.pid)
+
+    def num_threads(self) -> int:
+        return 3
+
+
+def test_process_whose_fds_are_closed_to_us_still_counts() -> None:
+    from exporter.collectors.process import _sample
+
+    sample = _sample(FdsDeniedProcess())  # type: ignore[arg-type]
+    assert sample == ProcSample(4243, 1234.0, 1.5, 0.5, 4096.0, 0.0, 3.0)
+
+
+COUNT_AS_NOBODY = """
+import os, sys
+from exporter.collectors.process import ProcessCollector
+from exporter.config import ProcessConfig, ProcessGroup
+collector = ProcessCollector(ProcessConfig(groups=(ProcessGroup(name="g", names=(sys.argv[1],)),)))
+os.setgid(65534)
+os.setuid(65534)
+for family in collector.collect():
+    for s in family.samples:
+        if s.name in ("qatoolbox_process_num_procs", "qatoolbox_process_resident_memory_bytes"):
+            print(s.name, s.value)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start as root and drop to nobody")
+def test_non_root_exporter_counts_other_users_processes(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    # The exporter runs as its own user; PostgreSQL and Redis run as theirs.
+    name = f"qtnr{os.getpid() % 10**8}"
+    binary = tmp_path / name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", binary)
+    children.append(subprocess.Popen([str(binary), "120"]))
+    wait_for(lambda: psutil.Process(children[0].pid).name() == name, 10, "the child")
+    result = subprocess.run([sys.executable, "-c", COUNT_AS_NOBODY, name], capture_output=True,
+                            text=True, timeout=60, check=True, cwd=Path(__file__).parent.parent)
+    values = dict(line.split() for line in result.stdout.splitlines())
+    assert float(values["qatoolbox_process_num_procs"]) == 1
+    assert float(values["qatoolbox_process_resident_memory_bytes"]) > 0
 
 
 def test_scan_processes_finds_this_process() -> None:

@@ -165,6 +165,12 @@ def test_openmetrics_when_asked(shared: ExporterProcess) -> None:
     text = body.decode()
     assert text.endswith("# EOF\n")
     assert "# TYPE qatoolbox_host_cpu_seconds counter" in text
+    # the header Prometheus itself sends
+    prometheus_accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                         "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    status, headers, body = exporter.get("/metrics", {"Accept": prometheus_accept})
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith(b"# EOF\n")
     status, headers, body = exporter.get("/metrics")
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     assert "# EOF" not in body.decode()
