@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import pytest
 from exporter import __version__
 from exporter.cli import main
 from exporter.collectors import COLLECTORS
+from exporter.logs import JsonFormatter, LogfmtFormatter
 from tests.harness import run_exporter
 
 
@@ -201,3 +204,34 @@ def test_version_and_console_script() -> None:
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True,
                             timeout=30, check=False)
     assert (result.returncode, result.stdout.strip()) == (0, f"qatoolbox-exporter {__version__}")
+
+
+def make_record(msg: str, **extra: object) -> logging.LogRecord:
+    record = logging.LogRecord("exporter.scrape", logging.WARNING, __file__, 1, msg, None, None)
+    record.__dict__.update(extra)
+    return record
+
+
+def test_logfmt_quotes_and_escapes() -> None:
+    line = LogfmtFormatter().format(make_record(
+        "collector failed", collector="redis", err='bad "x" = y\nnext', empty=""))
+    assert "\n" not in line
+    assert line.startswith("ts=")
+    assert " level=warning logger=exporter.scrape " in line
+    assert 'msg="collector failed"' in line
+    assert "collector=redis" in line
+    assert r'err="bad \"x\" = y\nnext"' in line
+    assert 'empty=""' in line
+
+
+def test_json_lines_with_extras_and_exceptions() -> None:
+    try:
+        raise ValueError("no such table")
+    except ValueError:
+        record = make_record("query failed", query="users", took=0.5)
+        record.exc_info = sys.exc_info()
+    fields = json.loads(JsonFormatter().format(record))
+    assert fields["level"] == "warning" and fields["msg"] == "query failed"
+    assert fields["query"] == "users" and fields["took"] == 0.5
+    assert fields["error"] == "no such table"
+    assert fields["ts"].endswith("Z")
