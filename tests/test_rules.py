@@ -258,6 +258,21 @@ def test_every_runbook_section_has_the_three_parts() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_dashboard_annotations_name_real_dashboards() -> None:
+    """The templates link GRAFANA/d/<dashboard>?var-instance=...: the uid must exist and have
+    an instance variable."""
+    dashboards = {}
+    for path in (ROOT / "grafana" / "dashboards").glob("*.json"):
+        board = json.loads(path.read_text())
+        dashboards[board["uid"]] = {v["name"] for v in board.get("templating", {}).get("list", [])}
+    if not dashboards:
+        pytest.skip("no dashboards in grafana/dashboards yet")
+    for rule in alert_rules():
+        uid = rule["annotations"].get("dashboard")
+        assert uid in dashboards, (rule["alert"], uid)
+        assert "instance" in dashboards[uid], uid
+
+
 def test_warning_critical_pairs_share_a_family() -> None:
     """The inhibition of a warning by its critical twin relies on the family label."""
     families: dict[str, set[str]] = {}
