@@ -360,6 +360,7 @@ def test_amtool_check_config() -> None:
     result = run(["amtool", "check-config", str(AM_CONFIG)])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 receivers" in result.stdout
+    assert "8 inhibit rules" in result.stdout
 
 
 def route(*labels: str) -> str:
@@ -495,9 +496,10 @@ INHIBITION_CASES: list[tuple[str, list[dict[str, Any]], set[str], set[str]]] = [
       alert("ExporterCollectorFailing", "warning", "i5", collector="postgres"),
       alert("ExporterCollectorFailing", "warning", "i5", collector="host"),
       alert("RedisLowHitRatio", "warning", "i5"),
+      alert("BusinessQueryFailing", "warning", "i5", query="qatoolbox_users"),
       alert("PostgresLockWaits", "warning", "i5b")],
      {"PostgresLockWaits@i5", "PostgresConnectionsExhausted@i5", "PostgresRestarted@i5",
-      "ExporterCollectorFailing@i5:postgres"},
+      "ExporterCollectorFailing@i5:postgres", "BusinessQueryFailing@i5"},
      {"PostgresDown@i5", "ExporterCollectorFailing@i5:host", "RedisLowHitRatio@i5",
       "PostgresLockWaits@i5b"}),
     ("RedisDown silences the other Redis alerts of its instance",
