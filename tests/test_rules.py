@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -157,6 +158,28 @@ def test_prometheus_config_shape() -> None:
             assert group["targets"], target_file
     for manager in config["alerting"]["alertmanagers"]:
         assert manager.get("api_version", "v2") == "v2"  # v1 is gone in Prometheus 3
+
+
+def test_commented_tls_and_basic_auth_example_is_valid(workdir: Path) -> None:
+    """The commented scrape settings for an exporter behind TLS and basic auth work when
+    uncommented (promtool checks the referenced files exist, so they point at temp files)."""
+    text = (PROMETHEUS_DIR / "prometheus.yml").read_text()
+    marker = "    # With --web.config.file"
+    assert marker in text
+    head, example = text.split(marker)
+    lines = [line.replace("    #   ", "    ", 1) for line in example.splitlines()[1:]]
+    for name in ("exporter-ca.pem", "exporter-password"):
+        (workdir / name).write_text("x\n")
+    uncommented = "\n".join(lines).replace("/etc/prometheus/secrets", str(workdir))
+    assert "scheme: https" in uncommented and "password_file:" in uncommented
+    dest = workdir / "prom"
+    shutil.copytree(PROMETHEUS_DIR, dest)
+    (dest / "prometheus.yml").write_text(head + uncommented + "\n")
+    config = yaml.safe_load((dest / "prometheus.yml").read_text())
+    job = next(s for s in config["scrape_configs"] if s["job_name"] == "qatoolbox")
+    assert job["scheme"] == "https" and job["basic_auth"]["username"] == "prometheus"
+    result = run(["promtool", "check", "config", "prometheus.yml"], cwd=dest)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_docs_list_every_alert() -> None:
