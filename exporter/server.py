@@ -241,10 +241,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b"Scrape failed\n", "text/plain; charset=utf-8", head)
             return
         headers = {}
-        if "gzip" in self.headers.get("Accept-Encoding", ""):
+        if _accepts_gzip(self.headers.get("Accept-Encoding", "")):
             body = gzip.compress(body, compresslevel=1)
             headers["Content-Encoding"] = "gzip"
         self._send(200, body, content_type, head, headers)
+
+
+def _accepts_gzip(header: str) -> bool:
+    """Whether Accept-Encoding lists gzip with a non-zero quality (codings ignore case)."""
+    for item in header.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        if coding.lower() not in ("gzip", "x-gzip"):
+            continue
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        return quality > 0
+    return False
 
 
 class ExporterHTTPServer(ThreadingHTTPServer):
