@@ -186,9 +186,13 @@ def test_gzip_when_accepted(shared: ExporterProcess) -> None:
     assert int(headers["Content-Length"]) == len(body)
     text = gzip.decompress(body).decode()
     assert "qatoolbox_host_memory_total_bytes" in text
-    status, headers, body = exporter.get("/metrics", {"Accept-Encoding": "identity"})
-    assert "Content-Encoding" not in headers
-    assert b"qatoolbox_host_memory_total_bytes" in body
+    for accepted in ("deflate, gzip;q=1.0", "br;q=1, GZIP;q=0.5", "x-gzip"):
+        headers = exporter.get("/metrics", {"Accept-Encoding": accepted})[1]
+        assert headers.get("Content-Encoding") == "gzip", accepted
+    for refused in ("identity", "gzip;q=0", "br, gzip; q=0.000", "gzipx"):
+        status, headers, body = exporter.get("/metrics", {"Accept-Encoding": refused})
+        assert "Content-Encoding" not in headers, refused
+        assert b"qatoolbox_host_memory_total_bytes" in body
 
 
 def test_custom_telemetry_path(exporter_factory: Factory) -> None:
