@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -404,3 +406,49 @@ def seconds(duration: str) -> float:
     assert match, duration
     unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
     return int(match.group(1)) * unit
+
+
+# --- application traffic ---------------------------------------------------------------------
+
+_APP_TRAFFIC = """
+import json, sys
+from exporter import instrument
+requests, tasks = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+rec = instrument.recorder()
+assert rec.multiprocess
+for route, method, status, seconds, queries, db_seconds in requests:
+    rec.request_started()
+    rec.request_finished(route, method, status, seconds, db_queries=queries,
+                         db_seconds=db_seconds)
+for task, state, seconds in tasks:
+    rec.task_finished(task, state, seconds)
+instrument.shutdown()
+"""
+
+DEFAULT_REQUESTS: list[tuple[str, str, int, float, int, float]] = [
+    # route, method, status, seconds, DB queries, DB seconds
+    ("api/rooms/", "GET", 200, 0.1, 3, 0.01),
+    ("api/rooms/", "GET", 500, 2.5, 60, 1.2),
+    ("login/", "POST", 200, 0.3, 5, 0.05),
+]
+DEFAULT_TASKS: list[tuple[str, str, float]] = [
+    ("tools.tasks.cleanup_expired_rooms", "succeeded", 0.5),
+    ("tools.tasks.cleanup_expired_rooms", "failed", 0.7),
+    ("tools.tasks.cleanup_expired_rooms", "retried", 0.1),
+]
+
+
+def record_app_traffic(
+    metrics_dir: Path,
+    requests: Sequence[tuple[str, str, int, float, int, float]] = tuple(DEFAULT_REQUESTS),
+    tasks: Sequence[tuple[str, str, float]] = tuple(DEFAULT_TASKS),
+) -> None:
+    """Record requests and Celery task runs the way an instrumented worker process does
+    (exporter.instrument with PROMETHEUS_MULTIPROC_DIR), in a child process that then exits;
+    an exporter with app.multiprocess_dirs = [metrics_dir] serves them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_MULTIPROC")}
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    result = subprocess.run(
+        [sys.executable, "-c", _APP_TRAFFIC, json.dumps(list(requests)), json.dumps(list(tasks))],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr

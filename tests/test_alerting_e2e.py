@@ -14,6 +14,7 @@ from tests.promstack import (
     WebhookReceiver,
     alertmanager_test_config,
     prometheus_test_config,
+    record_app_traffic,
     running,
 )
 
@@ -26,7 +27,11 @@ def test_postgres_down_pages_oncall_and_resolves(
     postgres: PostgresServer, redis_server: RedisServer, workdir: Path,
     exporter_factory: Callable[..., ExporterProcess],
 ) -> None:
-    exporter = exporter_factory(env={**postgres.env(), "REDIS_URL": redis_server.url})
+    metrics_dir = workdir / "app-metrics"
+    metrics_dir.mkdir()
+    record_app_traffic(metrics_dir)
+    exporter = exporter_factory(config={"app": {"multiprocess_dirs": [str(metrics_dir)]}},
+                                env={**postgres.env(), "REDIS_URL": redis_server.url})
     instance = f"127.0.0.1:{exporter.port}"
     with WebhookReceiver() as hook:
         # The repository's configs, copied: short intervals and `for`s, webhooks pointed here.
@@ -55,6 +60,10 @@ def test_postgres_down_pages_oncall_and_resolves(
                 assert not broken, broken
                 assert not [n for n in hook.received() if n.alerts("PostgresDown")]
 
+                # More traffic once Prometheus has the first counts: rates need an increase.
+                record_app_traffic(metrics_dir)
+                check_recording_rules_on_real_data(prometheus, instance)
+
                 postgres.stop()
                 note, alert = hook.wait_for_alert("PostgresDown", "firing", timeout=60)
                 assert note.path == "/oncall" and note.receiver == "oncall", note.payload
@@ -73,3 +82,46 @@ def test_postgres_down_pages_oncall_and_resolves(
                 assert note.path == "/oncall"
                 assert alert["labels"]["instance"] == instance
                 assert alert["annotations"]["runbook_url"] == RUNBOOK
+
+
+def check_recording_rules_on_real_data(prometheus: PrometheusServer, instance: str) -> None:
+    """The recording rules join the exporter's real label sets (route, status, task, state,
+    le...) and give the values the traffic implies."""
+    sel = f'{{instance="{instance}"}}'
+
+    def value(expr: str) -> float | None:
+        return prometheus.value(expr)
+
+    wait_for(lambda: (value(f"instance:qatoolbox_http_requests:rate5m{sel}") or 0) > 0, 30,
+             "a request rate from the second batch of traffic")
+    # One request in three fails, and one finished task run in two (retries do not count).
+    wait_for(lambda: 0.2 < (value(f"instance:qatoolbox_http_requests_5xx:ratio_rate5m{sel}")
+                            or 0) < 0.5, 30, "the 5xx ratio")
+    route = f'{{instance="{instance}",route="api/rooms/"}}'
+    assert (value(f"instance_route:qatoolbox_http_request_db_queries:p95_rate5m{route}")
+            or 0) > 50, "a 60-query request puts the route's p95 above HttpTooManyDbQueries' line"
+    assert (value(f"instance_route:qatoolbox_http_request_db_seconds:p95_rate5m{route}")
+            or 0) > 1
+    assert (value(f"instance_route:qatoolbox_http_request_duration_seconds:p95_rate5m{route}")
+            or 0) > 2
+    task = f'{{instance="{instance}",task="tools.tasks.cleanup_expired_rooms"}}'
+    ratio = value(f"instance_task:qatoolbox_celery_tasks_failed:ratio_rate5m{task}")
+    assert ratio is not None and 0.3 < ratio < 0.7, ratio
+
+    # Everything else that has data on an idle host with a fresh database and cache.
+    with_data = [
+        "instance:qatoolbox_host_cpu_utilisation:ratio", "instance:qatoolbox_host_cpus:count",
+        "instance:qatoolbox_host_load5_per_cpu:ratio",
+        "instance:qatoolbox_host_memory_utilisation:ratio",
+        "instance_mountpoint:qatoolbox_host_filesystem_usage:ratio",
+        "instance:qatoolbox_postgres_connections_used:ratio",
+        "instance_datname:qatoolbox_postgres_transactions:rate5m",
+        "instance:qatoolbox_celery_queue_length:sum",
+        "instance:qatoolbox_http_request_duration_seconds:p99_rate5m",
+        "instance_route:qatoolbox_http_requests_5xx:ratio_rate5m",
+    ]
+    empty = [name for name in with_data if not prometheus.query(f"{name}{sel}")]
+    assert not empty, empty
+    for name in with_data:
+        for sample in prometheus.query(f"{name}{sel}"):
+            assert sample["metric"]["job"] == "qatoolbox", sample

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from tests.promstack import (
     PROMETHEUS_DIR,
     AlertmanagerServer,
     alertmanager_test_config,
+    record_app_traffic,
 )
 
 RULES_DIR = PROMETHEUS_DIR / "rules"
@@ -584,17 +583,6 @@ EXPECTED_FROM_SPEC: dict[str, str] = {
     "qatoolbox_postgres_replication_lag_seconds": "issue 3 (docs/postgres.md)",
 }
 
-APP_TRAFFIC = """
-from exporter import instrument
-rec = instrument.recorder()
-assert rec.multiprocess
-for status, seconds, queries in ((200, 0.1, 3), (500, 2.5, 60)):
-    rec.request_started()
-    rec.request_finished("api/rooms/", "GET", status, seconds, db_queries=queries, db_seconds=0.2)
-rec.task_finished("tools.tasks.cleanup", "succeeded", 0.5)
-rec.task_finished("tools.tasks.cleanup", "failed", 0.5)
-instrument.shutdown()
-"""
 
 
 def documented_names() -> set[str]:
@@ -624,11 +612,7 @@ def test_every_metric_in_the_rules_is_exposed(
 ) -> None:
     metrics_dir = workdir / "app-metrics"
     metrics_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_MULTIPROC")}
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    traffic = subprocess.run([sys.executable, "-c", APP_TRAFFIC], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=60, check=False)
-    assert traffic.returncode == 0, traffic.stderr
+    record_app_traffic(metrics_dir)
     exporter = exporter_factory(
         config={"app": {"multiprocess_dirs": [str(metrics_dir)]}},
         env={**postgres.env(), "REDIS_URL": redis_server.url})
