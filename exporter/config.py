@@ -724,7 +724,12 @@ def _resolve_secrets(config: Config, errors: list[str]) -> Config:
         )
     if rd.password_file:
         password = _read_secret(rd.password_file, "redis.password_file", errors)
-        rd = dataclasses.replace(rd, url=Secret(_url_with_password(rd.url, password)))
+        try:
+            rd = dataclasses.replace(rd, url=Secret(_url_with_password(rd.url, password)))
+        except ValueError:
+            # urllib's message is safe, but the URL may hold a password: name the key only.
+            errors.append("redis.url: not a valid URL (a port that is not a number, or a bad "
+                          "IPv6 address)")
     return dataclasses.replace(config, postgres=pg, redis=rd)
 
 

@@ -78,8 +78,10 @@ TOP_KEYS = {f.name for f in dataclasses.fields(Config)}
 ENV_VARS = ["DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD", "DB_PASSWORD_FILE",
             "REDIS_URL", "REDIS_PASSWORD_FILE"]
 ENV = st.dictionaries(st.sampled_from(ENV_VARS),
-                      st.one_of(st.text(max_size=15), st.sampled_from(["5432", "x", "-1", "99999",
-                                                                       "/nonexistent"])),
+                      st.one_of(st.text(max_size=15),
+                                st.sampled_from(["5432", "x", "-1", "99999", "/nonexistent",
+                                                 "redis://h:x/0", "redis://[::1/0", "/dev/null",
+                                                 "redis://u:p@h:6379/0"])),
                       max_size=4)
 # Flag values are strings, as argparse gives them.
 OVERRIDES = st.dictionaries(st.sampled_from([key for key, _ in VALUE_FLAGS.values()]),
