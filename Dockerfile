@@ -13,7 +13,10 @@ COPY exporter ./exporter
 RUN pip install . \
  && groupadd --system --gid 10001 qatoolbox \
  && useradd --system --uid 10001 --gid qatoolbox --no-create-home \
-            --home-dir /nonexistent --shell /usr/sbin/nologin qatoolbox
+            --home-dir /nonexistent --shell /usr/sbin/nologin qatoolbox \
+ && install -d -o 10001 -g 10001 -m 0755 /run/qatoolbox/metrics
+# ^ A fresh named volume mounted there (app-metrics) takes this owner, so the non-root app
+#   and exporter containers can create and compact their metrics folders.
 
 FROM base AS demo
 # The demo's own dependencies, never the exporter's: Django, gunicorn, Celery with Redis.

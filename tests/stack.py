@@ -37,6 +37,8 @@ from tests.harness import (
 )
 
 DEMO_DIR = ROOT / "examples" / "qatoolbox_demo"
+LOADGEN = ROOT / "examples" / "loadgen" / "loadgen.py"
+LOADGEN_MAX_DURATION = 3600.0
 PROMETHEUS_BIN = "prometheus"
 ALERTMANAGER_BINS = ("prometheus-alertmanager", "alertmanager")
 
@@ -318,28 +320,6 @@ class DemoApp:
                 process.stop()
 
 
-def drive_traffic(url: str, seconds: float, rate: float = 20.0,
-                  stop: threading.Event | None = None) -> dict[int, int]:
-    """Bounded mixed traffic against the demo (loopback only): fast, slow, 4xx and 5xx.
-
-    Returns the count of answers by status code.
-    """
-    paths = ["/rooms/", "/rooms/", "/rooms/", "/login/", "/capsules/", "/slow/", "/fail/",
-             "/rooms/no-such-room/messages/", "/no-such-page/"]
-    counts: dict[int, int] = {}
-    deadline = time.monotonic() + seconds
-    i = 0
-    while time.monotonic() < deadline and not (stop and stop.is_set()):
-        path = paths[i % len(paths)]
-        data = b"text=hello" if path.endswith(("messages/", "capsules/", "login/")) else None
-        with contextlib.suppress(OSError):
-            status, _ = _http(url + path, data=data, timeout=10)
-            counts[status] = counts.get(status, 0) + 1
-        i += 1
-        time.sleep(1.0 / rate)
-    return counts
-
-
 # --- the whole stack ---------------------------------------------------------------------------
 
 
@@ -358,9 +338,11 @@ class Stack:
     redis_args: Sequence[str] = ()
     exporter_port: int | None = None
     prometheus_port: int | None = None
+    alertmanager_port: int | None = None
     postgres: PostgresServer | None = None
     redis: RedisServer | None = None
     app: DemoApp | None = None
+    loadgen: ServerProcess | None = None
     exporter: ExporterProcess | None = None
     prometheus: PrometheusServer | None = None
     alertmanager_server: AlertmanagerServer | None = None
@@ -397,7 +379,11 @@ class Stack:
             config_file = ROOT / "alertmanager" / "alertmanager.yml"
             if config_file.exists():
                 try:
-                    self.alertmanager_server = AlertmanagerServer(self.base, config_file).start()
+                    am_kwargs: dict[str, Any] = {}
+                    if self.alertmanager_port:
+                        am_kwargs["port"] = self.alertmanager_port
+                    self.alertmanager_server = AlertmanagerServer(self.base, config_file,
+                                                                  **am_kwargs).start()
                 except (RuntimeError, AssertionError) as exc:
                     self.warnings.append(f"Alertmanager did not start: {exc}")
             else:
@@ -410,6 +396,15 @@ class Stack:
             self.base, [f"127.0.0.1:{self.exporter.port}"],
             f"127.0.0.1:{am.port}" if am else None, self.scrape_interval,
             self.extra_rule_files, **prom_kwargs).start()
+
+    def start_load(self, rate: float, duration: float) -> None:
+        """Start examples/loadgen against the demo app (at most an hour per run)."""
+        assert self.app is not None, "load needs the demo app (demo=True)"
+        self.loadgen = ServerProcess(
+            "loadgen",
+            [sys.executable, str(LOADGEN), "--url", self.app.url, "--rate", str(rate),
+             "--duration", str(min(duration, LOADGEN_MAX_DURATION)), "--seed", "1"],
+            self.base / "loadgen.log")
 
     def urls(self) -> dict[str, str]:
         """What a person opens, by name."""
@@ -426,7 +421,8 @@ class Stack:
 
     def stop(self) -> None:
         """Stop everything that was started, last first."""
-        for part in (self.prometheus, self.alertmanager_server, self.exporter, self.app):
+        for part in (self.loadgen, self.prometheus, self.alertmanager_server, self.exporter,
+                     self.app):
             if part is not None:
                 with contextlib.suppress(Exception):
                     part.stop()
@@ -446,6 +442,20 @@ def running(stack: Stack) -> Iterator[Stack]:
         stack.stop()
 
 
+def port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:port (so a fixed port cannot hit another server)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers do: connections in TIME_WAIT do not count, only a listener does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """scripts/stack: run the stack until Ctrl-C."""
     parser = argparse.ArgumentParser(
@@ -458,6 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-alertmanager", action="store_true", help="skip Alertmanager")
     parser.add_argument("--exporter-port", type=int, default=9786)
     parser.add_argument("--prometheus-port", type=int, default=9090)
+    parser.add_argument("--alertmanager-port", type=int, default=9093)
     parser.add_argument("--load-rate", type=float, default=10.0,
                         help="demo requests per second (default 10)")
     parser.add_argument("--duration", type=float, default=0,
@@ -473,9 +484,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if k.startswith(("DB_", "REDIS_"))}
     stack = Stack(base, demo=args.demo, alertmanager=not args.no_alertmanager,
                   exporter_env=env, exporter_port=args.exporter_port,
-                  prometheus_port=args.prometheus_port)
+                  prometheus_port=args.prometheus_port,
+                  alertmanager_port=args.alertmanager_port)
+    busy = [p for p in (args.exporter_port, args.prometheus_port, args.alertmanager_port)
+            if not port_free(p)]
+    if busy:
+        print(f"scripts/stack: port {', '.join(map(str, busy))} already in use on 127.0.0.1 "
+              f"(choose others with --exporter-port, --prometheus-port, --alertmanager-port)",
+              file=sys.stderr)
+        return 1
     stop = threading.Event()
+    # Set both explicitly: a shell may start us with SIGINT ignored (background jobs).
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         stack.start()
         for warning in stack.warnings:
@@ -484,14 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, url in stack.urls().items():
             print(f"  {name:<13} {url}")
         print(f"  logs          {base}")
-        traffic = None
-        if stack.app is not None:
-            seconds = args.duration or 7 * 86400
-            traffic = threading.Thread(target=drive_traffic, daemon=True,
-                                       args=(stack.app.url, seconds, args.load_rate, stop))
-            traffic.start()
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+            if stack.app is not None and (stack.loadgen is None
+                                          or stack.loadgen.proc.poll() is not None):
+                # examples/loadgen runs for an hour at most: start the next run.
+                stack.start_load(args.load_rate, args.duration or LOADGEN_MAX_DURATION)
             stop.wait(1)
     except KeyboardInterrupt:
         pass

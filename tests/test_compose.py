@@ -236,3 +236,13 @@ def test_systemd_unit_exposure() -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
     assert match, result.stdout[-500:] + result.stderr[-500:]
     assert float(match.group(1)) < 3.0
+
+
+def test_demo_load_stays_on_loopback() -> None:
+    # examples/loadgen refuses non-loopback URLs: it must share demo-web's network namespace.
+    loadgen = SERVICES["loadgen"]
+    assert loadgen["network_mode"] == "service:demo-web"
+    assert "ports" not in loadgen
+    assert "--url http://127.0.0.1:8000" in " ".join(loadgen["command"])
+    assert (ROOT / "examples/loadgen/loadgen.py").is_file()
+    assert SERVICES["demo-web"]["environment"]["GUNICORN_BIND"].endswith(":8000")

@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import signal
+import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,8 +32,8 @@ from tests.grafana_queries import (
     load_dashboards,
     metric_names,
 )
-from tests.harness import tempdir, wait_for
-from tests.stack import Stack, drive_traffic
+from tests.harness import ROOT, free_port, tempdir, wait_for
+from tests.stack import PrometheusServer, Stack, port_free
 
 pytestmark = pytest.mark.integration
 
@@ -156,11 +161,10 @@ def stack() -> Iterator[Stack]:
             busy.start()
             with contextlib.suppress(Exception):
                 app.send_task("tools.cleanup_expired_chat_rooms", 2)
-            drive_traffic(app.url, TRAFFIC_SECONDS, rate=25)
-            # Keep some traffic going while the tests query, so rate windows ending now hold it.
-            background = threading.Thread(target=drive_traffic, daemon=True,
-                                          args=(app.url, 300, 10, stop))
-            background.start()
+            # examples/loadgen: fast, writing, slow, 4xx and 5xx requests; it keeps going while
+            # the tests query, so rate windows ending at any moment hold traffic.
+            stack.start_load(rate=15, duration=300)
+            time.sleep(TRAFFIC_SECONDS)
             prometheus = stack.prometheus
             wait_for(lambda: prometheus.query("up{job='qatoolbox'} == 1"), 10, "scrapes")
             yield stack
@@ -199,9 +203,11 @@ def test_every_query_parses_and_95_percent_return_data(stack: Stack) -> None:
             empty.append(query.where)
     assert not unparsable, "\n".join(unparsable)
     share = 1 - len(empty) / len(queries)
+    assert stack.exporter is not None
+    warnings = [line for line in stack.exporter.logs().splitlines() if "level=info" not in line]
     assert share >= MIN_DATA_SHARE and not empty, (
         f"{len(empty)} of {len(queries)} queries returned no data ({share:.1%} did); "
-        f"unexpected: {empty}")
+        f"unexpected: {empty}; exporter log: {warnings[-10:]}")
 
 
 def test_exceptions_are_still_needed(stack: Stack) -> None:
@@ -236,19 +242,39 @@ def test_every_metric_used_is_exposed(stack: Stack) -> None:
     assert not missing, f"dashboards use metrics the exporter did not expose: {missing}"
 
 
-def test_stack_cleans_up(stack: Stack) -> None:
-    # The processes the stack started belong to it: all alive now, none left after stop()
-    # (checked on a second, tiny stack so the module's stack stays up for the other tests).
-    assert stack.exporter is not None and stack.exporter.proc is not None
-    assert stack.exporter.proc.poll() is None
-    with tempdir() as base:
-        small = Stack(base, alertmanager=False, scrape_interval="1s").start()
-        assert small.prometheus is not None and small.exporter is not None
-        procs = [small.prometheus.process.proc if small.prometheus.process else None,
-                 small.exporter.proc]
-        small.stop()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(p is not None and p.poll() is None
-                                                  for p in procs):
-            time.sleep(0.1)
-        assert all(p is not None and p.poll() is not None for p in procs)
+def test_scripts_stack_prints_urls_and_stops_everything_on_ctrl_c() -> None:
+    # The command a person runs, without the demo: exporter, Prometheus, Alertmanager.
+    ports = [free_port(), free_port(), free_port()]
+    # Never the machine's shared PostgreSQL or Redis: point the exporter at closed ports.
+    env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_PORT": "1",
+           "REDIS_URL": "redis://127.0.0.1:1/0"}
+    proc = subprocess.Popen(
+        [str(ROOT / "scripts" / "stack"), "--exporter-port", str(ports[0]),
+         "--prometheus-port", str(ports[1]), "--alertmanager-port", str(ports[2])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+        start_new_session=True)
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip().startswith("logs"):
+                break
+        output = "".join(lines)
+        for name, port in zip(("exporter", "prometheus"), ports[:2], strict=True):
+            assert f"{name}" in output and f"http://127.0.0.1:{port}" in output, output
+        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/healthz",
+                                      timeout=10).status == 200
+        prometheus = PrometheusServer(Path("."), [], port=ports[1])
+        wait_for(lambda: prometheus.query('up{job="qatoolbox"} == 1'), 30,
+                 "Prometheus scraping the exporter")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    for port in ports:
+        assert port_free(port), f"port {port} still in use after Ctrl-C"
