@@ -117,6 +117,16 @@ def test_checkpoint_queries_follow_the_server_version() -> None:
         assert "checkpoints_timed" not in q.checkpoints
 
 
+def test_table_ranking_measures_never_analysed_tables_from_14() -> None:
+    assert "reltuples < 0" in queries_for(140000).tables
+    assert "reltuples < 0" in queries_for(170000).tables
+    assert "reltuples < 0" not in queries_for(130010).tables
+    for version in (120000, 150000):
+        tables = queries_for(version).tables
+        assert "%(limit)s" in tables and "%(candidates)s" in tables
+        assert "%%" not in tables and "{" not in tables
+
+
 def test_slot_position_depends_on_recovery() -> None:
     q = queries_for(150000)
     assert "pg_current_wal_lsn()" in q.slots(in_recovery=False)
@@ -526,6 +536,8 @@ def test_expensive_families_are_cached(postgres: PostgresServer) -> None:
     with collector(config_for(pg, cache_interval=60), clock=lambda: now[0]) as c:
         first = scrape(c)
         pg.execute("CREATE TABLE newer (id int); INSERT INTO newer VALUES (1)")
+        wait_for(lambda: pg.execute("SELECT tup_inserted FROM pg_stat_database "
+                                    "WHERE datname = 'postgres'")[0][0] > 0, 15, "statistics")
         now[0] += 30
         cached = scrape(c)
         now[0] += 31
@@ -547,13 +559,23 @@ def test_top_tables_bounded_by_total_size(postgres: PostgresServer) -> None:
                "CREATE TABLE mid (id int PRIMARY KEY); "
                "INSERT INTO mid SELECT generate_series(1, 2000); "
                "CREATE TABLE tiny (id int); CREATE SCHEMA other; CREATE TABLE other.t (id int)")
+    pg.execute("DO $$ BEGIN FOR i IN 1..20 LOOP "
+               "EXECUTE format('CREATE TABLE empty%s (id int PRIMARY KEY)', i); END LOOP; END $$")
+    # Never analysed: the ranking falls back on live rows, once the statistics are in.
+    wait_for(lambda: pg.execute("SELECT n_live_tup FROM pg_stat_user_tables "
+                                "WHERE relname = 'mid'")[0][0] == 2000, 15, "statistics")
     with collector(config_for(pg, top_tables=2)) as c:
         s = scrape(c)
     sizes = s.series("qatoolbox_postgres_table_size_bytes")
     assert sorted(lbl["table"] for _, lbl in sizes) == ["big", "mid"]
-    assert s.value("qatoolbox_postgres_tables") == 4
+    assert s.value("qatoolbox_postgres_tables") == 24
     expected = pg.execute("SELECT pg_total_relation_size('mid')")[0][0]
     assert s.value("qatoolbox_postgres_table_size_bytes", schema="public", table="mid") == expected
+    pg.execute("ANALYZE")
+    with collector(config_for(pg, top_tables=1)) as c:
+        s = scrape(c)
+    assert [lbl["table"] for _, lbl in s.series("qatoolbox_postgres_table_size_bytes")] == ["big"]
+    assert s.value("qatoolbox_postgres_table_live_rows", schema="public", table="big") == 5000
 
 
 def test_server_restart_and_stop(postgres: PostgresServer) -> None:

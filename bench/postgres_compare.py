@@ -1,0 +1,159 @@
+"""PostgreSQL scrape benchmark: this exporter's postgres collector vs postgres_exporter.
+
+Starts a throwaway PostgreSQL (pg_stat_statements preloaded and installed), then for each
+table count (100 and 10,000 by default) starts, side by side on loopback:
+  - qatoolbox-exporter with only the postgres collector, default settings (60 s cache);
+  - the same with postgres.cache_interval 0s (every scrape reads everything: the worst case);
+  - Debian's prometheus-postgres-exporter with default flags (DATA_SOURCE_NAME only);
+  - the same with the example queries.yaml Debian ships (per-table and per-statement
+    series, the usual way to get them from postgres_exporter), unless --no-example-queries;
+and scrapes them in turn, run by run, reporting latency (median, p95), series and peak RSS.
+
+Example:
+    .venv/bin/python bench/postgres_compare.py --scrapes 50 --markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.scrape import Target, measure, report  # noqa: E402
+from exporter.collectors import COLLECTORS  # noqa: E402
+from tests.harness import PostgresServer, free_port, tempdir  # noqa: E402
+
+POSTGRES_EXPORTER = "/usr/bin/prometheus-postgres-exporter"
+EXAMPLE_QUERIES = "/usr/share/doc/prometheus-postgres-exporter/examples/queries.yaml"
+
+
+def create_tables(pg: PostgresServer, upto: int, have: int) -> None:
+    """Create tables t<have+1> .. t<upto>, committing every 1000 (the lock table is finite)."""
+    if upto <= have:
+        return
+    pg.execute(f"""
+        DO $$ BEGIN
+          FOR i IN {have + 1}..{upto} LOOP
+            EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY, v text)', i);
+            IF i % 1000 = 0 THEN COMMIT; END IF;
+          END LOOP;
+        END $$""")
+    # A little data so that sizes differ and the top N means something.
+    pg.execute(f"INSERT INTO t{upto} SELECT g, 'x' FROM generate_series(1, 1000) g")
+
+
+def _wait_metrics(url: str, proc: subprocess.Popen[bytes], needle: bytes) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                if needle in response.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} did not serve {needle!r} within 30 s")
+
+
+def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
+                     ) -> tuple[list[subprocess.Popen[bytes]], list[Target]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    targets: list[Target] = []
+    devnull = subprocess.DEVNULL
+
+    def ours(name: str, extra: Sequence[str]) -> None:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
+        env.update(pg.env())
+        others = [f"--no-collector.{n}" for n in COLLECTORS if n != "postgres"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}",
+             *others, *extra], cwd=ROOT, env=env, stdout=devnull, stderr=devnull)
+        procs.append(proc)
+        target = Target(name, f"http://127.0.0.1:{port}/metrics", proc.pid)
+        _wait_metrics(target.url, proc, b"qatoolbox_postgres_up 1")
+        targets.append(target)
+
+    def theirs(name: str, extra: Sequence[str]) -> None:
+        port = free_port()
+        env = dict(os.environ, DATA_SOURCE_NAME=(
+            f"postgresql://postgres@127.0.0.1:{pg.port}/postgres?sslmode=disable"))
+        proc = subprocess.Popen([POSTGRES_EXPORTER, f"--web.listen-address=127.0.0.1:{port}",
+                                 *extra], env=env, stdout=devnull, stderr=devnull)
+        procs.append(proc)
+        target = Target(name, f"http://127.0.0.1:{port}/metrics", proc.pid)
+        _wait_metrics(target.url, proc, b"pg_up 1")
+        targets.append(target)
+
+    ours("qatoolbox", [])
+    no_cache = workdir / "no-cache.yml"
+    no_cache.write_text("postgres:\n  cache_interval: 0s\n")
+    ours("qatoolbox-nocache", ["--config.file", str(no_cache)])
+    theirs("postgres_exporter", [])
+    if example_queries:
+        theirs("postgres_exporter+queries", [f"--extend.query-path={EXAMPLE_QUERIES}"])
+    return procs, targets
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the comparison for each table count and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scrapes", type=int, default=50, help="scrapes per target and size")
+    parser.add_argument("--tables", default="100,10000", help="comma-separated table counts")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument("--no-example-queries", action="store_true",
+                        help="skip postgres_exporter with Debian's example queries.yaml")
+    args = parser.parse_args(argv)
+    if not 1 <= args.scrapes <= 10_000:
+        parser.error("--scrapes must be between 1 and 10000")
+    try:
+        sizes = sorted(int(n) for n in args.tables.split(","))
+    except ValueError:
+        parser.error("--tables: expected numbers like 100,10000")
+    if not shutil.which(POSTGRES_EXPORTER):
+        parser.error(f"{POSTGRES_EXPORTER} not found (apt-get install "
+                     "prometheus-postgres-exporter)")
+    example = not args.no_example_queries and Path(EXAMPLE_QUERIES).exists()
+
+    with tempdir() as workdir:
+        pg = PostgresServer(workdir, settings={
+            "shared_preload_libraries": "pg_stat_statements",
+            "max_locks_per_transaction": "256",
+        }).start()
+        try:
+            pg.execute("CREATE EXTENSION pg_stat_statements")
+            have = 0
+            for size in sizes:
+                create_tables(pg, size, have)
+                have = size
+                pg.execute("ANALYZE")
+                procs, targets = start_contenders(pg, workdir, example)
+                try:
+                    measure(targets, args.scrapes)
+                    print(f"\n## {size} tables, {args.scrapes} scrapes each\n")
+                    print(report(targets, args.scrapes, args.markdown))  # reads RSS: live pids
+                    sys.stdout.flush()
+                finally:
+                    for proc in procs:
+                        proc.terminate()
+                        proc.wait(10)
+        finally:
+            pg.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
