@@ -233,3 +233,18 @@ def test_dashboard_provider() -> None:
     assert provider["type"] == "file"
     assert provider["options"]["path"] == "/etc/grafana/dashboards"
     assert provider["allowUiUpdates"] is False
+
+
+def test_alert_rules_link_to_existing_dashboards() -> None:
+    # Alert notifications link to GRAFANA/d/<dashboard annotation>?var-instance=...
+    uids = set(EXPECTED_UIDS.values())
+    linked = set()
+    for path in sorted((ROOT / "prometheus" / "rules").glob("*.yml")):
+        for group in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("groups", []):
+            for rule in group.get("rules", []):
+                uid = rule.get("annotations", {}).get("dashboard")
+                if uid:
+                    assert uid in uids, f"{path.name}: {rule.get('alert')} links to {uid}"
+                    linked.add(uid)
+    variables = {v["name"] for d in DASHBOARDS.values() for v in d["templating"]["list"]}
+    assert "instance" in variables
