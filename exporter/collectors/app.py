@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.config import AppConfig
-from exporter.instrument._merge import MARKER_PREFIX, Merger
+from exporter.instrument._merge import MARKER_PREFIX, FileMerger, FileValues
 from exporter.instrument._store import (
     FOLDABLE_TYPES,
     is_writer_ident,
@@ -34,8 +34,6 @@ from exporter.instrument._store import (
 DIR_LOCK = ".qatoolbox-exporter.lock"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
-
-_Entries = list[tuple[str, float]]
 
 
 def accumulator_path(directory: str, prefix: str) -> str:
@@ -133,7 +131,8 @@ class _DirResult:
     up: bool = False
     workers: int = 0
     files: int = 0
-    entries: list[tuple[str, _Entries, str]] = field(default_factory=list)
+    files_read: list[FileValues] = field(default_factory=list)
+    paths: set[str] = field(default_factory=set)
 
 
 class AppCollector:
@@ -153,7 +152,7 @@ class AppCollector:
     def __init__(self, config: AppConfig) -> None:
         self._dirs = config.multiprocess_dirs
         self._compact = config.compact
-        self._merger = Merger()
+        self._merger = FileMerger()
         self._folded = dict.fromkeys(self._dirs, 0)
 
     def collect(self) -> Iterator[Metric]:
@@ -161,13 +160,9 @@ class AppCollector:
         if not self._dirs:
             return
         results = {d: self._read_dir(d) for d in self._dirs}
-        merger = self._merger
-        merger.reset()
-        for result in results.values():
-            if result.up:
-                for prefix, entries, ident in result.entries:
-                    merger.add(prefix, entries, ident)
-        yield from merger.families()
+        read = [f for r in results.values() if r.up for f in r.files_read]
+        yield from self._merger.families(read)
+        self._merger.forget(set().union(*(r.paths for r in results.values())))
         up = GaugeMetricFamily("qatoolbox_app_multiprocess_dir_up",
                                "Whether the app's metrics folder could be read in full.",
                                labels=["dir"])
@@ -213,7 +208,7 @@ class AppCollector:
         except (OSError, ValueError):
             # A file we cannot read or parse: serve nothing from this folder rather than
             # totals that are too low (Prometheus would take the drop for a counter reset).
-            result.entries = []
+            result.files_read = []
             return result
         finally:
             if lock_fd is not None:
@@ -221,19 +216,14 @@ class AppCollector:
         result.up = True
         return result
 
-    @staticmethod
-    def _read_files(directory: str, listing: _Listing, alive: dict[str, bool],
+    def _read_files(self, directory: str, listing: _Listing, alive: dict[str, bool],
                     result: _DirResult) -> None:
         folded: dict[str, set[str]] = {}
         for prefix in FOLDABLE_TYPES:
-            try:
-                entries = list(read_entries(accumulator_path(directory, prefix)))
-            except FileNotFoundError:
-                entries = []
-            else:
-                result.files += 1
-            folded[prefix] = {i for i in map(marker_ident, (k for k, _ in entries)) if i}
-            result.entries.append((prefix, entries, FOLDED_IDENT))
+            values = self._read(accumulator_path(directory, prefix), prefix, FOLDED_IDENT,
+                                result, rewritten=True)
+            folded[prefix] = set() if values is None else {
+                i for i in map(marker_ident, values.markers) if i}
         for ident, names in listing.workers.items():
             live = alive.get(ident, False)
             result.workers += live
@@ -246,21 +236,23 @@ class AppCollector:
                 elif not live:
                     # A dead worker's gauges (requests in flight) are no longer true.
                     continue
-                _add_file(directory, name, prefix, ident, result)
+                self._read(os.path.join(directory, name), prefix, ident, result)
         for name in listing.foreign:
             prefix, _, ident = name[:-3].rpartition("_")
-            _add_file(directory, name, prefix, ident, result)
+            self._read(os.path.join(directory, name), prefix, ident, result)
 
-
-def _add_file(directory: str, name: str, prefix: str, ident: str, result: _DirResult) -> None:
-    try:
-        entries = list(read_entries(os.path.join(directory, name)))
-    except FileNotFoundError:
-        # Removed since the listing: a dead worker's gauges (gunicorn child_exit) or an app
-        # restart emptying the folder.
-        return
-    result.files += 1
-    result.entries.append((prefix, entries, ident))
+    def _read(self, path: str, prefix: str, ident: str, result: _DirResult,
+              rewritten: bool = False) -> FileValues | None:
+        try:
+            values = self._merger.read(path, prefix, ident, rewritten)
+        except FileNotFoundError:
+            # Removed since the listing: a dead worker's gauges (gunicorn child_exit), an app
+            # restart emptying the folder, or no accumulator yet.
+            return None
+        result.files += 1
+        result.files_read.append(values)
+        result.paths.add(path)
+        return values
 
 
 def _open_dir_lock(directory: str) -> int | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -17,7 +18,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter.instrument._merge import Merger, format_le
-from exporter.instrument._store import ENV_DIR, Store, mmap_key
+from exporter.instrument._store import ENV_DIR, Store, _File, mmap_key
 
 __all__ = [
     "DB_QUERY_BUCKETS",
@@ -66,6 +67,27 @@ _HTTP_DB_SECONDS = ("qatoolbox_http_request_db_seconds",
 _TASK_DURATION = ("qatoolbox_celery_task_duration_seconds",
                   "Run time of a Celery task, in seconds.")
 _TASKS = ("qatoolbox_celery_tasks", "Celery task runs finished, by task and outcome.")
+
+
+_pack_double = struct.Struct("d").pack
+
+
+def _observe(file: _File, series: _Histogram, bounds: Sequence[float], value: float) -> None:
+    """One histogram observation: its bucket and the sum (caller holds the lock)."""
+    values = file.values
+    bucket = series.buckets[bisect_left(bounds, value)]
+    total = series.sum
+    count = values[bucket] + 1.0
+    values[bucket] = count
+    summed = values[total] + value
+    values[total] = summed
+    mm = file.map
+    if mm is not None:
+        positions = file.positions
+        pos = positions[bucket]
+        mm[pos:pos + 8] = _pack_double(count)
+        pos = positions[total]
+        mm[pos:pos + 8] = _pack_double(summed)
 
 
 def normalize_method(method: str) -> str:
@@ -135,30 +157,47 @@ class Recorder:
     def request_started(self) -> None:
         """One more request in flight."""
         with self._lock:
-            self.store.gauges.add(self._in_flight, 1.0)
+            gauges = self.store.gauges
+            index = self._in_flight
+            value = gauges.values[index] + 1.0
+            gauges.values[index] = value
+            mm = gauges.map
+            if mm is not None:
+                pos = gauges.positions[index]
+                mm[pos:pos + 8] = _pack_double(value)
 
     def request_finished(self, route: str, method: str, status: int, seconds: float, *,
                          db_queries: int | None = None, db_seconds: float = 0.0) -> None:
         """A request answered (also ends its in-flight count); db_queries None: not measured."""
         with self._lock:
             store = self.store
-            store.gauges.add(self._in_flight, -1.0)
+            # The hot path: the _File.add logic inlined (a call per update would double it).
+            gauges = store.gauges
+            index = self._in_flight
+            value = gauges.values[index] - 1.0
+            gauges.values[index] = value
+            mm = gauges.map
+            if mm is not None:
+                pos = gauges.positions[index]
+                mm[pos:pos + 8] = _pack_double(value)
             slots = self._routes.get((route, method)) or self._route(route, method)
-            counter = slots.statuses.get(status)
-            if counter is None:
-                counter = self._status_slot(slots, status)
-            store.counters.add(counter, 1.0)
+            index = slots.statuses.get(status, -1)
+            if index < 0:
+                index = self._status_slot(slots, status)
+            counters = store.counters
+            value = counters.values[index] + 1.0
+            counters.values[index] = value
+            mm = counters.map
+            if mm is not None:
+                pos = counters.positions[index]
+                mm[pos:pos + 8] = _pack_double(value)
             hist = store.histograms
-            series = slots.duration
-            hist.add(series.buckets[bisect_left(DURATION_BUCKETS, seconds)], 1.0)
-            hist.add(series.sum, seconds)
+            _observe(hist, slots.duration, DURATION_BUCKETS, seconds)
             if db_queries is not None:
-                series = slots.db_queries or self._db_slots(slots)[0]
-                hist.add(series.buckets[bisect_left(DB_QUERY_BUCKETS, db_queries)], 1.0)
-                hist.add(series.sum, float(db_queries))
-                series = slots.db_seconds or self._db_slots(slots)[1]
-                hist.add(series.buckets[bisect_left(DB_SECONDS_BUCKETS, db_seconds)], 1.0)
-                hist.add(series.sum, db_seconds)
+                _observe(hist, slots.db_queries or self._db_slots(slots)[0], DB_QUERY_BUCKETS,
+                         float(db_queries))
+                _observe(hist, slots.db_seconds or self._db_slots(slots)[1], DB_SECONDS_BUCKETS,
+                         db_seconds)
 
     def request_exception(self, route: str, method: str) -> None:
         """The handler of a request raised."""
@@ -217,8 +256,7 @@ class Recorder:
             hist, counter = entry
             self.store.counters.add(counter, 1.0)
             if seconds is not None:
-                self.store.histograms.add(hist.buckets[bisect_left(TASK_BUCKETS, seconds)], 1.0)
-                self.store.histograms.add(hist.sum, seconds)
+                _observe(self.store.histograms, hist, TASK_BUCKETS, seconds)
 
     def collect(self) -> list[Metric]:
         """This process's metrics as families (for single-process mode)."""

@@ -34,6 +34,7 @@ _ENTRY_TAIL = struct.Struct("dd")
 
 # Types whose files the exporter folds into an accumulator when the writer is gone.
 FOLDABLE_TYPES = ("counter", "histogram")
+_HEX_DIGITS = frozenset("0123456789abcdef")
 GAUGE_MODE = "livesum"
 
 
@@ -91,55 +92,55 @@ class _File:
     half-written double (struct.pack_into would zero the bytes first).
     """
 
-    __slots__ = ("_fd", "_map", "_size", "_used", "keys", "positions", "values")
+    __slots__ = ("_fd", "_size", "_used", "keys", "map", "positions", "values")
 
     def __init__(self, path: str | None) -> None:
         self.keys: list[str] = []
         self.values: list[float] = []
         self.positions: list[int] = []
-        self._map: mmap.mmap | None = None
+        self.map: mmap.mmap | None = None
         self._fd = -1
         self._size = self._used = 0
         if path is not None:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             self._size = _INITIAL_SIZE
             os.ftruncate(self._fd, self._size)
-            self._map = mmap.mmap(self._fd, self._size)
+            self.map = mmap.mmap(self._fd, self._size)
             self._used = _HEADER
-            self._map[0:4] = _INT.pack(self._used)
+            self.map[0:4] = _INT.pack(self._used)
 
     def slot(self, key: str) -> int:
         """Add a zero-valued entry for key; return its index."""
         self.keys.append(key)
         self.values.append(0.0)
-        if self._map is not None:
+        if self.map is not None:
             entry = encode_entry(key, 0.0)
             while self._used + len(entry) > self._size:
                 # Double the file; entries never move, only the mapping is replaced.
                 self._size *= 2
                 os.ftruncate(self._fd, self._size)
-                self._map.close()
-                self._map = mmap.mmap(self._fd, self._size)
-            self._map[self._used:self._used + len(entry)] = entry
+                self.map.close()
+                self.map = mmap.mmap(self._fd, self._size)
+            self.map[self._used:self._used + len(entry)] = entry
             self.positions.append(self._used + len(entry) - 16)
             self._used += len(entry)
             # Publish the entry only once its bytes are in place.
-            self._map[0:4] = _INT.pack(self._used)
+            self.map[0:4] = _INT.pack(self._used)
         return len(self.keys) - 1
 
     def add(self, index: int, amount: float) -> None:
-        """Add amount to the value at index."""
+        """Add amount to the value at index (the recorder inlines this on its hot path)."""
         value = self.values[index] + amount
         self.values[index] = value
-        if self._map is not None:
+        if self.map is not None:
             pos = self.positions[index]
-            self._map[pos:pos + 8] = _DOUBLE.pack(value)
+            self.map[pos:pos + 8] = _DOUBLE.pack(value)
 
     def close(self) -> None:
         """Unmap and close (the file stays for the exporter)."""
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        if self.map is not None:
+            self.map.close()
+            self.map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -233,6 +234,5 @@ def parse_name(name: str) -> tuple[str, str] | None:
 def is_writer_ident(ident: str) -> bool:
     """Whether ident is ours (`<pid>-<hex token>`), as opposed to a plain prometheus_client pid."""
     pid, sep, token = ident.partition("-")
-    return bool(sep) and pid.isdigit() and len(token) >= 8 and all(
-        c in "0123456789abcdef" for c in token)
+    return bool(sep) and pid.isdigit() and len(token) >= 8 and set(token) <= _HEX_DIGITS
 

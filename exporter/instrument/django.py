@@ -11,6 +11,7 @@ Settings (all optional):
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,16 @@ class PrometheusMiddleware:
         self.skip = frozenset(getattr(settings, "QATOOLBOX_METRICS_SKIP_PATHS", ()))
         self.db_aliases: tuple[str, ...] = (
             tuple(settings.DATABASES) if getattr(settings, "QATOOLBOX_METRICS_DB", True) else ())
+        self._local = threading.local()
+
+    def _wrapper_lists(self) -> list[list[Any]]:
+        # Looking a connection up costs about a microsecond (asgiref Local); its wrapper list
+        # is the same object for the thread's life, so look it up once per thread.
+        lists: list[list[Any]] | None = getattr(self._local, "lists", None)
+        if lists is None:
+            lists = self._local.lists = [connections[a].execute_wrappers
+                                         for a in self.db_aliases]
+        return lists
 
     def __call__(self, request: Any) -> Any:
         if request.path_info in self.skip:
@@ -76,12 +87,10 @@ class PrometheusMiddleware:
         wrapper_lists: list[list[Any]] = []
         if self.db_aliases:
             timer = _QueryTimer()
-            # Appending to execute_wrappers is what connection.execute_wrapper() does, minus
-            # the context manager's overhead; the connection objects are per thread.
-            for alias in self.db_aliases:
-                wrappers = connections[alias].execute_wrappers
+            # What connection.execute_wrapper() does, minus the context manager's overhead.
+            wrapper_lists = self._wrapper_lists()
+            for wrappers in wrapper_lists:
                 wrappers.append(timer)
-                wrapper_lists.append(wrappers)
         rec.request_started()
         start = time.perf_counter()
         status = 500
@@ -97,12 +106,14 @@ class PrometheusMiddleware:
             raise
         finally:
             seconds = time.perf_counter() - start
-            for wrappers in wrapper_lists:
-                wrappers.remove(timer)
+            match = request.resolver_match
+            route = UNMATCHED if match is None else (match.route or UNMATCHED)
             if timer is None:
-                rec.request_finished(route_of(request), method, status, seconds)
+                rec.request_finished(route, method, status, seconds)
             else:
-                rec.request_finished(route_of(request), method, status, seconds,
+                for wrappers in wrapper_lists:
+                    wrappers.remove(timer)
+                rec.request_finished(route, method, status, seconds,
                                      db_queries=timer.count, db_seconds=timer.seconds)
 
     def process_exception(self, request: Any, exception: BaseException) -> None:
