@@ -75,14 +75,16 @@ def test_latency_histogram_resp2_and_resp3_shapes() -> None:
 
 
 def test_histogram_counts_on_fixed_bounds() -> None:
-    # Bounds are 1.024us * 2**k for k = 3, 5, ..., 19: 8.192us, 32.8us, 131us, 524us, ...
+    # Bounds are 1.024us * 2**k for k = 3, 5, ..., 15: 8.192us, 32.8us, 131us, 524us, ...
     assert rc.HISTOGRAM_BOUNDS[0] == pytest.approx(8.192e-6)
-    assert rc.HISTOGRAM_BOUNDS[-1] == pytest.approx(0.536870912)
+    assert rc.HISTOGRAM_BOUNDS[-1] == pytest.approx(0.033554432)
     # 1 and 4 us fall under 8.192, 8 us is exactly the 8.192 bucket (Redis rounds it down).
-    assert rc.histogram_counts({1: 999, 4: 1001, 8: 1002}) == [1002] * 9
+    assert rc.histogram_counts({1: 999, 4: 1001, 8: 1002}) == [1002] * 7
     # Redis labels 2**16 * 1.024us as 65 us and 2**18 as 262 us: buckets 6 and 8.
-    assert rc.histogram_counts({16: 2, 65: 5, 262: 7}) == [0, 2, 5, 7, 7, 7, 7, 7, 7]
-    assert rc.histogram_counts({}) == [0] * 9
+    assert rc.histogram_counts({16: 2, 65: 5, 262: 7}) == [0, 2, 5, 7, 7, 7, 7]
+    assert rc.histogram_counts({}) == [0] * 7
+    # 1048576 us (2**20 * 1.024 us rounded down) is past the last bound: only in +Inf.
+    assert rc.histogram_counts({32: 3, 1048576: 11}) == [0, 3, 3, 3, 3, 3, 3]
     counts = rc.histogram_counts({2: 1, 32: 3, 1048: 10, 1048576: 11})
     assert counts == sorted(counts)
 
@@ -269,3 +271,11 @@ def test_location_never_shows_the_password() -> None:
     assert rc.location("redis://exporter:pw@127.0.0.1:6379/2") == "redis://exporter@127.0.0.1:6379/2"
     assert rc.location("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock"
     assert "pw" not in rc.location("redis://u:pw@h:port/0")
+
+
+def test_histogram_leaves_out_introspection_commands() -> None:
+    for cmd in ("get", "set", "llen", "hlen", "scan", "eval", "brpop"):
+        assert rc.wants_histogram(cmd), cmd
+    for cmd in ("info", "ping", "auth", "hello", "config|get", "client|setname", "slowlog|len",
+                "latency|histogram"):
+        assert not rc.wants_histogram(cmd), cmd

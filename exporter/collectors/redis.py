@@ -76,9 +76,22 @@ INFO_COUNTERS = (
 )
 
 # LATENCY HISTOGRAM's buckets are powers of two of 1.024 us (hdr_histogram counting in ns from
-# 1024); every second one is kept, which lines up exactly and keeps 12 series per command.
-HISTOGRAM_EXPONENTS = (3, 5, 7, 9, 11, 13, 15, 17, 19)
+# 1024). Every second one from 8.2 us to 33.6 ms is kept: the bounds line up exactly, and a
+# command slower than 33 ms is an incident whatever its exact time. 10 series per command.
+HISTOGRAM_EXPONENTS = (3, 5, 7, 9, 11, 13, 15)
 HISTOGRAM_BOUNDS = tuple(2 ** (10 + k) / 1e9 for k in HISTOGRAM_EXPONENTS)
+# Connection handling and introspection (the exporter's own INFO among them) are not what the
+# application waits for: their time stays in commands_duration_seconds_total, but they get no
+# histogram, which keeps its cost to the commands that matter.
+NO_HISTOGRAM = frozenset({"auth", "hello", "ping", "select", "quit", "reset", "echo", "info",
+                          "monitor", "debug"})
+NO_HISTOGRAM_PREFIXES = ("client|", "config|", "slowlog|", "latency|", "acl|", "command|",
+                         "module|", "memory|")
+
+
+def wants_histogram(cmd: str) -> bool:
+    """Whether a command gets a latency histogram (see NO_HISTOGRAM)."""
+    return cmd not in NO_HISTOGRAM and not cmd.startswith(NO_HISTOGRAM_PREFIXES)
 
 
 # --- pure parsing -------------------------------------------------------------------------------
@@ -126,11 +139,11 @@ def keyspace(info: Mapping[str, str]) -> dict[str, tuple[float, float]]:
     """(keys, keys with a TTL) by database ("db0") from the keyspace section."""
     dbs: dict[str, tuple[float, float]] = {}
     for key, value in info.items():
-        if re.fullmatch(r"db\d+", key):
+        if key.startswith("db") and key[2:].isdigit():
             fields = parse_fields(value)
             try:
                 dbs[key] = (float(fields["keys"]), float(fields.get("expires", 0)))
-            except ValueError:
+            except (KeyError, ValueError):
                 continue
     return dbs
 
@@ -164,15 +177,15 @@ def histogram_counts(points: Mapping[float, int]) -> list[int]:
     Redis lists a bucket only where the count changes, labelled with its upper bound in whole
     microseconds (1, 2, 4, ..., 65, 131, ...): that is 1.024 us * 2**k rounded down.
     """
-    by_exponent: dict[int, int] = {}
-    for usec, count in points.items():
-        if usec > 0:
-            exponent = round(math.log2(usec / 1.024))
-            by_exponent[exponent] = max(count, by_exponent.get(exponent, 0))
+    steps = sorted((round(math.log2(usec / 1.024)), count)
+                   for usec, count in points.items() if usec > 0)
     counts: list[int] = []
+    best, i = 0, 0
     for bound in HISTOGRAM_EXPONENTS:
-        below = [count for exponent, count in by_exponent.items() if exponent <= bound]
-        counts.append(max(below, default=0))
+        while i < len(steps) and steps[i][0] <= bound:
+            best = max(best, steps[i][1])
+            i += 1
+        counts.append(best)
     return counts
 
 
@@ -564,6 +577,7 @@ class RedisCollector:
         self._labels = CommandLabels(cfg.max_command_labels)
         self._run_id: str | None = None
         self._multi_section_info = False
+        self._histogram_commands: list[str] = []
         # Optional parts, probed on first use: False once the server refused them.
         self._supported: dict[str, bool] = {}
 
@@ -587,7 +601,8 @@ class RedisCollector:
                 parts.append((part, len(commands)))
 
         add("slowlog", ("SLOWLOG", "LEN"))
-        add("latency", ("LATENCY", "HISTOGRAM"))
+        # Only the commands the last INFO listed: Redis skips the rest of the reply's work.
+        add("latency", ("LATENCY", "HISTOGRAM", *self._histogram_commands))
         add("config", ("CONFIG", "GET", "maxclients"),
             ("CONFIG", "GET", "slowlog-log-slower-than"))
         if self._celery:
@@ -667,8 +682,9 @@ class RedisCollector:
             families.append(_gauge("qatoolbox_redis_master_link_up",
                                    "Whether this replica's link to its master is up.",
                                    1.0 if info.get("master_link_status") == "up" else 0.0))
-        families.extend(self._keyspace(info, results))
-        families.extend(self._commands(info, results))
+        stats = command_stats(info)
+        families.extend(self._keyspace(info, stats, results))
+        families.extend(self._commands(stats, results))
         families.extend(self._key_groups())
         families.extend(self._celery_families(results))
         return families
@@ -695,11 +711,11 @@ class RedisCollector:
                                    "Entries in the slow log.", float(results["slowlog"][0])))
         return families
 
-    def _keyspace(self, info: Mapping[str, str], results: Mapping[str, Any]) -> list[Metric]:
+    def _keyspace(self, info: Mapping[str, str], stats: Mapping[str, tuple[float, float]],
+                  results: Mapping[str, Any]) -> list[Metric]:
         families: list[Metric] = []
         hits, misses = number(info, "keyspace_hits"), number(info, "keyspace_misses")
         if hits is not None and misses is not None:
-            stats = command_stats(info)
             calls = (stats["llen"][0] if "llen" in stats else 0.0) + (
                 stats["hlen"][0] if "hlen" in stats else 0.0)
             hits, misses = self._account.adjust(
@@ -723,8 +739,8 @@ class RedisCollector:
         families.extend((keys, expiring))
         return families
 
-    def _commands(self, info: Mapping[str, str], results: Mapping[str, Any]) -> list[Metric]:
-        stats = command_stats(info)
+    def _commands(self, stats: Mapping[str, tuple[float, float]],
+                  results: Mapping[str, Any]) -> list[Metric]:
         histograms = (parse_latency_histogram(results["latency"][0])
                       if "latency" in results else {})
         calls = {cmd: c for cmd, (c, _) in stats.items()}
@@ -745,9 +761,12 @@ class RedisCollector:
             calls_family.add_metric([label], label_calls)
             time_family.add_metric([label], seconds)
         families: list[Metric] = [calls_family, time_family]
+        self._histogram_commands = sorted(cmd for cmd in stats if wants_histogram(cmd))
         if "latency" in results:
             merged: dict[str, list[int]] = {}
             for cmd, (count, points) in histograms.items():
+                if not wants_histogram(cmd):
+                    continue
                 counts = [*histogram_counts(points), count]
                 previous = merged.get(labels[cmd])
                 merged[labels[cmd]] = ([a + b for a, b in zip(previous, counts, strict=True)]
