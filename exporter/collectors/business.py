@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -196,19 +197,27 @@ class BusinessCollector:
     # --- worker side ----------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            state = self._queue.get()
-            if state is None or self._closed:
-                return
-            self._run(state)
+        try:
+            while True:
+                state = self._queue.get()
+                if state is None or self._closed:
+                    return
+                self._run(state)
+        finally:
+            # A bug that escaped _run ends this thread (threading prints the traceback);
+            # a replacement keeps the pool at its size.
+            if not self._closed and sys.exc_info()[0] is not None:
+                threading.Thread(target=self._work, name=threading.current_thread().name,
+                                 daemon=True).start()
 
     def _run(self, state: _State) -> None:
         query = state.query
         started = self._clock()
         samples: list[Sample] | None = None
-        error: str | None = None
+        error: str | None = "internal error (traceback on stderr)"
         try:
             samples = self._execute(query)
+            error = None
         except (psycopg.Error, QueryError) as exc:
             error = self._redact(_describe(exc))
         finally:
@@ -239,7 +248,18 @@ class BusinessCollector:
         state.error = error
 
     def _execute(self, query: BusinessQuery) -> list[Sample]:
-        conn = self._connection()
+        conn, reused = self._connection()
+        try:
+            return self._execute_on(conn, query)
+        except psycopg.OperationalError:
+            # A pooled connection may have died while idle (a database restart): that says
+            # nothing about the query, so it gets one try on a fresh connection.
+            if not (reused and conn.broken):
+                raise
+        conn, _ = self._connection(fresh=True)
+        return self._execute_on(conn, query)
+
+    def _execute_on(self, conn: Connection, query: BusinessQuery) -> list[Sample]:
         run = _Run(conn)
         run.timer = threading.Timer(query.timeout + ABORT_GRACE, self._abort, (run,))
         run.timer.daemon = True
@@ -304,10 +324,11 @@ class BusinessCollector:
         with self._lock:
             self._up = up
 
-    def _connection(self) -> Connection:
+    def _connection(self, fresh: bool = False) -> tuple[Connection, bool]:
+        """An idle pooled connection (reused True) or a new one."""
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            if self._idle and not fresh:
+                return self._idle.pop(), True
             failure = self._connect_failure
         if failure is not None and self._clock() - failure[0] < CONNECT_BACKOFF:
             raise QueryError(failure[1])
@@ -330,7 +351,7 @@ class BusinessCollector:
         conn.read_only = True  # every transaction starts with BEGIN READ ONLY
         with self._lock:
             self._connect_failure = None
-        return conn
+        return conn, False
 
     def _release(self, conn: Connection, reusable: bool) -> None:
         with self._lock:
