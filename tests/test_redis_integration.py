@@ -165,6 +165,29 @@ def test_counters_follow_resetstat_and_restart(redis_server: RedisServer) -> Non
         collector.close()
 
 
+def test_replica_role_and_link(redis_factory: Callable[..., RedisServer]) -> None:
+    # No 5 s wait for more replicas before the first sync.
+    master = redis_factory(extra_args=["--repl-diskless-sync-delay", "0"])
+    replica = redis_factory()
+    replica.client().replicaof("127.0.0.1", master.port)
+    wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up", 15,
+             "replication link")
+    collectors = [RedisCollector(RedisConfig(url=Secret(s.url)), 4.0) for s in (master, replica)]
+    try:
+        on_master, on_replica = (collect(c) for c in collectors)
+        assert on_master.value("qatoolbox_redis_connected_replicas") == 1
+        assert on_master.value("qatoolbox_redis_master_link_up") is None
+        version = on_replica.series("qatoolbox_redis_version_info")[0][1]
+        assert version["role"] == "replica"
+        assert on_replica.value("qatoolbox_redis_master_link_up") == 1
+        master.kill()
+        wait_for(lambda: collect(collectors[1]).value("qatoolbox_redis_master_link_up") == 0, 15,
+                 "the replica to see its master gone")
+    finally:
+        for c in collectors:
+            c.close()
+
+
 def test_hit_ratio_not_distorted_by_scrapes(redis_server: RedisServer,
                                             exporter_factory: Callable[..., ExporterProcess],
                                             workdir: Path) -> None:
