@@ -210,6 +210,15 @@ def test_every_query_parses_and_95_percent_return_data(stack: Stack) -> None:
         f"unexpected: {empty}; exporter log: {warnings[-10:]}")
 
 
+def test_error_ratios_see_errors(stack: Stack) -> None:
+    # The ratio panels fall back to 0 when no request failed; make sure that is not hiding a
+    # status label the regex never matches (the load generator does cause 4xx and 5xx).
+    assert stack.prometheus is not None
+    for status in ("5..", "4..", "2.."):
+        expr = f'sum(rate(qatoolbox_http_requests_total{{status=~"{status}"}}[5m])) > 0'
+        assert stack.prometheus.query(expr), f"no {status} responses recorded"
+
+
 def test_exceptions_are_still_needed(stack: Stack) -> None:
     # An exception that now returns data should be removed from the list.
     assert stack.prometheus is not None
