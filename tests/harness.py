@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -65,10 +66,14 @@ class _Process:
         return self.proc.pid
 
     def _signal_group(self, sig: int) -> None:
-        # Servers run in their own session, so the group holds the server and its children
-        # (PostgreSQL's backends): pausing only the postmaster would leave them answering.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, sig)
+        # The server and every descendant: PostgreSQL's backends each call setsid(), so a
+        # process-group signal would miss them and a "paused" server would still answer.
+        pids = [self.pid]
+        with contextlib.suppress(psutil.Error):
+            pids += [child.pid for child in psutil.Process(self.pid).children(recursive=True)]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     def pause(self) -> None:
         """SIGSTOP the server and its children: sockets stay open, nothing answers."""
