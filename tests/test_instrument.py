@@ -350,3 +350,39 @@ def test_buckets_are_dense_around_the_thresholds() -> None:
     assert bounds[-1] == math.inf and 10.0 in bounds and 2.0 in bounds and 5.0 in bounds
     assert len([b for b in bounds if 0.05 <= b <= 5.0]) >= 14
     assert 50.0 in instrument.DB_QUERY_BUCKETS and 1.0 in instrument.DB_SECONDS_BUCKETS
+
+
+def test_gunicorn_setup_empties_all_but_live_writers(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from exporter.instrument.gunicorn import mark_worker_dead, setup_multiproc_dir
+
+    folder = tmp_path / "metrics"
+    # setenv first so that the variable the hook sets is undone after the test.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "unset-me")
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR")
+    with pytest.raises(ValueError, match="PROMETHEUS_MULTIPROC_DIR"):
+        setup_multiproc_dir()
+    assert setup_multiproc_dir(str(folder)) == str(folder)
+    assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(folder)
+    live, gone = Recorder(str(folder)), Recorder(str(folder))
+    for rec in (live, gone):
+        rec.request_started()
+        rec.request_finished("r/", "GET", 200, 0.1)
+    gone.close()
+    (folder / "counter_777.db").write_bytes(b"\0" * 16)
+    (folder / "counter_folded.db").write_bytes(b"\0" * 16)
+    setup_multiproc_dir(str(folder))
+    left = sorted(p.name for p in folder.iterdir())
+    assert left and all(live.store.ident in name for name in left), left
+
+    # child_exit: a dead worker's in-flight gauge goes, its counters stay for the exporter.
+    other = Recorder(str(folder))
+    other.request_started()
+    other.close()
+    pid = os.getpid()
+    mark_worker_dead(pid, str(folder))
+    names = {p.name for p in folder.iterdir()}
+    assert f"gauge_livesum_{other.store.ident}.db" not in names
+    assert f"counter_{other.store.ident}.db" in names
+    assert f"gauge_livesum_{live.store.ident}.db" in names  # same pid, but alive
+    live.close()
