@@ -6,10 +6,12 @@ import contextlib
 import logging
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -35,8 +37,16 @@ from exporter.collectors.postgres import (
     statements_sql,
     statements_time_column,
 )
-from exporter.config import ConfigError, PostgresConfig, Secret, load_config
-from tests.harness import PostgresServer, Scrape, wait_for
+from exporter.config import ConfigError, Duration, PostgresConfig, Secret, load_config
+from tests.harness import (
+    PostgresServer,
+    Scrape,
+    _as_postgres_user,
+    _chown_postgres,
+    _pg_bindir,
+    free_port,
+    wait_for,
+)
 
 # --- helpers -----------------------------------------------------------------------------------
 
@@ -610,3 +620,62 @@ def test_paused_server_cut_at_the_deadline_then_recovered(postgres: PostgresServ
         # The backend of the connection cut during the pause exits once it runs again.
         wait_for(lambda: exporter_sessions(pg) == 1, 15, "a single exporter session")
         assert threading.active_count() == threads
+
+
+def test_replication_on_primary_and_replica(pg_factory: Callable[..., PostgresServer],
+                                            workdir: Path) -> None:
+    primary = pg_factory()
+    with open(primary.datadir / "pg_hba.conf", "a") as hba:
+        hba.write("host replication postgres 127.0.0.1/32 trust\n")
+    primary.execute("SELECT pg_reload_conf()")
+    primary.execute("SELECT pg_create_physical_replication_slot('standby_slot')")
+    datadir, sockdir = workdir / "standby", workdir / "standby-sock"
+    for path in (datadir, sockdir):
+        path.mkdir(mode=0o700)
+        _chown_postgres(path)
+    subprocess.run(
+        [str(_pg_bindir() / "pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port),
+         "-U", "postgres", "-D", str(datadir), "-R", "-X", "stream", "-c", "fast",
+         "-S", "standby_slot"],
+        check=True, capture_output=True, timeout=60, **_as_postgres_user())
+    port = free_port()
+    with open(workdir / "standby.log", "ab") as log:
+        standby = subprocess.Popen(
+            [str(_pg_bindir() / "postgres"), "-D", str(datadir), "-p", str(port),
+             "-k", str(sockdir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
+             "-c", "cluster_name=standby1"],
+            stdout=log, stderr=log, start_new_session=True, **_as_postgres_user())
+    try:
+        def streaming() -> bool:
+            rows = primary.execute("SELECT application_name FROM pg_stat_replication "
+                                   "WHERE replay_lsn IS NOT NULL")
+            return rows == [("standby1",)]
+
+        wait_for(streaming, 30, "the standby to stream")
+        primary.execute("CREATE TABLE replicated (id int); INSERT INTO replicated VALUES (1)")
+        replica_cfg = PostgresConfig(host="127.0.0.1", port=port, dbname="postgres",
+                                     cache_interval=Duration(0))
+        with collector(config_for(primary)) as on_primary, collector(replica_cfg) as on_replica:
+            wait_for(lambda: scrape(on_replica).value("qatoolbox_postgres_tables") == 1, 30,
+                     "the replica to replay")
+            p, r = scrape(on_primary), scrape(on_replica)
+        assert p.value("qatoolbox_postgres_in_recovery") == 0
+        lag_bytes = p.value("qatoolbox_postgres_replica_lag_bytes", application_name="standby1")
+        assert lag_bytes is not None and lag_bytes >= 0
+        assert p.value("qatoolbox_postgres_replication_lag_seconds") is None
+        retained = p.value("qatoolbox_postgres_replication_slot_retained_bytes",
+                           slot_name="standby_slot")
+        assert retained is not None and retained >= 0
+        assert r.value("qatoolbox_postgres_up") == 1
+        assert r.value("qatoolbox_postgres_in_recovery") == 1
+        lag = r.value("qatoolbox_postgres_replication_lag_seconds")
+        assert lag is not None and 0 <= lag < 600
+        assert not r.series("qatoolbox_postgres_replica_lag_bytes")
+        assert r.series("qatoolbox_postgres_transactions_committed_total")
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            tree = psutil.Process(standby.pid)
+            for proc in [tree, *tree.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+        standby.wait(10)

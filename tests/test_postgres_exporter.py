@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from exporter.collectors import COLLECTORS
 from tests.harness import ExporterProcess, PostgresServer, Scrape, run_exporter, wait_for
@@ -34,6 +35,11 @@ def test_down_then_up_without_restarting_the_exporter(
     assert s.value("qatoolbox_exporter_collector_success", collector="postgres") == 1
     assert len(postgres_series(s)) > 20
     assert promtool_problems(s.text) == ""
+    # Concurrent scrapes share one collection, and so one connection.
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(lambda _: exporter.scrape(), range(30)))
+    assert all(r.value("qatoolbox_postgres_up") == 1 for r in results)
+    assert exporter_sessions(postgres) == 1
 
     postgres.stop()
     s = exporter.scrape()
