@@ -246,3 +246,16 @@ def test_demo_load_stays_on_loopback() -> None:
     assert "--url http://127.0.0.1:8000" in " ".join(loadgen["command"])
     assert (ROOT / "examples/loadgen/loadgen.py").is_file()
     assert SERVICES["demo-web"]["environment"]["GUNICORN_BIND"].endswith(":8000")
+
+
+def test_dingtalk_bridge_matches_alertmanager() -> None:
+    # Alertmanager posts to the bridge's target by service name; the bridge renders our template.
+    am = (ROOT / "alertmanager" / "alertmanager.yml").read_text(encoding="utf-8")
+    bridge = yaml.safe_load((ROOT / "deploy/compose/dingtalk.yml").read_text(encoding="utf-8"))
+    (target,) = bridge["targets"]
+    assert f"http://dingtalk:8060/dingtalk/{target}/send" in am
+    assert "--web.listen-address=:8060" in SERVICES["dingtalk"]["command"]
+    mounts = {t: s for s, t, _ in volumes(SERVICES["dingtalk"])}
+    for template in bridge["templates"]:
+        folder, name = template.rsplit("/", 1)
+        assert (ROOT / mounts[folder] / name).is_file(), template
