@@ -86,42 +86,46 @@ def test_postgres_down_pages_oncall_and_resolves(
 
 def check_recording_rules_on_real_data(prometheus: PrometheusServer, instance: str) -> None:
     """The recording rules join the exporter's real label sets (route, status, task, state,
-    le...) and give the values the traffic implies."""
+    le...) and give the values the traffic implies. Each check waits: a rule reads the
+    output of other rules and of scrapes that may be one evaluation behind."""
     sel = f'{{instance="{instance}"}}'
 
-    def value(expr: str) -> float | None:
-        return prometheus.value(expr)
+    def eventually(expr: str, low: float, high: float = float("inf")) -> None:
+        seen: list[float | None] = []
 
-    wait_for(lambda: (value(f"instance:qatoolbox_http_requests:rate5m{sel}") or 0) > 0, 30,
-             "a request rate from the second batch of traffic")
-    # One request in three fails, and one finished task run in two (retries do not count).
-    wait_for(lambda: 0.2 < (value(f"instance:qatoolbox_http_requests_5xx:ratio_rate5m{sel}")
-                            or 0) < 0.5, 30, "the 5xx ratio")
-    route = f'{{instance="{instance}",route="api/rooms/"}}'
-    assert (value(f"instance_route:qatoolbox_http_request_db_queries:p95_rate5m{route}")
-            or 0) > 50, "a 60-query request puts the route's p95 above HttpTooManyDbQueries' line"
-    assert (value(f"instance_route:qatoolbox_http_request_db_seconds:p95_rate5m{route}")
-            or 0) > 1
-    assert (value(f"instance_route:qatoolbox_http_request_duration_seconds:p95_rate5m{route}")
-            or 0) > 2
+        def ok() -> bool:
+            seen.append(prometheus.value(expr))
+            value = seen[-1]
+            return value is not None and low < value < high
+        try:
+            wait_for(ok, 30, expr)
+        except AssertionError:
+            raise AssertionError(f"{expr}: wanted ({low}, {high}), last {seen[-3:]}") from None
+
+    eventually(f"instance:qatoolbox_http_requests:rate5m{sel}", 0)
+    # One request in three fails; one finished task run in two (retries do not count).
+    eventually(f"instance:qatoolbox_http_requests_5xx:ratio_rate5m{sel}", 0.2, 0.5)
     task = f'{{instance="{instance}",task="tools.tasks.cleanup_expired_rooms"}}'
-    ratio = value(f"instance_task:qatoolbox_celery_tasks_failed:ratio_rate5m{task}")
-    assert ratio is not None and 0.3 < ratio < 0.7, ratio
+    eventually(f"instance_task:qatoolbox_celery_tasks_failed:ratio_rate5m{task}", 0.3, 0.7)
+    route = f'{{instance="{instance}",route="api/rooms/"}}'
+    # A 60-query request puts the route's p95 above HttpTooManyDbQueries' line, and so on.
+    eventually(f"instance_route:qatoolbox_http_request_db_queries:p95_rate5m{route}", 50)
+    eventually(f"instance_route:qatoolbox_http_request_db_seconds:p95_rate5m{route}", 1)
+    eventually(f"instance_route:qatoolbox_http_request_duration_seconds:p95_rate5m{route}", 2)
 
     # Everything else that has data on an idle host with a fresh database and cache.
-    with_data = [
+    for name in (
         "instance:qatoolbox_host_cpu_utilisation:ratio", "instance:qatoolbox_host_cpus:count",
         "instance:qatoolbox_host_load5_per_cpu:ratio",
         "instance:qatoolbox_host_memory_utilisation:ratio",
-        "instance_mountpoint:qatoolbox_host_filesystem_usage:ratio",
         "instance:qatoolbox_postgres_connections_used:ratio",
-        "instance_datname:qatoolbox_postgres_transactions:rate5m",
         "instance:qatoolbox_celery_queue_length:sum",
         "instance:qatoolbox_http_request_duration_seconds:p99_rate5m",
-        "instance_route:qatoolbox_http_requests_5xx:ratio_rate5m",
-    ]
-    empty = [name for name in with_data if not prometheus.query(f"{name}{sel}")]
-    assert not empty, empty
-    for name in with_data:
+    ):
+        eventually(f"{name}{sel}", -1e-9)
+    for name in ("instance_mountpoint:qatoolbox_host_filesystem_usage:ratio",
+                 "instance_datname:qatoolbox_postgres_transactions:rate5m",
+                 "instance_route:qatoolbox_http_requests_5xx:ratio_rate5m"):
+        wait_for(lambda n=name: bool(prometheus.query(f"{n}{sel}")), 30, name)
         for sample in prometheus.query(f"{name}{sel}"):
             assert sample["metric"]["job"] == "qatoolbox", sample
