@@ -7,11 +7,14 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.config import ProcessConfig, ProcessGroup
+
+if TYPE_CHECKING:
+    import psutil
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ class CpuAccount:
 
 
 def _sample(proc: psutil.Process) -> ProcSample | None:
+    """A process's sample through psutil (the scanner reads /proc itself, see _stat_sample)."""
+    import psutil
+
     try:
         with proc.oneshot():
             cpu = proc.cpu_times()
@@ -130,8 +136,49 @@ def _sample(proc: psutil.Process) -> ProcSample | None:
         return None
 
 
-def _identity(pid: str) -> tuple[str, int] | None:
-    """comm and start time (clock ticks since boot) of a process from one read of its stat."""
+_TICKS = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _boot_time() -> float:
+    """btime of /proc/stat: what process start times (ticks since boot) count from."""
+    try:
+        with open("/proc/stat", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"btime"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+def _stat_sample(pid: str, fields: list[bytes], boot_time: float) -> ProcSample | None:
+    """The sample from the fields of /proc/<pid>/stat after the name (already read to classify
+    the process) and a listing of /proc/<pid>/fd: what psutil reads, in two system calls
+    instead of six files (that was most of this collector's time with many group members)."""
+    if fields[0] in (b"Z", b"X"):
+        return None  # exited, not yet reaped: no resources left to report
+    try:
+        fds = float(len(os.listdir(f"/proc/{pid}/fd")))
+    except PermissionError:
+        # /proc/<pid>/fd is open only to the process's user (or root); the rest of
+        # /proc/<pid> is public, so a non-root exporter still counts the process.
+        fds = 0.0
+    except OSError:
+        return None  # exited since its stat was read
+    return ProcSample(
+        pid=int(pid),
+        create_time=boot_time + int(fields[19]) / _TICKS,
+        cpu_user=int(fields[11]) / _TICKS,
+        cpu_system=int(fields[12]) / _TICKS,
+        rss=float(int(fields[21]) * _PAGE),
+        fds=fds,
+        threads=float(int(fields[17])),
+    )
+
+
+def _stat(pid: str) -> tuple[str, list[bytes]] | None:
+    """comm and the fields after it of /proc/<pid>/stat, from one read."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             raw = handle.read()
@@ -139,9 +186,9 @@ def _identity(pid: str) -> tuple[str, int] | None:
         return None
     head, _, tail = raw.rpartition(b")")
     fields = tail.split()
-    if len(fields) < 20:
+    if len(fields) < 22:
         return None
-    return head.partition(b"(")[2].decode(errors="replace"), int(fields[19])
+    return head.partition(b"(")[2].decode(errors="replace"), fields
 
 
 def _cmdline(pid: str) -> list[str]:
@@ -162,6 +209,8 @@ class ProcessScanner:
 
     def __init__(self) -> None:
         self._groups: dict[tuple[int, int, str], str | None] = {}
+        # Fixed while the machine runs (a suspend does not move it), so read once.
+        self._boot_time = _boot_time()
 
     def __call__(self, matcher: GroupMatcher) -> Iterator[tuple[str, ProcSample]]:
         seen: dict[tuple[int, int, str], str | None] = {}
@@ -169,11 +218,13 @@ class ProcessScanner:
             pids = [name for name in os.listdir("/proc") if name.isdigit()]
         except OSError:
             pids = []
+        boot_time = self._boot_time
         for pid in pids:
-            identity = _identity(pid)
-            if identity is None:
+            stat = _stat(pid)
+            if stat is None:
                 continue  # exited since the listing
-            comm, start = identity
+            comm, fields = stat
+            start = int(fields[19])
             # exec keeps pid and start time but changes comm (`exec gunicorn` in an entry
             # point): classify again then.
             key = (int(pid), start, comm)
@@ -184,10 +235,7 @@ class ProcessScanner:
             seen[key] = group
             if group is None:
                 continue
-            try:
-                sample = _sample(psutil.Process(int(pid)))
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
+            sample = _stat_sample(pid, fields, boot_time)
             if sample is not None:
                 yield group, sample
         self._groups = seen
