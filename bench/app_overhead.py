@@ -243,10 +243,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=64)
     parser.add_argument("--routes", type=int, default=20)
     parser.add_argument("--scrapes", type=int, default=15)
+    parser.add_argument("--part", choices=("all", "middleware", "scrape"), default="all")
     args = parser.parse_args(argv)
+    if args.part != "scrape":
+        middleware_part(args.block, args.rounds)
+    if args.part != "middleware":
+        scrape_part(args.workers, args.routes, args.scrapes)
+    return 0
 
-    results = middleware_bench(args.block, args.rounds)
-    print(f"## Middleware: trivial Django view, {args.rounds} blocks of {args.block} requests "
+
+def middleware_part(block: int, rounds: int) -> None:
+    """Print part 1's table."""
+    results = middleware_bench(block, rounds)
+    print(f"## Middleware: trivial Django view, {rounds} blocks of {block} requests "
           f"per variant, interleaved\n")
     print("| mode | variant | µs/request p10 | median | added µs (p10) | added / ours |")
     print("|---|---|---|---|---|---|")
@@ -263,12 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nRecorder alone (request_started + request_finished with DB histograms): "
           f"{floor['memory']:.2f} µs in memory, {floor['files']:.2f} µs with files.\n")
 
-    print(f"## App collector scrape cost: {args.workers} workers x {args.routes} routes\n")
+
+def scrape_part(workers: int, routes: int, scrapes: int) -> None:
+    """Print part 2's table."""
+    print(f"## App collector scrape cost: {workers} workers x {routes} routes\n")
     print("| case | median ms per scrape | .db files |")
     print("|---|---|---|")
-    for case, ms, files in scrape_bench(args.workers, args.routes, args.scrapes):
+    for case, ms, files in scrape_bench(workers, routes, scrapes):
         print(f"| {case} | {ms:.1f} | {files} |")
-    return 0
 
 
 if __name__ == "__main__":

@@ -150,13 +150,14 @@ def test_200_restarts_keep_totals_and_scrape_cost(tmp_path: Path) -> None:
     assert total(found, "qatoolbox_http_requests_total") == expected
     assert total(found, "qatoolbox_http_request_duration_seconds_count") == expected
     assert value(found, "qatoolbox_app_workers_folded_total", dir=str(churn)) == 200
-    # What a scrape reads: the live workers' files plus the two accumulators, as without churn.
+    # What a scrape reads: the live workers' files plus the three accumulators (counters,
+    # histograms, dead workers' gauge series at 0), as without churn.
     steady_found = scrape(collector(steady))
     files = value(found, "qatoolbox_app_multiprocess_files", dir=str(churn))
     steady_files = value(steady_found, "qatoolbox_app_multiprocess_files", dir=str(steady))
     assert files is not None and steady_files is not None
-    assert files == steady_files + 2
-    assert len([n for n in os.listdir(churn) if n.endswith(".db")]) == 3 * 3 + 2
+    assert files == steady_files + 3
+    assert len([n for n in os.listdir(churn) if n.endswith(".db")]) == 3 * 3 + 3
 
     def best(c: AppCollector) -> float:
         times = []
@@ -179,9 +180,9 @@ def test_without_compaction_dead_files_pile_up(tmp_path: Path) -> None:
         rec.close()
     found = scrape(col)
     assert total(found, "qatoolbox_http_requests_total") == 30
-    # No live worker: no in-flight series at all (dead workers' gauges are never read).
-    assert value(found, "qatoolbox_http_requests_in_flight") is None
-    assert value(found, "qatoolbox_app_multiprocess_files", dir=str(tmp_path)) == 20
+    # No live worker: nothing in flight (dead workers' gauges count as 0).
+    assert value(found, "qatoolbox_http_requests_in_flight") == 0
+    assert value(found, "qatoolbox_app_multiprocess_files", dir=str(tmp_path)) == 30
 
 
 def test_crash_after_accumulator_written_before_delete(tmp_path: Path,

@@ -22,6 +22,7 @@ from exporter.config import AppConfig
 from exporter.instrument._merge import MARKER_PREFIX, FileMerger, FileValues
 from exporter.instrument._store import (
     FOLDABLE_TYPES,
+    GAUGE_MODE,
     is_writer_ident,
     lock_path,
     mmap_key,
@@ -32,6 +33,7 @@ from exporter.instrument._store import (
 )
 
 DIR_LOCK = ".qatoolbox-exporter.lock"
+LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
 
@@ -114,6 +116,7 @@ def fold(directory: str, dead: list[str]) -> int:
                 changed = True
         if changed:
             write_file(path, list(values.items()))
+    _fold_gauge_names(directory, dead, present)
     for ident in dead:
         for name in present:
             parsed = parse_name(name)
@@ -124,6 +127,27 @@ def fold(directory: str, dead: list[str]) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock_path(directory, ident))
     return len(dead)
+
+
+def _fold_gauge_names(directory: str, dead: list[str], present: set[str]) -> None:
+    """Keep the dead workers' gauge series, at 0, in a gauge accumulator.
+
+    Their values are no longer true (nothing is in flight in a dead worker), but the series
+    stay: `qatoolbox_http_requests_in_flight 0` rather than no series when no worker lives.
+    Adding zeros twice changes nothing, so this needs no markers.
+    """
+    path = accumulator_path(directory, LIVE_GAUGES)
+    values: dict[str, float] = {}
+    with contextlib.suppress(FileNotFoundError):
+        values.update(read_entries(path))
+    known = len(values)
+    for ident in dead:
+        name = f"{LIVE_GAUGES}_{ident}.db"
+        if name in present:
+            with contextlib.suppress(FileNotFoundError):
+                values.update((key, 0.0) for key, _ in read_entries(os.path.join(directory, name)))
+    if len(values) != known:
+        write_file(path, [(key, 0.0) for key in values])
 
 
 @dataclass
@@ -224,6 +248,8 @@ class AppCollector:
                                 result, rewritten=True)
             folded[prefix] = set() if values is None else {
                 i for i in map(marker_ident, values.markers) if i}
+        self._read(accumulator_path(directory, LIVE_GAUGES), LIVE_GAUGES, FOLDED_IDENT, result,
+                   rewritten=True)
         for ident, names in listing.workers.items():
             live = alive.get(ident, False)
             result.workers += live
@@ -234,17 +260,22 @@ class AppCollector:
                         # Already in the accumulator (a fold stopped before deleting it).
                         continue
                 elif not live:
-                    # A dead worker's gauges (requests in flight) are no longer true.
+                    # A dead worker's gauges (requests in flight) are no longer true: its
+                    # series count as 0 (the fold keeps them at 0 in the gauge accumulator).
+                    self._read(os.path.join(directory, name), prefix, ident, result, zero=True)
                     continue
                 self._read(os.path.join(directory, name), prefix, ident, result)
         for name in listing.foreign:
             prefix, _, ident = name[:-3].rpartition("_")
             self._read(os.path.join(directory, name), prefix, ident, result)
 
-    def _read(self, path: str, prefix: str, ident: str, result: _DirResult,
-              rewritten: bool = False) -> FileValues | None:
+    def _read(self, path: str, prefix: str, ident: str, result: _DirResult, *,
+              rewritten: bool = False, zero: bool = False) -> FileValues | None:
         try:
             values = self._merger.read(path, prefix, ident, rewritten)
+            if zero:
+                values = FileValues(values.slots, (0.0,) * len(values.values), values.simple,
+                                    values.markers)
         except FileNotFoundError:
             # Removed since the listing: a dead worker's gauges (gunicorn child_exit), an app
             # restart emptying the folder, or no accumulator yet.
