@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -35,12 +34,12 @@ from tests.harness import (
     free_port,
     wait_for,
 )
+from tests.promstack import AlertmanagerServer, PrometheusServer, prometheus_test_config
 
 DEMO_DIR = ROOT / "examples" / "qatoolbox_demo"
 LOADGEN = ROOT / "examples" / "loadgen" / "loadgen.py"
 LOADGEN_MAX_DURATION = 3600.0
 PROMETHEUS_BIN = "prometheus"
-ALERTMANAGER_BINS = ("prometheus-alertmanager", "alertmanager")
 
 
 def _http(url: str, data: bytes | None = None, timeout: float = 10) -> tuple[int, bytes]:
@@ -85,143 +84,6 @@ class ServerProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-
-
-# --- Prometheus and Alertmanager -----------------------------------------------------------
-
-
-def prometheus_config(exporter_targets: Sequence[str], prometheus_address: str,
-                      alertmanager: str | None, base: Path, *,
-                      scrape_interval: str | None = None,
-                      extra_rule_files: Sequence[Path] = ()) -> dict[str, Any]:
-    """The repository's prometheus/prometheus.yml pointed at local addresses.
-
-    Job names, rules and everything else stay as in the repository; only where things are
-    changes: the exporter targets (a file_sd file of our own), Prometheus itself, the
-    Alertmanager, and rule paths made absolute. scrape_interval shortens both intervals.
-    """
-    source = ROOT / "prometheus" / "prometheus.yml"
-    config: dict[str, Any] = yaml.safe_load(source.read_text(encoding="utf-8"))
-    if scrape_interval:
-        config["global"]["scrape_interval"] = scrape_interval
-        config["global"]["evaluation_interval"] = scrape_interval
-        config["global"]["scrape_timeout"] = scrape_interval
-    rules = [str((source.parent / pattern).resolve()) for pattern in config.get("rule_files", [])]
-    config["rule_files"] = rules + [str(p) for p in extra_rule_files]
-    if alertmanager:
-        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
-    else:
-        config.pop("alerting", None)
-    targets_file = base / "targets.yml"
-    targets_file.write_text(yaml.safe_dump([{"targets": list(exporter_targets),
-                                             "labels": {"env": "local"}}]))
-    for job in config["scrape_configs"]:
-        if job["job_name"] == "prometheus":
-            job["static_configs"] = [{"targets": [prometheus_address]}]
-        elif "file_sd_configs" in job:
-            job["file_sd_configs"] = [{"files": [str(targets_file)], "refresh_interval": "5s"}]
-    return config
-
-
-@dataclass
-class PrometheusServer:
-    """A real Prometheus (the local binary) with a generated config, on a free port."""
-
-    base: Path
-    exporter_targets: Sequence[str]
-    alertmanager: str | None = None
-    scrape_interval: str | None = None
-    extra_rule_files: Sequence[Path] = ()
-    port: int = field(default_factory=free_port)
-    process: ServerProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> PrometheusServer:
-        """Write the config, start Prometheus and wait until it is ready."""
-        workdir = self.base / f"prometheus-{self.port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        config = prometheus_config(self.exporter_targets, f"127.0.0.1:{self.port}",
-                                   self.alertmanager, workdir,
-                                   scrape_interval=self.scrape_interval,
-                                   extra_rule_files=self.extra_rule_files)
-        config_path = workdir / "prometheus.yml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        self.process = ServerProcess(
-            "prometheus",
-            [PROMETHEUS_BIN, f"--config.file={config_path}",
-             f"--storage.tsdb.path={workdir / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-lifecycle",
-             "--storage.tsdb.retention.time=1d"],
-            workdir / "prometheus.log")
-        wait_for(self._ready, 30, f"Prometheus on port {self.port}")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.process is not None
-        self.process.check()
-        return _http(f"{self.url}/-/ready", timeout=2)[0] == 200
-
-    def api(self, path: str, **params: str) -> Any:
-        """GET /api/v1/<path> and return its data (raise on an error answer)."""
-        query = urllib.parse.urlencode(params)
-        status, body = _http(f"{self.url}/api/v1/{path}?{query}", timeout=30)
-        answer = json.loads(body)
-        if answer.get("status") != "success":
-            raise ValueError(f"{status} {answer.get('errorType')}: {answer.get('error')}")
-        return answer["data"]
-
-    def query(self, expr: str) -> list[dict[str, Any]]:
-        """Instant query: the result vector (raises ValueError on a parse error)."""
-        data = self.api("query", query=expr)
-        result = data["result"]
-        if data["resultType"] == "scalar":
-            return [{"metric": {}, "value": result}]
-        return list(result)
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-
-
-@dataclass
-class AlertmanagerServer:
-    """A real Alertmanager (Debian's prometheus-alertmanager) with the repository's config."""
-
-    base: Path
-    config_file: Path = ROOT / "alertmanager" / "alertmanager.yml"
-    port: int = field(default_factory=free_port)
-    process: ServerProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> AlertmanagerServer:
-        """Start Alertmanager without clustering and wait until it is ready."""
-        binary = next((b for b in ALERTMANAGER_BINS if shutil.which(b)), None)
-        if binary is None:
-            raise RuntimeError("Alertmanager not found (apt-get install prometheus-alertmanager)")
-        workdir = self.base / f"alertmanager-{self.port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        self.process = ServerProcess(
-            "alertmanager",
-            [binary, f"--config.file={self.config_file}", f"--storage.path={workdir}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--cluster.listen-address="],
-            workdir / "alertmanager.log", cwd=self.config_file.parent)
-        wait_for(self._ready, 30, f"Alertmanager on port {self.port}")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.process is not None
-        self.process.check()
-        return _http(f"{self.url}/-/ready", timeout=2)[0] == 200
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
 
 
 # --- the demo application --------------------------------------------------------------------
@@ -378,10 +240,12 @@ class Stack:
         if self.alertmanager:
             config_file = ROOT / "alertmanager" / "alertmanager.yml"
             if config_file.exists():
+                am_kwargs: dict[str, Any] = {}
+                if self.alertmanager_port:
+                    am_kwargs["port"] = self.alertmanager_port
                 try:
-                    am_kwargs: dict[str, Any] = {}
-                    if self.alertmanager_port:
-                        am_kwargs["port"] = self.alertmanager_port
+                    # The repository's own file: its receivers are placeholders until edited
+                    # (docs/alerting.md), so notifications fail in its log, nothing else.
                     self.alertmanager_server = AlertmanagerServer(self.base, config_file,
                                                                   **am_kwargs).start()
                 except (RuntimeError, AssertionError) as exc:
@@ -389,13 +253,19 @@ class Stack:
             else:
                 self.warnings.append("alertmanager/alertmanager.yml missing: no Alertmanager")
         am = self.alertmanager_server
+        # The repository's prometheus/ (config and rules) with only the addresses changed.
+        repo = yaml.safe_load((ROOT / "prometheus" / "prometheus.yml").read_text())
+        interval = self.scrape_interval or repo["global"]["scrape_interval"]
+        config_file = prometheus_test_config(
+            self.base, [f"127.0.0.1:{self.exporter.port}"],
+            alertmanager=am.address if am else None, scrape_interval=interval,
+            evaluation_interval=self.scrape_interval or repo["global"]["evaluation_interval"])
+        for extra in self.extra_rule_files:
+            shutil.copy(extra, config_file.parent / "rules" / extra.name)
         prom_kwargs: dict[str, Any] = {}
         if self.prometheus_port:
             prom_kwargs["port"] = self.prometheus_port
-        self.prometheus = PrometheusServer(
-            self.base, [f"127.0.0.1:{self.exporter.port}"],
-            f"127.0.0.1:{am.port}" if am else None, self.scrape_interval,
-            self.extra_rule_files, **prom_kwargs).start()
+        self.prometheus = PrometheusServer(self.base, config_file, **prom_kwargs).start()
 
     def start_load(self, rate: float, duration: float) -> None:
         """Start examples/loadgen against the demo app (at most an hour per run)."""
