@@ -101,6 +101,11 @@ def test_histogram_counts_on_fixed_bounds() -> None:
         ("a\\*b", ["a*b"], ["axb"]),
         ("a.b+c", ["a.b+c"], ["axbbc"]),
         ("line*", ["line\nbreak"], []),
+        ("a[]", [], ["a", "a]", "ab"]),
+        ("a[^]", ["ab", "a]"], ["a", "abc"]),
+        ("a[bc", ["ab", "ac"], ["a[bc", "a"]),
+        ("a[\\]]b", ["a]b"], ["ab", "a\\b"]),
+        ("end\\", ["end\\"], ["end"]),
     ],
 )
 def test_glob_to_regex_follows_redis_glob(pattern: str, matches: list[str],

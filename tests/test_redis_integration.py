@@ -275,12 +275,12 @@ def test_key_groups_200k_keys(redis_server: RedisServer,
 
 def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer) -> None:
     keys = ["user:1", "user:22", "user:", "users:1", "h?llo", "hello", "hallo", "h*llo",
-            "a[b]c", "abc", "x\\y", "x-y", "ca", "cz", "c^"]
+            "a[b]c", "abc", "x\\y", "x-y", "ca", "cz", "c^", "a]c", "ab", "a"]
     client = redis_server.client()
     for key in keys:
         client.set(key, "1")
     patterns = ["user:*", "user:?", "h?llo", "h[ae]llo", "h[^e]llo", "h\\*llo", "a\\[b\\]c",
-                "c[a-m]", "c[^a]", "*"]
+                "c[a-m]", "c[^a]", "*", "a[]", "a[^]", "a[bc", "a[\\]]c", "x\\\\y"]
     for pattern in patterns:
         cursor, found = 0, set()
         while True:

@@ -203,25 +203,27 @@ def glob_to_regex(pattern: str) -> str:
             i += 1
             out.append(re.escape(pattern[i]))
         elif char == "[":
-            end = pattern.find("]", i + 2 if pattern[i + 1: i + 2] == "^" else i + 1)
-            if end < 0:
-                out.append(re.escape(char))
-            else:
-                body = pattern[i + 1: end]
-                negate = body.startswith("^")
-                body = body[1:] if negate else body
-                parts: list[str] = []
-                j = 0
-                while j < len(body):
-                    if j + 2 < len(body) and body[j + 1] == "-":
-                        low, high = sorted((body[j], body[j + 2]))
-                        parts.append(f"{re.escape(low)}-{re.escape(high)}")
-                        j += 3
-                    else:
-                        parts.append(re.escape(body[j]))
-                        j += 1
+            # As Redis does: "\\" escapes inside the class, an unclosed class runs to the end,
+            # "[]" matches nothing and "[^]" any one character.
+            i += 1
+            negate = pattern[i: i + 1] == "^"
+            i += negate
+            parts: list[str] = []
+            while i < n and pattern[i] != "]":
+                if pattern[i] == "\\" and i + 1 < n:
+                    parts.append(re.escape(pattern[i + 1]))
+                    i += 2
+                elif i + 2 < n and pattern[i + 1] == "-" and pattern[i + 2] != "]":
+                    low, high = sorted((pattern[i], pattern[i + 2]))
+                    parts.append(f"{re.escape(low)}-{re.escape(high)}")
+                    i += 3
+                else:
+                    parts.append(re.escape(pattern[i]))
+                    i += 1
+            if parts:
                 out.append(f"[{'^' if negate else ''}{''.join(parts)}]")
-                i = end
+            else:
+                out.append("." if negate else "(?!)")
         else:
             out.append(re.escape(char))
         i += 1
