@@ -32,7 +32,7 @@ class _Families:
 
 def same(families: Iterable[Metric]) -> None:
     registry = _Families(families)
-    assert textformat.generate_latest(registry) == generate_latest(registry)  # type: ignore[arg-type]
+    assert textformat.generate_latest(registry) == generate_latest(registry)
 
 
 values = st.one_of(
@@ -58,10 +58,12 @@ def families(draw: st.DrawFn) -> Metric:
     rows = draw(st.lists(st.tuples(st.lists(label_values, min_size=len(labels),
                                             max_size=len(labels)), values,
                                    st.none() | st.floats(0, 2e9)), max_size=4))
+    family: Metric
     if kind == "gauge":
-        family: Metric = GaugeMetricFamily(name, doc, labels=labels)
+        gauge = GaugeMetricFamily(name, doc, labels=labels)
         for lv, v, ts in rows:
-            family.add_metric(lv, v, timestamp=ts)
+            gauge.add_metric(lv, v, timestamp=ts)
+        family = gauge
     elif kind == "counter":
         family = CounterMetricFamily(name, doc, labels=labels)
         for lv, v, ts in rows:
