@@ -610,6 +610,15 @@ def host() -> Dashboard:
                    "a drop means the group restarted.", "s",
                    [(f"time() - {sel('qatoolbox_process_oldest_start_time_seconds')}",
                      "{{group}}")], w=8),
+        Row("Exporter"),
+        timeseries("Collector duration", "Time each collector took in the last scrape "
+                   "(each runs under the scrape.timeout budget).", "s",
+                   [(sel("qatoolbox_exporter_collector_duration_seconds"), "{{collector}}")],
+                   w=12),
+        timeseries("Collector success", "1 when the collector's last run succeeded, 0 when it "
+                   "failed or ran out of time.", "none",
+                   [(sel("qatoolbox_exporter_collector_success"), "{{collector}}")], w=12,
+                   min_=0, max_=1),
     ], [interval_variable("trend_window", "Trend window", ["1h", "6h", "24h"], "6h")])
 
 
