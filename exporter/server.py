@@ -112,6 +112,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = f"qatoolbox-exporter/{__version__}"
     sys_version = ""
 
+    def version_string(self) -> str:
+        # The base class appends " " + sys_version: a trailing space in every Server header.
+        return self.server_version
+
     def setup(self) -> None:
         super().setup()
         # A slow or silent client cannot hold a thread longer than the read timeout.

@@ -205,8 +205,11 @@ def test_max_requests_answers_503_beyond_the_limit() -> None:
         threads[0].start()
         assert srv.collector.entered.wait(10)
         threads[1].start()
-        # Both slots taken (the second request waits on the first one's collection).
-        wait_for(lambda: srv.get("/")[0] == 503, 10, "a 503 while two scrapes are in flight")
+        # Both slots taken (the second request waits on the first one's collection). Polling
+        # with requests could itself take the second slot just as the second scrape arrives.
+        wait_for(lambda: getattr(srv.httpd.slots, "_value", None) == 0, 10,
+                 "two scrapes in flight")
+        assert srv.get("/")[0] == 503
         status, headers, _ = srv.get("/metrics")
         assert status == 503 and headers["Retry-After"] == "1"
         assert srv.get("/healthz")[0] == 200  # liveness is not counted
