@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -29,6 +30,7 @@ from tests.grafana_queries import (
     PROMETHEUS_SERIES,
     Query,
     expand,
+    iter_panels,
     iter_queries,
     load_dashboards,
     metric_names,
@@ -207,6 +209,25 @@ def test_every_query_parses_and_95_percent_return_data(stack: Stack) -> None:
     assert share >= MIN_DATA_SHARE and not empty, (
         f"{len(empty)} of {len(queries)} queries returned no data ({share:.1%} did); "
         f"unexpected: {empty}; exporter log: {warnings[-10:]}")
+
+
+def test_legends_name_labels_the_results_have(stack: Stack) -> None:
+    # A legend "{{group}}" over a query whose aggregation dropped `group` shows the braces.
+    assert stack.prometheus is not None
+    wrong = []
+    for name, dash in load_dashboards().items():
+        for panel in iter_panels(dash):
+            for target in panel.get("targets", []):
+                labels = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")))
+                if not labels:
+                    continue
+                result = stack.prometheus.query(expand(target["expr"], RATE_WINDOW))
+                present = {k for series in result if isinstance(series, dict)
+                           for k in series["metric"]}
+                if result and labels - present:
+                    wrong.append(f"{name} / {panel['title']} / {target['refId']}: "
+                                 f"{sorted(labels - present)} not in {sorted(present)}")
+    assert not wrong, "\n".join(wrong)
 
 
 def test_error_ratios_see_errors(stack: Stack) -> None:
