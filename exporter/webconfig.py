@@ -261,7 +261,9 @@ def parse_web_config(raw: Any, base_dir: str = ".") -> WebSecurity:
         raise ConfigError([f"expected a mapping at the top level, got {_describe(raw)}"])
     errors: list[str] = []
     _check_keys(raw, "", TOP_KEYS, TOP_UNSUPPORTED, errors)
-    tls = _tls(raw.get("tls_server_config"), base_dir, errors)
+    # A section whose keys are all commented out (null) still asks for TLS: say what is missing.
+    tls = _tls(raw["tls_server_config"] or {}, base_dir, errors) \
+        if "tls_server_config" in raw else None
     users = _users(raw.get("basic_auth_users"), errors)
     headers = _http(raw.get("http_server_config"), errors)
     if errors:

@@ -121,6 +121,8 @@ def test_unknown_and_unsupported_keys_are_named(raw: Any, expected: str) -> None
 
 @pytest.mark.parametrize(("tls", "expected"), [
     ({"cert_file": "c"}, "tls_server_config.key_file: required"),
+    (None, "tls_server_config.cert_file: required"),  # every key commented out
+    ({}, "tls_server_config.cert_file: required"),
     ({"cert_file": "c", "key_file": "k", "client_auth_type": "Sometimes"},
      "tls_server_config.client_auth_type: expected one of NoClientCert, "),
     ({"cert_file": "c", "key_file": "k", "client_auth_type": "RequireAnyClientCert",
