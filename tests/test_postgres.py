@@ -525,41 +525,57 @@ def test_a_family_that_fails_is_left_out_and_logged_once(
 def test_statement_timeout_leaves_one_family_out(postgres: PostgresServer) -> None:
     pg = postgres
     pg.execute("CREATE TABLE busy (id int)")
-    with pg.connect() as locker, collector(config_for(pg, timeout=0.5)) as c:
+    with pg.connect() as locker, collector(config_for(pg, timeout=1.0, cache_interval=0)) as c:
         # An ALTER TABLE in progress: sizing the table has to wait for its lock.
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
         s = scrape(c)
         assert s.value("qatoolbox_postgres_up") == 1
         assert not s.series("qatoolbox_postgres_table_")
-        assert s.series("qatoolbox_postgres_connections")
+        assert s.series("qatoolbox_postgres_transactions_committed_total")
         locker.execute("ROLLBACK")
-        s = scrape(c)  # the same connection, still good
-        assert s.value("qatoolbox_postgres_table_size_bytes", schema="public",
-                       table="busy") == 0
-    assert exporter_sessions(pg) == 0
+        # The same connection, still good (retried: a loaded machine may be slow).
+        wait_for(lambda: scrape(c).value("qatoolbox_postgres_table_size_bytes",
+                                         schema="public", table="busy") == 0, 20, "the table")
+        assert exporter_sessions(pg) == 1
+    wait_for(lambda: exporter_sessions(pg) == 0, 10, "the session to end")
 
 
 def test_expensive_families_are_cached(postgres: PostgresServer) -> None:
     pg = postgres
     now = [1000.0]
+
+    def count_tables(s: Scrape) -> float | None:
+        return s.value("qatoolbox_postgres_tables")
+
     with collector(config_for(pg, cache_interval=60), clock=lambda: now[0]) as c:
         first = scrape(c)
         pg.execute("CREATE TABLE newer (id int); INSERT INTO newer VALUES (1)")
         wait_for(lambda: pg.execute("SELECT tup_inserted FROM pg_stat_database "
                                     "WHERE datname = 'postgres'")[0][0] > 0, 15, "statistics")
-        now[0] += 30
-        cached = scrape(c)
-        now[0] += 31
-        fresh = scrape(c)
-    assert first.value("qatoolbox_postgres_tables") == 0
-    assert cached.value("qatoolbox_postgres_tables") == 0
+        now[0] += 10
+        cached = scrape(c)  # 10 s apart: the next one comes long before expiry
+        assert c.wait_refreshed(10)
+        assert count_tables(cached) == 0
+        now[0] += 20
+        before_expiry = scrape(c)
+        # 20 s apart now: the cache (30 s old, 60 s interval) would expire before the next
+        # scrape (30 s old + 1.5 x 20 s), so it is refreshed in the background right away.
+        assert c.wait_refreshed(10)
+        pg.execute("CREATE TABLE newest (id int)")
+        now[0] += 1
+        refreshed = scrape(c)
+        now[0] += 61
+        expired = scrape(c)  # 61 s after the refresh: fetched during the scrape
+    assert count_tables(first) == 0
+    assert count_tables(before_expiry) == 0
     assert cached.value("qatoolbox_postgres_database_size_bytes", datname="postgres") == \
         first.value("qatoolbox_postgres_database_size_bytes", datname="postgres")
     # Cheap families are read every time.
     assert (cached.value("qatoolbox_postgres_rows_inserted_total", datname="postgres") or 0) > \
         (first.value("qatoolbox_postgres_rows_inserted_total", datname="postgres") or 0)
-    assert fresh.value("qatoolbox_postgres_tables") == 1
+    assert count_tables(refreshed) == 1  # refreshed before "newest" existed, served from cache
+    assert count_tables(expired) == 2
 
 
 def test_top_tables_bounded_by_total_size(postgres: PostgresServer) -> None:

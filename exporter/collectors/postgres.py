@@ -651,19 +651,40 @@ class PostgresCollector:
         self._watchdog = Watchdog(clock)
         self._family_log = _FamilyLog()
         self._cache: dict[str, _Cached] = {}
+        self._fetchers: dict[str, Callable[[psycopg.Connection[Row]], list[Metric] | None]] = {
+            "database_size": self._database_sizes,
+            "statements": self._statements,
+            "tables": self._tables,
+        }
         self._closed = False
+        self._last_start: float | None = None
+        self._gap = 0.0  # between the last two scrapes: how far ahead to refresh
+        self._refresh_wanted = threading.Event()
+        self._refresh_idle = threading.Event()
+        self._refresh_idle.set()
+        self._refresher: threading.Thread | None = None
 
     # -- the runner's interface
 
     def collect(self) -> list[Metric]:
         """Query PostgreSQL; raise PostgresError when it cannot be reached or queried."""
-        deadline = self._clock() + self._budget
+        started = self._clock()
+        if self._last_start is not None:
+            self._gap = max(0.0, started - self._last_start)
+        self._last_start = started
+        deadline = started + self._budget
         if not self._lock.acquire(timeout=self._budget):
             raise PostgresError("another collection is still running")
         try:
-            return self._collect(deadline)
+            families = self._collect(deadline)
+            self._schedule_refresh()  # under the lock: it reads the cache
         finally:
             self._lock.release()
+        return families
+
+    def wait_refreshed(self, timeout: float) -> bool:
+        """Wait until no background refresh is pending (for tests and benchmarks)."""
+        return self._refresh_idle.wait(timeout)
 
     def failure_metrics(self) -> list[Metric]:
         """Only up 0: the other families are absent rather than stale."""
@@ -680,6 +701,7 @@ class PostgresCollector:
         else:
             self._watchdog.fire()
         self._watchdog.stop()
+        self._refresh_wanted.set()  # ends the refresher
 
     # -- internals
 
@@ -761,7 +783,7 @@ class PostgresCollector:
         password = str(self._cfg.password)
         if password:
             message = message.replace(password, "<secret>")
-        return message.strip().replace("\n", " ")
+        return _WHITESPACE.sub(" ", message).strip()  # one log line, libpq's tabs included
 
     def _query(self, conn: psycopg.Connection[Row], family: str, query: Query,
                params: dict[str, Any] | None = None) -> list[Row] | None:
@@ -808,9 +830,8 @@ class PostgresCollector:
             families.extend(build_checkpoints(rows[0]))
 
         families.extend(self._replication(conn, in_recovery))
-        families.extend(self._cached(conn, "database_size", self._database_sizes))
-        families.extend(self._cached(conn, "statements", self._statements))
-        families.extend(self._cached(conn, "tables", self._tables))
+        for family in self._fetchers:
+            families.extend(self._cached(conn, family))
         return families
 
     def _replication(self, conn: psycopg.Connection[Row], in_recovery: bool) -> list[Metric]:
@@ -831,24 +852,84 @@ class PostgresCollector:
             families.append(build_slots(slots))
         return families
 
-    def _cached(
-        self,
-        conn: psycopg.Connection[Row],
-        family: str,
-        fetch: Callable[[psycopg.Connection[Row]], list[Metric] | None],
-    ) -> list[Metric]:
-        """A family served from cache while fresh; None from fetch means left out."""
-        now = self._clock()
+    def _cached(self, conn: psycopg.Connection[Row], family: str) -> list[Metric]:
+        """A family served from cache while fresh, else fetched now."""
         cached = self._cache.get(family)
-        if cached is not None and now - cached.fetched_at < self._cfg.cache_interval:
+        if cached is not None and self._clock() - cached.fetched_at < self._cfg.cache_interval:
             return cached.families
+        return self._fetch(conn, family)
+
+    def _fetch(self, conn: psycopg.Connection[Row], family: str) -> list[Metric]:
+        """Fetch a cached family into the cache; empty when it is left out."""
         self._cache.pop(family, None)
-        families = fetch(conn)
+        fetched_at = self._clock()
+        families = self._fetchers[family](conn)
         if families is None:
             return []
         self._family_log.succeeded(family)
-        self._cache[family] = _Cached(now, families)
+        self._cache[family] = _Cached(fetched_at, families)
         return families
+
+    # -- refreshing the cache between scrapes
+
+    def _due(self, ahead: float) -> list[str]:
+        """Cached families that will have expired ahead seconds from now."""
+        now = self._clock()
+        interval = self._cfg.cache_interval
+        return [name for name, c in self._cache.items() if now + ahead - c.fetched_at >= interval]
+
+    def _schedule_refresh(self) -> None:
+        """Ask for a background refresh of what would expire before the next scrape.
+
+        Re-reading sizes, statements and tables of a large database takes hundreds of
+        milliseconds; done right after a scrape, on the same connection, it is over long
+        before the next one, which then finds a fresh cache instead of paying for it.
+        """
+        if self._closed or self._cfg.cache_interval <= 0 or self._gap <= 0:
+            return
+        if not self._due(ahead=1.5 * self._gap):
+            return
+        if self._refresher is None:
+            self._refresher = threading.Thread(target=self._refresh_loop,
+                                               name="postgres-refresh", daemon=True)
+            self._refresher.start()
+        self._refresh_idle.clear()
+        self._refresh_wanted.set()
+
+    def _refresh_loop(self) -> None:
+        while True:
+            self._refresh_wanted.wait()
+            self._refresh_wanted.clear()
+            if self._closed:
+                return
+            try:
+                if self._lock.acquire(timeout=self._budget):
+                    try:
+                        self._refresh()
+                    finally:
+                        self._lock.release()
+            finally:
+                self._refresh_idle.set()
+
+    def _refresh(self) -> None:
+        """Refresh due families over the open connection, under the same deadline rule."""
+        conn = self._conn
+        if self._closed or conn is None or conn.closed or conn.broken:
+            return  # the next scrape connects (and fetches) itself
+        due = self._due(ahead=1.5 * self._gap)
+        if not due:
+            return
+        self._watchdog.arm(conn.pgconn.socket, self._clock() + self._budget)
+        try:
+            for family in due:
+                self._fetch(conn, family)
+        except _ConnectionLostError as exc:
+            self._watchdog.disarm()
+            self._drop()
+            log.debug("background refresh failed", extra={"err": self._redact(str(exc))})
+            return
+        if self._watchdog.disarm():
+            self._drop()
 
     def _database_sizes(self, conn: psycopg.Connection[Row]) -> list[Metric] | None:
         rows = self._query(conn, "database_size", DATABASE_SIZE_SQL)
