@@ -730,12 +730,14 @@ def postgres() -> Dashboard:
                    [(sel("qatoolbox_postgres_replication_slot_retained_bytes"),
                      "{{slot_name}}")], w=6),
         Row("Statements and tables"),
-        table("Top statements", "Statements by total execution time per second "
-              "(pg_stat_statements, top N kept by the exporter).", "percentunit",
+        table("Top statements", "Statements by execution time per second, i.e. the "
+              "average number of backends busy running each (1 = one backend all the time), "
+              "with calls and rows per second (pg_stat_statements, the exporter's top N).",
+              "short",
               [(with_query_text(f"qatoolbox_postgres_statement_{kind}_total"), "")
                for kind in ("seconds", "calls", "rows")],
-              h=9, columns={"A": "time share", "B": "calls/s", "C": "rows/s"},
-              units={"calls/s": "ops", "rows/s": "ops"}, sort_by="time share"),
+              h=9, columns={"A": "busy backends", "B": "calls/s", "C": "rows/s"},
+              units={"calls/s": "ops", "rows/s": "ops"}, sort_by="busy backends"),
         table("Table health", "Dead rows, size and time since the last autovacuum and "
               "autoanalyze of the largest tables.", "short",
               [(sel("qatoolbox_postgres_table_dead_rows"), ""),

@@ -230,6 +230,40 @@ def test_legends_name_labels_the_results_have(stack: Stack) -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def target_unit(panel: dict[str, Any], ref: str) -> str:
+    """The unit Grafana shows a target's values in: a table column's override, or the
+    panel's default."""
+    unit = str(panel.get("fieldConfig", {}).get("defaults", {}).get("unit", ""))
+    column = f"Value #{ref}"
+    for step in panel.get("transformations", []):
+        column = step.get("options", {}).get("renameByName", {}).get(column, column)
+    for override in panel.get("fieldConfig", {}).get("overrides", []):
+        if override["matcher"] == {"id": "byName", "options": column}:
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    unit = str(prop["value"])
+    return unit
+
+
+def test_shares_are_between_0_and_1(stack: Stack) -> None:
+    # Panels in percentunit show shares: a value outside [0, 1] means a wrong formula
+    # (a ratio upside down, a rate of a gauge, a per-CPU sum).
+    assert stack.prometheus is not None
+    wrong = []
+    for name, dash in load_dashboards().items():
+        for panel in iter_panels(dash):
+            for target in panel.get("targets", []):
+                if target_unit(panel, target["refId"]) != "percentunit":
+                    continue
+                for series in stack.prometheus.query(expand(target["expr"], RATE_WINDOW)):
+                    value = float(series["value"][1])
+                    # Counter rates over a short window wobble a little past 1.
+                    if not math.isnan(value) and not -0.001 <= value <= 1.05:
+                        wrong.append(f"{name} / {panel['title']} / {target['refId']}: "
+                                     f"{value} {series['metric']}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_error_ratios_see_errors(stack: Stack) -> None:
     # The ratio panels fall back to 0 when no request failed; make sure that is not hiding a
     # status label the regex never matches (the load generator does cause 4xx and 5xx).
