@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.scrape import Target, _free_port, _wait_up, measure, report, scrape
+from bench.scrape import Target, _free_port, _wait_up, cpu_seconds, report, scrape
 from exporter.collectors import DEFAULTS
 from exporter.config import DEFAULT_KEY_GROUPS
 
@@ -108,6 +109,51 @@ def start_theirs(binary: str, port: int, name: str,
     return proc, target
 
 
+# Each exporter's own account of the time it spent reading Redis in the scrape (no HTTP).
+SELF_DURATION = {
+    "qatoolbox": re.compile(
+        rb'^qatoolbox_exporter_collector_duration_seconds\{collector="redis"\} (\S+)$', re.M),
+    "redis_exporter": re.compile(rb"^redis_exporter_last_scrape_duration_seconds (\S+)$", re.M),
+}
+
+
+def measure(targets: Sequence[Target], scrapes: int, warmup: int = 5) -> dict[str, list[float]]:
+    """Scrape the targets in turn (A, B, A, B, ...): latency, CPU, and each one's self-reported
+    collection time."""
+    for _ in range(warmup):
+        for target in targets:
+            scrape(target.url)
+    own: dict[str, list[float]] = {t.name: [] for t in targets}
+    for target in targets:
+        target.latencies = []
+        target.cpu_start = cpu_seconds(target.pid) if target.pid else 0.0
+    for _ in range(scrapes):
+        for target in targets:
+            elapsed, body = scrape(target.url)
+            target.latencies.append(elapsed)
+            target.series = sum(1 for line in body.splitlines() if line and line[:1] != b"#")
+            target.body_bytes = len(body)
+            kind = "qatoolbox" if target.name.startswith("qatoolbox") else "redis_exporter"
+            match = SELF_DURATION[kind].search(body)
+            if match:
+                own[target.name].append(float(match.group(1)))
+    for target in targets:
+        target.cpu_end = cpu_seconds(target.pid) if target.pid else 0.0
+    return own
+
+
+def own_report(own: dict[str, list[float]]) -> str:
+    """Median self-reported collection time of each exporter, and their ratio."""
+    medians = {name: statistics.median(values) for name, values in own.items() if values}
+    lines = [f"{name}: collection of Redis data (self-reported) median {m * 1000:.2f} ms"
+             for name, m in medians.items()]
+    names = list(medians)
+    if len(names) == 2:
+        ratio = medians[names[0]] / medians[names[1]]
+        lines.append(f"self-reported collection time ratio {names[0]}/{names[1]}: {ratio:.2f}")
+    return "\n".join(lines)
+
+
 def sample(body: bytes, name: str) -> float | None:
     """The first sample called name in an exposition."""
     for family in text_string_to_metric_families(body.decode()):
@@ -159,10 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             ours_time = key_group_timing(ours)
 
             # Part 1: default settings, scraped in turn.
-            measure([ours, theirs], args.scrapes)
+            own = measure([ours, theirs], args.scrapes)
             print(f"## Scrapes at default settings ({args.keys} keys, {args.scrapes} scrapes "
                   f"each)\n")
             print(report([ours, theirs], args.scrapes, args.markdown))
+            print(own_report(own))
 
             # Part 2: counting keys by group.
             patterns = [p for g in DEFAULT_KEY_GROUPS for p in g.patterns]
@@ -190,11 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "qatoolbox-exporter (redis, counting every 1 s)")
             procs.append(busy_proc)
             key_group_timing(busy)
-            ours.latencies, theirs.latencies = [], []
-            measure([busy, theirs], args.scrapes)
+            own = measure([busy, theirs], args.scrapes)
             print(f"\n## Scrapes while counting key groups every second ({args.scrapes} "
                   f"scrapes each)\n")
             print(report([busy, theirs], args.scrapes, args.markdown))
+            print(own_report(own))
         finally:
             for proc in reversed(procs):
                 proc.terminate()
