@@ -74,6 +74,9 @@ class Window:
 
     latencies: list[float] = field(default_factory=list)
     failures: int = 0
+    # Ticks skipped because 64 scrapes were already in flight (the client, or the exporter,
+    # could not keep up with the rate): counted, never queued, so latency means latency.
+    skipped: int = 0
     postgres_up: list[float] = field(default_factory=list)
 
 
@@ -87,6 +90,7 @@ class Sample:
     fds: int
     threads: int
     scrapes: int
+    skipped: int
     failures: int
     p50_ms: float
     p99_ms: float
@@ -105,10 +109,18 @@ class Scraper:
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="scrape")
+        self.in_flight = threading.BoundedSemaphore(64)
         self.total = 0
         self.total_failures = 0
+        self.total_skipped = 0
 
     def _one(self) -> None:
+        try:
+            self._scrape()
+        finally:
+            self.in_flight.release()
+
+    def _scrape(self) -> None:
         started = time.monotonic()
         ok, up = False, None
         try:
@@ -136,7 +148,12 @@ class Scraper:
     def run(self) -> None:
         next_at = time.monotonic()
         while not self.stop.is_set():
-            self.pool.submit(self._one)
+            if self.in_flight.acquire(blocking=False):
+                self.pool.submit(self._one)
+            else:
+                with self.lock:
+                    self.window.skipped += 1
+                    self.total_skipped += 1
             next_at += self.interval
             delay = next_at - time.monotonic()
             if delay > 0:
@@ -221,21 +238,22 @@ def setup_redis(base: Path) -> RedisServer:
     return redis
 
 
-def report(samples: Sequence[Sample], args: argparse.Namespace, totals: tuple[int, int],
+def report(samples: Sequence[Sample], args: argparse.Namespace, totals: tuple[int, int, int],
            phase_latencies: dict[str, list[float]]) -> str:
     lines = [
         f"Soak run: {args.minutes:g} + {args.minutes:g} minutes at {args.rate:g} scrapes/s, "
         f"every collector on (host, process, postgres, business, redis, app), "
         f"{os.cpu_count()} CPUs, sampled every {args.sample:g} s.",
         "",
-        "| t (min) | phase | RSS (MB) | open files | threads | scrapes | failed | p50 (ms) | "
-        "p99 (ms) | max (ms) | postgres_up | PG connections |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| t (min) | phase | RSS (MB) | open files | threads | scrapes | skipped | failed | "
+        "p50 (ms) | p99 (ms) | max (ms) | postgres_up | PG connections |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in samples:
         conns = "paused" if s.pg_conns is None else str(s.pg_conns)
         lines.append(f"| {s.at / 60:.1f} | {s.phase} | {s.rss_mb:.1f} | {s.fds} | {s.threads} | "
-                     f"{s.scrapes} | {s.failures} | {s.p50_ms:.1f} | {s.p99_ms:.1f} | "
+                     f"{s.scrapes} | {s.skipped} | {s.failures} | {s.p50_ms:.1f} | "
+                     f"{s.p99_ms:.1f} | "
                      f"{s.max_ms:.0f} | {s.pg_up:.2f} | {conns} |")
     warm = [s for s in samples if s.at >= args.warmup * 60] or list(samples)
     phase1 = [s for s in warm if s.phase == "alive"]
@@ -243,7 +261,8 @@ def report(samples: Sequence[Sample], args: argparse.Namespace, totals: tuple[in
     growth = warm[-1].rss_mb - warm[0].rss_mb
     lines += [
         "",
-        f"Scrapes: {totals[0]}, failed: {totals[1]}.",
+        f"Scrapes: {totals[0]} ({totals[0] / (2 * args.minutes * 60):.1f}/s achieved), "
+        f"failed: {totals[1]}, ticks skipped with 64 scrapes in flight: {totals[2]}.",
         f"RSS after {args.warmup:g} min warm-up: {warm[0].rss_mb:.1f} MB -> "
         f"{warm[-1].rss_mb:.1f} MB at the end ({growth:+.1f} MB; phase 1 alone {growth1:+.1f} MB; "
         f"min {min(s.rss_mb for s in warm):.1f}, max {max(s.rss_mb for s in warm):.1f}).",
@@ -328,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     samples.append(Sample(
                         at=elapsed, phase=phase if phase == "alive" else "PG paused 50%",
                         rss_mb=rss, fds=fds, threads=threads, scrapes=len(window.latencies),
-                        failures=window.failures, p50_ms=statistics.median(lat) * 1000,
+                        skipped=window.skipped, failures=window.failures,
+                        p50_ms=statistics.median(lat) * 1000,
                         p99_ms=lat[max(0, int(len(lat) * 0.99) - 1)] * 1000,
                         max_ms=lat[-1] * 1000,
                         pg_up=(statistics.fmean(window.postgres_up)
@@ -337,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     s = samples[-1]
                     print(f"soak: t={s.at / 60:5.1f}m {s.phase:13} rss={s.rss_mb:6.1f}MB "
                           f"fds={s.fds} threads={s.threads} scrapes={s.scrapes} "
+                          f"skipped={s.skipped} "
                           f"failed={s.failures} p50={s.p50_ms:.1f}ms p99={s.p99_ms:.1f}ms "
                           f"pg_up={s.pg_up:.2f} pg_conns={s.pg_conns}", file=sys.stderr,
                           flush=True)
@@ -345,10 +366,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 signal_tree(pg.pid, signal.SIGCONT)
             scraper.stop.set()
             runner.join(10)
-            scraper.pool.shutdown(wait=True)
+            scraper.pool.shutdown(wait=True, cancel_futures=True)
             if exporter.poll() is not None:
                 print(f"soak: the exporter exited with {exporter.returncode}", file=sys.stderr)
-            text = report(samples, args, (scraper.total, scraper.total_failures),
+            text = report(samples, args,
+                          (scraper.total, scraper.total_failures, scraper.total_skipped),
                           phase_latencies)
             print(text)
             if args.out:
