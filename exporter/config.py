@@ -811,6 +811,15 @@ def _check_redis(rd: RedisConfig) -> list[str]:
     problems: list[str] = []
     if not rd.url.startswith(("redis://", "rediss://", "unix://")):
         problems.append("redis.url: expected a redis://, rediss:// or unix:// URL")
+    else:
+        from urllib.parse import urlsplit
+
+        try:
+            port = urlsplit(rd.url).port
+        except ValueError:  # the message would quote the URL, password included
+            port = -1
+        if port is not None and not 0 <= port < 65536:
+            problems.append("redis.url: the port is not a number from 0 to 65535")
     if rd.timeout <= 0:
         problems.append("redis.timeout: must be greater than 0")
     seen: set[str] = set()

@@ -245,6 +245,12 @@ def test_config_password_file_keeps_user(tmp_path: Path) -> None:
     assert "s3cr" not in repr(config)
 
 
+def test_config_bad_port_without_quoting_the_url() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"REDIS_URL": "redis://u:Secret-pw@h:port/0"}, {"redis": True})
+    assert caught.value.problems == ["redis.url: the port is not a number from 0 to 65535"]
+
+
 def test_config_errors_name_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, """
