@@ -7,7 +7,9 @@ table count (100 and 10,000 by default) starts, side by side on loopback:
   - Debian's prometheus-postgres-exporter with default flags (DATA_SOURCE_NAME only);
   - the same with the example queries.yaml Debian ships (per-table and per-statement
     series, the usual way to get them from postgres_exporter), unless --no-example-queries;
-and scrapes them in turn, run by run, reporting latency (median, p95), series and peak RSS.
+and scrapes them in turn, run by run, a round starting every --interval seconds (as a
+Prometheus scraping them all would; a round that takes longer starts the next at once),
+reporting latency (median, p95), series, CPU and peak RSS.
 
 Example:
     .venv/bin/python bench/postgres_compare.py --scrapes 50 --markdown
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.scrape import Target, measure, report  # noqa: E402
+from bench.scrape import Target, count_series, cpu_seconds, report, scrape  # noqa: E402
 from exporter.collectors import COLLECTORS  # noqa: E402
 from tests.harness import PostgresServer, free_port, tempdir  # noqa: E402
 
@@ -66,6 +68,25 @@ def _wait_metrics(url: str, proc: subprocess.Popen[bytes], needle: bytes) -> Non
             pass
         time.sleep(0.2)
     raise SystemExit(f"{url} did not serve {needle!r} within 30 s")
+
+
+def measure(targets: Sequence[Target], scrapes: int, interval: float, warmup: int = 3) -> None:
+    """Scrape every target scrapes times, interleaved, one round per interval."""
+    for _ in range(warmup):
+        for target in targets:
+            scrape(target.url)
+    for target in targets:
+        target.cpu_start = cpu_seconds(target.pid) if target.pid else 0.0
+    for _ in range(scrapes):
+        round_started = time.monotonic()
+        for target in targets:
+            elapsed, body = scrape(target.url)
+            target.latencies.append(elapsed)
+            target.series = count_series(body)
+            target.body_bytes = len(body)
+        time.sleep(max(0.0, interval - (time.monotonic() - round_started)))
+    for target in targets:
+        target.cpu_end = cpu_seconds(target.pid) if target.pid else 0.0
 
 
 def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
@@ -113,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scrapes", type=int, default=50, help="scrapes per target and size")
     parser.add_argument("--tables", default="100,10000", help="comma-separated table counts")
+    parser.add_argument("--interval", type=float, default=1.0,
+                        help="seconds between the starts of two rounds (default 1)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     parser.add_argument("--no-example-queries", action="store_true",
                         help="skip postgres_exporter with Debian's example queries.yaml")
@@ -142,8 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pg.execute("ANALYZE")
                 procs, targets = start_contenders(pg, workdir, example)
                 try:
-                    measure(targets, args.scrapes)
-                    print(f"\n## {size} tables, {args.scrapes} scrapes each\n")
+                    measure(targets, args.scrapes, args.interval)
+                    print(f"\n## {size} tables, {args.scrapes} scrapes each, "
+                          f"a round every {args.interval:g} s\n")
                     print(report(targets, args.scrapes, args.markdown))  # reads RSS: live pids
                     sys.stdout.flush()
                 finally:
