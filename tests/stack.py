@@ -34,7 +34,12 @@ from tests.harness import (
     free_port,
     wait_for,
 )
-from tests.promstack import AlertmanagerServer, PrometheusServer, prometheus_test_config
+from tests.promstack import (
+    AlertmanagerServer,
+    PrometheusServer,
+    alertmanager_test_config,
+    prometheus_test_config,
+)
 
 DEMO_DIR = ROOT / "examples" / "qatoolbox_demo"
 LOADGEN = ROOT / "examples" / "loadgen" / "loadgen.py"
@@ -244,9 +249,11 @@ class Stack:
                 if self.alertmanager_port:
                     am_kwargs["port"] = self.alertmanager_port
                 try:
-                    # The repository's own file: its receivers are placeholders until edited
-                    # (docs/alerting.md), so notifications fail in its log, nothing else.
-                    self.alertmanager_server = AlertmanagerServer(self.base, config_file,
+                    # The repository's routes, inhibitions and templates, but receivers with no
+                    # integrations: the committed receivers are placeholders (docs/alerting.md),
+                    # and a local stack must not send anything off this machine.
+                    local_config = alertmanager_test_config(self.base, None)
+                    self.alertmanager_server = AlertmanagerServer(self.base, local_config,
                                                                   **am_kwargs).start()
                 except (RuntimeError, AssertionError) as exc:
                     self.warnings.append(f"Alertmanager did not start: {exc}")
