@@ -315,7 +315,7 @@ def test_random_churn_matches_a_reference(tmp_path: Path) -> None:
             for prefix, file in rec.store.files().items():
                 if prefix.startswith("gauge") and rec in dead:
                     continue
-                reference.add(prefix, list(zip(file.keys, file.values, strict=True)))
+                reference.add(prefix, file.entries())
         registry = CollectorRegistry()
         registry.register(_Families(reference.families()))
         want = parse_metrics(generate_latest(registry).decode())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -69,25 +68,11 @@ _TASK_DURATION = ("qatoolbox_celery_task_duration_seconds",
 _TASKS = ("qatoolbox_celery_tasks", "Celery task runs finished, by task and outcome.")
 
 
-_pack_double = struct.Struct("d").pack
-
-
 def _observe(file: _File, series: _Histogram, bounds: Sequence[float], value: float) -> None:
     """One histogram observation: its bucket and the sum (caller holds the lock)."""
-    values = file.values
-    bucket = series.buckets[bisect_left(bounds, value)]
-    total = series.sum
-    count = values[bucket] + 1.0
-    values[bucket] = count
-    summed = values[total] + value
-    values[total] = summed
-    mm = file.map
-    if mm is not None:
-        positions = file.positions
-        pos = positions[bucket]
-        mm[pos:pos + 8] = _pack_double(count)
-        pos = positions[total]
-        mm[pos:pos + 8] = _pack_double(summed)
+    doubles = file.doubles
+    doubles[series.buckets[bisect_left(bounds, value)]] += 1.0
+    doubles[series.sum] += value
 
 
 def normalize_method(method: str) -> str:
@@ -157,40 +142,19 @@ class Recorder:
     def request_started(self) -> None:
         """One more request in flight."""
         with self._lock:
-            gauges = self.store.gauges
-            index = self._in_flight
-            value = gauges.values[index] + 1.0
-            gauges.values[index] = value
-            mm = gauges.map
-            if mm is not None:
-                pos = gauges.positions[index]
-                mm[pos:pos + 8] = _pack_double(value)
+            self.store.gauges.doubles[self._in_flight] += 1.0
 
     def request_finished(self, route: str, method: str, status: int, seconds: float, *,
                          db_queries: int | None = None, db_seconds: float = 0.0) -> None:
         """A request answered (also ends its in-flight count); db_queries None: not measured."""
         with self._lock:
             store = self.store
-            # The hot path: the _File.add logic inlined (a call per update would double it).
-            gauges = store.gauges
-            index = self._in_flight
-            value = gauges.values[index] - 1.0
-            gauges.values[index] = value
-            mm = gauges.map
-            if mm is not None:
-                pos = gauges.positions[index]
-                mm[pos:pos + 8] = _pack_double(value)
+            store.gauges.doubles[self._in_flight] -= 1.0
             slots = self._routes.get((route, method)) or self._route(route, method)
             index = slots.statuses.get(status, -1)
             if index < 0:
                 index = self._status_slot(slots, status)
-            counters = store.counters
-            value = counters.values[index] + 1.0
-            counters.values[index] = value
-            mm = counters.map
-            if mm is not None:
-                pos = counters.positions[index]
-                mm[pos:pos + 8] = _pack_double(value)
+            store.counters.doubles[index] += 1.0
             hist = store.histograms
             _observe(hist, slots.duration, DURATION_BUCKETS, seconds)
             if db_queries is not None:
@@ -263,7 +227,7 @@ class Recorder:
         merger = Merger()
         with self._lock:
             for prefix, file in self.store.files().items():
-                merger.add(prefix, list(zip(file.keys, file.values, strict=True)))
+                merger.add(prefix, file.entries())
         return merger.families()
 
     def close(self) -> None:

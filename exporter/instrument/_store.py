@@ -54,17 +54,22 @@ def read_entries(path: str) -> Iterator[tuple[str, float]]:
     """(key, value) of every entry of a file; raises OSError or ValueError."""
     with open(path, "rb") as handle:
         data = handle.read()
+    return parse_entries(data, os.path.basename(path))
+
+
+def parse_entries(data: bytes, name: str = "buffer") -> Iterator[tuple[str, float]]:
+    """(key, value) of every entry in the file layout; raises ValueError when malformed."""
     if len(data) < _HEADER:
         return
     used = _INT.unpack_from(data, 0)[0]
     if used > len(data) or used < _HEADER:
-        raise ValueError(f"{os.path.basename(path)}: bad header")
+        raise ValueError(f"{name}: bad header")
     pos = _HEADER
     while pos < used:
         length = _INT.unpack_from(data, pos)[0]
         end = pos + 4 + length + (8 - (length + 4) % 8)
         if length <= 0 or end + 16 > used:
-            raise ValueError(f"{os.path.basename(path)}: truncated entry")
+            raise ValueError(f"{name}: truncated entry")
         key = data[pos + 4:pos + 4 + length].decode("utf-8")
         yield key, _DOUBLE.unpack_from(data, end)[0]
         pos = end + 16
@@ -85,62 +90,73 @@ def write_file(path: str, entries: Sequence[tuple[str, float]]) -> None:
 
 
 class _File:
-    """One metric type's values for this process; mirrored into an mmap file when path is set.
+    """One metric type's values for this process, in the file layout: in an mmap of the file
+    when a path is given, else in memory.
 
-    Values live in a Python list (the source of truth for this process) and each change is
-    copied into the mapping with one 8-byte slice assignment, which never shows a reader a
-    half-written double (struct.pack_into would zero the bytes first).
+    Values are read and written in place through a memoryview of doubles (values sit at
+    8-byte aligned offsets): one aligned 8-byte store per update, so a reader never sees a
+    half-written double (unlike struct.pack_into, which zeroes the bytes first), and no Python
+    copy of the values to keep in step.
     """
 
-    __slots__ = ("_fd", "_size", "_used", "keys", "map", "positions", "values")
+    __slots__ = ("_fd", "_final", "_size", "buf", "doubles", "used")
 
     def __init__(self, path: str | None) -> None:
-        self.keys: list[str] = []
-        self.values: list[float] = []
-        self.positions: list[int] = []
-        self.map: mmap.mmap | None = None
         self._fd = -1
-        self._size = self._used = 0
-        if path is not None:
+        self._size = _INITIAL_SIZE
+        self._final: bytes | None = None
+        self.buf: mmap.mmap | bytearray
+        if path is None:
+            self.buf = bytearray(self._size)
+        else:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            self._size = _INITIAL_SIZE
             os.ftruncate(self._fd, self._size)
-            self.map = mmap.mmap(self._fd, self._size)
-            self._used = _HEADER
-            self.map[0:4] = _INT.pack(self._used)
+            self.buf = mmap.mmap(self._fd, self._size)
+        self.doubles = memoryview(self.buf).cast("d")
+        self.used = _HEADER
+        self.buf[0:4] = _INT.pack(self.used)
 
     def slot(self, key: str) -> int:
-        """Add a zero-valued entry for key; return its index."""
-        self.keys.append(key)
-        self.values.append(0.0)
-        if self.map is not None:
-            entry = encode_entry(key, 0.0)
-            while self._used + len(entry) > self._size:
-                # Double the file; entries never move, only the mapping is replaced.
-                self._size *= 2
-                os.ftruncate(self._fd, self._size)
-                self.map.close()
-                self.map = mmap.mmap(self._fd, self._size)
-            self.map[self._used:self._used + len(entry)] = entry
-            self.positions.append(self._used + len(entry) - 16)
-            self._used += len(entry)
-            # Publish the entry only once its bytes are in place.
-            self.map[0:4] = _INT.pack(self._used)
-        return len(self.keys) - 1
+        """Add a zero-valued entry for key; return the index of its value in doubles."""
+        entry = encode_entry(key, 0.0)
+        while self.used + len(entry) > self._size:
+            self._grow()
+        self.buf[self.used:self.used + len(entry)] = entry
+        index = (self.used + len(entry) - 16) // 8
+        self.used += len(entry)
+        # Publish the entry only once its bytes are in place.
+        self.buf[0:4] = _INT.pack(self.used)
+        return index
+
+    def _grow(self) -> None:
+        # Double the space; entries never move, only the mapping (and the view) is replaced.
+        self.doubles.release()
+        self._size *= 2
+        if isinstance(self.buf, bytearray):
+            self.buf.extend(bytes(self._size - len(self.buf)))
+        else:
+            os.ftruncate(self._fd, self._size)
+            self.buf.close()
+            self.buf = mmap.mmap(self._fd, self._size)
+        self.doubles = memoryview(self.buf).cast("d")
 
     def add(self, index: int, amount: float) -> None:
         """Add amount to the value at index (the recorder inlines this on its hot path)."""
-        value = self.values[index] + amount
-        self.values[index] = value
-        if self.map is not None:
-            pos = self.positions[index]
-            self.map[pos:pos + 8] = _DOUBLE.pack(value)
+        self.doubles[index] += amount
+
+    def entries(self) -> list[tuple[str, float]]:
+        """(key, value) of every entry (also after close)."""
+        data = self._final if self._final is not None else bytes(self.buf[:self.used])
+        return list(parse_entries(data))
 
     def close(self) -> None:
         """Unmap and close (the file stays for the exporter)."""
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+        if self._final is not None:
+            return
+        self._final = bytes(self.buf[:self.used])
+        self.doubles.release()
+        if isinstance(self.buf, mmap.mmap):
+            self.buf.close()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
