@@ -164,19 +164,25 @@ def wait_scrape(url: str, poll: Any, needle: bytes, timeout: float) -> bytes:
     raise SystemExit(f"{url} did not serve {needle!r} within {timeout:.0f} s")
 
 
-def wait_settled(url: str, poll: Any, timeout: float = 60) -> int:
-    """Scrape until the series count is the same three times in a row (background caches,
-    business queries and the key-group count have filled in); return that count."""
+def wait_settled(url: str, poll: Any, timeout: float = 180) -> int:
+    """Scrape until every collector succeeds and the series count is the same three times in
+    a row (background caches, business queries, the key-group count and the folding of dead
+    workers' files have finished); return that count."""
     deadline = time.monotonic() + timeout
     counts: list[int] = []
     while time.monotonic() < deadline:
         if poll() is not None:
             raise SystemExit(f"{url}: the exporter exited")
-        counts.append(count_series(scrape(url)[1]))
+        body = scrape(url)[1]
+        if any(line.startswith(b"qatoolbox_exporter_collector_success{")
+               and line.endswith(b" 0.0") for line in body.splitlines()):
+            counts.clear()  # a collector failed or ran out of time: not settled yet
+        else:
+            counts.append(count_series(body))
         if len(counts) >= 3 and len(set(counts[-3:])) == 1:
             return counts[-1]
         time.sleep(0.7)
-    return counts[-1] if counts else 0
+    raise SystemExit(f"{url}: collectors did not all succeed within {timeout:.0f} s")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from prometheus_client.openmetrics.exposition import escape_label_name, escape_m
 _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
 # Bounded so that a collector with ever-new names cannot grow them without limit.
 _CACHE_LIMIT = 20_000
+_SERIES_LIMIT = 10_000  # twice the series budget: a few MB at most
 
 
 class _Source(Protocol):
@@ -29,6 +30,7 @@ class _Names:
     def __init__(self) -> None:
         self.metrics: dict[str, str] = {}
         self.labels: dict[str, str] = {}
+        self.series: dict[object, str] = {}
 
     def metric(self, name: str) -> str:
         escaped = self.metrics.get(name)
@@ -66,27 +68,40 @@ def format_value(value: float) -> str:
     return text
 
 
-def _sample_line(sample: object, names: _Names) -> str:
-    # The hot loop of a scrape: one call per sample, name and label lookups inlined.
-    name: str = sample.name  # type: ignore[attr-defined]
-    labels: dict[str, str] = sample.labels  # type: ignore[attr-defined]
-    value = float(sample.value)  # type: ignore[attr-defined]
-    timestamp = sample.timestamp  # type: ignore[attr-defined]
-    text = repr(value)
-    if text[-1] in "fn" or text.find(".") > 6:
-        text = format_value(value)
+def _series(name: str, labels: dict[str, str], names: _Names) -> str:
+    """`name{label="value",...}` with names escaped and labels sorted, as prometheus_client."""
     ename = names.metrics.get(name) or names.metric(name)
-    if timestamp is not None:
-        text = f"{text} {int(float(timestamp) * 1000):d}"
     if not labels:
-        return f"{ename} {text}\n"
+        return ename
     known = names.labels
     parts: list[str] = []
     for k, v in sorted(labels.items()):
         if "\\" in v or "\n" in v or '"' in v:
             v = v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")  # noqa: PLW2901
         parts.append(f'{known.get(k) or names.label(k)}="{v}"')
-    return f"{ename}{{{','.join(parts)}}} {text}\n"
+    return f"{ename}{{{','.join(parts)}}}"
+
+
+def _sample_line(sample: object, names: _Names) -> str:
+    # The hot loop of a scrape: one call per sample. The same series come back scrape after
+    # scrape, so their rendered names and labels are remembered (bounded).
+    name: str = sample.name  # type: ignore[attr-defined]
+    labels: dict[str, str] = sample.labels  # type: ignore[attr-defined]
+    key = (name, *labels.items()) if labels else name
+    series = names.series.get(key)
+    if series is None:
+        series = _series(name, labels, names)
+        if len(names.series) >= _SERIES_LIMIT:
+            names.series.clear()
+        names.series[key] = series
+    value = float(sample.value)  # type: ignore[attr-defined]
+    text = repr(value)
+    if text[-1] in "fn" or text.find(".") > 6:
+        text = format_value(value)
+    timestamp = sample.timestamp  # type: ignore[attr-defined]
+    if timestamp is not None:
+        return f"{series} {text} {int(float(timestamp) * 1000):d}\n"
+    return f"{series} {text}\n"
 
 
 def _help(text: str) -> str:
