@@ -695,3 +695,60 @@ def test_replication_on_primary_and_replica(pg_factory: Callable[..., PostgresSe
                 with contextlib.suppress(psutil.NoSuchProcess):
                     proc.kill()
         standby.wait(10)
+
+
+def test_sql_of_other_versions_against_their_catalog_shapes(postgres: PostgresServer) -> None:
+    """The 17 checkpoint SQL and the pre-1.8 pg_stat_statements SQL cannot meet their real
+    catalogs here (PostgreSQL 15): run them against views of the documented shapes."""
+    pg = postgres
+    pg.execute("""
+        CREATE SCHEMA pg17;
+        CREATE VIEW pg17.pg_stat_checkpointer AS
+            SELECT 3::bigint AS num_timed, 4::bigint AS num_requested,
+                   0::bigint AS restartpoints_timed, 0::bigint AS restartpoints_req,
+                   0::bigint AS restartpoints_done, 0::float8 AS write_time,
+                   0::float8 AS sync_time, 50::bigint AS buffers_written, now() AS stats_reset;
+        CREATE VIEW pg17.pg_stat_bgwriter AS
+            SELECT 7::bigint AS buffers_clean, 0::bigint AS maxwritten_clean,
+                   0::bigint AS buffers_alloc, now() AS stats_reset;
+        CREATE VIEW pg17.pg_stat_io AS
+            SELECT * FROM (VALUES ('client backend', 'relation', 'normal', 10::bigint),
+                                  ('autovacuum worker', 'relation', 'vacuum', 2::bigint),
+                                  ('checkpointer', 'relation', 'normal', 99::bigint),
+                                  ('background writer', 'relation', 'normal', 7::bigint),
+                                  ('client backend', 'temp relation', 'normal', 5::bigint))
+                AS v(backend_type, object, context, writes);
+        CREATE SCHEMA pgss17;
+        CREATE FUNCTION pgss17.pg_stat_statements(showtext boolean, OUT userid oid,
+                OUT dbid oid, OUT queryid bigint, OUT query text, OUT calls bigint,
+                OUT total_time float8, OUT rows bigint)
+            RETURNS SETOF record LANGUAGE sql AS $$
+                SELECT 10::oid, d.oid, 42::bigint,
+                       CASE WHEN showtext THEN 'SELECT $1' END, 3::bigint, 1500::float8,
+                       3::bigint
+                FROM pg_database d WHERE d.datname = 'postgres' $$;
+        CREATE VIEW pgss17.pg_stat_statements AS SELECT * FROM pgss17.pg_stat_statements(true);
+        CREATE TABLE sized (id int PRIMARY KEY);
+    """)
+    with pg.connect() as conn:
+        conn.execute("SET search_path = pg17, pg_catalog")
+        row = conn.execute(queries_for(170004).checkpoints).fetchone()
+        conn.execute("RESET search_path")
+        top_sql, total_sql = statements_sql("pgss17", "1.7", 5)
+        top, totals = conn.execute(top_sql).fetchall(), conn.execute(total_sql).fetchone()
+        tables_13 = conn.execute(queries_for(130000).tables,
+                                 {"limit": 5, "candidates": 10}).fetchall()
+    assert row is not None and totals is not None
+    s = render(build_checkpoints(row))
+    assert s.value("qatoolbox_postgres_checkpoints_timed_total") == 3
+    assert s.value("qatoolbox_postgres_checkpoints_requested_total") == 4
+    assert s.value("qatoolbox_postgres_buffers_written_total", by="checkpoint") == 50
+    assert s.value("qatoolbox_postgres_buffers_written_total", by="bgwriter") == 7
+    assert s.value("qatoolbox_postgres_buffers_written_total", by="backend") == 12
+    s = render(build_statements(top, totals))
+    labels = {"queryid": "42", "datname": "postgres", "user": "postgres"}
+    assert s.value("qatoolbox_postgres_statement_calls_total", **labels) == 3
+    assert s.value("qatoolbox_postgres_statement_seconds_total", **labels) == 1.5
+    assert s.value("qatoolbox_postgres_statement_info", queryid="42", query="SELECT $1") == 1
+    assert s.value("qatoolbox_postgres_statements_seconds_total") == 1.5
+    assert [r[1] for r in tables_13] == ["sized"]
