@@ -708,6 +708,9 @@ class PostgresCollector:
     def _collect(self, deadline: float) -> list[Metric]:
         if self._closed:
             raise PostgresError("collector closed")
+        if self._clock() >= deadline:
+            # The lock was held that long by a background refresh: don't cut a good connection.
+            raise PostgresError("no time left after waiting for the cache refresh")
         conn, reused = self._connection(deadline)
         try:
             return self._attempt(conn, deadline)
