@@ -70,10 +70,8 @@ class PrometheusMiddleware:
     def _wrapper_lists(self) -> list[list[Any]]:
         # Looking a connection up costs about a microsecond (asgiref Local); its wrapper list
         # is the same object for the thread's life, so look it up once per thread.
-        lists: list[list[Any]] | None = getattr(self._local, "lists", None)
-        if lists is None:
-            lists = self._local.lists = [connections[a].execute_wrappers
-                                         for a in self.db_aliases]
+        lists: list[list[Any]] = [connections[a].execute_wrappers for a in self.db_aliases]
+        self._local.lists = lists
         return lists
 
     def __call__(self, request: Any) -> Any:
@@ -84,11 +82,11 @@ class PrometheusMiddleware:
         if method not in STANDARD_METHODS:
             method = "other"
         timer: _QueryTimer | None = None
-        wrapper_lists: list[list[Any]] = []
+        wrapper_lists: list[list[Any]] | None = None
         if self.db_aliases:
             timer = _QueryTimer()
             # What connection.execute_wrapper() does, minus the context manager's overhead.
-            wrapper_lists = self._wrapper_lists()
+            wrapper_lists = getattr(self._local, "lists", None) or self._wrapper_lists()
             for wrappers in wrapper_lists:
                 wrappers.append(timer)
         rec.request_started()
@@ -108,11 +106,15 @@ class PrometheusMiddleware:
             seconds = time.perf_counter() - start
             match = request.resolver_match
             route = UNMATCHED if match is None else (match.route or UNMATCHED)
-            if timer is None:
+            if timer is None or wrapper_lists is None:
                 rec.request_finished(route, method, status, seconds)
             else:
                 for wrappers in wrapper_lists:
-                    wrappers.remove(timer)
+                    # Ours is the last one unless a view left one of its own installed.
+                    if wrappers and wrappers[-1] is timer:
+                        wrappers.pop()
+                    else:
+                        wrappers.remove(timer)
                 rec.request_finished(route, method, status, seconds,
                                      db_queries=timer.count, db_seconds=timer.seconds)
 
