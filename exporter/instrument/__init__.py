@@ -17,7 +17,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter.instrument._merge import Merger, format_le
-from exporter.instrument._store import ENV_DIR, Store, _File, mmap_key
+from exporter.instrument._store import ENV_DIR, Store, ValueFile, mmap_key
 
 __all__ = [
     "DB_QUERY_BUCKETS",
@@ -68,7 +68,7 @@ _TASK_DURATION = ("qatoolbox_celery_task_duration_seconds",
 _TASKS = ("qatoolbox_celery_tasks", "Celery task runs finished, by task and outcome.")
 
 
-def _observe(file: _File, series: _Histogram, bounds: Sequence[float], value: float) -> None:
+def _observe(file: ValueFile, series: _Histogram, bounds: Sequence[float], value: float) -> None:
     """One histogram observation: its bucket and the sum (caller holds the lock)."""
     doubles = file.doubles
     doubles[series.buckets[bisect_left(bounds, value)]] += 1.0

@@ -89,7 +89,7 @@ def write_file(path: str, entries: Sequence[tuple[str, float]]) -> None:
     os.replace(tmp, path)
 
 
-class _File:
+class ValueFile:
     """One metric type's values for this process, in the file layout: in an mmap of the file
     when a path is given, else in memory.
 
@@ -163,7 +163,7 @@ class _File:
 
 
 class Store:
-    """This process's metrics: one _File per type, a flock-held lock file when file-backed."""
+    """This process's metrics: one ValueFile per type, a flock-held lock file when file-backed."""
 
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
@@ -178,11 +178,11 @@ class Store:
                 return None
             return os.path.join(directory, f"{prefix}_{self.ident}.db")
 
-        self.counters = _File(path("counter"))
-        self.histograms = _File(path("histogram"))
-        self.gauges = _File(path(f"gauge_{GAUGE_MODE}"))
+        self.counters = ValueFile(path("counter"))
+        self.histograms = ValueFile(path("histogram"))
+        self.gauges = ValueFile(path(f"gauge_{GAUGE_MODE}"))
 
-    def files(self) -> dict[str, _File]:
+    def files(self) -> dict[str, ValueFile]:
         """The files by type name, for in-process reading."""
         return {"counter": self.counters, "histogram": self.histograms,
                 "gauge_" + GAUGE_MODE: self.gauges}
