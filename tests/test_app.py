@@ -331,3 +331,31 @@ class _Families:
 
     def collect(self) -> Any:
         return self.families
+
+
+def test_a_stuck_peer_never_blocks_the_scrape(tmp_path: Path) -> None:
+    import fcntl
+
+    from exporter.collectors.app import DIR_LOCK
+
+    col = collector(tmp_path)
+    gone = Recorder(str(tmp_path))
+    work(gone, 4)
+    gone.close()
+    fd = os.open(str(tmp_path / DIR_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # A peer reading (shared lock): no fold now, the totals are still right.
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        found = scrape(col)
+        assert total(found, "qatoolbox_http_requests_total") == 4
+        assert value(found, "qatoolbox_app_workers_folded_total", dir=str(tmp_path)) == 0
+        # A peer stopped in the middle of a fold (exclusive lock): this folder is skipped.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        found = scrape(col)
+        assert value(found, "qatoolbox_app_multiprocess_dir_up", dir=str(tmp_path)) == 0
+        assert total(found, "qatoolbox_http_requests_total") == 0
+    finally:
+        os.close(fd)
+    found = scrape(col)
+    assert total(found, "qatoolbox_http_requests_total") == 4
+    assert value(found, "qatoolbox_app_workers_folded_total", dir=str(tmp_path)) == 1

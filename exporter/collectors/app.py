@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ from exporter.instrument._store import (
 )
 
 DIR_LOCK = ".qatoolbox-exporter.lock"
+# How long a read waits for another exporter's fold of the same folder.
+LOCK_WAIT = 1.0
 LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
@@ -216,8 +219,8 @@ class AppCollector:
         try:
             alive = {ident: writer_alive(directory, ident) for ident in listing.workers}
             dead = [ident for ident, live in alive.items() if not live]
-            if dead and self._compact and lock_fd is not None:
-                fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if dead and self._compact and lock_fd is not None and _try_lock(lock_fd,
+                                                                            fcntl.LOCK_EX):
                 # Under the lock: another exporter may have folded these meanwhile.
                 listing = _list(directory)
                 dead = [i for i in dead if i in listing.workers]
@@ -226,8 +229,10 @@ class AppCollector:
                 alive = {ident: alive[ident] if ident in alive else writer_alive(directory, ident)
                          for ident in listing.workers}
             # Readers share the lock: a fold elsewhere never runs halfway through this read.
-            if lock_fd is not None:
-                fcntl.flock(lock_fd, fcntl.LOCK_SH)
+            if lock_fd is not None and not _try_lock(lock_fd, fcntl.LOCK_SH, LOCK_WAIT):
+                # Another exporter holds the folder (a fold, or it is stuck): skip this
+                # folder for this scrape rather than read it halfway through a fold.
+                return result
             self._read_files(directory, listing, alive, result)
         except (OSError, ValueError):
             # A file we cannot read or parse: serve nothing from this folder rather than
@@ -284,6 +289,19 @@ class AppCollector:
         result.files_read.append(values)
         result.paths.add(path)
         return values
+
+
+def _try_lock(fd: int, kind: int, wait: float = 0.0) -> bool:
+    """Take the folder lock without ever blocking for long (a stopped peer holds it forever)."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
 
 def _open_dir_lock(directory: str) -> int | None:
