@@ -75,8 +75,8 @@ COLLECTOR_PREFIXES = (
     ("host", ("qatoolbox_host_", "qatoolbox_node_")),
     ("process", ("qatoolbox_process_",)),
     ("postgres", ("qatoolbox_postgres_", "qatoolbox_pg_")),
-    ("redis", ("qatoolbox_redis_", "qatoolbox_celery_queue")),
-    ("app", ("qatoolbox_http_", "qatoolbox_celery_task")),
+    ("redis", ("qatoolbox_redis_", "qatoolbox_celery_queue", "qatoolbox_celery_unacked")),
+    ("app", ("qatoolbox_http_", "qatoolbox_celery_task", "qatoolbox_app_")),
     ("business", ("qatoolbox_business_", "qatoolbox_users", "qatoolbox_chat_",
                   "qatoolbox_time_capsules")),
     ("self", ("qatoolbox_exporter_", "qatoolbox_scrape_", "qatoolbox_collector_")),
@@ -403,26 +403,38 @@ class Workers:
 
 def app_scaling(demo: Demo, scrapes: int, quick: bool, log: Any) -> list[Point]:
     """Routes (4 live workers), live workers (10 routes) and dead workers (4 live, 10 routes),
-    each on top of the demo app's own folders."""
+    each on top of the demo app's own folders. The points of one dimension run side by side
+    (one exporter and one synthetic folder each) and are scraped interleaved."""
+    dimensions: dict[str, list[tuple[int, int, int, int]]] = {  # size, live, dead, routes
+        "routes": [(r, 4, 0, r) for r in (10, 100, 500)],
+        "live workers": [(n, n, 0, 10) for n in (4, 64)],
+        "dead workers": [(n, 4, n, 10) for n in (0, 200 if quick else 1000)],
+    }
     points: list[Point] = []
-    plans: list[tuple[str, int, int, int, int]] = []  # dimension, size, live, dead, routes
-    for routes in (10, 100, 500):
-        plans.append(("routes", routes, 4, 0, routes))
-    for live in (4, 64):
-        plans.append(("live workers", live, live, 0, 10))
-    for dead in (0, 200 if quick else 1000):
-        plans.append(("dead workers", dead, 4, dead, 10))
-    for index, (dimension, size, live, dead, routes) in enumerate(plans):
-        log(f"scaling: {dimension} = {size}")
-        workers = Workers(demo.base / "metrics" / f"bench-{index}")
+    for dimension, plans in dimensions.items():
+        log(f"scaling: {dimension} = {', '.join(str(p[0]) for p in plans)}")
+        folders: list[Workers] = []
+        running: list[Ours] = []
         try:
-            workers.add(live, routes, alive=True)
-            workers.add(dead, routes, alive=False)
-            points.append(measure_ours(demo, [*demo.app.metrics_dirs, workers.directory],
-                                       dimension, size, scrapes))
+            for index, (size, live, dead, routes) in enumerate(plans):
+                workers = Workers(demo.base / "metrics" / f"bench-{dimension[:4]}-{index}")
+                folders.append(workers)
+                workers.add(live, routes, alive=True)
+                workers.add(dead, routes, alive=False)
+                running.append(start_ours(demo.base, demo.env,
+                                          [*demo.app.metrics_dirs, workers.directory],
+                                          name=f"{dimension}={size}"))
+            measure([o.target for o in running], scrapes, warmup=3)
+            for (size, *_), ours in zip(plans, running, strict=True):
+                row = row_of(ours.target, scrapes)
+                points.append(Point(dimension, size, row.median_ms, row.p95_ms, row.series,
+                                    ours.first_scrape * 1000, row.cpu_per_1000, row.rss_mb))
         finally:
-            workers.close()
-            shutil.rmtree(workers.directory, ignore_errors=True)
+            for ours in running:
+                ours.stop()
+            for workers in folders:
+                workers.close()
+                shutil.rmtree(workers.directory, ignore_errors=True)
     return points
 
 
@@ -521,8 +533,11 @@ def markdown(rows: list[Row], by_collector: dict[str, int], first_ms: float,
     out.append(f"| **total** | **{sum(by_collector.values()):,}** |")
     out += ["", "### Scaling", "",
             "Each point is a fresh exporter (default config, all collectors on) on the demo "
-            "stack plus the growth named; first scrape is the cold one after start, median "
-            f"and p95 over {meta['scaling_scrapes']} scrapes after it.", "",
+            "stack plus the growth named; the points of one app dimension (routes, live and "
+            "dead workers) run side by side and are scraped interleaved, the database ones one "
+            "after the other (the data only grows). First scrape is the cold one after start "
+            f"(dead workers: it folds their files); median and p95 over "
+            f"{meta['scaling_scrapes']} scrapes once every collector succeeds.", "",
             f"![scaling curves]({PNG.name})", "",
             "| dimension | size | median ms | p95 ms | first scrape ms | series "
             "| CPU s/1000 scrapes | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -599,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scrapes = args.scrapes or (50 if args.quick else 200)
     if not 5 <= scrapes <= 5000:
         parser.error("--scrapes must be between 5 and 5000")
-    scaling_scrapes = max(10, scrapes // 5)
+    scaling_scrapes = max(20, scrapes // 4)
     started = time.monotonic()
 
     def log(message: str) -> None:
