@@ -359,3 +359,19 @@ def test_a_stuck_peer_never_blocks_the_scrape(tmp_path: Path) -> None:
     found = scrape(col)
     assert total(found, "qatoolbox_http_requests_total") == 4
     assert value(found, "qatoolbox_app_workers_folded_total", dir=str(tmp_path)) == 1
+
+
+def test_a_file_being_created_reads_as_empty(tmp_path: Path) -> None:
+    rec = Recorder(str(tmp_path))
+    work(rec, 2)
+    # A worker caught between creating its file and writing the header.
+    ident = "4321-00112233aabbccdd"
+    (tmp_path / f"counter_{ident}.db").write_bytes(b"")
+    (tmp_path / f"histogram_{ident}.db").write_bytes(b"\0" * 4096)
+    found = scrape(collector(tmp_path, compact=False))
+    assert value(found, "qatoolbox_app_multiprocess_dir_up", dir=str(tmp_path)) == 1
+    assert total(found, "qatoolbox_http_requests_total") == 2
+    # Its writer died there: the fold takes nothing from it and removes it.
+    found = scrape(collector(tmp_path))
+    assert total(found, "qatoolbox_http_requests_total") == 2
+    assert not [p for p in tmp_path.iterdir() if ident in p.name]

@@ -235,8 +235,9 @@ class FileMerger:
         with open(path, "rb", buffering=0) as handle:
             ino = os.fstat(handle.fileno()).st_ino
             data = handle.read(8)
-            if len(data) < 8:
-                raise ValueError(f"{os.path.basename(path)}: truncated header")
+            if len(data) < 8 or data[:4] == b"\0\0\0\0":
+                # A file its writer is creating right now (header not written yet): empty.
+                return FileValues([], (), True, [])
             used = _INT.unpack_from(data, 0)[0]
             if used > 8:
                 # Only the used part: files are preallocated well past it.

@@ -59,8 +59,8 @@ def read_entries(path: str) -> Iterator[tuple[str, float]]:
 
 def parse_entries(data: bytes, name: str = "buffer") -> Iterator[tuple[str, float]]:
     """(key, value) of every entry in the file layout; raises ValueError when malformed."""
-    if len(data) < _HEADER:
-        return
+    if len(data) < _HEADER or data[:4] == b"\0\0\0\0":
+        return  # a file being created: its header is not written yet
     used = _INT.unpack_from(data, 0)[0]
     if used > len(data) or used < _HEADER:
         raise ValueError(f"{name}: bad header")
