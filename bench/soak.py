@@ -292,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="minutes before RSS counts")
     parser.add_argument("--out", help="also write the markdown report to this file")
     args = parser.parse_args(argv)
+    # SIGTERM (a CI timeout, a kill) still runs the cleanup below: no orphaned servers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     with tempdir() as base:
         print("soak: starting PostgreSQL (demo schema, seeded), Redis, an app worker",
