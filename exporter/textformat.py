@@ -82,26 +82,12 @@ def _series(name: str, labels: dict[str, str], names: _Names) -> str:
     return f"{ename}{{{','.join(parts)}}}"
 
 
-def _sample_line(sample: object, names: _Names) -> str:
-    # The hot loop of a scrape: one call per sample. The same series come back scrape after
-    # scrape, so their rendered names and labels are remembered (bounded).
-    name: str = sample.name  # type: ignore[attr-defined]
-    labels: dict[str, str] = sample.labels  # type: ignore[attr-defined]
-    key = (name, *labels.items()) if labels else name
-    series = names.series.get(key)
-    if series is None:
-        series = _series(name, labels, names)
-        if len(names.series) >= _SERIES_LIMIT:
-            names.series.clear()
-        names.series[key] = series
-    value = float(sample.value)  # type: ignore[attr-defined]
-    text = repr(value)
-    if text[-1] in "fn" or text.find(".") > 6:
-        text = format_value(value)
-    timestamp = sample.timestamp  # type: ignore[attr-defined]
-    if timestamp is not None:
-        return f"{series} {text} {int(float(timestamp) * 1000):d}\n"
-    return f"{series} {text}\n"
+def _remember(key: object, name: str, labels: dict[str, str], names: _Names) -> str:
+    series = _series(name, labels, names)
+    if len(names.series) >= _SERIES_LIMIT:
+        names.series.clear()
+    names.series[key] = series
+    return series
 
 
 def _help(text: str) -> str:
@@ -131,12 +117,30 @@ def generate_latest(registry: _Source) -> bytes:
         output.append(f"# HELP {escaped} {_help(documentation)}\n# TYPE {escaped} {mtype}\n")
         om_samples: dict[str, list[str]] = {}
         base: str = metric.name  # type: ignore[attr-defined]
+        cache = names.series
         for sample in metric.samples:  # type: ignore[attr-defined]
-            sname: str = sample.name
-            if sname.startswith(base) and sname[len(base):] in _OM_SUFFIXES:
-                om_samples.setdefault(sname[len(base):], []).append(_sample_line(sample, names))
+            # The hot loop of a scrape, inlined: the same series come back scrape after
+            # scrape, so their rendered names and labels are remembered (bounded).
+            sname: str = sample[0]
+            labels: dict[str, str] = sample[1]
+            if sname.endswith(_OM_SUFFIXES) and sname.startswith(base) and \
+                    sname[len(base):] in _OM_SUFFIXES:
+                target = om_samples.setdefault(sname[len(base):], [])
             else:
-                output.append(_sample_line(sample, names))
+                target = output
+            key = (sname, *labels.items()) if labels else sname
+            series = cache.get(key)
+            if series is None:
+                series = _remember(key, sname, labels, names)
+            value = float(sample[2])
+            text = repr(value)
+            if text[-1] in "fn" or text.find(".") > 6:
+                text = format_value(value)
+            timestamp = sample[3]
+            if timestamp is None:
+                target.append(f"{series} {text}\n")
+            else:
+                target.append(f"{series} {text} {int(float(timestamp) * 1000):d}\n")
         for suffix, lines in sorted(om_samples.items()):
             escaped = names.metric(base + suffix)
             output.append(f"# HELP {escaped} {_help(documentation)}\n# TYPE {escaped} gauge\n")
