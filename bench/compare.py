@@ -563,17 +563,18 @@ def write_doc(section: str, path: Path) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def plot(points: list[Point], path: Path) -> None:
-    """One panel per dimension: median latency (left axis) and series (right axis)."""
+def plot(points: list[Point], rows: list[Row], path: Path) -> None:
+    """One panel per dimension (median and p95 latency, left axis; series, right axis) and one
+    with this exporter's ratios to the sum of the three anchors."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dimensions = list(dict.fromkeys(p.dimension for p in points))
-    fig, axes = plt.subplots(1, len(dimensions), figsize=(4 * len(dimensions), 3.6),
-                             squeeze=False)
-    for ax, dimension in zip(axes[0], dimensions, strict=True):
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    axes = list(grid.flat)
+    for ax, dimension in zip(axes, dimensions, strict=False):
         pts = [p for p in points if p.dimension == dimension]
         xs = [max(p.size, 1) for p in pts]
         ax.plot(xs, [p.median_ms for p in pts], "o-", color="tab:blue", label="median ms")
@@ -582,18 +583,33 @@ def plot(points: list[Point], path: Path) -> None:
         ax.set_ylabel("scrape latency, ms", color="tab:blue")
         if max(xs) / min(xs) >= 50:
             ax.set_xscale("log")
-        ax.set_xlabel(dimension + (" (0 shown at 1)" if any(p.size == 0 for p in pts) else ""))
+        ax.set_xlabel(dimension + (" (0 drawn at 1)" if any(p.size == 0 for p in pts) else ""))
         ax.set_title(dimension)
         twin = ax.twinx()
         twin.plot(xs, [p.series for p in pts], "s-", color="tab:red", label="series")
-        twin.set_ylim(bottom=0, top=max(max(p.series for p in pts) * 1.3, SERIES_BUDGET))
+        twin.set_ylim(bottom=0, top=max(*(p.series for p in pts), SERIES_BUDGET) * 1.2)
         twin.axhline(SERIES_BUDGET, color="tab:red", linestyle=":", linewidth=1)
-        twin.set_ylabel("series", color="tab:red")
+        twin.set_ylabel("series (dotted: budget)", color="tab:red")
         ax.legend(loc="upper left", fontsize="small")
-    fig.suptitle("qatoolbox-exporter scrape latency and series vs growth "
-                 "(dotted: series budget)")
+    for ax in axes[len(dimensions):-1]:
+        ax.set_visible(False)
+    if rows:
+        ax = axes[-1]
+        ours, total = rows[0], sum_rows("sum", rows[1:])
+        names = ["median\nlatency", "CPU per\nscrape", "peak RSS", "series"]
+        ratios = [ours.median_ms / total.median_ms, ours.cpu_per_1000 / total.cpu_per_1000,
+                  ours.rss_mb / total.rss_mb, ours.series / total.series]
+        targets = [TARGET_LATENCY_RATIO, TARGET_CPU_RATIO, TARGET_RSS_MB / total.rss_mb,
+                   SERIES_BUDGET / total.series]
+        ax.bar(names, ratios, color="tab:blue")
+        ax.scatter(names, targets, marker="_", s=900, color="tab:red", label="target")
+        ax.axhline(1.0, color="grey", linewidth=1)
+        ax.set_ylim(0, max(1.5, *ratios) * 1.1)
+        ax.set_title("this exporter / sum of the three anchors")
+        ax.legend(loc="upper right", fontsize="small")
+    fig.suptitle("qatoolbox-exporter: scrape latency and series as the stack grows")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
@@ -645,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_doc(section, args.doc)
     log(f"wrote {args.doc}")
     if points:
-        plot(points, args.png)
+        plot(points, rows, args.png)
         log(f"wrote {args.png}")
     return 0
 
