@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,23 @@ return n
 """
 
 
+@pytest.fixture
+def connect() -> Iterator[Callable[..., Any]]:
+    """connect(server, **kwargs): a redis-py client closed at the end of the test (one left to
+    the garbage collector can surface later, in another test, as a ResourceWarning)."""
+    made: list[Any] = []
+
+    def make(server: RedisServer, **kwargs: Any) -> Any:
+        client = server.client(**kwargs)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        with contextlib.suppress(Exception):
+            client.close()
+
+
 def expected_groups(n: int) -> dict[str, int]:
     counts = dict.fromkeys([*GROUPS, "session", "other"], 0)
     for i in range(n):
@@ -62,8 +80,8 @@ def collect(collector: RedisCollector) -> Scrape:
     return Scrape(generate_latest(registry).decode())
 
 
-def info(server: RedisServer, section: str = "everything") -> dict[str, Any]:
-    result: dict[str, Any] = server.client().info(section)
+def info(client: Any, section: str = "everything") -> dict[str, Any]:
+    result: dict[str, Any] = client.info(section)
     return result
 
 
@@ -85,18 +103,19 @@ def redis_series(scrape: Scrape) -> list[str]:
 # --- values ------------------------------------------------------------------------------------
 
 
-def test_values_match_info_for_a_workload(redis_server: RedisServer) -> None:
-    client = redis_server.client()
+def test_values_match_info_for_a_workload(redis_server: RedisServer,
+                                          connect: Callable[..., Any]) -> None:
+    client = connect(redis_server)
     for i in range(10):
         client.set(f"k{i}", "v", ex=600 if i < 3 else None)
     for _ in range(25):
         client.get("k1")
     for i in range(7):
         client.get(f"missing{i}")
-    extra = [redis_server.client() for _ in range(3)]
+    extra = [connect(redis_server) for _ in range(3)]
     for c in extra:
         c.ping()
-    blocker = redis_server.client()
+    blocker = connect(redis_server)
     thread = threading.Thread(target=blocker.blpop, args=(["wake"],), kwargs={"timeout": 20})
     thread.start()
     collector = RedisCollector(RedisConfig(url=Secret(redis_server.url), celery_queues=()), 4.0)
@@ -143,8 +162,9 @@ def test_values_match_info_for_a_workload(redis_server: RedisServer) -> None:
         collector.close()
 
 
-def test_counters_follow_resetstat_and_restart(redis_server: RedisServer) -> None:
-    client = redis_server.client()
+def test_counters_follow_resetstat_and_restart(redis_server: RedisServer,
+                                               connect: Callable[..., Any]) -> None:
+    client = connect(redis_server)
     client.lpush("celery", "m")
     collector = RedisCollector(RedisConfig(url=Secret(redis_server.url)), 4.0)
     try:
@@ -157,7 +177,7 @@ def test_counters_follow_resetstat_and_restart(redis_server: RedisServer) -> Non
         assert scrape.value("qatoolbox_redis_keyspace_misses_total") == 5
         assert scrape.value("qatoolbox_redis_keyspace_hits_total") == 0
         redis_server.restart()
-        redis_server.client().get("nothing")
+        connect(redis_server).get("nothing")
         scrape = collect(collector)  # redis-py notices the closed socket and reconnects
         assert scrape.value("qatoolbox_redis_up") == 1
         assert scrape.value("qatoolbox_redis_keyspace_misses_total") == 1
@@ -165,12 +185,14 @@ def test_counters_follow_resetstat_and_restart(redis_server: RedisServer) -> Non
         collector.close()
 
 
-def test_replica_role_and_link(redis_factory: Callable[..., RedisServer]) -> None:
+def test_replica_role_and_link(redis_factory: Callable[..., RedisServer],
+                               connect: Callable[..., Any]) -> None:
     # No 5 s wait for more replicas before the first sync.
     master = redis_factory(extra_args=["--repl-diskless-sync-delay", "0"])
     replica = redis_factory()
-    replica.client().replicaof("127.0.0.1", master.port)
-    wait_for(lambda: replica.client().info("replication")["master_link_status"] == "up", 15,
+    replica_client = connect(replica)
+    replica_client.replicaof("127.0.0.1", master.port)
+    wait_for(lambda: replica_client.info("replication")["master_link_status"] == "up", 15,
              "replication link")
     collectors = [RedisCollector(RedisConfig(url=Secret(s.url)), 4.0) for s in (master, replica)]
     try:
@@ -190,8 +212,8 @@ def test_replica_role_and_link(redis_factory: Callable[..., RedisServer]) -> Non
 
 def test_hit_ratio_not_distorted_by_scrapes(redis_server: RedisServer,
                                             exporter_factory: Callable[..., ExporterProcess],
-                                            workdir: Path) -> None:
-    client = redis_server.client()
+                                            workdir: Path, connect: Callable[..., Any]) -> None:
+    client = connect(redis_server)
     client.lpush("celery", "a", "b")
     client.lpush("celery\x06\x166", "c")
     client.hset("unacked", "tag", "m")
@@ -200,7 +222,7 @@ def test_hit_ratio_not_distorted_by_scrapes(redis_server: RedisServer,
     client.get("qatoolbox:1:user:2")
     exporter = start_exporter(exporter_factory, redis_server, {
         "celery_queues": ["celery", "mail"], "key_scan_interval": "1s"})
-    before = info(redis_server, "stats")
+    before = info(client, "stats")
     values = set()
     for _ in range(50):
         scrape = exporter.scrape()
@@ -208,7 +230,7 @@ def test_hit_ratio_not_distorted_by_scrapes(redis_server: RedisServer,
         values.add((scrape.value("qatoolbox_redis_keyspace_hits_total"),
                     scrape.value("qatoolbox_redis_keyspace_misses_total")))
         time.sleep(0.2)
-    after = info(redis_server, "stats")
+    after = info(client, "stats")
     assert values == {(1.0, 1.0)}
     # The exporter's 9 lookups a scrape did reach the server's counters: 3 hits, 6 misses.
     assert after["keyspace_hits"] - before["keyspace_hits"] >= 3 * 50
@@ -228,9 +250,10 @@ def test_hit_ratio_not_distorted_by_scrapes(redis_server: RedisServer,
 
 
 def test_key_groups_200k_keys(redis_server: RedisServer,
-                              exporter_factory: Callable[..., ExporterProcess]) -> None:
+                              exporter_factory: Callable[..., ExporterProcess],
+                              connect: Callable[..., Any]) -> None:
     n = 200_000
-    client = redis_server.client(socket_timeout=60)
+    client = connect(redis_server, socket_timeout=60)
     assert client.eval(FILL_SCRIPT, 0, n) == n
     expected = expected_groups(n)
 
@@ -273,10 +296,11 @@ def test_key_groups_200k_keys(redis_server: RedisServer,
     assert duration is not None and duration < 2
 
 
-def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer) -> None:
+def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer,
+                                                connect: Callable[..., Any]) -> None:
     keys = ["user:1", "user:22", "user:", "users:1", "h?llo", "hello", "hallo", "h*llo",
             "a[b]c", "abc", "x\\y", "x-y", "ca", "cz", "c^", "a]c", "ab", "a"]
-    client = redis_server.client()
+    client = connect(redis_server)
     for key in keys:
         client.set(key, "1")
     patterns = ["user:*", "user:?", "h?llo", "h[ae]llo", "h[^e]llo", "h\\*llo", "a\\[b\\]c",
@@ -301,8 +325,9 @@ def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer) -> No
 # --- Celery ---------------------------------------------------------------------------------
 
 
-def test_celery_queue_length_sums_priorities(redis_server: RedisServer) -> None:
-    client = redis_server.client()
+def test_celery_queue_length_sums_priorities(redis_server: RedisServer,
+                                             connect: Callable[..., Any]) -> None:
+    client = connect(redis_server)
     client.lpush("qa:celery", "m1", "m2")
     client.lpush("qa:celery\x06\x163", "m3")
     client.lpush("qa:celery\x06\x166", "m4", "m5", "m6")
@@ -360,7 +385,8 @@ def test_server_stopped_or_killed_then_back(redis_server: RedisServer,
 
 
 def test_server_paused(redis_server: RedisServer,
-                       exporter_factory: Callable[..., ExporterProcess]) -> None:
+                       exporter_factory: Callable[..., ExporterProcess],
+                       connect: Callable[..., Any]) -> None:
     budget = 1.0
     exporter = start_exporter(exporter_factory, redis_server, {"key_scan_interval": "1s"},
                               timeout=f"{budget:g}s")
@@ -368,7 +394,8 @@ def test_server_paused(redis_server: RedisServer,
         assert exporter.scrape().value("qatoolbox_redis_up") == 1
         time.sleep(0.4)
     threads = exporter.threads()
-    clients = len(redis_server.client().client_list())
+    probe = connect(redis_server)
+    clients = len(probe.client_list())
     redis_server.pause()
     try:
         for _ in range(20):
@@ -383,7 +410,7 @@ def test_server_paused(redis_server: RedisServer,
         redis_server.resume()
     wait_for(lambda: exporter.scrape().value("qatoolbox_redis_up") == 1, 10, "recovery")
     # Connections abandoned during the pause are closed once the server reads them again.
-    wait_for(lambda: len(redis_server.client().client_list()) <= clients, 10,
+    wait_for(lambda: len(probe.client_list()) <= clients, 10,
              f"at most {clients} client connections")
     assert exporter.threads() <= threads
 
@@ -400,11 +427,11 @@ ACL_NO_OPTIONAL = ("on >exp-Secret-789 resetkeys resetchannels -@all +info +slow
 
 def test_password_acl_and_optional_commands(redis_server: RedisServer,
                                             exporter_factory: Callable[..., ExporterProcess],
-                                            workdir: Path) -> None:
+                                            workdir: Path, connect: Callable[..., Any]) -> None:
     server = redis_server
     # Set at run time: the harness waits for an unauthenticated PING at start.
-    server.client().config_set("requirepass", PASSWORD)
-    admin = server.client(password=PASSWORD)
+    connect(server).config_set("requirepass", PASSWORD)
+    admin = connect(server, password=PASSWORD)
     admin.execute_command("ACL", "SETUSER", "exporter", *ACL_FULL.split())
     admin.execute_command("ACL", "SETUSER", "limited", *ACL_NO_OPTIONAL.split())
     admin.lpush("celery", "m")
