@@ -239,8 +239,17 @@ class RedisServer(_Process):
                 "--logfile", str(self.log_path), *self.extra_args]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        wait_for(lambda: self.client().ping(), 15, f"Redis on port {self.port}")
+        wait_for(self._ready, 15, f"Redis on port {self.port}")
         return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {self.log_path.read_text()[-2000:]}")
+        args = list(self.extra_args)
+        password = args[args.index("--requirepass") + 1] if "--requirepass" in args else None
+        with contextlib.closing(self.client(password=password)) as client:
+            return bool(client.ping())
 
     def stop(self) -> None:
         """SIGTERM and wait."""
@@ -256,7 +265,7 @@ class RedisServer(_Process):
         return f"redis://127.0.0.1:{self.port}/0"
 
     def client(self, **kwargs: Any) -> Any:
-        """A redis-py client for this server."""
+        """A redis-py client for this server (the caller closes it)."""
         import redis
 
         params: dict[str, Any] = {"socket_timeout": 5, **kwargs}

@@ -46,3 +46,12 @@ def test_paused_redis_does_not_answer(redis_server: RedisServer) -> None:
     client.close()
     assert alive_while_paused, f"Redis answered while paused: {result}"
     assert result.get("value") is True
+
+
+def test_redis_with_requirepass_starts(redis_factory: Any) -> None:
+    server = redis_factory(extra_args=["--requirepass", "s3cret"])
+    client = server.client(password="s3cret")
+    try:
+        assert client.ping() is True
+    finally:
+        client.close()
