@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -245,7 +246,8 @@ def test_postgres_refused_at_start(pg_factory: Callable[..., PostgresServer],
 
 
 def redis_connections(server: RedisServer) -> int:
-    clients = server.client().client_list()
+    with server.client() as client:
+        clients = client.client_list()
     return sum(1 for c in clients if c.get("user") == "qatoolbox_exporter")
 
 
@@ -255,8 +257,7 @@ def test_redis_faults(redis_factory: Callable[..., RedisServer],
                                        "--user", "qatoolbox_exporter", "on",
                                        f">{REDIS_PASSWORD}", *REDIS_RULES])
     admin = server.client()
-    admin.lpush("celery", "m1", "m2")
-    admin.set("qatoolbox:cache:a", "1")
+    seed(server)
     env = {"REDIS_URL": f"redis://qatoolbox_exporter:{REDIS_PASSWORD}@127.0.0.1:{server.port}/0"}
     process = start_exporter({"redis": {"timeout": "1s", "key_scan_interval": "1s"}}, env,
                              ("redis",))
@@ -285,10 +286,13 @@ def test_redis_faults(redis_factory: Callable[..., RedisServer],
     wait_recovered(process, up, baseline, prefixes, "SIGCONT")
 
     # Slow responses: DEBUG SLEEP blocks the whole server for 4 s.
-    sleeper = threading.Thread(target=lambda: server.client(socket_timeout=10).execute_command(
-        "DEBUG", "SLEEP", "4"))
+    def debug_sleep() -> None:
+        with server.client(socket_timeout=10) as client:
+            client.execute_command("DEBUG", "SLEEP", "4")
+
+    sleeper = threading.Thread(target=debug_sleep)
     sleeper.start()
-    time.sleep(0.3)
+    wait_for(lambda: blocked(server), 3, "the server blocked by DEBUG SLEEP", interval=0.01)
     try:
         assert_down(process, up, prefixes, scrapes=1)
     finally:
@@ -300,14 +304,12 @@ def test_redis_faults(redis_factory: Callable[..., RedisServer],
     wait_down(process, up, "SIGKILL")
     assert_down(process, up, prefixes, scrapes=3)
     server.start()
-    server.client().lpush("celery", "m1", "m2")
-    server.client().set("qatoolbox:cache:a", "1")
+    seed(server)
     wait_recovered(process, up, baseline, prefixes, "a start after SIGKILL")
 
     # Restart (SIGTERM and start).
     server.restart()
-    server.client().lpush("celery", "m1", "m2")
-    server.client().set("qatoolbox:cache:a", "1")
+    seed(server)
     wait_recovered(process, up, baseline, prefixes, "a restart")
 
     for _ in range(5):
@@ -317,6 +319,26 @@ def test_redis_faults(redis_factory: Callable[..., RedisServer],
              f"at most {connections} exporter connections")
     assert "Traceback" not in process.logs()
     assert REDIS_PASSWORD not in process.logs()
+    admin.close()
+
+
+def seed(server: RedisServer) -> None:
+    """The keys whose series the baseline has (nothing is kept across a restart)."""
+    with server.client() as client:
+        client.lpush("celery", "m1", "m2")
+        client.set("qatoolbox:cache:a", "1")
+
+
+def blocked(server: RedisServer) -> bool:
+    """Whether the server is busy (DEBUG SLEEP): a raw PING gets no answer in 0.2 s (a raw
+    socket, because redis-py retries a timed-out command)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=0.2) as sock:
+        sock.sendall(b"PING\r\n")
+        try:
+            sock.recv(64)
+        except TimeoutError:
+            return True
+    return False
 
 
 # --- the app's metrics folder ------------------------------------------------------------------

@@ -130,10 +130,11 @@ def test_redis_wrong_password_acl_user_and_down(
         exporter_factory: Callable[..., ExporterProcess], workdir: Path) -> None:
     server = redis_factory()
     # Set at run time: the harness waits for an unauthenticated PING at start.
-    server.client().config_set("requirepass", "right-default-pw")
-    admin = server.client(password="right-default-pw")
-    admin.execute_command("ACL", "SETUSER", "qatoolbox_exporter",
-                          *redis_acl_rules("acl-user-pw"))
+    with server.client() as first:
+        first.config_set("requirepass", "right-default-pw")
+    with server.client(password="right-default-pw") as admin:
+        admin.execute_command("ACL", "SETUSER", "qatoolbox_exporter",
+                              *redis_acl_rules("acl-user-pw"))
     quoted = urllib.parse.quote(REDIS_SECRET, safe="")
     for url in (f"redis://:{quoted}@127.0.0.1:{server.port}/0",
                 f"redis://qatoolbox_exporter:{quoted}@127.0.0.1:{server.port}/0"):
@@ -160,6 +161,7 @@ def test_redis_wrong_password_acl_user_and_down(
         limited.set("k", "v")
     with pytest.raises(redis.exceptions.NoPermissionError):
         limited.get("k")
+    limited.close()
     server.kill()
     _scrapes(process)
     assert process.scrape().value("qatoolbox_redis_up") == 0
