@@ -406,7 +406,7 @@ def _check_business(business: BusinessConfig) -> list[str]:
         label = f"{where} ({name})" if name else where
         if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name):
             problems.append(f"{where}.metric: expected a metric name (letters, digits, _), "
-                            f"got {_describe(name)}")
+                            f"got {describe(name)}")
             continue
         if name.startswith(RESERVED_METRIC_PREFIXES):
             problems.append(f"{label}.metric: the prefix is reserved for the exporter's own "
@@ -426,7 +426,7 @@ def _check_business(business: BusinessConfig) -> list[str]:
             if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", label_name) or \
                     label_name.startswith("__"):
                 problems.append(f"{label}.labels[{j}]: expected a label name (letters, digits, "
-                                f"_, not starting with __), got {_describe(label_name)}")
+                                f"_, not starting with __), got {describe(label_name)}")
             elif label_name in seen or label_name == query.value:
                 problems.append(f"{label}.labels[{j}]: \"{label_name}\" is used twice "
                                 f"(labels and value must be distinct columns)")
@@ -481,7 +481,8 @@ class Config:
 # --- building dataclasses from plain data ------------------------------------------------------
 
 
-def _describe(value: Any) -> str:
+def describe(value: Any) -> str:
+    """A short, quoted rendering of a bad value for a one-line error."""
     if isinstance(value, str):
         return f'"{value}"' if len(value) < 60 else f'"{value[:57]}..."'
     if isinstance(value, Mapping):
@@ -507,13 +508,13 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         choices = typing.get_args(tp)
         if isinstance(value, (list, dict)) or value not in choices:
             options = ", ".join(str(c) for c in choices)
-            errors.append(f"{path}: expected one of {options}, got {_describe(value)}")
+            errors.append(f"{path}: expected one of {options}, got {describe(value)}")
             return _INVALID
         return value
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if not isinstance(value, list):
-            errors.append(f"{path}: expected a list, got {_describe(value)}")
+            errors.append(f"{path}: expected a list, got {describe(value)}")
             return _INVALID
         items = (_convert(item_type, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
         return tuple(item for item in items if item is not _INVALID)
@@ -529,26 +530,26 @@ def _convert_scalar(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
                 return Duration(parse_duration(value))
             except ValueError:
                 pass
-        errors.append(f'{path}: expected a duration like "2s", got {_describe(value)}')
+        errors.append(f'{path}: expected a duration like "2s", got {describe(value)}')
         return _INVALID
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append(f"{path}: expected true or false, got {_describe(value)}")
+            errors.append(f"{path}: expected true or false, got {describe(value)}")
             return _INVALID
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: expected a whole number, got {_describe(value)}")
+            errors.append(f"{path}: expected a whole number, got {describe(value)}")
             return _INVALID
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{path}: expected a number, got {_describe(value)}")
+            errors.append(f"{path}: expected a number, got {describe(value)}")
             return _INVALID
         return float(value)
     if tp in (str, Regex, Secret):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            errors.append(f"{path}: expected a string, got {_describe(value)}")
+            errors.append(f"{path}: expected a string, got {describe(value)}")
             return _INVALID
         if tp is Regex:
             try:
@@ -569,7 +570,7 @@ def _build(cls: type[Any], data: Any, path: str, errors: list[str]) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        errors.append(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+        errors.append(f"{path or 'config'}: expected a mapping, got {describe(data)}")
         return cls()
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -638,7 +639,7 @@ def _read_secret(path: str, key: str, errors: list[str]) -> Secret:
         return Secret("")
     except (ValueError, UnicodeDecodeError):
         # A NUL in the path, or a binary file: the content is never echoed.
-        errors.append(f"{key}: cannot read {_describe(path)} as a text file")
+        errors.append(f"{key}: cannot read {describe(path)} as a text file")
         return Secret("")
 
 
@@ -655,13 +656,13 @@ def _collectors(
         raw = {}
     if not isinstance(raw, Mapping):
         errors.append(f"collectors: expected a mapping of collector names to true/false, got "
-                      f"{_describe(raw)}")
+                      f"{describe(raw)}")
         raw = {}
     for name, value in raw.items():
         if name not in known:
             errors.append(f"collectors.{name}: unknown collector (known: {', '.join(known)})")
         elif not isinstance(value, bool):
-            errors.append(f"collectors.{name}: expected true or false, got {_describe(value)}")
+            errors.append(f"collectors.{name}: expected true or false, got {describe(value)}")
         else:
             enabled[name] = value
     enabled.update(flags)
@@ -685,7 +686,7 @@ def load_config(
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError([f"config file {path}: expected a mapping at the top level, "
-                           f"got {_describe(raw)}"])
+                           f"got {describe(raw)}"])
     raw = dict(raw)
     errors: list[str] = []
     postgres = _section(raw, "postgres")
@@ -767,7 +768,7 @@ def _check(config: Config) -> list[str]:
     sslmodes = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
     if pg.sslmode not in sslmodes:
         problems.append(f"postgres.sslmode: expected one of {', '.join(sslmodes)}, "
-                        f"got {_describe(pg.sslmode)}")
+                        f"got {describe(pg.sslmode)}")
     # libpq counts connect_timeout in whole seconds (and psycopg raises anything below 2 to 2).
     if not 1 <= pg.connect_timeout <= 300:
         problems.append(f"postgres.connect_timeout: must be between 1s and 300s, "
@@ -790,15 +791,15 @@ def _check(config: Config) -> list[str]:
     for i, directory in enumerate(app_dirs):
         if not directory.startswith("/"):
             problems.append(f"app.multiprocess_dirs[{i}]: expected an absolute path, "
-                            f"got {_describe(directory)}")
+                            f"got {describe(directory)}")
         elif app_dirs.index(directory) != i:
-            problems.append(f"app.multiprocess_dirs[{i}]: duplicate folder {_describe(directory)}")
+            problems.append(f"app.multiprocess_dirs[{i}]: duplicate folder {describe(directory)}")
     seen: set[str] = set()
     for i, group in enumerate(config.process.groups):
         where = f"process.groups[{i}]"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", group.name):
             problems.append(f"{where}.name: expected a short name (letters, digits, _ . -), "
-                            f"got {_describe(group.name)}")
+                            f"got {describe(group.name)}")
         elif group.name in seen:
             problems.append(f"{where}.name: duplicate group \"{group.name}\"")
         seen.add(group.name)
@@ -827,7 +828,7 @@ def _check_redis(rd: RedisConfig) -> list[str]:
         where = f"redis.key_groups[{i}]"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", group.name) or group.name == "other":
             problems.append(f"{where}.name: expected a short name (letters, digits, _ . -) other "
-                            f"than \"other\", got {_describe(group.name)}")
+                            f"than \"other\", got {describe(group.name)}")
         elif group.name in seen:
             problems.append(f"{where}.name: duplicate group \"{group.name}\"")
         seen.add(group.name)

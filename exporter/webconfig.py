@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from exporter.config import ConfigError
+from exporter.config import ConfigError, describe
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -85,23 +85,11 @@ class WebSecurity:
     authenticator: Authenticator | None = None
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"' if len(value) < 60 else f'"{value[:57]}..."'
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if value is None:
-        return "nothing"
-    return type(value).__name__
-
-
 def _mapping(value: Any, key: str, errors: list[str]) -> Mapping[Any, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        errors.append(f"{key}: expected a mapping, got {_describe(value)}")
+        errors.append(f"{key}: expected a mapping, got {describe(value)}")
         return {}
     return value
 
@@ -121,7 +109,7 @@ def _string(section: Mapping[Any, Any], key: str, prefix: str, errors: list[str]
     if value is None:
         return default
     if not isinstance(value, str):
-        errors.append(f"{prefix}{key}: expected a string, got {_describe(value)}")
+        errors.append(f"{prefix}{key}: expected a string, got {describe(value)}")
         return default
     return value
 
@@ -142,7 +130,7 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
         auth_type = "RequireAndVerifyClientCert" if values["client_ca_file"] else "NoClientCert"
     if auth_type not in CLIENT_AUTH_TYPES:
         errors.append(f"{prefix}client_auth_type: expected one of "
-                      f"{', '.join(CLIENT_AUTH_TYPES)}, got {_describe(auth_type)}")
+                      f"{', '.join(CLIENT_AUTH_TYPES)}, got {describe(auth_type)}")
     elif CLIENT_AUTH_TYPES[auth_type] is None:
         errors.append(f"{prefix}client_auth_type: {auth_type} accepts unverified certificates "
                       f"and is not supported; use RequireAndVerifyClientCert")
@@ -154,7 +142,7 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
         values[key] = values[key] or default
         if values[key] not in TLS_VERSIONS:
             errors.append(f"{prefix}{key}: expected one of {', '.join(TLS_VERSIONS)}, "
-                          f"got {_describe(values[key])}")
+                          f"got {describe(values[key])}")
     if (values["min_version"] in TLS_VERSIONS and values["max_version"] in TLS_VERSIONS
             and TLS_VERSIONS[values["min_version"]] > TLS_VERSIONS[values["max_version"]]):
         errors.append(f"{prefix}min_version: {values['min_version']} is above max_version "
@@ -211,7 +199,7 @@ def _users(raw: Any, errors: list[str]) -> dict[str, str]:
             errors.append(f"{key}: a user name is a non-empty string without \":\"")
             continue
         if not isinstance(hashed, str):
-            errors.append(f"{key}: expected a bcrypt hash, got {_describe(hashed)}")
+            errors.append(f"{key}: expected a bcrypt hash, got {describe(hashed)}")
             continue
         match = _BCRYPT_HASH.fullmatch(hashed)
         # The hash is not secret in the way a password is, but is still left out of errors.
@@ -230,7 +218,7 @@ def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
     _check_keys(section, prefix, HTTP_KEYS, set(), errors)
     if "http2" in section and not isinstance(section["http2"], bool):
         errors.append(f"{prefix}http2: expected true or false, got "
-                      f"{_describe(section['http2'])}")
+                      f"{describe(section['http2'])}")
     headers: list[tuple[str, str]] = []
     for name, value in _mapping(section.get("headers"), f"{prefix}headers", errors).items():
         key = f"{prefix}headers.{name}"
@@ -240,14 +228,14 @@ def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {_describe(value)}")
+            errors.append(f"{key}: expected a string, got {describe(value)}")
             continue
         if any(c in value for c in "\r\n\0"):
             errors.append(f"{key}: must be a single line")
             continue
         allowed = HEADERS[name]
         if allowed is not None and value.lower() not in allowed:
-            errors.append(f"{key}: expected one of {', '.join(allowed)}, got {_describe(value)}")
+            errors.append(f"{key}: expected one of {', '.join(allowed)}, got {describe(value)}")
             continue
         headers.append((name, value))
     return tuple(headers)
@@ -258,7 +246,7 @@ def parse_web_config(raw: Any, base_dir: str = ".") -> WebSecurity:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError([f"expected a mapping at the top level, got {_describe(raw)}"])
+        raise ConfigError([f"expected a mapping at the top level, got {describe(raw)}"])
     errors: list[str] = []
     _check_keys(raw, "", TOP_KEYS, TOP_UNSUPPORTED, errors)
     # A section whose keys are all commented out (null) still asks for TLS: say what is missing.

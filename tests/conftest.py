@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 from tests.harness import ExporterProcess, PostgresServer, RedisServer, tempdir
+
+S = TypeVar("S", PostgresServer, RedisServer)
 
 
 @pytest.fixture
@@ -18,19 +21,28 @@ def workdir() -> Iterator[Path]:
         yield path
 
 
-@pytest.fixture
-def pg_factory(workdir: Path) -> Iterator[Callable[..., PostgresServer]]:
-    """Start PostgreSQL servers for this test; all are stopped at the end."""
-    servers: list[PostgresServer] = []
+@contextmanager
+def _servers(kind: type[S], workdir: Path) -> Iterator[Callable[..., S]]:
+    """A starter for servers of one kind; every one it started is killed at the end."""
+    servers: list[S] = []
 
-    def start(**kwargs: Any) -> PostgresServer:
-        server = PostgresServer(workdir, **kwargs).start()
+    def start(**kwargs: Any) -> S:
+        server = kind(workdir, **kwargs).start()
         servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        server.kill()
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.kill()
+
+
+@pytest.fixture
+def pg_factory(workdir: Path) -> Iterator[Callable[..., PostgresServer]]:
+    """Start PostgreSQL servers for this test; all are stopped at the end."""
+    with _servers(PostgresServer, workdir) as start:
+        yield start
 
 
 @pytest.fixture
@@ -42,16 +54,8 @@ def postgres(pg_factory: Callable[..., PostgresServer]) -> PostgresServer:
 @pytest.fixture
 def redis_factory(workdir: Path) -> Iterator[Callable[..., RedisServer]]:
     """Start Redis servers for this test; all are stopped at the end."""
-    servers: list[RedisServer] = []
-
-    def start(**kwargs: Any) -> RedisServer:
-        server = RedisServer(workdir, **kwargs).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.kill()
+    with _servers(RedisServer, workdir) as start:
+        yield start
 
 
 @pytest.fixture
