@@ -148,3 +148,48 @@ def test_series_within_budget_and_flat_as_database_and_cache_grow(
     assert len(again.samples) <= SERIES_BUDGET
     assert abs(len(again.samples) - len(grown.samples)) <= FLAT_SLACK, (
         by_collector(grown), by_collector(again))
+
+
+def requests_by_route(families: list[Any]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for family in families:
+        for sample in family.samples:
+            if sample.name == "qatoolbox_http_requests_total":
+                route = sample.labels["route"]
+                totals[route] = totals.get(route, 0.0) + sample.value
+    return totals
+
+
+def test_routes_past_the_cap_are_summed_under_other(tmp_path: Path,
+                                                    recorders: list[Recorder]) -> None:
+    from exporter.collectors.app import MAX_ROUTES, AppCollector
+    from exporter.config import AppConfig
+
+    rec = Recorder(str(tmp_path))
+    recorders.append(rec)
+    # Route i gets i+1 requests: the busiest are the last ones.
+    for i in range(MAX_ROUTES + 150):
+        for _ in range(i + 1):
+            rec.request_started()
+            rec.request_finished(f"r{i}/", "GET", 200, 0.01, db_queries=2, db_seconds=0.001)
+    collector = AppCollector(AppConfig(multiprocess_dirs=(str(tmp_path),)))
+    first = list(collector.collect())
+    totals = requests_by_route(first)
+    kept = set(totals) - {"<other>"}
+    assert len(kept) == MAX_ROUTES
+    assert kept == {f"r{i}/" for i in range(150, MAX_ROUTES + 150)}  # the busiest
+    n = MAX_ROUTES + 150
+    assert sum(totals.values()) == n * (n + 1) / 2  # nothing lost
+    assert totals["<other>"] == 150 * 151 / 2
+    durations = {s.labels["route"] for f in first for s in f.samples
+                 if s.name == "qatoolbox_http_request_duration_seconds_count"}
+    assert durations == kept | {"<other>"}
+
+    # A new, very busy route arrives: the kept routes stay kept (no series moves into
+    # "<other>", whose counters only grow), the newcomer goes to "<other>".
+    for _ in range(10_000):
+        rec.request_started()
+        rec.request_finished("new/", "GET", 200, 0.01)
+    second = requests_by_route(list(collector.collect()))
+    assert set(second) - {"<other>"} == kept
+    assert second["<other>"] == totals["<other>"] + 10_000

@@ -7,7 +7,7 @@ import math
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prometheus_client.metrics_core import Metric
 
@@ -16,6 +16,10 @@ _ParsedKey = tuple[str, str, _Labels, str, float | None]
 
 # Keys that carry bookkeeping rather than metrics (the compaction's record of folded files).
 MARKER_PREFIX = "__"
+# Routes past FileMerger's route_limit are summed under this route (the instrument's overflow
+# name), ranked by this family's request counts.
+ROUTE_OVERFLOW = "<other>"
+ROUTE_RANKING = "qatoolbox_http_requests"
 _KEY_CACHE_LIMIT = 200_000
 
 
@@ -193,13 +197,18 @@ class FileMerger:
     Python addition per entry.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, route_limit: int | None = None) -> None:
         self._keys = Merger()
         self._slots: dict[tuple[str, str, _Labels, str, float | None, str], int] = {}
         self._meta: list[_Slot] = []
         self._types: dict[str, str] = {}
         self._layouts: dict[str, _Layout] = {}
         self.conflicts = 0
+        self._route_limit = route_limit
+        self._kept_routes: set[str] = set()
+        self._slot_routes: dict[int, str | None] = {}
+        self._fold: dict[int, _Slot | None] = {}
+        self._other_series: dict[tuple[str, str, _Labels, float | None], _Slot] = {}
 
     def forget(self, keep: set[str]) -> None:
         """Drop cached layouts of files not in keep (deleted ones)."""
@@ -311,6 +320,66 @@ class FileMerger:
                     special[slot] = old + value
         merger = Merger()
         meta = self._meta
+        folded = None if self._route_limit is None else self._route_cap(present, acc, special)
+        others: dict[int, tuple[_Slot, float]] = {}
         for slot in present:
-            merger.add_parsed(meta[slot], special[slot] if slot in special else acc[slot])
+            value = special[slot] if slot in special else acc[slot]
+            other = folded[slot] if folded is not None else None
+            if other is None:
+                merger.add_parsed(meta[slot], value)
+            else:
+                # Summed here first: one add_parsed per "<other>" series, not per folded one.
+                previous = others.get(id(other))
+                others[id(other)] = (other, value if previous is None else previous[1] + value)
+        for other, value in others.values():
+            merger.add_parsed(other, value)
         return merger.families()
+
+    def _route_cap(self, present: set[int], acc: list[float],
+                   special: dict[int, float]) -> dict[int, _Slot | None]:
+        """Where each present slot goes: None for its own series, or the route="<other>"
+        series it adds up in, for the routes past route_limit. So the app's series stay flat
+        however many routes it has.
+
+        The kept routes are the busiest (most requests) when the exporter starts, then any new
+        route while there is room; once kept, a route stays kept, so no route ever moves into
+        "<other>" after having had series of its own and "<other>"'s counters never go down.
+        """
+        kept, fold = self._kept_routes, self._fold
+        limit = self._route_limit or 0
+        if len(kept) < limit:
+            counts: dict[str, float] = {}
+            for slot in present:
+                route = self._route_of(slot)
+                if route is not None and self._meta[slot].family == ROUTE_RANKING:
+                    value = special[slot] if slot in special else acc[slot]
+                    counts[route] = counts.get(route, 0.0) + value
+            before = len(kept)
+            for route in sorted(counts, key=lambda r: (-counts[r], r)):
+                if len(kept) >= limit:
+                    break
+                kept.add(route)
+            if len(kept) != before:
+                fold.clear()
+        for slot in present:
+            if slot not in fold:
+                fold[slot] = self._fold_target(slot)
+        return fold
+
+    def _route_of(self, slot: int) -> str | None:
+        """The route label of a summed (counter, histogram) slot, None otherwise (cached)."""
+        if slot not in self._slot_routes:
+            meta = self._meta[slot]
+            route = None if meta.typ == "gauge" else dict(meta.labels).get("route")
+            self._slot_routes[slot] = None if route == ROUTE_OVERFLOW else route
+        return self._slot_routes[slot]
+
+    def _fold_target(self, slot: int) -> _Slot | None:
+        route = self._route_of(slot)
+        if route is None or route in self._kept_routes:
+            return None
+        meta = self._meta[slot]
+        labels = tuple((k, ROUTE_OVERFLOW if k == "route" else v) for k, v in meta.labels)
+        # One object per "<other>" series, shared by every slot folded into it.
+        return self._other_series.setdefault((meta.family, meta.sample, labels, meta.le),
+                                             replace(meta, labels=labels))
