@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 _Labels = tuple[tuple[str, str], ...]
 _ParsedKey = tuple[str, str, _Labels, str, float | None]
@@ -141,18 +142,24 @@ class Merger:
     def _histogram(metric: Metric, family: _Family) -> None:
         sums = {labels: value for (sample, labels), value in family.samples.items()
                 if sample.endswith("_sum")}
+        bucket, count, total_name = (f"{metric.name}_bucket", f"{metric.name}_count",
+                                     f"{metric.name}_sum")
+        les: dict[float, str] = {}
+        samples = metric.samples
         for labels in sorted(set(family.buckets) | set(sums)):
             per_le = family.buckets.get(labels, {})
             plain = dict(labels)
             total = 0.0
             for le in sorted(per_le):
                 total += per_le[le]
-                metric.add_sample(f"{metric.name}_bucket",
-                                  {**plain, "le": format_le(le)}, total)
+                text = les.get(le)
+                if text is None:
+                    text = les[le] = format_le(le)
+                samples.append(Sample(bucket, {**plain, "le": text}, total))
             if math.inf not in per_le:
-                metric.add_sample(f"{metric.name}_bucket", {**plain, "le": "+Inf"}, total)
-            metric.add_sample(f"{metric.name}_count", plain, total)
-            metric.add_sample(f"{metric.name}_sum", plain, sums.get(labels, 0.0))
+                samples.append(Sample(bucket, {**plain, "le": "+Inf"}, total))
+            samples.append(Sample(count, plain, total))
+            samples.append(Sample(total_name, plain, sums.get(labels, 0.0)))
 
 
 # --- merging files, fast: layouts cached, values unpacked in one C call per file -------------
