@@ -5,12 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from exporter.collectors.app import AppCollector
-from exporter.collectors.business import BusinessCollector
-from exporter.collectors.host import HostCollector
-from exporter.collectors.postgres import PostgresCollector
-from exporter.collectors.process import ProcessCollector
-from exporter.collectors.redis import RedisCollector
 from exporter.config import Config
 from exporter.scrape import Collector
 
@@ -24,27 +18,62 @@ class CollectorSpec:
     help: str
 
 
+# Each factory imports its module when called: a disabled collector's client library
+# (psycopg, redis-py) is never loaded, which keeps a host-only exporter's memory small.
+
+
+def _host(c: Config) -> Collector:
+    from exporter.collectors.host import HostCollector
+
+    return HostCollector(c.host)
+
+
+def _process(c: Config) -> Collector:
+    from exporter.collectors.process import ProcessCollector
+
+    return ProcessCollector(c.process)
+
+
+def _postgres(c: Config) -> Collector:
+    from exporter.collectors.postgres import PostgresCollector
+
+    return PostgresCollector(c.postgres, c.scrape.timeout)
+
+
+def _business(c: Config) -> Collector:
+    from exporter.collectors.business import BusinessCollector
+
+    return BusinessCollector(c.business, c.postgres, c.log.repeat_interval)
+
+
+def _redis(c: Config) -> Collector:
+    from exporter.collectors.redis import RedisCollector
+
+    return RedisCollector(c.redis, c.scrape.timeout)
+
+
+def _app(c: Config) -> Collector:
+    from exporter.collectors.app import AppCollector
+
+    return AppCollector(c.app)
+
+
 COLLECTORS: dict[str, CollectorSpec] = {
-    "host": CollectorSpec(
-        lambda c: HostCollector(c.host), True, "CPU, memory, file systems, disks, network."
-    ),
-    "process": CollectorSpec(
-        lambda c: ProcessCollector(c.process), True, "Process groups (web, celery, ...)."
-    ),
+    "host": CollectorSpec(_host, True, "CPU, memory, file systems, disks, network."),
+    "process": CollectorSpec(_process, True, "Process groups (web, celery, ...)."),
     "postgres": CollectorSpec(
-        lambda c: PostgresCollector(c.postgres, c.scrape.timeout), True,
+        _postgres, True,
         "PostgreSQL activity, locks, throughput, replication, statements, tables.",
     ),
     "business": CollectorSpec(
-        lambda c: BusinessCollector(c.business, c.postgres, c.log.repeat_interval), True,
+        _business, True,
         "Business metrics from SQL queries (QAToolBox users, chat, time capsules).",
     ),
     "redis": CollectorSpec(
-        lambda c: RedisCollector(c.redis, c.scrape.timeout), True,
-        "Redis memory, clients, hit ratio, latency, key groups and Celery queues.",
+        _redis, True, "Redis memory, clients, hit ratio, latency, key groups and Celery queues."
     ),
     "app": CollectorSpec(
-        lambda c: AppCollector(c.app), True,
+        _app, True,
         "App requests and Celery tasks merged from the workers' files (app.multiprocess_dirs).",
     ),
 }
