@@ -576,6 +576,8 @@ NOT_IN_A_FRESH_SCRAPE = (
 )
 AREA_DOCS = ["postgres.md", "redis.md", "business.md", "app.md"]
 BUSINESS_DEFAULTS = ROOT / "exporter" / "business_defaults.yml"
+
+
 def documented_names() -> set[str]:
     names: set[str] = set()
     for doc in AREA_DOCS:
