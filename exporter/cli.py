@@ -79,16 +79,21 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any
     return args, overrides, switches
 
 
+def _invalid(what: str, exc: ConfigError) -> int:
+    """Print every problem of a rejected configuration; return the usage exit code."""
+    print(f"qatoolbox-exporter: invalid {what}:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the exporter (or check its config); return the exit code."""
     args, overrides, switches = parse(argv)
     try:
         config = load_config(args.config_file, os.environ, DEFAULTS, overrides, switches)
     except ConfigError as exc:
-        print("qatoolbox-exporter: invalid configuration:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return EXIT_USAGE
+        return _invalid("configuration", exc)
     security = None
     if config.web.config_file:
         from exporter.webconfig import WebConfigFile
@@ -96,10 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             security = WebConfigFile(config.web.config_file)
         except ConfigError as exc:
-            print("qatoolbox-exporter: invalid web configuration:", file=sys.stderr)
-            for problem in exc.problems:
-                print(f"  {problem}", file=sys.stderr)
-            return EXIT_USAGE
+            return _invalid("web configuration", exc)
     if args.config_check:
         print("configuration ok")
         for line in summary(config):
