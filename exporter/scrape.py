@@ -164,7 +164,7 @@ class ScrapeRunner:
             if future is not None and future.done() and future.exception() is None:
                 produced, elapsed = future.result()
                 families.extend(produced)
-                self._record(name, Outcome(True, elapsed, "", time.time()))
+                outcome = Outcome(True, elapsed, "", time.time())
                 self._failure_logs[name].succeeded()
             else:
                 timed_out = f"timed out after {self._timeout:g}s"
@@ -178,11 +178,10 @@ class ScrapeRunner:
                     error = f"{type(exc).__name__}: {exc}"
                 else:
                     error = timed_out
-                elapsed = self._clock() - started
-                self._record(name, Outcome(False, elapsed, error, time.time()))
+                outcome = Outcome(False, self._clock() - started, error, time.time())
                 self._failure_logs[name].failed(logged or error)
                 families.extend(self._fallback(collector))
-            outcome = self._outcomes[name]
+            self._outcomes[name] = outcome
             duration.add_metric([name], outcome.duration)
             success.add_metric([name], 1.0 if outcome.success else 0.0)
         families.extend([duration, success, _build_info()])
@@ -201,9 +200,6 @@ class ScrapeRunner:
         except Exception:
             log.exception("failure_metrics raised", extra={"collector": collector.name})
             return []
-
-    def _record(self, name: str, outcome: Outcome) -> None:
-        self._outcomes[name] = outcome
 
     def close(self) -> None:
         """Stop the pool without waiting for stuck runs, then release collectors' connections."""
