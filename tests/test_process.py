@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
@@ -310,64 +307,42 @@ def test_process_that_execs_into_a_group_is_counted(
     assert value(found, "qatoolbox_process_num_procs", group="late") == 1
 
 
+def _own_stat_fields() -> list[bytes]:
+    raw = Path(f"/proc/{os.getpid()}/stat").read_bytes()
+    return raw.rpartition(b")")[2].split()
+
+
+def test_stat_sample_matches_psutil_for_a_live_process() -> None:
+    from exporter.collectors.process import _boot_time, _stat_sample
+
+    sample = _stat_sample(str(os.getpid()), _own_stat_fields(), _boot_time())
+    me = psutil.Process()
+    assert sample is not None
+    assert sample.pid == os.getpid()
+    assert sample.create_time == pytest.approx(me.create_time(), abs=0.05)
+    assert sample.threads == me.num_threads()
+    assert sample.fds == pytest.approx(me.num_fds(), abs=3)
+    assert sample.rss == pytest.approx(me.memory_info().rss, rel=0.2)
+    assert sample.cpu_user <= me.cpu_times().user + 0.02
+
+
 def test_vanished_process_is_skipped(children: list[subprocess.Popen[bytes]]) -> None:
-    from exporter.collectors.process import _sample
+    from exporter.collectors.process import _boot_time, _stat_sample
 
     child = subprocess.Popen(["sleep", "120"])
     children.append(child)
-    handle = psutil.Process(child.pid)
+    fields = Path(f"/proc/{child.pid}/stat").read_bytes().rpartition(b")")[2].split()
     child.kill()
-    child.wait(10)
-    assert _sample(handle) is None
+    child.wait(10)  # reaped: /proc/<pid> is gone between the stat read and the fd count
+    assert _stat_sample(str(child.pid), fields, _boot_time()) is None
 
 
-class DeniedProcess:
-    """A process we may not look at (another user's, without root)."""
+def test_zombie_process_is_skipped() -> None:
+    from exporter.collectors.process import _boot_time, _stat_sample
 
-    pid = 4242
-
-    def oneshot(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def cpu_times(self) -> None:
-        raise psutil.AccessDenied(self.pid)
-
-
-def test_denied_process_is_skipped() -> None:
-    from exporter.collectors.process import _sample
-
-    assert _sample(DeniedProcess()) is None  # type: ignore[arg-type]
-
-
-class FdsDeniedProcess:
-    """Another user's process: /proc/<pid>/fd is closed to us, the rest of /proc/<pid> is not."""
-
-    pid = 4243
-
-    def oneshot(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
-
-    def cpu_times(self) -> Any:
-        return types.SimpleNamespace(user=1.5, system=0.5)
-
-    def create_time(self) -> float:
-        return 1234.0
-
-    def memory_info(self) -> Any:
-        return types.SimpleNamespace(rss=4096)
-
-    def num_fds(self) -> int:
-        raise psutil.AccessDenied(self.pid)
-
-    def num_threads(self) -> int:
-        return 3
-
-
-def test_process_whose_fds_are_closed_to_us_still_counts() -> None:
-    from exporter.collectors.process import _sample
-
-    sample = _sample(FdsDeniedProcess())  # type: ignore[arg-type]
-    assert sample == ProcSample(4243, 1234.0, 1.5, 0.5, 4096.0, 0.0, 3.0)
+    fields = _own_stat_fields()
+    fields[0] = b"Z"
+    assert _stat_sample(str(os.getpid()), fields, _boot_time()) is None
 
 
 COUNT_AS_NOBODY = """

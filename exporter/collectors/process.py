@@ -7,14 +7,10 @@ import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.config import ProcessConfig, ProcessGroup
-
-if TYPE_CHECKING:
-    import psutil
 
 
 @dataclass(frozen=True)
@@ -110,32 +106,6 @@ class CpuAccount:
         return {g: list(v) for g, v in self._totals.items()}
 
 
-def _sample(proc: psutil.Process) -> ProcSample | None:
-    """A process's sample through psutil (the scanner reads /proc itself, see _stat_sample)."""
-    import psutil
-
-    try:
-        with proc.oneshot():
-            cpu = proc.cpu_times()
-            try:
-                fds = float(proc.num_fds())
-            except psutil.AccessDenied:
-                # /proc/<pid>/fd is open only to the process's user (or root); the rest of
-                # /proc/<pid> is public, so a non-root exporter still counts the process.
-                fds = 0.0
-            return ProcSample(
-                pid=proc.pid,
-                create_time=proc.create_time(),
-                cpu_user=cpu.user,
-                cpu_system=cpu.system,
-                rss=float(proc.memory_info().rss),
-                fds=fds,
-                threads=float(proc.num_threads()),
-            )
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
-
-
 _TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -166,7 +136,7 @@ def _boot_time() -> float:
 
 def _stat_sample(pid: str, fields: list[bytes], boot_time: float) -> ProcSample | None:
     """The sample from the fields of /proc/<pid>/stat after the name (already read to classify
-    the process) and a listing of /proc/<pid>/fd: what psutil reads, in two system calls
+    the process) and a listing of /proc/<pid>/fd: what psutil would read, in two system calls
     instead of six files (that was most of this collector's time with many group members)."""
     if fields[0] in (b"Z", b"X"):
         return None  # exited, not yet reaped: no resources left to report
@@ -226,7 +196,7 @@ class ProcessScanner:
     """Finds the processes of the groups, remembering each process's group between scrapes.
 
     A process is classified once, by pid and start time, so a scrape reads one small file per
-    process and does the full read (psutil) only for processes that belong to a group.
+    process and reads the rest only for processes that belong to a group.
     """
 
     def __init__(self) -> None:
