@@ -51,6 +51,7 @@ from tests.harness import (  # noqa: E402
     PostgresServer,
     RedisServer,
     free_port,
+    stop_process,
     tempdir,
 )
 from tests.stack import DemoApp, demo_env, prepare_demo_database  # noqa: E402
@@ -129,13 +130,7 @@ class Anchor:
     target: Target
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 def start_anchor(name: str, argv: Sequence[str], env: dict[str, str], ready: bytes) -> Anchor:

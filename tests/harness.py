@@ -15,7 +15,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,40 @@ def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) 
                 return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10, group: bool = False) -> None:
+    """SIGTERM a child (its whole process group when group) and wait; SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+
+    send(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        send(signal.SIGKILL)
+        proc.wait(5)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def family_samples(families: Iterable[Any]) -> Samples:
+    """{(sample name, sorted labels): value} from metric families, each series at most once."""
+    out: Samples = {}
+    for family in families:
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in out, f"duplicate series {key}"
+            out[key] = sample.value
+    return out
 
 
 def _pg_bindir() -> Path:
@@ -367,13 +401,7 @@ class ExporterProcess:
         """SIGTERM, wait, return the exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
         return self.proc.returncode
 
     def threads(self) -> int:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from tests.harness import ROOT, free_port, wait_for
+from tests.harness import ROOT, free_port, stop_process, wait_for
 
 PROMETHEUS_DIR = ROOT / "prometheus"
 ALERTMANAGER_DIR = ROOT / "alertmanager"
@@ -74,13 +74,8 @@ class _Daemon:
 
     def stop(self) -> None:
         """SIGTERM and wait; SIGKILL if it lingers."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            stop_process(self.proc, timeout=15)
 
 
 # --- Prometheus ------------------------------------------------------------------------------

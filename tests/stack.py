@@ -32,6 +32,7 @@ from tests.harness import (
     PostgresServer,
     RedisServer,
     free_port,
+    stop_process,
     wait_for,
 )
 from tests.promstack import (
@@ -80,15 +81,7 @@ class ServerProcess:
 
     def stop(self, timeout: float = 15) -> None:
         """SIGTERM the process group, SIGKILL it if it lingers."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process(self.proc, timeout=timeout, group=True)
 
 
 # --- the demo application --------------------------------------------------------------------

@@ -17,7 +17,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.harness import ROOT, ExporterProcess, RedisServer, Scrape, free_port, wait_for
+from tests.harness import (
+    ROOT,
+    ExporterProcess,
+    RedisServer,
+    Scrape,
+    free_port,
+    stop_process,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -62,13 +70,7 @@ class Gunicorn:
             return exc.code, exc.read()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        stop_process(self.proc, timeout=15, group=True)
 
 
 @pytest.fixture

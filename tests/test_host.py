@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from prometheus_client.core import Metric
 
 from exporter.collectors.host import (
     HostCollector,
@@ -24,8 +22,7 @@ from exporter.collectors.host import (
     select_mounts,
 )
 from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig, Regex
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from tests.harness import Samples, family_samples
 
 STAT = """\
 cpu  1000 20 300 50000 40 5 6 7 0 0
@@ -92,14 +89,6 @@ cgroup2 /sys/fs/cgroup cgroup2 rw 0 0
 """
 
 
-def samples(families: Iterable[Metric]) -> Samples:
-    out: Samples = {}
-    for family in families:
-        for s in family.samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
-            assert key not in out, f"duplicate series {key}"
-            out[key] = s.value
-    return out
 
 
 def value(found: Samples, name: str, **labels: str) -> float:
@@ -227,7 +216,7 @@ FILES = {
 
 
 def test_collector_on_fake_files(tmp_path: Path) -> None:
-    found = samples(make_host(tmp_path, FILES).collect())
+    found = family_samples(make_host(tmp_path, FILES).collect())
     assert value(found, "qatoolbox_host_cpu_seconds_total", cpu="0", mode="user") == 6.0
     assert value(found, "qatoolbox_host_cpu_seconds_total", cpu="1", mode="system") == 1.0
     steal = value(found, "qatoolbox_host_cpu_seconds_total", cpu="0", mode="steal")
@@ -314,7 +303,7 @@ def test_collector_types_and_help(tmp_path: Path) -> None:
 def test_collector_without_pressure_and_pid1_mounts(tmp_path: Path) -> None:
     files = {k: v for k, v in FILES.items() if not k.startswith(("pressure/", "1/"))}
     files["self/mounts"] = "/dev/vda1 / ext4 rw 0 0\n"
-    found = samples(make_host(tmp_path, files).collect())
+    found = family_samples(make_host(tmp_path, files).collect())
     assert not [k for k in found if "pressure" in k[0]]
     points = {dict(k[1])["mountpoint"] for k in found
               if k[0] == "qatoolbox_host_filesystem_size_bytes"}
@@ -326,7 +315,7 @@ def test_collector_device_filters_from_config(tmp_path: Path) -> None:
                      disk=DeviceFilterConfig(include=Regex("^vd")),
                      network=DeviceFilterConfig(exclude=Regex("^lo$")),
                      filesystem=FilesystemConfig(mount_points_include=Regex("^/data")))
-    found = samples(host.collect())
+    found = family_samples(host.collect())
     assert {dict(k[1])["device"] for k in found
             if k[0] == "qatoolbox_host_disk_reads_completed_total"} == {"vda"}
     assert {dict(k[1])["device"] for k in found
@@ -349,7 +338,7 @@ def real_host(**cfg: object) -> HostCollector:
 
 
 def test_memory_total_matches_proc_meminfo() -> None:
-    found = samples(real_host().collect())
+    found = family_samples(real_host().collect())
     memtotal_kb = next(int(line.split()[1]) for line in
                        Path("/proc/meminfo").read_text().splitlines()
                        if line.startswith("MemTotal:"))
@@ -360,7 +349,7 @@ def test_memory_total_matches_proc_meminfo() -> None:
 def test_root_filesystem_matches_statvfs() -> None:
     # Include "/" whatever its type (a container's root is an overlay, excluded by default).
     fs = FilesystemConfig(mount_points_include=Regex("^/$"), fs_types_exclude=Regex(""))
-    found = samples(real_host(filesystem=fs).collect())
+    found = family_samples(real_host(filesystem=fs).collect())
     st = os.statvfs("/")
     sizes = {dict(k[1])["mountpoint"]: v for k, v in found.items()
              if k[0] == "qatoolbox_host_filesystem_size_bytes"}
@@ -374,7 +363,7 @@ def test_root_filesystem_matches_statvfs() -> None:
 
 
 def test_default_filters_keep_a_real_disk_filesystem() -> None:
-    found = samples(real_host().collect())
+    found = family_samples(real_host().collect())
     fstypes = {dict(k[1])["fstype"] for k in found
                if k[0] == "qatoolbox_host_filesystem_size_bytes"}
     assert fstypes, "no file system reported"
@@ -393,7 +382,7 @@ def read_cpu_ticks() -> dict[str, list[int]]:
 def test_cpu_seconds_match_proc_stat() -> None:
     hz = os.sysconf("SC_CLK_TCK")
     before = read_cpu_ticks()
-    found = samples(real_host().collect())
+    found = family_samples(real_host().collect())
     after = read_cpu_ticks()
     assert set(before) == {dict(k[1])["cpu"] for k in found
                            if k[0] == "qatoolbox_host_cpu_seconds_total"}
@@ -409,7 +398,7 @@ def test_boot_time_load_and_loopback_counters_are_real() -> None:
     btime = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                  if line.startswith("btime "))
     before = parse_net_dev(Path("/proc/net/dev").read_text())
-    found = samples(real_host().collect())
+    found = family_samples(real_host().collect())
     after = parse_net_dev(Path("/proc/net/dev").read_text())
     assert value(found, "qatoolbox_host_boot_time_seconds") == btime
     assert value(found, "qatoolbox_host_load1") == pytest.approx(os.getloadavg()[0], abs=2.0)
@@ -429,7 +418,7 @@ def read_pressure() -> dict[str, float]:
 
 def test_pressure_where_the_kernel_has_it() -> None:
     before = read_pressure()
-    found = samples(real_host().collect())
+    found = family_samples(real_host().collect())
     after = read_pressure()
     for resource in ("cpu", "memory", "io"):
         name = f"qatoolbox_host_pressure_{resource}_waiting_seconds_total"

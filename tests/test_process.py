@@ -7,12 +7,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from prometheus_client.core import Metric
 
 from exporter.collectors.process import (
     CpuAccount,
@@ -22,17 +21,7 @@ from exporter.collectors.process import (
     scan_processes,
 )
 from exporter.config import DEFAULT_PROCESS_GROUPS, ProcessConfig, ProcessGroup, Regex
-from tests.harness import wait_for
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def samples(families: Iterable[Metric]) -> Samples:
-    out: Samples = {}
-    for family in families:
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+from tests.harness import Samples, family_samples, wait_for
 
 
 def value(found: Samples, name: str, **labels: str) -> float | None:
@@ -168,7 +157,7 @@ def test_collector_on_fake_scan() -> None:
     ])
     collector = ProcessCollector(ProcessConfig(), scan=scan)  # type: ignore[arg-type]
     assert collector.name == "process"
-    found = samples(collector.collect())
+    found = family_samples(collector.collect())
     for group, n in (("web", 2), ("celery", 1), ("postgres", 0), ("redis", 0)):
         assert value(found, "qatoolbox_process_num_procs", group=group) == n, group
     assert value(found, "qatoolbox_process_cpu_seconds_total", group="web", mode="user") == 3.0
@@ -185,7 +174,7 @@ def test_collector_on_fake_scan() -> None:
 
     # the web workers die: count 0, CPU kept
     calls.append([("celery", proc(20, 8.0, 1.0, created=70.0))])
-    found = samples(collector.collect())
+    found = family_samples(collector.collect())
     assert value(found, "qatoolbox_process_num_procs", group="web") == 0
     assert value(found, "qatoolbox_process_cpu_seconds_total", group="web", mode="user") == 3.0
     assert value(found, "qatoolbox_process_cpu_seconds_total", group="celery", mode="user") == 8.0
@@ -243,7 +232,7 @@ def test_real_children_counted_then_gone(
         ProcessGroup(name="sleepers", names=(sleeper,)),
     ))
     collector = ProcessCollector(cfg)
-    found = samples(collector.collect())
+    found = family_samples(collector.collect())
     assert value(found, "qatoolbox_process_num_procs", group="burners") == 0
     assert value(found, "qatoolbox_process_num_procs", group="sleepers") == 0
 
@@ -255,7 +244,7 @@ def test_real_children_counted_then_gone(
         assert child.stdout is not None
         assert child.stdout.readline() == b"ready\n"
 
-    found = samples(collector.collect())
+    found = family_samples(collector.collect())
     assert value(found, "qatoolbox_process_num_procs", group="burners") == 2
     assert value(found, "qatoolbox_process_num_procs", group="sleepers") == 2
     user = value(found, "qatoolbox_process_cpu_seconds_total", group="burners", mode="user")
@@ -276,7 +265,7 @@ def test_real_children_counted_then_gone(
     for child in children:
         child.kill()
         child.wait(10)
-    found = samples(collector.collect())
+    found = family_samples(collector.collect())
     assert value(found, "qatoolbox_process_num_procs", group="burners") == 0
     assert value(found, "qatoolbox_process_num_procs", group="sleepers") == 0
     after_user = value(found, "qatoolbox_process_cpu_seconds_total", group="burners", mode="user")
@@ -299,11 +288,11 @@ def test_process_that_execs_into_a_group_is_counted(
     collector = ProcessCollector(cfg)
     children.append(subprocess.Popen(["sh", "-c", script]))
     wait_for(lambda: psutil.Process(children[0].pid).name() == "sh", 10, "sh to start")
-    found = samples(collector.collect())
+    found = family_samples(collector.collect())
     assert value(found, "qatoolbox_process_num_procs", group="late") == 0
     gate.touch()
     wait_for(lambda: psutil.Process(children[0].pid).name() == sleeper, 10, "the exec")
-    found = samples(collector.collect())
+    found = family_samples(collector.collect())
     assert value(found, "qatoolbox_process_num_procs", group="late") == 1
 
 

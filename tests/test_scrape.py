@@ -12,18 +12,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter import __version__
 from exporter.scrape import ScrapeRunner
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def samples(families: Iterable[Metric]) -> Samples:
-    out: Samples = {}
-    for family in families:
-        for s in family.samples:
-            key = (s.name, tuple(sorted(s.labels.items())))
-            assert key not in out, f"duplicate series {key}"
-            out[key] = s.value
-    return out
+from tests.harness import Samples, family_samples
 
 
 def success(found: Samples, name: str) -> float | None:
@@ -90,7 +79,7 @@ def hanging() -> Iterator[Hanging]:
 def test_failing_and_hanging_collectors_do_not_affect_others(hanging: Hanging) -> None:
     good, raising = Good(), Raising()
     runner = ScrapeRunner([good, raising, hanging], timeout=0.3)
-    found = samples(runner.collect())
+    found = family_samples(runner.collect())
     assert found[("test_good", ())] == 1.0
     assert success(found, "good") == 1.0
     assert success(found, "raising") == 0.0
@@ -119,7 +108,7 @@ def test_timed_out_collector_is_not_run_again_while_in_flight(hanging: Hanging) 
     runner.collect()
     assert hanging.entered.wait(5)
     for _ in range(30):
-        found = samples(runner.collect())
+        found = family_samples(runner.collect())
         assert success(found, "good") == 1.0
         assert success(found, "hanging") == 0.0
         assert found[("test_hanging_up", ())] == 0.0
@@ -132,7 +121,7 @@ def test_timed_out_collector_is_not_run_again_while_in_flight(hanging: Hanging) 
     hanging.release.set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        found = samples(runner.collect())
+        found = family_samples(runner.collect())
         if success(found, "hanging") == 1.0:
             break
         time.sleep(0.05)
@@ -192,7 +181,7 @@ def test_concurrent_callers_share_one_collection() -> None:
     assert slow.calls == 1
     assert all(r is results[0] for r in results)
     # the next scrape after the shared one runs afresh
-    found = samples(runner.collect())
+    found = family_samples(runner.collect())
     assert found[("test_slow_run", ())] == 2.0
     assert slow.calls == 2
     runner.close()
@@ -216,14 +205,14 @@ class Changing:
 def test_no_stale_series_between_scrapes() -> None:
     changing = Changing()
     runner = ScrapeRunner([changing], timeout=5)
-    found = samples(runner.collect())
+    found = family_samples(runner.collect())
     assert ("test_item", (("item", "a"),)) in found
     changing.label = "b"
-    found = samples(runner.collect())
+    found = family_samples(runner.collect())
     assert ("test_item", (("item", "b"),)) in found
     assert ("test_item", (("item", "a"),)) not in found
     changing.fail = True
-    found = samples(runner.collect())
+    found = family_samples(runner.collect())
     assert not [k for k in found if k[0] == "test_item"]
     assert success(found, "changing") == 0.0
     runner.close()
@@ -239,7 +228,7 @@ class BadFallback(Raising):
 def test_failure_metrics_that_raise_are_contained(caplog: pytest.LogCaptureFixture) -> None:
     runner = ScrapeRunner([BadFallback(), Good()], timeout=5)
     with caplog.at_level(logging.WARNING, logger="exporter.scrape"):
-        found = samples(runner.collect())
+        found = family_samples(runner.collect())
     assert success(found, "badfallback") == 0.0
     assert success(found, "good") == 1.0
     assert any(r.getMessage() == "failure_metrics raised" for r in caplog.records)
@@ -300,7 +289,7 @@ def test_every_enabled_collector_has_self_metrics_every_scrape() -> None:
     assert runner.names == names
     assert runner.outcomes() == {}
     for _ in range(3):
-        found = samples(runner.collect())
+        found = family_samples(runner.collect())
         assert {dict(k[1])["collector"] for k in found
                 if k[0] == "qatoolbox_exporter_collector_success"} == set(names)
         assert all(success(found, n) == 1.0 for n in names)
@@ -326,7 +315,7 @@ def test_collector_that_keeps_timing_out_logs_once(caplog: pytest.LogCaptureFixt
     runner = ScrapeRunner([sluggish], timeout=0.1, repeat_interval=300, clock=Clock())
     with caplog.at_level(logging.INFO, logger="exporter.scrape"):
         for _ in range(12):
-            found = samples(runner.collect())
+            found = family_samples(runner.collect())
             assert success(found, "sluggish") == 0.0
             time.sleep(0.05)
     assert sluggish.calls >= 2  # it ran again after its stuck run ended...
