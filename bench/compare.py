@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import postgres_compare  # noqa: E402
 from bench.scrape import (  # noqa: E402
     Target,
     count_series,
@@ -435,18 +436,10 @@ def app_scaling(demo: Demo, scrapes: int, quick: bool, log: Any) -> list[Point]:
 
 def create_tables(pg: PostgresServer, upto: int, have: int) -> None:
     """Tables bench_t<have+1> .. bench_t<upto> in the demo database, committing every 500."""
-    if upto <= have:
-        return
-    pg.execute(f"""
-        DO $$ BEGIN
-          FOR i IN {have + 1}..{upto} LOOP
-            EXECUTE format('CREATE TABLE bench_t%s (id int PRIMARY KEY, v text)', i);
-            IF i % 500 = 0 THEN COMMIT; END IF;
-          END LOOP;
-        END $$""", dbname="qatoolbox")
-    pg.execute(f"INSERT INTO bench_t{upto} SELECT g, 'x' FROM generate_series(1, 1000) g",
-               dbname="qatoolbox")
-    pg.execute("ANALYZE", dbname="qatoolbox")
+    if upto > have:
+        postgres_compare.create_tables(pg, upto, have, prefix="bench_t", dbname="qatoolbox",
+                                       commit_every=500)
+        pg.execute("ANALYZE", dbname="qatoolbox")
 
 
 def db_scaling(demo: Demo, scrapes: int, quick: bool, log: Any) -> list[Point]:

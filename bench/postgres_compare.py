@@ -38,19 +38,22 @@ POSTGRES_EXPORTER = "/usr/bin/prometheus-postgres-exporter"
 EXAMPLE_QUERIES = "/usr/share/doc/prometheus-postgres-exporter/examples/queries.yaml"
 
 
-def create_tables(pg: PostgresServer, upto: int, have: int) -> None:
-    """Create tables t<have+1> .. t<upto>, committing every 1000 (the lock table is finite)."""
+def create_tables(pg: PostgresServer, upto: int, have: int, *, prefix: str = "t",
+                  dbname: str = "postgres", commit_every: int = 1000) -> None:
+    """Create tables <prefix><have+1> .. <prefix><upto>, committing every commit_every (the
+    lock table is finite), with 1,000 rows in the last so that sizes differ and the top N
+    means something."""
     if upto <= have:
         return
     pg.execute(f"""
         DO $$ BEGIN
           FOR i IN {have + 1}..{upto} LOOP
-            EXECUTE format('CREATE TABLE t%s (id int PRIMARY KEY, v text)', i);
-            IF i % 1000 = 0 THEN COMMIT; END IF;
+            EXECUTE format('CREATE TABLE {prefix}%s (id int PRIMARY KEY, v text)', i);
+            IF i % {commit_every} = 0 THEN COMMIT; END IF;
           END LOOP;
-        END $$""")
-    # A little data so that sizes differ and the top N means something.
-    pg.execute(f"INSERT INTO t{upto} SELECT g, 'x' FROM generate_series(1, 1000) g")
+        END $$""", dbname=dbname)
+    pg.execute(f"INSERT INTO {prefix}{upto} SELECT g, 'x' FROM generate_series(1, 1000) g",
+               dbname=dbname)
 
 
 def _wait_metrics(url: str, proc: subprocess.Popen[bytes], needle: bytes) -> None:
