@@ -101,6 +101,19 @@ def wait_recovered(process: ExporterProcess, up_name: str, baseline: set[Any],
     assert process.proc is not None and process.proc.pid == pid and process.proc.poll() is None
 
 
+def assert_nothing_grew(process: ExporterProcess, threads: int,
+                        connections_now: Callable[[], int], connections: int,
+                        password: str) -> None:
+    """After the faults: no thread or server-connection growth, no traceback, no password."""
+    for _ in range(5):
+        timed_scrape(process)
+    assert process.threads() <= threads + 2
+    wait_for(lambda: connections_now() <= connections, 20,
+             f"at most {connections} exporter connections")
+    assert "Traceback" not in process.logs()
+    assert password not in process.logs()
+
+
 def steady(process: ExporterProcess, prefixes: tuple[str, ...], up_name: str) -> set[Any]:
     """The series set once two scrapes in a row agree (caches filled)."""
     previous: set[Any] = set()
@@ -215,13 +228,7 @@ def test_postgres_faults(postgres: PostgresServer,
     wait_recovered(process, up, baseline, prefixes, "a restart")
 
     # Nothing grew: threads, and the exporter's sessions on the server.
-    for _ in range(5):
-        timed_scrape(process)
-    assert process.threads() <= threads + 2
-    wait_for(lambda: pg_connections(pg) <= connections, 20,
-             f"at most {connections} exporter connections")
-    assert "Traceback" not in process.logs()
-    assert PG_PASSWORD not in process.logs()
+    assert_nothing_grew(process, threads, lambda: pg_connections(pg), connections, PG_PASSWORD)
 
 
 def test_postgres_refused_at_start(pg_factory: Callable[..., PostgresServer],
@@ -312,13 +319,8 @@ def test_redis_faults(redis_factory: Callable[..., RedisServer],
     seed(server)
     wait_recovered(process, up, baseline, prefixes, "a restart")
 
-    for _ in range(5):
-        timed_scrape(process)
-    assert process.threads() <= threads + 2
-    wait_for(lambda: redis_connections(server) <= connections, 20,
-             f"at most {connections} exporter connections")
-    assert "Traceback" not in process.logs()
-    assert REDIS_PASSWORD not in process.logs()
+    assert_nothing_grew(process, threads, lambda: redis_connections(server), connections,
+                        REDIS_PASSWORD)
     admin.close()
 
 
