@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -554,10 +555,20 @@ def test_inhibitions(alertmanager: AlertmanagerServer, case: str, alerts: list[d
                      inhibited: set[str], active: set[str]) -> None:
     alertmanager.post_alerts(alerts)
     instances = {a["labels"]["instance"] for a in alerts}
-    got = [a for a in alertmanager.alerts() if a["labels"]["instance"] in instances]
-    assert len(got) == len(alerts), got
     ids = inhibited | active
-    state = {key(a["labels"], ids): bool(a["status"]["inhibitedBy"]) for a in got}
+
+    def read() -> tuple[list[dict[str, Any]], dict[str, bool]]:
+        got = [a for a in alertmanager.alerts() if a["labels"]["instance"] in instances]
+        return got, {key(a["labels"], ids): bool(a["status"]["inhibitedBy"]) for a in got}
+
+    # Alertmanager learns of a new source alert through an asynchronous subscription, so a read
+    # right after the POST may not show the inhibition yet: wait for it, then check exactly.
+    deadline = time.monotonic() + 10
+    got, state = read()
+    while {k for k, v in state.items() if v} != inhibited and time.monotonic() < deadline:
+        time.sleep(0.2)
+        got, state = read()
+    assert len(got) == len(alerts), got
     assert set(state) == ids, state
     assert {k for k, v in state.items() if v} == inhibited, (case, state)
 
