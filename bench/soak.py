@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import http.client
 import os
 import re
@@ -129,16 +130,19 @@ class Scraper:
         ok, up = False, None
         try:
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            conn.request("GET", "/metrics")
+            # As Prometheus asks: gzip, so every scrape also pays for compression.
+            conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
             response = conn.getresponse()
             body = response.read()
             conn.close()
+            if response.getheader("Content-Encoding") == "gzip":
+                body = gzip.decompress(body)
             if response.status == 200:
                 # A regex, not a full parse: the client must not steal the exporter's CPU.
                 found = _POSTGRES_UP.search(body)
                 up = float(found.group(1)) if found else None
                 ok = body.endswith(b"\n") and b"qatoolbox_exporter_build_info" in body
-        except (OSError, http.client.HTTPException, ValueError):
+        except (OSError, http.client.HTTPException, ValueError, EOFError):
             ok = False
         took = time.monotonic() - started
         with self.lock:

@@ -6,11 +6,11 @@ import logging
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -19,6 +19,40 @@ from exporter import __version__
 log = logging.getLogger("exporter.scrape")
 
 _Timed = tuple[list[Metric], float]
+_K = TypeVar("_K", bound=Hashable)
+_T = TypeVar("_T")
+
+
+class SingleFlight(Generic[_K, _T]):
+    """Concurrent calls with the same key share one run of the work and its result.
+
+    A caller that arrives while a run is under way waits for it instead of starting its own,
+    so fifty scrapes waiting on a stuck collector cost one collection (and one encoded body),
+    not fifty."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[_K, Future[_T]] = {}
+
+    def run(self, key: _K, work: Callable[[], _T]) -> _T:
+        """work()'s result (or exception), from this call or from the one already running."""
+        with self._lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = Future()
+        if not leader:
+            return flight.result()
+        try:
+            result = work()
+            flight.set_result(result)
+            return result
+        except BaseException as exc:
+            flight.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                del self._flights[key]
 
 
 class Collector(Protocol):
@@ -101,8 +135,7 @@ class ScrapeRunner:
             c.name: _FailureLog(c.name, repeat_interval, clock) for c in self._collectors
         }
         self._outcomes: dict[str, Outcome] = {}
-        self._lock = threading.Lock()
-        self._flight: Future[list[Metric]] | None = None
+        self._flight: SingleFlight[None, list[Metric]] = SingleFlight()
 
     @property
     def names(self) -> list[str]:
@@ -115,23 +148,7 @@ class ScrapeRunner:
 
     def collect(self) -> list[Metric]:
         """Run every collector once, or join the collection already under way."""
-        with self._lock:
-            flight = self._flight
-            leader = flight is None
-            if flight is None:
-                flight = self._flight = Future()
-        if not leader:
-            return flight.result()
-        try:
-            families = self._run_all()
-            flight.set_result(families)
-            return families
-        except BaseException as exc:
-            flight.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._flight = None
+        return self._flight.run(None, self._run_all)
 
     def _run_all(self) -> list[Metric]:
         started = self._clock()

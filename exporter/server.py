@@ -11,7 +11,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,7 +21,7 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 
 from exporter import __version__, textformat
 from exporter.config import WebConfig, split_listen_address
-from exporter.scrape import ScrapeRunner
+from exporter.scrape import ScrapeRunner, SingleFlight
 from exporter.webconfig import WebConfigFile, WebSecurity
 
 log = logging.getLogger("exporter.server")
@@ -240,17 +240,13 @@ class _Handler(BaseHTTPRequestHandler):
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
         if encoder is generate_latest:
             encoder = textformat.generate_latest  # same bytes, a fraction of the time
+        gzipped = _accepts_gzip(self.headers.get("Accept-Encoding", ""))
         try:
-            body = encoder(self.server.registry)
+            body = self.server.exposition(encoder, gzipped)
         except Exception:
-            log.exception("scrape failed")
             self._send(500, b"Scrape failed\n", "text/plain; charset=utf-8", head)
             return
-        headers = {}
-        if _accepts_gzip(self.headers.get("Accept-Encoding", "")):
-            body = gzip.compress(body, compresslevel=1)
-            headers["Content-Encoding"] = "gzip"
-        self._send(200, body, content_type, head, headers)
+        self._send(200, body, content_type, head, {"Content-Encoding": "gzip"} if gzipped else {})
 
 
 def _accepts_gzip(header: str) -> bool:
@@ -285,6 +281,7 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         self.runner = runner
         self.registry = make_registry(runner)
         self.slots = threading.BoundedSemaphore(web.max_requests)
+        self._expositions: SingleFlight[tuple[object, bool], bytes] = SingleFlight()
         self.security = security
         # Idle keep-alive and slow clients hold a thread each: bound them too.
         self.max_connections = 2 * web.max_requests
@@ -296,6 +293,22 @@ class ExporterHTTPServer(ThreadingHTTPServer):
         """Serve this runner's collections from now on (set before serve_forever)."""
         self.runner = runner
         self.registry = make_registry(runner)
+
+    def exposition(self, encoder: Callable[[CollectorRegistry], bytes], gzipped: bool) -> bytes:
+        """The metrics body in one format. Requests that arrive while it is being built (all
+        the scrapes queued behind a stuck collector) share that body: one encoding and one
+        compression for all of them, not one each, so a burst of waiting scrapes does not
+        raise the exporter's memory high-water mark."""
+
+        def build() -> bytes:
+            try:
+                body = encoder(self.registry)
+            except Exception:
+                log.exception("scrape failed")
+                raise
+            return gzip.compress(body, compresslevel=1) if gzipped else body
+
+        return self._expositions.run((encoder, gzipped), build)
 
     def security_settings(self) -> WebSecurity:
         """The web config in force (empty without --web.config.file)."""

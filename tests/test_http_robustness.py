@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import socket
 import threading
 import time
@@ -10,8 +11,10 @@ import urllib.request
 from collections.abc import Iterable, Iterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from exporter import textformat
 from exporter.config import Duration, WebConfig
 from exporter.scrape import ScrapeRunner
 from exporter.server import MAX_HEADER_BYTES, MAX_REQUEST_LINE, ExporterHTTPServer
@@ -275,3 +278,45 @@ def _others(keep: str) -> list[str]:
     from exporter.collectors import COLLECTORS
 
     return [name for name in COLLECTORS if name not in (keep, "process")]
+
+
+def test_waiting_scrapes_share_one_encoded_body(server: Server,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scrapes queued behind a stuck collection get one body, encoded and compressed once
+    per format, not once each: a burst of waiters must not multiply the exporter's memory."""
+    encoded: list[int] = []
+    real = textformat.generate_latest
+
+    def counting(registry: CollectorRegistry) -> bytes:
+        encoded.append(1)
+        return real(registry)
+
+    monkeypatch.setattr(textformat, "generate_latest", counting)
+    server.collector.gate.clear()
+    bodies: list[tuple[int, str, bytes]] = []
+
+    def scrape(gzipped: bool) -> None:
+        req = urllib.request.Request(f"http://127.0.0.1:{server.port}/metrics",
+                                     headers={"Accept-Encoding": "gzip"} if gzipped else {})
+        with urllib.request.urlopen(req, timeout=20) as response:
+            bodies.append((response.status, response.headers.get("Content-Encoding", ""),
+                           response.read()))
+
+    first = threading.Thread(target=scrape, args=(True,))
+    first.start()
+    assert server.collector.entered.wait(10)
+    rest = [threading.Thread(target=scrape, args=(i % 2 == 0,)) for i in range(3)]
+    for thread in rest:
+        thread.start()
+    time.sleep(0.5)  # all of them wait on the stuck collection
+    server.collector.gate.set()
+    for thread in [first, *rest]:
+        thread.join(20)
+    assert len(bodies) == 4 and {status for status, _, _ in bodies} == {200}
+    zipped = [body for _, coding, body in bodies if coding == "gzip"]
+    plain = [body for _, coding, body in bodies if coding == ""]
+    assert len(zipped) == 3 and len(plain) == 1
+    assert len(set(zipped)) == 1
+    assert gzip.decompress(zipped[0]) == plain[0]
+    # One encoding for the gzip flight, one for the plain request that joined the collection.
+    assert len(encoded) == 2

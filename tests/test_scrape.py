@@ -11,7 +11,7 @@ import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter import __version__
-from exporter.scrape import ScrapeRunner
+from exporter.scrape import ScrapeRunner, SingleFlight
 from tests.harness import Samples, family_samples
 
 
@@ -322,3 +322,44 @@ def test_collector_that_keeps_timing_out_logs_once(caplog: pytest.LogCaptureFixt
     warnings = [r for r in caplog.records if r.name == "exporter.scrape"]
     assert len(warnings) == 1, [r.__dict__.get("err") for r in warnings]  # ...same failure
     runner.close()
+
+
+def test_single_flight_shares_per_key_and_shares_errors() -> None:
+    flight: SingleFlight[str, list[str]] = SingleFlight()
+    gate, entered = threading.Event(), threading.Event()
+    calls: list[str] = []
+
+    def work(key: str) -> list[str]:
+        calls.append(key)
+        entered.set()
+        gate.wait(10)
+        if key == "bad":
+            raise ValueError("bad key")
+        return [key]
+
+    results: dict[str, list[object]] = {"a": [], "b": [], "bad": []}
+
+    def call(key: str) -> None:
+        try:
+            results[key].append(flight.run(key, lambda: work(key)))
+        except ValueError as exc:
+            results[key].append(exc)
+
+    leaders = [threading.Thread(target=call, args=(key,)) for key in ("a", "b", "bad")]
+    for thread in leaders:
+        entered.clear()
+        thread.start()
+        assert entered.wait(10)
+    followers = [threading.Thread(target=call, args=(key,)) for key in ("a", "b", "bad") * 3]
+    for thread in followers:
+        thread.start()
+    time.sleep(0.3)  # the followers reach run() and wait on the leaders
+    gate.set()
+    for thread in leaders + followers:
+        thread.join(10)
+    assert sorted(calls) == ["a", "b", "bad"]  # one run per key, whatever the callers
+    assert all(r is results["a"][0] for r in results["a"]) and len(results["a"]) == 4
+    assert all(r is results["b"][0] for r in results["b"]) and len(results["b"]) == 4
+    assert len(results["bad"]) == 4 and all(isinstance(r, ValueError) for r in results["bad"])
+    # Once a run is over, the next call runs afresh.
+    assert flight.run("a", lambda: ["again"]) == ["again"]
