@@ -6,6 +6,7 @@ import gzip
 import html
 import io
 import logging
+import math
 import socket
 import ssl
 import sys
@@ -214,6 +215,12 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/healthz":
             self._send(200, b"OK\n", "text/plain; charset=utf-8", head)
             return
+        limiter = self.security.rate_limiter
+        if limiter is not None and not limiter.allow():
+            # Before the credentials check too: it also slows down password guessing.
+            self._send(429, b"Too Many Requests\n", "text/plain; charset=utf-8", head,
+                       {"Retry-After": str(max(1, math.ceil(limiter.interval)))})
+            return
         if not self.server.slots.acquire(blocking=False):
             self._send(503, b"Too many concurrent requests\n", "text/plain; charset=utf-8", head,
                        {"Retry-After": "1"})
@@ -348,7 +355,8 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # Runs in the connection's own thread: a slow TLS handshake blocks only itself.
-        context = self.security_settings().ssl_context
+        security = self.security_settings()
+        context = security.ssl_context
         if context is None:
             super().finish_request(request, client_address)
             return
@@ -360,6 +368,10 @@ class ExporterHTTPServer(ThreadingHTTPServer):
                                                      "err": type(exc).__name__})
             return
         try:
+            if not security.client_allowed(conn.getpeercert()):
+                log.debug("client certificate names no allowed SAN",
+                          extra={"client": client_address[0]})
+                return
             super().finish_request(conn, client_address)
         finally:
             conn.close()

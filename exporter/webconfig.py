@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import re
@@ -20,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from exporter.config import ConfigError, describe
+from exporter.config import ConfigError, describe, format_duration, parse_duration
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -39,13 +41,48 @@ TLS_VERSIONS = {
     "TLS12": ssl.TLSVersion.TLSv1_2,
     "TLS13": ssl.TLSVersion.TLSv1_3,
 }
-TLS_KEYS = {"cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
-            "max_version"}
-# Keys of the toolkit's format this exporter does not implement: named as such, not "unknown".
-TLS_UNSUPPORTED = {"cert", "key", "client_ca", "client_allowed_sans", "cipher_suites",
-                   "prefer_server_cipher_suites", "curve_preferences"}
-TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users"}
-TOP_UNSUPPORTED = {"rate_limit"}
+TLS_STRING_KEYS = ("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
+                   "max_version", "cert", "key", "client_ca")
+TLS_LIST_KEYS = ("cipher_suites", "curve_preferences", "client_allowed_sans")
+TLS_KEYS = {*TLS_STRING_KEYS, *TLS_LIST_KEYS, "prefer_server_cipher_suites"}
+TOP_KEYS = {"tls_server_config", "http_server_config", "basic_auth_users", "rate_limit"}
+# Go's cipher suite names (crypto/tls), as the toolkit takes them, with OpenSSL's names for the
+# TLS 1.0-1.2 suites. Go ignores the setting for TLS 1.3, and so does Python's set_ciphers():
+# the TLS 1.3 names are accepted and change nothing, as in the toolkit.
+CIPHER_SUITES: dict[str, str | None] = {
+    "TLS_RSA_WITH_RC4_128_SHA": "RC4-SHA",
+    "TLS_RSA_WITH_3DES_EDE_CBC_SHA": "DES-CBC3-SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA": "AES128-SHA",
+    "TLS_RSA_WITH_AES_256_CBC_SHA": "AES256-SHA",
+    "TLS_RSA_WITH_AES_128_CBC_SHA256": "AES128-SHA256",
+    "TLS_RSA_WITH_AES_128_GCM_SHA256": "AES128-GCM-SHA256",
+    "TLS_RSA_WITH_AES_256_GCM_SHA384": "AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_RC4_128_SHA": "ECDHE-ECDSA-RC4-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA": "ECDHE-ECDSA-AES128-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_CBC_SHA": "ECDHE-ECDSA-AES256-SHA",
+    "TLS_ECDHE_RSA_WITH_RC4_128_SHA": "ECDHE-RSA-RC4-SHA",
+    "TLS_ECDHE_RSA_WITH_3DES_EDE_CBC_SHA": "ECDHE-RSA-DES-CBC3-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA": "ECDHE-RSA-AES128-SHA",
+    "TLS_ECDHE_RSA_WITH_AES_256_CBC_SHA": "ECDHE-RSA-AES256-SHA",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_CBC_SHA256": "ECDHE-ECDSA-AES128-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_CBC_SHA256": "ECDHE-RSA-AES128-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256": "ECDHE-RSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256": "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384": "ECDHE-RSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384": "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    # Go's older aliases of the two above.
+    "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305": "ECDHE-RSA-CHACHA20-POLY1305",
+    "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305": "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "TLS_AES_128_GCM_SHA256": None,
+    "TLS_AES_256_GCM_SHA384": None,
+    "TLS_CHACHA20_POLY1305_SHA256": None,
+}
+# Go's curve names and OpenSSL's. Python's ssl module sets one key-exchange group only
+# (set_ecdh_curve), so a list of more than one cannot be honoured and is refused.
+CURVES = {"CurveP256": "prime256v1", "CurveP384": "secp384r1", "CurveP521": "secp521r1",
+          "X25519": "X25519"}
 HTTP_KEYS = {"headers", "http2"}
 # The toolkit's header set, with the values it accepts where it restricts them.
 HEADERS: dict[str, tuple[str, ...] | None] = {
@@ -64,14 +101,48 @@ RELOAD_CHECK_INTERVAL = 1.0
 
 @dataclass(frozen=True)
 class TLSSettings:
-    """The validated tls_server_config section."""
+    """The validated tls_server_config section. A certificate, key or client CA comes from a
+    file (re-read when it changes) or inline in the web config (kept out of repr and logs)."""
 
-    cert_file: str
-    key_file: str
+    cert_file: str = ""
+    key_file: str = ""
     client_ca_file: str = ""
     client_auth_type: str = "NoClientCert"
     min_version: str = "TLS12"
     max_version: str = "TLS13"
+    cert: str = field(default="", repr=False)
+    key: str = field(default="", repr=False)
+    client_ca: str = field(default="", repr=False)
+    # OpenSSL names of the TLS 1.0-1.2 suites allowed; empty for OpenSSL's defaults.
+    ciphers: tuple[str, ...] = ()
+    prefer_server_cipher_suites: bool = True
+    curve: str = ""  # OpenSSL's name of the one key-exchange group allowed, or "" for all
+    client_allowed_sans: frozenset[str] = frozenset()
+
+
+class RateLimiter:
+    """A token bucket: `burst` requests at once, then one per `interval` seconds."""
+
+    def __init__(self, interval: float, burst: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """Take a token if there is one."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(float(self.burst),
+                               self._tokens + (now - self._updated) / self.interval)
+            self._updated = now
+            if self._tokens >= 1.0:
+                self._tokens -= 1.0
+                return True
+            return False
 
 
 @dataclass(frozen=True)
@@ -83,6 +154,23 @@ class WebSecurity:
     users: Mapping[str, str] = field(default_factory=dict)
     headers: tuple[tuple[str, str], ...] = ()
     authenticator: Authenticator | None = None
+    rate_limiter: RateLimiter | None = None
+
+    def client_allowed(self, peer_cert: Mapping[str, Any] | None) -> bool:
+        """Whether a verified client certificate names an allowed SAN (always, with no list)."""
+        if self.tls is None or not self.tls.client_allowed_sans:
+            return True
+        names = {_normal_san(str(value)) for _, value in (peer_cert or {}).get(
+            "subjectAltName", ())}
+        return not names.isdisjoint(self.tls.client_allowed_sans)
+
+
+def _normal_san(value: str) -> str:
+    """IP addresses compared by value (Python writes IPv6 SANs long, Go short)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        return value
 
 
 def _mapping(value: Any, key: str, errors: list[str]) -> Mapping[Any, Any]:
@@ -95,11 +183,9 @@ def _mapping(value: Any, key: str, errors: list[str]) -> Mapping[Any, Any]:
 
 
 def _check_keys(section: Mapping[Any, Any], prefix: str, known: set[str],
-                unsupported: set[str], errors: list[str]) -> None:
+                errors: list[str]) -> None:
     for key in section:
-        if key in unsupported:
-            errors.append(f"{prefix}{key}: not supported by qatoolbox-exporter")
-        elif key not in known:
+        if key not in known:
             errors.append(f"{prefix}{key}: unknown key")
 
 
@@ -114,29 +200,51 @@ def _string(section: Mapping[Any, Any], key: str, prefix: str, errors: list[str]
     return value
 
 
+def _strings(section: Mapping[Any, Any], key: str, prefix: str,
+             errors: list[str]) -> list[str]:
+    value = section.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        errors.append(f"{prefix}{key}: expected a list of strings, got {describe(value)}")
+        return []
+    return list(value)
+
+
+def _one_of(values: dict[str, str], inline: str, file_key: str, errors: list[str], *,
+            required: bool) -> None:
+    prefix = "tls_server_config."
+    if values[inline] and values[file_key]:
+        errors.append(f"{prefix}{inline}: set together with {file_key}; use one of them")
+    elif required and not values[inline] and not values[file_key]:
+        errors.append(f"{prefix}{file_key}: required when tls_server_config is present "
+                      f"(or {inline}, inline)")
+
+
 def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
     if raw is None:
         return None
     prefix = "tls_server_config."
     section = _mapping(raw, "tls_server_config", errors)
-    _check_keys(section, prefix, TLS_KEYS, TLS_UNSUPPORTED, errors)
-    values = {key: _string(section, key, prefix, errors) for key in TLS_KEYS}
-    for key in ("cert_file", "key_file"):
-        if not values[key]:
-            errors.append(f"{prefix}{key}: required when tls_server_config is present")
+    _check_keys(section, prefix, TLS_KEYS, errors)
+    values = {key: _string(section, key, prefix, errors) for key in TLS_STRING_KEYS}
+    _one_of(values, "cert", "cert_file", errors, required=True)
+    _one_of(values, "key", "key_file", errors, required=True)
+    _one_of(values, "client_ca", "client_ca_file", errors, required=False)
+    has_ca = bool(values["client_ca_file"] or values["client_ca"])
     auth_type = values["client_auth_type"]
     if not auth_type:
         # As the toolkit does: a client CA without a policy means verified client certificates.
-        auth_type = "RequireAndVerifyClientCert" if values["client_ca_file"] else "NoClientCert"
+        auth_type = "RequireAndVerifyClientCert" if has_ca else "NoClientCert"
     if auth_type not in CLIENT_AUTH_TYPES:
         errors.append(f"{prefix}client_auth_type: expected one of "
                       f"{', '.join(CLIENT_AUTH_TYPES)}, got {describe(auth_type)}")
     elif CLIENT_AUTH_TYPES[auth_type] is None:
         errors.append(f"{prefix}client_auth_type: {auth_type} accepts unverified certificates "
                       f"and is not supported; use RequireAndVerifyClientCert")
-    elif auth_type == "NoClientCert" and values["client_ca_file"]:
+    elif auth_type == "NoClientCert" and has_ca:
         errors.append(f"{prefix}client_ca_file: set, but client_auth_type is NoClientCert")
-    elif auth_type != "NoClientCert" and not values["client_ca_file"]:
+    elif auth_type != "NoClientCert" and not has_ca:
         errors.append(f"{prefix}client_ca_file: required with client_auth_type {auth_type}")
     for key, default in (("min_version", "TLS12"), ("max_version", "TLS13")):
         values[key] = values[key] or default
@@ -151,11 +259,56 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
         # Relative paths are relative to the web config file, as in the toolkit.
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.join(base_dir, values[key])
+
+    ciphers: list[str] = []
+    for name in _strings(section, "cipher_suites", prefix, errors):
+        if name not in CIPHER_SUITES:
+            errors.append(f"{prefix}cipher_suites: unknown cipher suite {describe(name)}")
+        elif (openssl_name := CIPHER_SUITES[name]) is not None:
+            ciphers.append(openssl_name)
+    curves = _strings(section, "curve_preferences", prefix, errors)
+    curve = ""
+    if len(curves) > 1:
+        errors.append(f"{prefix}curve_preferences: Python's ssl module can allow only one "
+                      f"curve; list one of {', '.join(CURVES)}")
+    elif curves and curves[0] not in CURVES:
+        errors.append(f"{prefix}curve_preferences: expected one of {', '.join(CURVES)}, "
+                      f"got {describe(curves[0])}")
+    elif curves:
+        curve = CURVES[curves[0]]
+    sans = _strings(section, "client_allowed_sans", prefix, errors)
+    if sans and auth_type != "RequireAndVerifyClientCert":
+        errors.append(f"{prefix}client_allowed_sans: needs client_auth_type "
+                      f"RequireAndVerifyClientCert")
+    prefer = section.get("prefer_server_cipher_suites", True)
+    if prefer is None:
+        prefer = True
+    if not isinstance(prefer, bool):
+        errors.append(f"{prefix}prefer_server_cipher_suites: expected true or false, got "
+                      f"{describe(prefer)}")
+        prefer = True
     return TLSSettings(
         cert_file=values["cert_file"], key_file=values["key_file"],
         client_ca_file=values["client_ca_file"], client_auth_type=auth_type,
         min_version=values["min_version"], max_version=values["max_version"],
+        cert=values["cert"], key=values["key"], client_ca=values["client_ca"],
+        ciphers=tuple(dict.fromkeys(ciphers)), prefer_server_cipher_suites=prefer,
+        curve=curve, client_allowed_sans=frozenset(_normal_san(v) for v in sans),
     )
+
+
+def _pem_path(stack: contextlib.ExitStack, pem: str) -> str:
+    """A path to an inline PEM that OpenSSL can open: an anonymous in-memory file, so an inline
+    key never touches the disk."""
+    fd = os.memfd_create("qatoolbox-exporter-pem", os.MFD_CLOEXEC)
+    stack.callback(os.close, fd)
+    os.write(fd, pem.encode())
+    return f"/proc/self/fd/{fd}"
+
+
+def _reason(exc: ssl.SSLError | OSError) -> str:
+    # The library's reason only ("PEM lib", "key values mismatch"): never file contents.
+    return str(getattr(exc, "reason", None) or exc.strerror or type(exc).__name__)
 
 
 def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
@@ -168,27 +321,81 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     problems: list[str] = []
     for key in ("cert_file", "key_file"):
         path = getattr(tls, key)
-        if not os.access(path, os.R_OK):
+        if path and not os.access(path, os.R_OK):
             problems.append(f"{prefix}{key}: cannot read {path}")
+    unavailable = []
+    for name in tls.ciphers:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(name)
+        except ssl.SSLError:
+            unavailable.append(next(k for k, v in CIPHER_SUITES.items() if v == name))
+    if unavailable:
+        problems.append(f"{prefix}cipher_suites: not available in this OpenSSL "
+                        f"({ssl.OPENSSL_VERSION}): {', '.join(unavailable)}")
     if problems:
         raise ConfigError(problems)
-    try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    except (ssl.SSLError, OSError) as exc:
-        # The library's reason only ("PEM lib", "key values mismatch"): never file contents.
-        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
-        raise ConfigError([f"{prefix}cert_file: cannot load {tls.cert_file} with key_file "
-                           f"{tls.key_file}: {reason}"]) from None
-    if tls.client_ca_file:
+    if tls.ciphers:
+        context.set_ciphers(":".join(tls.ciphers))
+    if tls.prefer_server_cipher_suites:
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    else:
+        context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    if tls.curve:
+        context.set_ecdh_curve(tls.curve)
+    cert_name = tls.cert_file or "the inline cert"
+    key_name = tls.key_file or "the inline key"
+    with contextlib.ExitStack() as stack:
         try:
-            context.load_verify_locations(cafile=tls.client_ca_file)
+            context.load_cert_chain(tls.cert_file or _pem_path(stack, tls.cert),
+                                    tls.key_file or _pem_path(stack, tls.key))
         except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
-            raise ConfigError([f"{prefix}client_ca_file: cannot load {tls.client_ca_file}: "
-                               f"{reason}"]) from None
+            key = "cert_file" if tls.cert_file else "cert"
+            raise ConfigError([f"{prefix}{key}: cannot load {cert_name} with {key_name}: "
+                               f"{_reason(exc)}"]) from None
+    if tls.client_ca_file or tls.client_ca:
+        try:
+            if tls.client_ca_file:
+                context.load_verify_locations(cafile=tls.client_ca_file)
+            else:
+                context.load_verify_locations(cadata=tls.client_ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            key, name = (("client_ca_file", tls.client_ca_file) if tls.client_ca_file
+                         else ("client_ca", "the inline client_ca"))
+            reason = _reason(exc) if not isinstance(exc, ValueError) else "not PEM"
+            raise ConfigError([f"{prefix}{key}: cannot load {name}: {reason}"]) from None
     mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
     context.verify_mode = mode if mode is not None else ssl.CERT_REQUIRED
     return context
+
+
+def _rate_limit(raw: Any, errors: list[str]) -> RateLimiter | None:
+    if raw is None:
+        return None
+    section = _mapping(raw, "rate_limit", errors)
+    _check_keys(section, "rate_limit.", {"interval", "burst"}, errors)
+    interval_raw, burst = section.get("interval", 0), section.get("burst", 0)
+    interval = 0.0
+    if isinstance(interval_raw, str):
+        try:
+            interval = parse_duration(interval_raw)
+        except ValueError:
+            errors.append(f"rate_limit.interval: expected a duration like 1s or 100ms, got "
+                          f"{describe(interval_raw)}")
+            return None
+    elif interval_raw not in (0, None):
+        errors.append(f"rate_limit.interval: expected a duration like 1s or 100ms, got "
+                      f"{describe(interval_raw)}")
+        return None
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
+        errors.append(f"rate_limit.burst: expected a whole number, got {describe(burst)}")
+        return None
+    if interval <= 0:
+        return None  # as in the toolkit: no interval, no limit
+    if burst < 1:
+        errors.append("rate_limit.burst: must be at least 1 when an interval is set "
+                      "(0 would refuse every request)")
+        return None
+    return RateLimiter(interval, burst)
 
 
 def _users(raw: Any, errors: list[str]) -> dict[str, str]:
@@ -215,7 +422,7 @@ def _users(raw: Any, errors: list[str]) -> dict[str, str]:
 def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
     prefix = "http_server_config."
     section = _mapping(raw, "http_server_config", errors)
-    _check_keys(section, prefix, HTTP_KEYS, set(), errors)
+    _check_keys(section, prefix, HTTP_KEYS, errors)
     if "http2" in section and not isinstance(section["http2"], bool):
         errors.append(f"{prefix}http2: expected true or false, got "
                       f"{describe(section['http2'])}")
@@ -248,18 +455,19 @@ def parse_web_config(raw: Any, base_dir: str = ".") -> WebSecurity:
     if not isinstance(raw, Mapping):
         raise ConfigError([f"expected a mapping at the top level, got {describe(raw)}"])
     errors: list[str] = []
-    _check_keys(raw, "", TOP_KEYS, TOP_UNSUPPORTED, errors)
+    _check_keys(raw, "", TOP_KEYS, errors)
     # A section whose keys are all commented out (null) still asks for TLS: say what is missing.
     tls = _tls(raw["tls_server_config"] or {}, base_dir, errors) \
         if "tls_server_config" in raw else None
     users = _users(raw.get("basic_auth_users"), errors)
     headers = _http(raw.get("http_server_config"), errors)
+    limiter = _rate_limit(raw.get("rate_limit"), errors)
     if errors:
         raise ConfigError(errors)
     context = build_ssl_context(tls) if tls is not None else None
     authenticator = Authenticator(users) if users else None
     return WebSecurity(tls=tls, ssl_context=context, users=users, headers=headers,
-                       authenticator=authenticator)
+                       authenticator=authenticator, rate_limiter=limiter)
 
 
 def load_web_config(path: str) -> WebSecurity:
@@ -372,9 +580,8 @@ class WebConfigFile:
     def _files(self, security: WebSecurity) -> list[str]:
         files = [self.path]
         if security.tls is not None:
-            files += [security.tls.cert_file, security.tls.key_file]
-            if security.tls.client_ca_file:
-                files.append(security.tls.client_ca_file)
+            tls = security.tls
+            files += [f for f in (tls.cert_file, tls.key_file, tls.client_ca_file) if f]
         return files
 
     def _stat(self) -> _Fingerprint:
@@ -427,4 +634,8 @@ class WebConfigFile:
                          f"client certificates: {security.tls.client_auth_type}),")
         parts.append(f"basic auth {'on' if security.users else 'off'} "
                      f"({len(security.users)} users), {len(security.headers)} extra headers")
+        if security.rate_limiter is not None:
+            limiter = security.rate_limiter
+            parts.append(f", rate limit {limiter.burst} requests then one every "
+                         f"{format_duration(limiter.interval)}")
         return " ".join(parts)

@@ -16,12 +16,15 @@ from typing import Any
 
 import bcrypt
 import pytest
+import yaml
 
 from exporter.collectors import COLLECTORS
 from exporter.config import ConfigError
 from exporter.webconfig import (
     AUTH_CACHE_SIZE,
+    CIPHER_SUITES,
     Authenticator,
+    RateLimiter,
     WebConfigFile,
     load_web_config,
     parse_web_config,
@@ -110,10 +113,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]
     ({"http_server_config": {"header": {}}}, "http_server_config.header: unknown key"),
     ({"http_server_config": {"headers": {"X-Powered-By": "me"}}},
      "http_server_config.headers.X-Powered-By: unknown header"),
-    ({"rate_limit": {"interval": "1s", "burst": 2}},
-     "rate_limit: not supported by qatoolbox-exporter"),
-    ({"tls_server_config": {"cert": "PEM", "key_file": "b"}},
-     "tls_server_config.cert: not supported by qatoolbox-exporter"),
+    ({"rate_limit": {"interval": "1s", "bursts": 2}}, "rate_limit.bursts: unknown key"),
+    ({"rate_limit": {"interval": "soon", "burst": 2}},
+     "rate_limit.interval: expected a duration like 1s or 100ms, got \"soon\""),
+    ({"rate_limit": {"interval": 5, "burst": 2}},
+     "rate_limit.interval: expected a duration like 1s or 100ms, got 5"),
+    ({"rate_limit": {"interval": "1s", "burst": 0}}, "rate_limit.burst: must be at least 1"),
+    ({"rate_limit": {"interval": "1s", "burst": "ten"}},
+     "rate_limit.burst: expected a whole number"),
 ])
 def test_unknown_and_unsupported_keys_are_named(raw: Any, expected: str) -> None:
     assert any(p.startswith(expected) for p in problems(raw)), problems(raw)
@@ -137,6 +144,24 @@ def test_unknown_and_unsupported_keys_are_named(raw: Any, expected: str) -> None
     ({"cert_file": "c", "key_file": "k", "min_version": "TLS13", "max_version": "TLS12"},
      "tls_server_config.min_version: TLS13 is above max_version TLS12"),
     ({"cert_file": ["c"], "key_file": "k"}, "tls_server_config.cert_file: expected a string"),
+    ({"cert": "PEM", "cert_file": "c", "key_file": "k"},
+     "tls_server_config.cert: set together with cert_file; use one of them"),
+    ({"cert": "PEM"}, "tls_server_config.key_file: required when tls_server_config is present "
+                      "(or key, inline)"),
+    ({"cert_file": "c", "key_file": "k", "client_ca": "PEM", "client_ca_file": "ca"},
+     "tls_server_config.client_ca: set together with client_ca_file"),
+    ({"cert_file": "c", "key_file": "k", "client_allowed_sans": ["prometheus"]},
+     "tls_server_config.client_allowed_sans: needs client_auth_type RequireAndVerifyClientCert"),
+    ({"cert_file": "c", "key_file": "k", "client_allowed_sans": "prometheus"},
+     "tls_server_config.client_allowed_sans: expected a list of strings, got \"prometheus\""),
+    ({"cert_file": "c", "key_file": "k", "cipher_suites": ["TLS_RSA_WITH_AES_128_CBC_MD5"]},
+     "tls_server_config.cipher_suites: unknown cipher suite \"TLS_RSA_WITH_AES_128_CBC_MD5\""),
+    ({"cert_file": "c", "key_file": "k", "curve_preferences": ["CurveP256", "X25519"]},
+     "tls_server_config.curve_preferences: Python's ssl module can allow only one curve"),
+    ({"cert_file": "c", "key_file": "k", "curve_preferences": ["P256"]},
+     "tls_server_config.curve_preferences: expected one of CurveP256, CurveP384"),
+    ({"cert_file": "c", "key_file": "k", "prefer_server_cipher_suites": "yes"},
+     "tls_server_config.prefer_server_cipher_suites: expected true or false"),
 ])
 def test_tls_section_errors(tls: dict[str, Any], expected: str) -> None:
     found = problems({"tls_server_config": tls})
@@ -212,6 +237,76 @@ def test_bad_certificate_files_name_the_key(tmp_path: Path,
     assert problem.startswith("tls_server_config.cert_file: cannot load")
     # The key's bytes never end up in the message.
     assert "PRIVATE" not in problem
+
+
+def test_cipher_suite_names_match_openssl() -> None:
+    """Every Go name maps to the suite OpenSSL itself gives that standard name."""
+    listed = subprocess.run(["openssl", "ciphers", "-stdname", "ALL:COMPLEMENTOFALL"],
+                            check=True, capture_output=True, text=True).stdout
+    openssl = {line.split()[0]: line.split()[2] for line in listed.splitlines()
+               if line.startswith("TLS_")}
+    checked = 0
+    for go_name, openssl_name in CIPHER_SUITES.items():
+        standard = go_name if not go_name.endswith("POLY1305") else go_name + "_SHA256"
+        if openssl_name is None:
+            assert go_name.startswith("TLS_") and "_WITH_" not in go_name  # TLS 1.3
+            continue
+        if standard in openssl:
+            assert openssl[standard] == openssl_name, go_name
+            checked += 1
+    assert checked >= 18  # all but the RC4 and 3DES suites this OpenSSL no longer builds
+
+
+def test_tls_options_reach_the_context(tmp_path: Path,
+                                       pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    security = parse_web_config({"tls_server_config": {
+        "cert": cert.read_text(), "key": key.read_text(), "client_ca": pki["ca"][0].read_text(),
+        "client_allowed_sans": ["prometheus", "::1"], "max_version": "TLS12",
+        "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256", "TLS_AES_128_GCM_SHA256"],
+        "prefer_server_cipher_suites": False, "curve_preferences": ["CurveP384"]}})
+    assert security.tls is not None and security.ssl_context is not None
+    context = security.ssl_context
+    assert [c["name"] for c in context.get_ciphers() if c["protocol"] == "TLSv1.2"] == [
+        "ECDHE-ECDSA-AES128-GCM-SHA256"]
+    assert not context.options & ssl.OP_CIPHER_SERVER_PREFERENCE
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.cert_store_stats()["x509_ca"] == 1
+    # The inline key is not in the settings' repr (which a debug log line could print).
+    assert "PRIVATE" not in repr(security.tls) and "BEGIN" not in repr(security.tls)
+    # IPv6 SANs compare by value: Python writes them long, Go and operators short.
+    assert security.client_allowed({"subjectAltName": (("IP Address", "0:0:0:0:0:0:0:1"),)})
+    assert security.client_allowed({"subjectAltName": (("DNS", "prometheus"),)})
+    assert not security.client_allowed({"subjectAltName": (("DNS", "grafana"),)})
+    assert not security.client_allowed({})
+    unavailable = problems({"tls_server_config": {
+        "cert_file": str(cert), "key_file": str(key),
+        "cipher_suites": ["TLS_RSA_WITH_RC4_128_SHA", "TLS_RSA_WITH_AES_128_GCM_SHA256"]}})
+    assert unavailable == [
+        f"tls_server_config.cipher_suites: not available in this OpenSSL ({ssl.OPENSSL_VERSION}):"
+        " TLS_RSA_WITH_RC4_128_SHA"]
+    bad_inline = problems({"tls_server_config": {"cert": "not a certificate",
+                                                 "key": key.read_text()}})
+    assert bad_inline[0].startswith("tls_server_config.cert: cannot load the inline cert with "
+                                    "the inline key: ")
+    assert not any("PRIVATE" in p for p in bad_inline)
+
+
+def test_rate_limiter_is_a_token_bucket() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(interval=2.0, burst=3, clock=clock)
+    assert [limiter.allow() for _ in range(4)] == [True, True, True, False]
+    clock.now += 1.0
+    assert not limiter.allow()  # half a token
+    clock.now += 1.0
+    assert limiter.allow() and not limiter.allow()
+    clock.now += 100.0  # never more than burst saved up
+    assert [limiter.allow() for _ in range(4)] == [True, True, True, False]
+    security = parse_web_config({"rate_limit": {"interval": "100ms", "burst": 5}})
+    assert security.rate_limiter is not None
+    assert (security.rate_limiter.interval, security.rate_limiter.burst) == (0.1, 5)
+    # As in the toolkit, no interval means no limit.
+    assert parse_web_config({"rate_limit": {"burst": 5}}).rate_limiter is None
 
 
 def test_file_errors_carry_the_file_name(tmp_path: Path) -> None:
@@ -548,3 +643,78 @@ def test_users_added_without_restart(workdir: Path) -> None:
         assert request(process.port, "/metrics", basic("alice", "a-pw"))[0] == 401
         _write(web_file, "{}\n")
         wait_for(lambda: request(process.port, "/metrics")[0] == 200, 10, "auth turned off")
+
+
+@pytest.mark.integration
+def test_rate_limit_answers_429_but_not_on_healthz(workdir: Path) -> None:
+    hashed = bcrypt_hash("pw")
+    with exporter(workdir, "rate_limit: {interval: 1m, burst: 3}\n"
+                           f"basic_auth_users: {{alice: '{hashed}'}}\n") as process:
+        statuses = [request(process.port, "/metrics", basic("alice", "pw"))[0],
+                    request(process.port, "/metrics", basic("alice", "wrong"))[0],
+                    request(process.port, "/", basic("alice", "pw"))[0]]
+        assert statuses == [200, 401, 200]
+        # The bucket is empty: every path but /healthz, with or without credentials.
+        for path, headers in (("/metrics", basic("alice", "pw")), ("/metrics", {}),
+                              ("/nowhere", basic("alice", "wrong"))):
+            status, answer, _ = request(process.port, path, headers)
+            assert status == 429, path
+            assert answer["Retry-After"] == "60"
+        assert request(process.port, "/healthz")[0] == 200
+
+
+@pytest.mark.integration
+def test_inline_pem_client_sans_and_cipher_suites(workdir: Path,
+                                                  pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    web = {"tls_server_config": {
+        "cert": cert.read_text(), "key": key.read_text(), "client_ca": ca.read_text(),
+        "client_auth_type": "RequireAndVerifyClientCert", "client_allowed_sans": ["prometheus"],
+        "max_version": "TLS12", "cipher_suites": ["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]}}
+    (workdir / "web.yml").write_text(yaml.safe_dump(web))
+    process = ExporterProcess(workdir, args=["--web.config.file", str(workdir / "web.yml"),
+                                             "--log.level", "debug", *only_collectors("host")])
+    process.start(wait=False)
+    try:
+        good = client_context(ca, pki["client"])  # SAN DNS:prometheus
+        wait_for(lambda: request(process.port, "/healthz", context=good)[0] == 200, 20,
+                 "exporter with an inline certificate")
+        with socket.create_connection(("127.0.0.1", process.port), timeout=10) as raw, \
+                good.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert (tls.cipher() or ('',))[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+        # A client that offers only other suites gets no handshake.
+        other_suites = client_context(ca, pki["client"])
+        other_suites.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+        with pytest.raises(ssl.SSLError):
+            request(process.port, "/healthz", context=other_suites)
+
+        # A verified certificate whose SANs are not on the list is turned away.
+        (workdir / "other").mkdir()
+        grafana = make_cert(workdir / "other", "grafana", pki["ca"], san="DNS:grafana")
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            request(process.port, "/metrics", context=client_context(ca, grafana))
+        assert request(process.port, "/metrics", context=good)[0] == 200
+        # The inline key appears nowhere in the logs, even at debug level.
+        key_body = key.read_text().splitlines()[1]
+        assert key_body not in process.logs()
+        assert "client certificate names no allowed SAN" in process.logs()
+    finally:
+        process.stop()
+
+
+@pytest.mark.integration
+def test_curve_preferences_allow_one_group(workdir: Path,
+                                           pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    web = (f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+           "  curve_preferences: [CurveP384]\n")
+    with exporter(workdir, web) as process:
+        p384 = client_context(ca)
+        p384.set_ecdh_curve("secp384r1")
+        assert request(process.port, "/healthz", context=p384)[0] == 200
+        x25519 = client_context(ca)
+        x25519.set_ecdh_curve("X25519")
+        with pytest.raises(ssl.SSLError):
+            request(process.port, "/healthz", context=x25519)
