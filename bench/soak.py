@@ -16,7 +16,6 @@ PostgreSQL connections. A failed scrape is anything but a 200 with a parsable bo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import http.client
 import os
@@ -174,26 +173,6 @@ class Scraper:
         return window
 
 
-def signal_tree(pid: int, sig: int) -> None:
-    """Signal a server and its children. PostgreSQL backends call setsid(), so signalling the
-    postmaster's process group (what PostgresServer.pause does) leaves open connections
-    answering; SIGSTOP must reach every backend for a real pause."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry))
-    # Stop the parent first (no new children), resume it last.
-    order = [pid, *children] if sig == signal.SIGSTOP else [*children, pid]
-    for target in order:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(target, sig)
-
-
 def proc_status(pid: int) -> tuple[float, int, int]:
     """(RSS in MB, open files, threads) of pid."""
     rss, threads = 0.0, 0
@@ -344,10 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if phase != "alive":
                     want_paused = int((elapsed - phase_seconds) // PAUSE) % 2 == 0
                     if want_paused and not paused:
-                        signal_tree(pg.pid, signal.SIGSTOP)
+                        pg.pause()
                         paused = True
                     elif not want_paused and paused:
-                        signal_tree(pg.pid, signal.SIGCONT)
+                        pg.resume()
                         paused = False
                 if now >= next_sample:
                     next_sample += args.sample
@@ -374,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                           flush=True)
                 time.sleep(0.2)
             if paused:
-                signal_tree(pg.pid, signal.SIGCONT)
+                pg.resume()
             scraper.stop.set()
             runner.join(10)
             scraper.pool.shutdown(wait=True, cancel_futures=True)
@@ -389,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0 if scraper.total_failures == 0 and exporter.poll() is None else 1
         finally:
             scraper.stop.set()
-            signal_tree(pg.pid, signal.SIGCONT)
+            pg.resume()
             exporter.terminate()
             exporter.wait(15)
             log.close()
