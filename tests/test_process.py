@@ -129,6 +129,28 @@ def test_cpu_account_never_decreases() -> None:
         previous = now
 
 
+def test_cpu_account_remembers_a_process_missing_from_one_scan() -> None:
+    account = CpuAccount()
+    account.update([("web", proc(1, 10.0, 1.0)), ("web", proc(2, 1.0))])
+    # pid 1's cmdline could not be read this once: it is not in the scan
+    assert account.update([("web", proc(2, 1.5))]) == {"web": [11.5, 1.0]}
+    # back again: only what it used since it was last seen is added, not its 10 s again
+    assert account.update([("web", proc(1, 10.5, 1.0)), ("web", proc(2, 1.5))]) == {
+        "web": [12.0, 1.0]}
+    # gone for good: forgotten after FORGET_AFTER scans, so memory stays bounded
+    for _ in range(CpuAccount.FORGET_AFTER):
+        account.update([])
+    assert account._last == {}
+
+
+def test_cpu_account_a_lower_reading_is_not_counted_twice() -> None:
+    account = CpuAccount()
+    account.update([("web", proc(1, 5.0))])
+    account.update([("web", proc(1, 4.0))])  # a bogus lower reading
+    # back to 5.5: only the 0.5 beyond the highest reading is new CPU
+    assert account.update([("web", proc(1, 5.5))]) == {"web": [5.5, 0.0]}
+
+
 def test_cpu_account_groups_are_separate() -> None:
     account = CpuAccount()
     totals = account.update([("web", proc(1, 1.0)), ("celery", proc(2, 4.0, 1.0))])

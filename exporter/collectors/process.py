@@ -81,16 +81,21 @@ class CpuAccount:
 
     A group's counter is the CPU of the processes seen so far: each scrape adds, per live
     process, what it used since it was last seen (the whole of it for a new process). A process
-    is identified by pid and start time, so a reused pid starts a new account.
+    is identified by pid and start time, so a reused pid starts a new account. A process missing
+    from a scan (its cmdline could not be read that once) is remembered for FORGET_AFTER scans,
+    so when it comes back only its new CPU is added, not all of it again.
     """
 
+    FORGET_AFTER = 5
+
     def __init__(self) -> None:
-        self._last: dict[tuple[int, float], tuple[str, float, float]] = {}
+        # (pid, start time) -> (group, user, system, scans missed)
+        self._last: dict[tuple[int, float], tuple[str, float, float, int]] = {}
         self._totals: dict[str, list[float]] = {}
 
     def update(self, samples: Iterable[tuple[str, ProcSample]]) -> dict[str, list[float]]:
         """Fold this scrape's samples in; return {group: [user, system]} totals."""
-        seen: dict[tuple[int, float], tuple[str, float, float]] = {}
+        seen: dict[tuple[int, float], tuple[str, float, float, int]] = {}
         for group, s in samples:
             key = (s.pid, s.create_time)
             total = self._totals.setdefault(group, [0.0, 0.0])
@@ -98,10 +103,15 @@ class CpuAccount:
             if previous is not None and previous[0] == group:
                 total[0] += max(0.0, s.cpu_user - previous[1])
                 total[1] += max(0.0, s.cpu_system - previous[2])
+                user, system = max(s.cpu_user, previous[1]), max(s.cpu_system, previous[2])
             else:
                 total[0] += s.cpu_user
                 total[1] += s.cpu_system
-            seen[key] = (group, s.cpu_user, s.cpu_system)
+                user, system = s.cpu_user, s.cpu_system
+            seen[key] = (group, user, system, 0)
+        for key, (group, user, system, missed) in self._last.items():
+            if key not in seen and missed + 1 < self.FORGET_AFTER:
+                seen[key] = (group, user, system, missed + 1)
         self._last = seen
         return {g: list(v) for g, v in self._totals.items()}
 
