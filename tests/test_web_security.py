@@ -9,17 +9,21 @@ import os
 import socket
 import ssl
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import pytest
 import yaml
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors import COLLECTORS
-from exporter.config import ConfigError
+from exporter.config import ConfigError, Duration, WebConfig
+from exporter.scrape import ScrapeRunner
+from exporter.server import ExporterHTTPServer
 from exporter.webconfig import (
     AUTH_CACHE_SIZE,
     CIPHER_SUITES,
@@ -463,17 +467,20 @@ def test_reload_at_most_once_a_second_and_drops_the_cache(
 
 
 @contextlib.contextmanager
-def exporter(workdir: Path, web_yaml: str, *args: str) -> Iterator[ExporterProcess]:
-    """A real exporter with a web config file; waits for /healthz over TLS or plain HTTP."""
+def exporter(workdir: Path, web_yaml: str, *args: str, config: dict[str, Any] | None = None,
+             probe: ssl.SSLContext | None = None) -> Iterator[ExporterProcess]:
+    """A real exporter with a web config file (and optionally a config file); waits for
+    /healthz over TLS (with probe, when given) or plain HTTP."""
     (workdir / "web.yml").write_text(web_yaml)
-    process = ExporterProcess(workdir, args=["--web.config.file", str(workdir / "web.yml"),
-                                             *only_collectors("host"), *args])
+    process = ExporterProcess(workdir, config=config,
+                              args=["--web.config.file", str(workdir / "web.yml"),
+                                    *only_collectors("host"), *args])
     process.start(wait=False)
     tls = "tls_server_config" in web_yaml
 
     def healthy() -> bool:
         assert process.proc is not None and process.proc.poll() is None, process.logs()
-        context = ssl._create_unverified_context() if tls else None
+        context = probe or (ssl._create_unverified_context() if tls else None)
         return request(process.port, "/healthz", context=context)[0] == 200
 
     try:
@@ -522,35 +529,58 @@ def peer_name(port: int, ca: Path) -> str:
     return str(names[0])
 
 
+REALM = 'Basic realm="qatoolbox-exporter", charset="UTF-8"'
+
+
 @pytest.mark.integration
 def test_basic_auth_end_to_end(workdir: Path) -> None:
-    hashed = bcrypt_hash("correct horse", cost=10)
+    password = "correct horse 4b1e"
+    hashed = bcrypt_hash(password, cost=10)
     web = (f"basic_auth_users:\n  prometheus: '{hashed}'\n"
            "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
            "    X-Content-Type-Options: nosniff\n")
-    with exporter(workdir, web) as process:
-        good = basic("prometheus", "correct horse")
+    good = basic("prometheus", password)
+    wrong = [basic("prometheus", "wrong-pass-81c3"), basic("nobody", password),
+             basic("prometheus", ""), {"Authorization": "Bearer tok-55d0e"}]
+
+    def configured_headers(answer: dict[str, str]) -> bool:
+        return answer.get("X-Frame-Options") == "deny" and \
+            answer.get("X-Content-Type-Options") == "nosniff"
+
+    with exporter(workdir, web, "--log.level", "debug") as process:
         for path in ("/metrics", "/", "/no-such-page"):
-            status, headers, _ = request(process.port, path)
-            assert status == 401, path
-            assert headers["WWW-Authenticate"].startswith('Basic realm="qatoolbox-exporter"')
-            assert headers["X-Frame-Options"] == "deny"
-            for wrong in (basic("prometheus", "wrong"), basic("nobody", "correct horse"),
-                          {"Authorization": "Bearer token"}):
-                assert request(process.port, path, wrong)[0] == 401
-        status, headers, body = request(process.port, "/metrics", good)
-        assert status == 200
-        assert b"qatoolbox_exporter_collector_success" in body
-        assert headers["X-Content-Type-Options"] == "nosniff"
-        assert request(process.port, "/", good)[0] == 200
-        assert request(process.port, "/no-such-page", good)[0] == 404
+            # No credentials, then wrong ones: 401 with the challenge and the headers each time.
+            for headers in ({}, *wrong):
+                status, answer, _ = request(process.port, path, headers)
+                assert status == 401, (path, headers)
+                assert answer["WWW-Authenticate"] == REALM, (path, headers)
+                assert configured_headers(answer), (path, answer)
+        status, answer, metrics = request(process.port, "/metrics", good)
+        assert status == 200 and configured_headers(answer)
+        assert b"qatoolbox_exporter_collector_success" in metrics
+        status, answer, landing = request(process.port, "/", good)
+        assert status == 200 and configured_headers(answer)
         assert request(process.port, "/metrics", good, method="HEAD")[0] == 200
+        status, answer, _ = request(process.port, "/no-such-page", good)
+        assert status == 404 and configured_headers(answer)
+        for path in ("/metrics", "/healthz"):
+            status, answer, _ = request(process.port, path, good, method="POST")
+            assert status == 405 and answer["Allow"] == "GET, HEAD"
+            assert configured_headers(answer), answer
         # Liveness probes carry no credentials.
-        status, headers, _ = request(process.port, "/healthz")
-        assert status == 200 and headers["X-Frame-Options"] == "deny"
-        # Neither the password nor the Authorization header reaches the log.
-        assert "correct horse" not in process.logs()
-        assert good["Authorization"].split()[1] not in process.logs()
+        status, answer, _ = request(process.port, "/healthz")
+        assert status == 200 and configured_headers(answer)
+    logs = process.logs()
+    # Debug logging really was on: every request got a line.
+    assert logs.count("msg=request ") >= 20, logs[-2000:]
+    # No password (right or wrong), Authorization value or bcrypt hash in the debug log, the
+    # metrics or the landing page.
+    secrets = [password, "wrong-pass-81c3", hashed, hashed[7:29], hashed[29:], "tok-55d0e",
+               *(h["Authorization"].split()[1] for h in [good, *wrong])]
+    for where, text in (("log", logs), ("metrics", metrics.decode()),
+                        ("landing page", landing.decode())):
+        leaked = [s for s in secrets if s in text]
+        assert not leaked, (where, leaked)
 
 
 @pytest.mark.integration
@@ -602,13 +632,76 @@ def test_client_certificates_required(workdir: Path, pki: dict[str, tuple[Path, 
         wait_for(lambda: request(process.port, "/healthz", context=good)[0] == 200, 20,
                  "exporter with client certificates")
         assert request(process.port, "/metrics", context=good)[0] == 200
-        for context in (client_context(ca), client_context(ca, pki["stranger"])):
-            # TLS 1.3 reports a refused client certificate on the first read, not the handshake.
-            with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
-                request(process.port, "/metrics", context=context)
+        # /healthz too: the certificate is checked in the TLS handshake, before any path is
+        # read, so a liveness probe needs a client certificate in this mode.
+        for path in ("/metrics", "/healthz"):
+            for context in (client_context(ca), client_context(ca, pki["stranger"])):
+                assert refused(process.port, path, context), path
         assert process.proc is not None and process.proc.poll() is None
     finally:
         process.stop()
+
+
+def refused(port: int, path: str, context: ssl.SSLContext) -> bool:
+    """Whether the TLS layer turns the request away (a timeout is not a refusal)."""
+    try:
+        request(port, path, context=context)
+    except TimeoutError:
+        return False
+    except (ssl.SSLError, ConnectionError, http.client.HTTPException):
+        # TLS 1.3 reports a refused client certificate on the first read, not the handshake.
+        return True
+    return False
+
+
+@pytest.mark.integration
+def test_client_certificate_verified_if_given(workdir: Path,
+                                              pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    web = (f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+           f"  client_ca_file: {ca}\n  client_auth_type: VerifyClientCertIfGiven\n")
+    with exporter(workdir, web) as process:
+        # No certificate, or one from the trusted CA: served.
+        for context in (client_context(ca), client_context(ca, pki["client"])):
+            status, _, body = request(process.port, "/metrics", context=context)
+            assert status == 200 and b"qatoolbox_exporter_build_info" in body
+        # A certificate from a CA the exporter does not trust: refused, even on /healthz.
+        for path in ("/metrics", "/healthz"):
+            assert refused(process.port, path, client_context(ca, pki["stranger"])), path
+        assert request(process.port, "/metrics", context=client_context(ca))[0] == 200
+        assert process.proc is not None and process.proc.poll() is None
+
+
+@pytest.mark.integration
+def test_client_ca_file_rotates_without_restart(workdir: Path,
+                                                pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    (workdir / "new").mkdir()
+    new_ca = make_ca(workdir / "new", "new-ca")
+    newcomer = client_context(ca, make_cert(workdir / "new", "newcomer", new_ca,
+                                            san="DNS:prometheus"))
+    old_client = client_context(ca, pki["client"])
+    ca_file = workdir / "client-ca.pem"
+    ca_file.write_bytes(ca.read_bytes())
+    web = (f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+           f"  client_ca_file: {ca_file}\n  client_auth_type: RequireAndVerifyClientCert\n")
+    with exporter(workdir, web, probe=old_client) as process:
+        assert process.proc is not None
+        pid = process.proc.pid
+        assert refused(process.port, "/metrics", newcomer)
+        # The change-over: both CAs in the file; then the new one alone.
+        _write(ca_file, ca.read_text() + new_ca[0].read_text())
+        wait_for(lambda: request(process.port, "/metrics", context=newcomer)[0] == 200, 10,
+                 "a client of the new CA accepted")
+        assert request(process.port, "/metrics", context=old_client)[0] == 200
+        _write(ca_file, new_ca[0].read_text())
+        wait_for(lambda: refused(process.port, "/metrics", old_client), 10,
+                 "a client of the old CA refused")
+        assert request(process.port, "/metrics", context=newcomer)[0] == 200
+        assert process.proc.pid == pid and process.proc.poll() is None
+        assert "web config file reloaded" in process.logs()
 
 
 @pytest.mark.integration
@@ -625,9 +718,177 @@ def test_slow_tls_handshake_blocks_nobody(workdir: Path,
         try:
             for _ in range(3):
                 assert request(process.port, "/metrics", context=client_context(ca))[0] == 200
+            # Served while every stalled handshake was still pending (read timeout: 10 s).
+            assert all(still_open(sock) for sock in [*silent, half])
         finally:
             for sock in [*silent, half]:
                 sock.close()
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether the server has neither closed the connection nor sent anything on it yet."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+    return False
+
+
+def client_hello() -> bytes:
+    """The bytes of a real TLS ClientHello."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.integration
+def test_stalled_tls_handshakes_are_closed_after_the_read_timeout(
+        workdir: Path, pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    web = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+    with exporter(workdir, web, "--log.level", "debug",
+                  config={"web": {"read_timeout": "1s"}}) as process:
+        hello = client_hello()
+        assert len(hello) > 100
+        start = time.monotonic()
+        stalled = {name: socket.create_connection(("127.0.0.1", process.port))
+                   for name in ("silent", "half", "trickle")}
+        stalled["half"].sendall(hello[:6])  # half a ClientHello, then nothing
+        closed: dict[str, float] = {}
+        sent = 0
+        try:
+            # The trickle sends one more byte of its ClientHello every 0.2 s: a deadline per
+            # read would keep it open for 100 s; one deadline for the handshake closes it too.
+            while len(closed) < len(stalled) and time.monotonic() - start < 8:
+                if "trickle" not in closed:
+                    with contextlib.suppress(OSError):
+                        stalled["trickle"].sendall(hello[sent:sent + 1])
+                        sent += 1
+                for name, sock in stalled.items():
+                    if name not in closed and not still_open(sock):
+                        closed[name] = time.monotonic() - start
+                time.sleep(0.2)
+        finally:
+            for sock in stalled.values():
+                sock.close()
+        assert set(closed) == set(stalled), f"still open after 8 s: {set(stalled) - set(closed)}"
+        # Not before the read timeout (1 s), and the trickle was still sending when cut off.
+        assert min(closed.values()) >= 0.9, closed
+        assert sent < len(hello)
+        assert request(process.port, "/metrics", context=client_context(ca))[0] == 200
+    timeouts = 'msg="TLS handshake failed" client=127.0.0.1 err=TimeoutError'
+    assert process.logs().count(timeouts) == 3, process.logs()[-3000:]
+
+
+@pytest.mark.integration
+def test_tls_connection_cap_closes_extra_connections(
+        workdir: Path, pki: dict[str, tuple[Path, Path]]) -> None:
+    cert, key = pki["server"]
+    ca = pki["ca"][0]
+    web = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
+    # At most 2 x 1 connections; each silent one is held for the 10 s read timeout.
+    with exporter(workdir, web, "--web.max-requests", "1") as process:
+        held: list[socket.socket] = []
+
+        def two_held() -> bool:
+            # Silent connections; one refused while the start-up probe's was still counted
+            # is replaced.
+            for sock in [s for s in held if not still_open(s)]:
+                held.remove(sock)
+                sock.close()
+            while len(held) < 2:
+                held.append(socket.create_connection(("127.0.0.1", process.port)))
+            time.sleep(0.3)
+            return all(still_open(sock) for sock in held)
+
+        try:
+            wait_for(two_held, 10, "two connections held open")
+            with socket.create_connection(("127.0.0.1", process.port), timeout=10) as extra:
+                wait_for(lambda: not still_open(extra), 10, "the extra connection closed")
+                assert extra.recv(100) == b""  # closed; no plain-HTTP 503 on a TLS port
+            assert all(still_open(sock) for sock in held)
+            # The accept loop is not blocked: a real client is turned away too.
+            assert refused(process.port, "/healthz", client_context(ca))
+            assert all(still_open(sock) for sock in held)
+            held.pop().close()
+            wait_for(lambda: request(process.port, "/metrics", context=client_context(ca))[0]
+                     == 200, 10, "served again once a connection closed")
+        finally:
+            for sock in held:
+                sock.close()
+        assert process.proc is not None and process.proc.poll() is None
+
+
+class GateCollector:
+    """A collector that holds its scrape until the test opens the gate."""
+
+    name = "gate"
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def collect(self) -> Iterable[Metric]:
+        self.entered.set()
+        self.gate.wait(30)
+        family = GaugeMetricFamily("qatoolbox_test_gate", "A gate for tests.")
+        family.add_metric([], 1.0)
+        return [family]
+
+
+def raw_response(port: int, data: bytes) -> bytes:
+    """Send data on a fresh connection; everything the server answers until it closes."""
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_configured_headers_on_503_and_request_errors(tmp_path: Path) -> None:
+    (tmp_path / "web.yml").write_text(
+        "http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+    collector = GateCollector()
+    runner = ScrapeRunner([collector], timeout=30)
+    web = WebConfig(listen_address="127.0.0.1:0", max_requests=1, read_timeout=Duration(10))
+    httpd = ExporterHTTPServer(web, runner, WebConfigFile(str(tmp_path / "web.yml")))
+    server = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    server.start()
+    port = httpd.server_address[1]
+    results: list[int] = []
+    scrape = threading.Thread(target=lambda: results.append(request(port, "/metrics")[0]))
+    try:
+        scrape.start()
+        assert collector.entered.wait(10)  # the only slot is taken
+        status, headers, _ = request(port, "/")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert headers["X-Frame-Options"] == "deny"
+        collector.gate.set()
+        scrape.join(20)
+        assert results == [200]
+        assert request(port, "/")[1]["X-Frame-Options"] == "deny"
+        # Errors from the request parser: 400, 414, 431, 505.
+        for data, status in ((b"NONSENSE\r\n\r\n", 400),
+                             (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+                             (b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", 431),
+                             (b"GET / HTTP/2.0\r\n\r\n", 505)):
+            response = raw_response(port, data)
+            assert response.startswith(b"HTTP/1.1 %d " % status), response[:100]
+            assert b"\r\nX-Frame-Options: deny\r\n" in response, response[:500]
+    finally:
+        collector.gate.set()
+        httpd.shutdown()
+        httpd.server_close()
+        runner.close()
 
 
 @pytest.mark.integration
@@ -649,7 +910,8 @@ def test_users_added_without_restart(workdir: Path) -> None:
 def test_rate_limit_answers_429_but_not_on_healthz(workdir: Path) -> None:
     hashed = bcrypt_hash("pw")
     with exporter(workdir, "rate_limit: {interval: 1m, burst: 3}\n"
-                           f"basic_auth_users: {{alice: '{hashed}'}}\n") as process:
+                           f"basic_auth_users: {{alice: '{hashed}'}}\n"
+                           "http_server_config: {headers: {X-Frame-Options: deny}}\n") as process:
         statuses = [request(process.port, "/metrics", basic("alice", "pw"))[0],
                     request(process.port, "/metrics", basic("alice", "wrong"))[0],
                     request(process.port, "/", basic("alice", "pw"))[0]]
@@ -659,7 +921,7 @@ def test_rate_limit_answers_429_but_not_on_healthz(workdir: Path) -> None:
                               ("/nowhere", basic("alice", "wrong"))):
             status, answer, _ = request(process.port, path, headers)
             assert status == 429, path
-            assert answer["Retry-After"] == "60"
+            assert answer["Retry-After"] == "60" and answer["X-Frame-Options"] == "deny"
         assert request(process.port, "/healthz")[0] == 200
 
 
