@@ -30,9 +30,9 @@ log = logging.getLogger("exporter.server")
 # A scraper's request is a few hundred bytes: anything near these limits is not one.
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 8192
-_PLAIN_503 = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-              b"Content-Length: 29\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
-              b"Too many concurrent requests\n")
+_PLAIN_503_HEAD = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                   b"Content-Length: 29\r\nRetry-After: 1\r\nConnection: close\r\n")
+_PLAIN_503_BODY = b"\r\nToo many concurrent requests\n"
 
 
 class _RunnerCollector:
@@ -338,10 +338,13 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     def _refuse(self, request: socket.socket) -> None:
         # In the accept loop: never block here, a full send buffer just loses the message.
-        if self.security_settings().ssl_context is None:
+        security = self.security_settings()
+        if security.ssl_context is None:
+            # The web config's headers go on this answer too, like on every other one.
+            extra = "".join(f"{name}: {value}\r\n" for name, value in security.headers)
             try:
                 request.setblocking(False)
-                request.send(_PLAIN_503)
+                request.send(_PLAIN_503_HEAD + extra.encode("latin-1", "replace") + _PLAIN_503_BODY)
             except OSError:
                 pass
         self.shutdown_request(request)

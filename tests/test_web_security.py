@@ -884,6 +884,17 @@ def test_configured_headers_on_503_and_request_errors(tmp_path: Path) -> None:
             response = raw_response(port, data)
             assert response.startswith(b"HTTP/1.1 %d " % status), response[:100]
             assert b"\r\nX-Frame-Options: deny\r\n" in response, response[:500]
+        # Over the connection cap (2 x max_requests): the accept loop's own 503.
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        try:
+            wait_for(lambda: httpd._connections == 2, 10, "two idle connections held")
+            response = raw_response(port, b"GET / HTTP/1.1\r\n\r\n")
+            assert response.startswith(b"HTTP/1.1 503 "), response[:100]
+            assert b"\r\nX-Frame-Options: deny\r\n" in response, response[:500]
+            assert response.endswith(b"\r\n\r\nToo many concurrent requests\n")
+        finally:
+            for sock in idle:
+                sock.close()
     finally:
         collector.gate.set()
         httpd.shutdown()
