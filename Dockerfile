@@ -29,6 +29,8 @@ EXPOSE 8000
 FROM base AS exporter
 USER 10001:10001
 EXPOSE 9786
+# Plain HTTP: with TLS on in the web config, override this check (docs/reliability.md,
+# "Scraping a protected exporter", lists a probe for each client_auth_type).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9786/healthz', timeout=4)"]
 ENTRYPOINT ["qatoolbox-exporter"]
