@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from pathlib import Path
@@ -103,6 +104,37 @@ def test_dead_workers_fold_and_totals_hold(tmp_path: Path) -> None:
     assert not [n for n in os.listdir(tmp_path) if a.store.ident in n]
     assert {k: v for k, v in after.items() if k[0].startswith("qatoolbox_http_request_d")} == \
         {k: v for k, v in before.items() if k[0].startswith("qatoolbox_http_request_d")}
+
+
+def test_bare_lock_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    """A writer that died between creating its lock file and its first data file leaves only
+    the lock (or its temporary name): removed once nobody holds it, never while someone does."""
+    live = Recorder(str(tmp_path))
+    work(live, 5)
+    dead_lock = tmp_path / "4242-0123456789abcdef.lock"
+    dead_lock.write_text("")
+    old_tmp = tmp_path / ".4243-0123456789abcdef.lock.tmp"
+    old_tmp.write_text("")
+    os.utime(old_tmp, (time.time() - 120, time.time() - 120))
+    young_tmp = tmp_path / ".4244-0123456789abcdef.lock.tmp"  # a writer starting right now
+    young_tmp.write_text("")
+    held = tmp_path / "4245-0123456789abcdef.lock"  # alive: locked, no data file yet
+    held_fd = os.open(held, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(held_fd, fcntl.LOCK_EX)
+    try:
+        found = scrape(collector(tmp_path))
+        assert value(found, "qatoolbox_app_multiprocess_dir_up", dir=str(tmp_path)) == 1
+        assert total(found, "qatoolbox_http_requests_total") == 5
+        names = set(os.listdir(tmp_path))
+        assert dead_lock.name not in names and old_tmp.name not in names
+        assert {young_tmp.name, held.name, f"{live.store.ident}.lock"} <= names
+        # Without compaction nothing is deleted.
+        dead_lock.write_text("")
+        scrape(collector(tmp_path, compact=False))
+        assert dead_lock.exists()
+    finally:
+        os.close(held_fd)
+        live.close()
 
 
 def test_reused_pid_never_double_counts(tmp_path: Path) -> None:

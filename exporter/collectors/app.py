@@ -40,6 +40,8 @@ DIR_LOCK = ".qatoolbox-exporter.lock"
 MAX_ROUTES = 50
 # How long a read waits for another exporter's fold of the same folder.
 LOCK_WAIT = 1.0
+# A bare `.lock.tmp` file younger than this may belong to a writer that is starting.
+BARE_TMP_LOCK_AGE = 60.0
 LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
@@ -68,13 +70,20 @@ class _Listing:
 
     workers: dict[str, list[str]] = field(default_factory=dict)  # ident -> data file names
     foreign: list[str] = field(default_factory=list)  # plain prometheus_client files
+    # Lock files of writers without data files: a writer that died between creating its
+    # lock and its first data file leaves only these (`<ident>.lock`, `.<ident>.lock.tmp`).
+    bare_locks: list[str] = field(default_factory=list)
 
 
 def _list(directory: str) -> _Listing:
     listing = _Listing()
+    locks: dict[str, str] = {}
     for name in os.listdir(directory):
         parsed = parse_name(name)
         if parsed is None:
+            ident = name.removeprefix(".").removesuffix(".tmp").removesuffix(".lock")
+            if name.endswith((".lock", ".lock.tmp")) and is_writer_ident(ident):
+                locks[name] = ident
             continue
         ident = parsed[1]
         if ident == FOLDED_IDENT:
@@ -83,7 +92,29 @@ def _list(directory: str) -> _Listing:
             listing.workers.setdefault(ident, []).append(name)
         else:
             listing.foreign.append(name)
+    listing.bare_locks = [name for name, ident in locks.items() if ident not in listing.workers]
     return listing
+
+
+def _remove_dead_locks(directory: str, names: list[str], now: float) -> None:
+    """Delete bare lock files nobody holds. A `.tmp` one is left alone for a minute: its writer
+    may be between creating it and locking it."""
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            if name.endswith(".tmp") and now - os.stat(path).st_mtime < BARE_TMP_LOCK_AGE:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its writer lives
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def fold(directory: str, dead: list[str]) -> int:
@@ -223,12 +254,13 @@ class AppCollector:
         try:
             alive = {ident: writer_alive(directory, ident) for ident in listing.workers}
             dead = [ident for ident, live in alive.items() if not live]
-            if dead and self._compact and lock_fd is not None and _try_lock(lock_fd,
-                                                                            fcntl.LOCK_EX):
+            if (dead or listing.bare_locks) and self._compact and lock_fd is not None and \
+                    _try_lock(lock_fd, fcntl.LOCK_EX):
                 # Under the lock: another exporter may have folded these meanwhile.
                 listing = _list(directory)
                 dead = [i for i in dead if i in listing.workers]
                 self._folded[directory] += fold(directory, dead)
+                _remove_dead_locks(directory, listing.bare_locks, time.time())
                 listing = _list(directory)
                 alive = {ident: alive[ident] if ident in alive else writer_alive(directory, ident)
                          for ident in listing.workers}
