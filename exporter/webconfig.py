@@ -95,6 +95,8 @@ HEADERS: dict[str, tuple[str, ...] | None] = {
 _BCRYPT_HASH = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")
 # Successful checks remembered; more distinct working credentials than this are not expected.
 AUTH_CACHE_SIZE = 64
+# The largest rate_limit.burst (a bucket holds its tokens as a float).
+MAX_BURST = 1_000_000_000
 # How often, at most, the files' modification times are looked at.
 RELOAD_CHECK_INTERVAL = 1.0
 
@@ -211,6 +213,26 @@ def _strings(section: Mapping[Any, Any], key: str, prefix: str,
     return list(value)
 
 
+def _utf8(value: str) -> bool:
+    """Whether the text can be encoded (YAML's \\uD800 escapes make lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path_problem(path: str) -> str | None:
+    """Why a file name can never be opened (os functions raise ValueError for these)."""
+    if "\0" in path:
+        return "a file name cannot contain a NUL byte"
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError:
+        return "not a valid file name (characters that cannot be encoded)"
+    return None
+
+
 def _one_of(values: dict[str, str], inline: str, file_key: str, errors: list[str], *,
             required: bool) -> None:
     prefix = "tls_server_config."
@@ -256,9 +278,17 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
         errors.append(f"{prefix}min_version: {values['min_version']} is above max_version "
                       f"{values['max_version']}")
     for key in ("cert_file", "key_file", "client_ca_file"):
+        if values[key] and (problem := _path_problem(values[key])) is not None:
+            errors.append(f"{prefix}{key}: {problem}")
+            values[key] = ""
         # Relative paths are relative to the web config file, as in the toolkit.
         if values[key] and not os.path.isabs(values[key]):
             values[key] = os.path.join(base_dir, values[key])
+    for key in ("cert", "key", "client_ca"):
+        if not _utf8(values[key]):
+            # The value itself is never quoted: an inline key is a secret.
+            errors.append(f"{prefix}{key}: characters that cannot be encoded (not PEM text)")
+            values[key] = ""
 
     ciphers: list[str] = []
     for name in _strings(section, "cipher_suites", prefix, errors):
@@ -389,6 +419,9 @@ def _rate_limit(raw: Any, errors: list[str]) -> RateLimiter | None:
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
         errors.append(f"rate_limit.burst: expected a whole number, got {describe(burst)}")
         return None
+    if burst > MAX_BURST:
+        errors.append(f"rate_limit.burst: at most {MAX_BURST}")
+        return None
     if interval <= 0:
         return None  # as in the toolkit: no interval, no limit
     if burst < 1:
@@ -402,11 +435,14 @@ def _users(raw: Any, errors: list[str]) -> dict[str, str]:
     users: dict[str, str] = {}
     for user, hashed in _mapping(raw, "basic_auth_users", errors).items():
         key = f"basic_auth_users.{user}"
-        if not isinstance(user, str) or not user or ":" in user:
+        if not isinstance(user, str) or not user or ":" in user or not _utf8(user):
             errors.append(f"{key}: a user name is a non-empty string without \":\"")
             continue
         if not isinstance(hashed, str):
-            errors.append(f"{key}: expected a bcrypt hash, got {describe(hashed)}")
+            # A number here is most likely a plain password written instead of its hash.
+            kind = (describe(hashed) if hashed is None or isinstance(hashed, (Mapping, list))
+                    else f"a value of type {type(hashed).__name__}")
+            errors.append(f"{key}: expected a bcrypt hash, got {kind}")
             continue
         match = _BCRYPT_HASH.fullmatch(hashed)
         # The hash is not secret in the way a password is, but is still left out of errors.
@@ -440,6 +476,10 @@ def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
         if any(c in value for c in "\r\n\0"):
             errors.append(f"{key}: must be a single line")
             continue
+        if not all(" " <= c <= "~" or c == "\t" for c in value):
+            # The server writes header lines as Latin-1; anything else would fail every response.
+            errors.append(f"{key}: must be printable ASCII")
+            continue
         allowed = HEADERS[name]
         if allowed is not None and value.lower() not in allowed:
             errors.append(f"{key}: expected one of {', '.join(allowed)}, got {describe(value)}")
@@ -470,17 +510,38 @@ def parse_web_config(raw: Any, base_dir: str = ".") -> WebSecurity:
                        authenticator=authenticator, rate_limiter=limiter)
 
 
-def load_web_config(path: str) -> WebSecurity:
-    """Read and validate the web config file; every problem is prefixed with the file's name."""
+def _read_yaml(handle: Any, path: str) -> Any:
+    """The parsed document; ConfigError for anything the YAML library cannot turn into data."""
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
-    except OSError as exc:
-        raise ConfigError([f"web config file {path}: cannot read: {exc.strerror}"]) from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        return yaml.safe_load(handle)
+    except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         raise ConfigError([f"web config file {path}: invalid YAML{where}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"web config file {path}: not UTF-8 text"]) from None
+    except RecursionError:
+        raise ConfigError([f"web config file {path}: invalid YAML: nested too deeply"]) from None
+    except OSError as exc:
+        raise ConfigError([f"web config file {path}: cannot read: {exc.strerror}"]) from None
+    except Exception:
+        # PyYAML's constructors raise ValueError, AttributeError, ... for values such as
+        # `2001-13-01`, `!!int x` or a 5000-digit number. Their messages may quote the value.
+        raise ConfigError([f"web config file {path}: invalid YAML: a value that cannot be "
+                           f"converted (a bad date, number or tagged value)"]) from None
+
+
+def load_web_config(path: str) -> WebSecurity:
+    """Read and validate the web config file; every problem is prefixed with the file's name."""
+    try:
+        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigError([f"web config file {path}: cannot read: {exc.strerror}"]) from None
+    except ValueError:  # a NUL byte in the path: refused before any system call
+        raise ConfigError([f"web config file {path}: cannot read: not a valid file name"]) \
+            from None
+    with handle:
+        raw = _read_yaml(handle, path)
     try:
         return parse_web_config(raw, os.path.dirname(os.path.abspath(path)))
     except ConfigError as exc:
@@ -590,7 +651,7 @@ class WebConfigFile:
             try:
                 st = os.stat(path)
                 result.append((path, st.st_mtime_ns, st.st_size))
-            except OSError:
+            except (OSError, ValueError):
                 result.append((path, -1, -1))
         return tuple(result)
 
@@ -609,12 +670,18 @@ class WebConfigFile:
             return self._current
 
     def _reload(self, fingerprint: _Fingerprint) -> None:
+        # Runs inside a request: nothing may escape from here, or that request (and every one
+        # after it, once a second) would fail without an answer.
         try:
             security = load_web_config(self.path)
-        except ConfigError as exc:
+        except Exception as exc:  # a bug must not take the endpoint down
             self._failed = fingerprint
+            # A ConfigError names keys, never values that could be secrets; anything else is a
+            # bug whose message is unknown, so only its type is logged.
+            err = ("; ".join(exc.problems) if isinstance(exc, ConfigError)
+                   else f"cannot load: {type(exc).__name__}")
             log.error("web config file invalid; keeping the previous settings",
-                      extra={"file": self.path, "err": "; ".join(exc.problems)})
+                      extra={"file": self.path, "err": err})
             return
         self._current = security
         self._fingerprint = self._stat()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -18,7 +20,7 @@ from exporter import textformat
 from exporter.config import Duration, WebConfig
 from exporter.scrape import ScrapeRunner
 from exporter.server import MAX_HEADER_BYTES, MAX_REQUEST_LINE, ExporterHTTPServer
-from tests.harness import wait_for
+from tests.harness import ExporterProcess, wait_for
 
 
 class GateCollector:
@@ -271,7 +273,59 @@ def test_real_exporter_survives_a_malformed_request_barrage(exporter_factory) ->
     assert process.proc.poll() is None
     assert process.get("/healthz")[0] == 200
     assert process.scrape().value("qatoolbox_exporter_collector_success", collector="host") == 1
-    assert "Traceback" not in process.logs()
+    assert_no_failure_logged(process.logs())
+
+
+# A logfmt line at error level (exporter/logs.py writes `level=error`; a logged exception shows
+# as `error=<message>`, never as a traceback).
+ERROR_LINE = re.compile(r"^.*(?:^| )level=error(?: |$).*$", re.MULTILINE)
+
+
+def assert_no_failure_logged(logs: str) -> None:
+    """No error-level line ("request handler failed", "scrape failed", ...) and no traceback
+    (an exception that escaped a thread is printed by threading, not logged)."""
+    assert not ERROR_LINE.findall(logs), ERROR_LINE.findall(logs)[:5]
+    assert "Traceback" not in logs, logs[-3000:]
+
+
+@pytest.mark.integration
+def test_broken_web_config_on_reload_never_fails_a_request(
+        exporter_factory: Callable[..., ExporterProcess], workdir: Path) -> None:
+    """A web config file that breaks in any way while the exporter runs (nested too deeply for
+    the YAML parser, a NUL byte in a certificate path, a date that does not exist) is logged
+    once, and every request is still answered with the previous settings."""
+    import base64
+
+    import bcrypt
+
+    path = workdir / "web.yml"
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4)).decode()
+    path.write_text(f"basic_auth_users: {{alice: '{hashed}'}}\n")
+    process = exporter_factory(args=["--web.config.file", str(path), "--collector.host"]
+                               + [f"--no-collector.{n}" for n in _others("host")]
+                               + ["--no-collector.process"])
+    good = {"Authorization": "Basic " + base64.b64encode(b"alice:pw").decode()}
+    assert process.get("/metrics", headers=good)[0] == 200
+    assert process.get("/metrics")[0] == 401
+    broken = ["[" * 5000,
+              'tls_server_config: {cert_file: "a\\0b.pem", key_file: b.key}\n',
+              "rate_limit: {interval: 2001-13-01}\n"]
+    for number, text in enumerate(broken, start=1):
+        path.write_text(text)
+        time.sleep(1.1)  # the file is looked at, at most once a second, on a request
+        for _ in range(2):
+            assert process.get("/metrics", headers=good)[0] == 200, text[:40]
+            assert process.get("/")[0] == 401, text[:40]
+            time.sleep(0.6)
+        invalid = [line for line in process.logs().splitlines()
+                   if "web config file invalid; keeping the previous settings" in line]
+        assert len(invalid) == number, invalid  # once per broken version, not once a second
+    assert "request handler failed" not in process.logs()
+    path.write_text("{}\n")
+    wait_for(lambda: process.get("/metrics")[0] == 200, 10, "the fixed file in force")
+    # Only the three "invalid" lines are errors.
+    errors = ERROR_LINE.findall(process.logs())
+    assert len(errors) == 3 and all("web config file invalid" in line for line in errors), errors
 
 
 def _others(keep: str) -> list[str]:
