@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +79,83 @@ def family_samples(families: Iterable[Any]) -> Samples:
             assert key not in out, f"duplicate series {key}"
             out[key] = sample.value
     return out
+
+
+# --- the least-privilege role and ACL user of docs/reliability.md ------------------------------
+
+RELIABILITY_DOC = ROOT / "docs" / "reliability.md"
+EXPORTER_ROLE = "qatoolbox_exporter"
+EXPORTER_PASSWORD = "exporter-Role-pw-41c9"
+# The doc's SQL is written for the application's database, named qatoolbox.
+DOC_DATABASE = "qatoolbox"
+
+
+def documented_block(marker: str) -> str:
+    """The fenced block that follows <!-- marker --> in docs/reliability.md."""
+    text = RELIABILITY_DOC.read_text(encoding="utf-8")
+    if f"<!-- {marker} -->" not in text:
+        raise AssertionError(f"docs/reliability.md has no <!-- {marker} --> block")
+    after = text.split(f"<!-- {marker} -->", 1)[1]
+    return after.split("```", 2)[1].split("\n", 1)[1]
+
+
+def _statements(sql: str) -> list[str]:
+    """SQL text split on ';' into statements, comment lines dropped (the doc's SQL has no ';'
+    inside literals)."""
+    out = []
+    for statement in sql.split(";"):
+        lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
+        if "".join(lines).strip():
+            out.append("\n".join(lines).strip())
+    return out
+
+
+_TABLE_GRANT = re.compile(r"\bON\s+(?:TABLE\s+)?([A-Za-z_][A-Za-z0-9_]*)\s+TO\b", re.I)
+
+
+def _grant_table(statement: str) -> str | None:
+    """The table a `GRANT ... ON table TO` statement is on (None for other statements)."""
+    found = _TABLE_GRANT.search(statement)
+    return found.group(1) if found else None
+
+
+@dataclass(frozen=True)
+class RoleSql:
+    """The documented role SQL in its two parts: the cluster part (role, pg_monitor, settings,
+    CONNECT), run once anywhere, and the part the doc says to run connected to the
+    application's database: the schema grant, then one column grant per business table."""
+
+    cluster: tuple[str, ...]
+    database: tuple[str, ...]
+    tables: tuple[str, ...]  # the business tables the grants of `database` are on
+
+
+def documented_role_sql(password: str = EXPORTER_PASSWORD) -> RoleSql:
+    """docs/reliability.md's least-privilege SQL with the password set, split where the doc
+    says to connect to the application's database."""
+    sql = documented_block("least-privilege-sql")
+    if sql.count("'change-me'") != 1:
+        raise AssertionError("the documented role SQL must set the password 'change-me' once")
+    sql = sql.replace("'change-me'", "'" + password.replace("'", "''") + "'")
+    cluster_text, marker, database_text = sql.partition("-- connected to the")
+    if not marker:
+        raise AssertionError("the documented role SQL lost its '-- connected to the ... "
+                             "database:' line, which separates the per-database grants")
+    cluster = tuple(_statements(cluster_text))
+    database = tuple(_statements(database_text.split("\n", 1)[1]))
+    if not cluster[0].upper().startswith(f"CREATE ROLE {EXPORTER_ROLE.upper()} "):
+        raise AssertionError(f"the documented role SQL must start by creating {EXPORTER_ROLE}")
+    tables = tuple(t for t in map(_grant_table, database) if t)
+    return RoleSql(cluster, database, tables)
+
+
+def documented_acl_rules(password: str = EXPORTER_PASSWORD) -> list[str]:
+    """docs/reliability.md's ACL SETUSER arguments after the user name, password set."""
+    words = documented_block("least-privilege-redis").split()
+    if words[:3] != ["ACL", "SETUSER", EXPORTER_ROLE] or words.count(">change-me") != 1:
+        raise AssertionError(f"the documented ACL line must be 'ACL SETUSER {EXPORTER_ROLE} "
+                             f"... >change-me ...': {words}")
+    return [f">{password}" if w == ">change-me" else w for w in words[3:]]
 
 
 def _pg_bindir() -> Path:
@@ -254,6 +333,55 @@ class PostgresServer(_Process):
         return {"DB_HOST": "127.0.0.1", "DB_PORT": str(self.port), "DB_NAME": dbname,
                 "DB_USER": user, "DB_PASSWORD": password}
 
+    def create_exporter_role(self, dbname: str = "postgres",
+                             password: str = EXPORTER_PASSWORD) -> list[str]:
+        """Apply docs/reliability.md's least-privilege SQL, read from the doc, for the exporter
+        connecting to dbname: the role (once per cluster: skipped when it exists), pg_monitor,
+        its settings and CONNECT on dbname (the doc's `qatoolbox` database), then, connected
+        to dbname, the schema grant and the column grants on the business tables when dbname
+        has them. Run again for each database the role should reach. Returns the tables
+        granted: all of the doc's or, in a database without them, none (some but not all is
+        an error, as the doc would then be out of step with the schema)."""
+        role = documented_role_sql(password)
+        connect_grants = [s for s in role.cluster
+                          if re.search(rf"\bON DATABASE {DOC_DATABASE}\b", s)]
+        if len(connect_grants) != 1:
+            raise AssertionError(f"expected one GRANT CONNECT ON DATABASE {DOC_DATABASE}: "
+                                 f"{role.cluster}")
+        # One superuser session in dbname: the cluster part may run from any database.
+        with self.connect(dbname) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s",
+                                  (EXPORTER_ROLE,)).fetchone()
+            for index, statement in enumerate(role.cluster):
+                if not (exists and index == 0):
+                    conn.execute(re.sub(rf"\bON DATABASE {DOC_DATABASE}\b",
+                                        f'ON DATABASE "{dbname}"', statement))
+            present = {t for t in role.tables
+                       if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (t,)).fetchone()[0]}
+            if present and present != set(role.tables):
+                raise AssertionError(f"database {dbname} has only some of the documented "
+                                     f"business tables: missing "
+                                     f"{sorted(set(role.tables) - present)}")
+            for statement in role.database:
+                if _grant_table(statement) is None or present:
+                    conn.execute(statement)
+        return sorted(present)
+
+    def exporter_dsn(self, dbname: str = "postgres", password: str = EXPORTER_PASSWORD) -> str:
+        """dsn() for the documented role (create_exporter_role first)."""
+        return self.dsn(dbname, EXPORTER_ROLE, password)
+
+    def exporter_env(self, dbname: str = "postgres",
+                     password: str = EXPORTER_PASSWORD) -> dict[str, str]:
+        """env() for the documented role (create_exporter_role first)."""
+        return self.env(dbname, EXPORTER_ROLE, password)
+
+    def exporter_sessions(self) -> int:
+        """Sessions of the documented role right now, whatever their application name."""
+        rows = self.execute(f"SELECT count(*) FROM pg_stat_activity "
+                            f"WHERE usename = '{EXPORTER_ROLE}'")
+        return int(rows[0][0])
+
 
 @dataclass
 class RedisServer(_Process):
@@ -304,6 +432,26 @@ class RedisServer(_Process):
 
         params: dict[str, Any] = {"socket_timeout": 5, **kwargs}
         return redis.Redis(host="127.0.0.1", port=self.port, **params)
+
+    def create_exporter_user(self, password: str = EXPORTER_PASSWORD,
+                             admin_password: str | None = None) -> str:
+        """Run docs/reliability.md's `ACL SETUSER qatoolbox_exporter ...`, read from the doc,
+        and return a URL for that user (admin_password: the default user's, if it has one).
+        Users made at run time die with the server: run it again after a restart, as a real
+        server would have kept them in its ACL file."""
+        with contextlib.closing(self.client(password=admin_password)) as client:
+            client.execute_command("ACL", "SETUSER", EXPORTER_ROLE,
+                                   *documented_acl_rules(password))
+        return self.exporter_url(password)
+
+    def exporter_url(self, password: str = EXPORTER_PASSWORD) -> str:
+        """A redis:// URL for the documented ACL user, password in it."""
+        return (f"redis://{EXPORTER_ROLE}:{urllib.parse.quote(password, safe='')}"
+                f"@127.0.0.1:{self.port}/0")
+
+    def exporter_client(self, password: str = EXPORTER_PASSWORD, **kwargs: Any) -> Any:
+        """A redis-py client logged in as the documented ACL user (the caller closes it)."""
+        return self.client(username=EXPORTER_ROLE, password=password, **kwargs)
 
 
 def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

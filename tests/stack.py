@@ -185,7 +185,11 @@ class DemoApp:
 
 @dataclass
 class Stack:
-    """Exporter + Prometheus (+ Alertmanager) (+ throwaway PostgreSQL, Redis and demo app)."""
+    """Exporter + Prometheus (+ Alertmanager) (+ throwaway PostgreSQL, Redis and demo app).
+
+    With demo, the exporter connects as the least-privilege PostgreSQL role and Redis ACL user
+    of docs/reliability.md (made from the doc's SQL and ACL line), as an operator would run
+    it; the demo app keeps the owner and default users."""
 
     base: Path
     demo: bool = False
@@ -226,7 +230,9 @@ class Stack:
                 **self.postgres_settings}).start()
             self.redis = RedisServer(self.base, extra_args=self.redis_args).start()
             prepare_demo_database(self.postgres, self.redis, self.base)
-            env.update(demo_env(self.postgres, self.redis))
+            self.postgres.create_exporter_role("qatoolbox")
+            env.update({**self.postgres.exporter_env("qatoolbox"),
+                        "REDIS_URL": self.redis.create_exporter_user()})
             self.app = DemoApp(self.base, demo_env(self.postgres, self.redis)).start()
             app_section = dict(config.get("app", {}))
             app_section["multiprocess_dirs"] = [str(p) for p in self.app.metrics_dirs]

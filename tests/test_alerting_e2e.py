@@ -30,8 +30,11 @@ def test_postgres_down_pages_oncall_and_resolves(
     metrics_dir = workdir / "app-metrics"
     metrics_dir.mkdir()
     record_app_traffic(metrics_dir)
+    # As an operator runs it: the least-privilege role and ACL user of docs/reliability.md.
+    postgres.create_exporter_role()
     exporter = exporter_factory(config={"app": {"multiprocess_dirs": [str(metrics_dir)]}},
-                                env={**postgres.env(), "REDIS_URL": redis_server.url})
+                                env={**postgres.exporter_env(),
+                                     "REDIS_URL": redis_server.create_exporter_user()})
     instance = f"127.0.0.1:{exporter.port}"
     with WebhookReceiver() as hook:
         # The repository's configs, copied: short intervals and `for`s, webhooks pointed here.
@@ -82,6 +85,8 @@ def test_postgres_down_pages_oncall_and_resolves(
                 assert note.path == "/oncall"
                 assert alert["labels"]["instance"] == instance
                 assert alert["annotations"]["runbook_url"] == RUNBOOK
+    assert "permission denied" not in exporter.logs()
+    assert "command refused" not in exporter.logs()
 
 
 def check_recording_rules_on_real_data(prometheus: PrometheusServer, instance: str) -> None:

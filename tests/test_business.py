@@ -24,6 +24,8 @@ from exporter.config import (
     sql_problem,
 )
 from tests.harness import (
+    EXPORTER_PASSWORD,
+    EXPORTER_ROLE,
     ExporterProcess,
     PostgresServer,
     Scrape,
@@ -305,7 +307,10 @@ def test_broken_queries_fail_alone_and_change_nothing(
             "SELECT 1 AS value FROM (SELECT set_config('default_transaction_read_only', "
             "'off', false)) AS s, LATERAL (SELECT write_audit()) AS w"),
     }
-    # One connection for all, failures first: each failure must leave it usable.
+    # One connection for all, failures first: each failure must leave it usable. As the
+    # superuser on purpose: this proves the collector's own READ ONLY transactions stop the
+    # writes. The least-privilege role would be stopped earlier by its missing grants (nextval
+    # fails on the sequence's privilege before the read-only check) and prove nothing of it.
     collector = make_collector(postgres.env(), [*broken.values(), *good], concurrency=1)
     result = settled(collector, [q["metric"] for q in good] + list(broken))
 
@@ -347,6 +352,9 @@ def test_results_are_reused_within_the_interval(
     pg = pg_factory(settings={"shared_preload_libraries": "pg_stat_statements"})
     pg.execute("CREATE EXTENSION pg_stat_statements; CREATE TABLE reuse_probe (n int); "
                "CREATE TABLE refresh_probe (n int); INSERT INTO reuse_probe VALUES (1), (2);")
+    # The documented role, plus the grant docs/reliability.md asks for a custom query.
+    pg.create_exporter_role()
+    pg.execute(f"GRANT SELECT (n) ON reuse_probe, refresh_probe TO {EXPORTER_ROLE}")
 
     def calls(table: str) -> int:
         rows = pg.execute(f"SELECT coalesce(sum(calls), 0) FROM pg_stat_statements "
@@ -354,7 +362,7 @@ def test_results_are_reused_within_the_interval(
                           f"AND query NOT LIKE '%pg_stat_statements%'")
         return int(rows[0][0])
 
-    collector = make_collector(pg.env(), [
+    collector = make_collector(pg.exporter_env(), [
         query("reused", "SELECT count(*) AS value FROM reuse_probe", interval="1h"),
         query("refreshed", "SELECT count(*) AS value FROM refresh_probe", interval="200ms"),
     ])
@@ -376,7 +384,7 @@ def test_database_down_paused_and_back(
 ) -> None:
     port = free_port()
     env = {"DB_HOST": "127.0.0.1", "DB_PORT": str(port), "DB_NAME": "postgres",
-           "DB_USER": "postgres"}
+           "DB_USER": EXPORTER_ROLE, "DB_PASSWORD": EXPORTER_PASSWORD}
     names = ["one", "two", "three"]
     collector = make_collector(env, [query(n, "SELECT 1 AS value", interval="1s",
                                            timeout="500ms") for n in names])
@@ -385,6 +393,7 @@ def test_database_down_paused_and_back(
     assert result.value("qatoolbox_business_up") == 0
 
     pg = pg_factory(port=port)
+    pg.create_exporter_role()
     wait_for(lambda: scrape(collector).value(SUCCESS, query="three") == 1, 30, "recovery")
     assert scrape(collector).value("qatoolbox_business_up") == 1
 
@@ -413,8 +422,9 @@ def test_database_restart_costs_no_failure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     names = ["one", "two", "three"]
-    collector = make_collector(postgres.env(), [query(n, "SELECT 1 AS value", interval="1s")
-                                                for n in names])
+    postgres.create_exporter_role()
+    collector = make_collector(postgres.exporter_env(),
+                               [query(n, "SELECT 1 AS value", interval="1s") for n in names])
     settled(collector, names)
     # Queries only run when a scrape finds them due, so none runs during the restart; the
     # next ones meet pooled connections the restart killed.
@@ -437,8 +447,8 @@ def test_no_password_in_errors_or_logs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     secret = "Sw0rdfish-business"
-    postgres.execute(f"CREATE ROLE reader LOGIN PASSWORD '{secret}'")
-    env = postgres.env(user="reader", password=secret)
+    postgres.create_exporter_role(password=secret)
+    env = postgres.exporter_env(password=secret)
     collector = make_collector(env, [
         query("granted", "SELECT 1 AS value"),
         query("denied", "SELECT count(*) AS value FROM pg_authid"),
@@ -470,7 +480,8 @@ def test_slow_query_never_holds_up_the_scrape(
     postgres: PostgresServer, exporter_factory: Callable[..., ExporterProcess],
 ) -> None:
     others = {name: False for name in DEFAULTS if name != "business"}
-    exporter = exporter_factory(env=postgres.env(), config={
+    postgres.create_exporter_role()
+    exporter = exporter_factory(env=postgres.exporter_env(), config={
         "collectors": others,
         "scrape": {"timeout": "2s"},
         "business": {"defaults": False, "queries": [

@@ -47,9 +47,13 @@ def manage(pg: PostgresServer, *args: str, extra_env: dict[str, str] | None = No
 
 @pytest.fixture
 def demo_db(postgres: PostgresServer) -> PostgresServer:
-    """The postgres fixture with a qatoolbox database migrated by the demo's migrations."""
+    """The postgres fixture with a qatoolbox database migrated by the demo's migrations, and
+    the least-privilege role of docs/reliability.md (the doc's SQL, read from the doc), which
+    the exporter connects as: the demo app itself stays the tables' owner."""
     postgres.execute(f"CREATE DATABASE {DB}")
     manage(postgres, "migrate", "--verbosity", "0")
+    granted = postgres.create_exporter_role(DB)
+    assert len(granted) == 5, granted  # every documented grant found its table
     return postgres
 
 
@@ -62,7 +66,7 @@ def collectors() -> Iterator[list[BusinessCollector]]:
 
 
 def defaults_collector(pg: PostgresServer, made: list[BusinessCollector]) -> BusinessCollector:
-    config = load_config(None, pg.env(DB), DEFAULTS)
+    config = load_config(None, pg.exporter_env(DB), DEFAULTS)
     collector = BusinessCollector(config.business, config.postgres)
     made.append(collector)
     return collector
@@ -234,7 +238,7 @@ def test_seed_demo_views_and_exporter(
 
     # The exporter on the seeded database: every default series, consistent with the tables.
     others = {name: False for name in DEFAULTS if name != "business"}
-    exporter = exporter_factory(config={"collectors": others}, env=demo_db.env(DB))
+    exporter = exporter_factory(config={"collectors": others}, env=demo_db.exporter_env(DB))
     found: list[Scrape] = []
 
     def ready() -> bool:
@@ -242,6 +246,7 @@ def test_seed_demo_views_and_exporter(
         return all(found[0].value(SUCCESS, query=name) == 1 for name in DEFAULT_NAMES)
 
     wait_for(ready, 30, "the exporter's default queries")
+    assert "permission denied" not in exporter.logs()
     scrape = found[0]
     assert set(serve(scrape)) == set(expected_series({}))
 

@@ -30,11 +30,15 @@ def test_every_exposed_family_is_documented(
     postgres: PostgresServer, redis_server: RedisServer,
     exporter_factory: Callable[..., ExporterProcess], workdir: Path,
 ) -> None:
-    env = {**postgres.env(), "REDIS_URL": redis_server.url}
+    # As an operator runs it: the least-privilege role and ACL user of docs/reliability.md.
+    postgres.create_exporter_role()
+    env = {**postgres.exporter_env(), "REDIS_URL": redis_server.create_exporter_user()}
     exporter = exporter_factory(env=env, config={"app": {"multiprocess_dirs": [str(workdir)]}})
     scrape = exporter.scrape()
     assert scrape.value("qatoolbox_postgres_up") == 1
     assert scrape.value("qatoolbox_redis_up") == 1
+    assert "permission denied" not in exporter.logs()
+    assert "command refused" not in exporter.logs()
     exposed = _family_names(scrape.text)
     missing = sorted(exposed - documented_metric_names())
     assert not missing, f"exposed but documented nowhere (README.md, docs/*.md): {missing}"

@@ -39,6 +39,8 @@ from exporter.collectors.postgres import (
 )
 from exporter.config import ConfigError, Duration, PostgresConfig, Secret, load_config
 from tests.harness import (
+    EXPORTER_PASSWORD,
+    EXPORTER_ROLE,
     PostgresServer,
     Scrape,
     _as_postgres_user,
@@ -69,13 +71,42 @@ def config_for(pg: PostgresServer, **kwargs: Any) -> PostgresConfig:
     return PostgresConfig(**params)
 
 
+def exporter_config(pg: PostgresServer, dbname: str = "postgres", **kwargs: Any
+                    ) -> PostgresConfig:
+    """config_for the least-privilege role of docs/reliability.md, created on pg (with the
+    doc's SQL, read from the doc) for dbname."""
+    pg.create_exporter_role(dbname)
+    return config_for(pg, dbname=dbname, user=EXPORTER_ROLE,
+                      password=Secret(EXPORTER_PASSWORD), **kwargs)
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def collector(cfg: PostgresConfig, **kwargs: Any) -> Iterator[PostgresCollector]:
+def collector(cfg: PostgresConfig, refusals_expected: bool = False,
+              **kwargs: Any) -> Iterator[PostgresCollector]:
+    """A collector, closed at the end. Unless refusals_expected, a family the server refused
+    (permission denied: the role lacks a privilege the collector needs) fails the test, since
+    the collector itself only leaves the family out and logs a warning."""
     c = PostgresCollector(cfg, **kwargs)
+    warnings = _Warnings()
+    logger = logging.getLogger("exporter.collectors.postgres")
+    logger.addHandler(warnings)
     try:
         yield c
     finally:
+        logger.removeHandler(warnings)
         c.close()
+    refused = [f"{r.__dict__.get('family')}: {r.__dict__.get('err')}" for r in warnings.records
+               if "permission denied" in str(r.__dict__.get("err", ""))]
+    assert refusals_expected or not refused, f"{cfg.user} was refused: {refused}"
 
 
 def scrape(c: PostgresCollector) -> Scrape:
@@ -315,7 +346,7 @@ def test_values_match_pg_stat_database_after_a_workload(
     pg = pg_factory(settings={"autovacuum": "off"})
     pg.execute("CREATE DATABASE work")
     pg.execute("CREATE TABLE items (id int PRIMARY KEY, v int)", dbname="work")
-    with collector(config_for(pg, cache_interval=0)) as c:
+    with collector(exporter_config(pg, cache_interval=0)) as c:
         before = scrape(c)
         with pg.connect("work") as conn:
             for i in range(40):
@@ -380,7 +411,7 @@ def test_slow_query_lock_wait_and_idle_in_transaction(postgres: PostgresServer) 
                                        args=("UPDATE t SET v = 2 WHERE id = 1",))
         wait_thread.start()
         threads.append(wait_thread)
-        with collector(config_for(pg)) as c:
+        with collector(exporter_config(pg)) as c:
             wait_for(lambda: scrape(c).value("qatoolbox_postgres_lock_waits",
                                              datname="lockdb") == 1, 10, "the lock wait")
             time.sleep(max(0.0, 5.5 - (time.monotonic() - started)))
@@ -437,7 +468,7 @@ def test_pg_stat_statements_top_n_and_totals(pg_factory: Callable[..., PostgresS
         FROM pg_stat_statements WHERE queryid IS NOT NULL
         GROUP BY queryid, dbid, userid ORDER BY 4 DESC LIMIT 3"""
     totals_query = "SELECT count(*), sum(calls) FROM pg_stat_statements"
-    with collector(config_for(pg, dbname="app", top_statements=3)) as c:
+    with collector(exporter_config(pg, "app", top_statements=3)) as c:
         before = pg.execute(totals_query, dbname="app")[0]
         s = scrape(c)
         after = pg.execute(totals_query, dbname="app")[0]
@@ -467,16 +498,13 @@ def test_non_superuser_with_pg_monitor(pg_factory: Callable[..., PostgresServer]
                                        caplog: pytest.LogCaptureFixture) -> None:
     pg = pg_factory(settings={"shared_preload_libraries": "pg_stat_statements"})
     pg.execute("CREATE EXTENSION pg_stat_statements")
-    # The role docs/postgres.md tells operators to create.
-    pg.execute("CREATE ROLE qatoolbox_exporter LOGIN PASSWORD 'monitor-pass-1' "
-               "NOSUPERUSER NOCREATEDB NOCREATEROLE; "
-               "GRANT pg_monitor TO qatoolbox_exporter")
     pg.execute("CREATE TABLE visible (id int)")
     pg.execute("SELECT pg_create_physical_replication_slot('standby1', true)")
     with pg.connect() as other:  # another user's activity must be visible too
         other.execute("BEGIN")
         other.execute("SELECT 1")
-        cfg = config_for(pg, user="qatoolbox_exporter", password=Secret("monitor-pass-1"))
+        # The role of docs/reliability.md, from the doc: pg_monitor and nothing of the tables.
+        cfg = exporter_config(pg)
         with caplog.at_level(logging.INFO, "exporter.collectors.postgres"), collector(cfg) as c:
             s = scrape(c)
         other.execute("ROLLBACK")
@@ -499,10 +527,11 @@ def test_a_family_that_fails_is_left_out_and_logged_once(
     postgres: PostgresServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
     pg = postgres
-    pg.execute("CREATE ROLE plain LOGIN PASSWORD 'plain-pass-2'")
+    # The documented role, refused one view (pg_monitor grants nothing on it beyond PUBLIC's).
+    cfg = exporter_config(pg, cache_interval=0)
     pg.execute("REVOKE SELECT ON pg_catalog.pg_stat_bgwriter FROM PUBLIC")
-    cfg = config_for(pg, user="plain", password=Secret("plain-pass-2"), cache_interval=0)
-    with caplog.at_level(logging.INFO, "exporter.collectors.postgres"), collector(cfg) as c:
+    with caplog.at_level(logging.INFO, "exporter.collectors.postgres"), \
+            collector(cfg, refusals_expected=True) as c:
         first, second = scrape(c), scrape(c)
         pg.execute("GRANT SELECT ON pg_catalog.pg_stat_bgwriter TO PUBLIC")
         third = scrape(c)
@@ -525,7 +554,8 @@ def test_a_family_that_fails_is_left_out_and_logged_once(
 def test_statement_timeout_leaves_one_family_out(postgres: PostgresServer) -> None:
     pg = postgres
     pg.execute("CREATE TABLE busy (id int)")
-    with pg.connect() as locker, collector(config_for(pg, timeout=1.0, cache_interval=0)) as c:
+    cfg = exporter_config(pg, timeout=1.0, cache_interval=0)
+    with pg.connect() as locker, collector(cfg) as c:
         # An ALTER TABLE in progress: sizing the table has to wait for its lock.
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE busy IN ACCESS EXCLUSIVE MODE")
@@ -548,7 +578,7 @@ def test_expensive_families_are_cached(postgres: PostgresServer) -> None:
     def count_tables(s: Scrape) -> float | None:
         return s.value("qatoolbox_postgres_tables")
 
-    with collector(config_for(pg, cache_interval=60), clock=lambda: now[0]) as c:
+    with collector(exporter_config(pg, cache_interval=60), clock=lambda: now[0]) as c:
         first = scrape(c)
         pg.execute("CREATE TABLE newer (id int); INSERT INTO newer VALUES (1)")
         wait_for(lambda: pg.execute("SELECT tup_inserted FROM pg_stat_database "
@@ -590,7 +620,7 @@ def test_top_tables_bounded_by_total_size(postgres: PostgresServer) -> None:
     # Never analysed: the ranking falls back on live rows, once the statistics are in.
     wait_for(lambda: pg.execute("SELECT n_live_tup FROM pg_stat_user_tables "
                                 "WHERE relname = 'mid'")[0][0] == 2000, 15, "statistics")
-    with collector(config_for(pg, top_tables=2)) as c:
+    with collector(exporter_config(pg, top_tables=2)) as c:
         s = scrape(c)
     sizes = s.series("qatoolbox_postgres_table_size_bytes")
     assert sorted(lbl["table"] for _, lbl in sizes) == ["big", "mid"]
@@ -598,7 +628,7 @@ def test_top_tables_bounded_by_total_size(postgres: PostgresServer) -> None:
     expected = pg.execute("SELECT pg_total_relation_size('mid')")[0][0]
     assert s.value("qatoolbox_postgres_table_size_bytes", schema="public", table="mid") == expected
     pg.execute("ANALYZE")
-    with collector(config_for(pg, top_tables=1)) as c:
+    with collector(exporter_config(pg, top_tables=1)) as c:
         s = scrape(c)
     assert [lbl["table"] for _, lbl in s.series("qatoolbox_postgres_table_size_bytes")] == ["big"]
     assert s.value("qatoolbox_postgres_table_live_rows", schema="public", table="big") == 5000
@@ -606,7 +636,7 @@ def test_top_tables_bounded_by_total_size(postgres: PostgresServer) -> None:
 
 def test_server_restart_and_stop(postgres: PostgresServer) -> None:
     pg = postgres
-    with collector(config_for(pg)) as c:
+    with collector(exporter_config(pg)) as c:
         assert scrape(c).value("qatoolbox_postgres_up") == 1
         pg.restart()
         # The kept connection died with the old server: one retry on a fresh one, still up.
@@ -622,7 +652,7 @@ def test_server_restart_and_stop(postgres: PostgresServer) -> None:
 def test_paused_server_cut_at_the_deadline_then_recovered(postgres: PostgresServer) -> None:
     pg = postgres
     budget = 2.5
-    with collector(config_for(pg), budget=budget) as c:
+    with collector(exporter_config(pg), budget=budget) as c:
         scrape(c)
         threads = threading.active_count()
         with paused(pg):
@@ -645,6 +675,7 @@ def test_replication_on_primary_and_replica(pg_factory: Callable[..., PostgresSe
         hba.write("host replication postgres 127.0.0.1/32 trust\n")
     primary.execute("SELECT pg_reload_conf()")
     primary.execute("SELECT pg_create_physical_replication_slot('standby_slot')")
+    on_primary_cfg = exporter_config(primary)  # the role reaches the standby by replication
     datadir, sockdir = workdir / "standby", workdir / "standby-sock"
     for path in (datadir, sockdir):
         path.mkdir(mode=0o700)
@@ -670,8 +701,9 @@ def test_replication_on_primary_and_replica(pg_factory: Callable[..., PostgresSe
         wait_for(streaming, 30, "the standby to stream")
         primary.execute("CREATE TABLE replicated (id int); INSERT INTO replicated VALUES (1)")
         replica_cfg = PostgresConfig(host="127.0.0.1", port=port, dbname="postgres",
+                                     user=EXPORTER_ROLE, password=Secret(EXPORTER_PASSWORD),
                                      cache_interval=Duration(0))
-        with collector(config_for(primary)) as on_primary, collector(replica_cfg) as on_replica:
+        with collector(on_primary_cfg) as on_primary, collector(replica_cfg) as on_replica:
             wait_for(lambda: scrape(on_replica).value("qatoolbox_postgres_tables") == 1, 30,
                      "the replica to replay")
             p, r = scrape(on_primary), scrape(on_replica)

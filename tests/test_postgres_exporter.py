@@ -20,6 +20,19 @@ def postgres_series(s: Scrape) -> list[str]:
     return sorted({name for name, _ in s.series("qatoolbox_postgres_")})
 
 
+def as_exporter_role(postgres: PostgresServer) -> dict[str, str]:
+    """DB_* settings for the least-privilege role of docs/reliability.md, created on postgres
+    with the doc's SQL."""
+    postgres.create_exporter_role()
+    return postgres.exporter_env()
+
+
+def assert_never_refused(exporter: ExporterProcess) -> None:
+    """The collector leaves a family the server refused out and logs it: none was."""
+    assert "permission denied" not in exporter.logs()
+    assert "family left out" not in exporter.logs()
+
+
 def promtool_problems(text: str) -> str:
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                             text=True, check=False, timeout=60)
@@ -29,7 +42,7 @@ def promtool_problems(text: str) -> str:
 def test_down_then_up_without_restarting_the_exporter(
     postgres: PostgresServer, exporter_factory: ExporterFactory,
 ) -> None:
-    exporter = exporter_factory(env=postgres.env(), args=ONLY_POSTGRES)
+    exporter = exporter_factory(env=as_exporter_role(postgres), args=ONLY_POSTGRES)
     s = exporter.scrape()
     assert s.value("qatoolbox_postgres_up") == 1
     assert s.value("qatoolbox_exporter_collector_success", collector="postgres") == 1
@@ -52,13 +65,14 @@ def test_down_then_up_without_restarting_the_exporter(
     assert s.value("qatoolbox_postgres_up") == 1
     assert s.value("qatoolbox_postgres_connections", datname="postgres", state="active") == 0
     assert exporter_sessions(postgres) == 1
+    assert_never_refused(exporter)
 
 
 def test_paused_server_scrapes_stay_within_budget(
     postgres: PostgresServer, exporter_factory: ExporterFactory,
 ) -> None:
     budget = 1.5  # shorter than psycopg's 2 s connect floor: runs outlive the runner's budget
-    exporter = exporter_factory(env=postgres.env(),
+    exporter = exporter_factory(env=as_exporter_role(postgres),
                                 args=[*ONLY_POSTGRES, "--scrape.timeout", f"{budget}s"])
     assert exporter.scrape().value("qatoolbox_postgres_up") == 1
     threads = exporter.threads()
@@ -91,16 +105,17 @@ def test_paused_server_scrapes_stay_within_budget(
         assert exporter.scrape().value("qatoolbox_postgres_up") == 1
     assert exporter_sessions(postgres) == 1
     assert exporter.threads() <= threads + 2
+    assert_never_refused(exporter)
 
 
 def test_password_never_shown(
     postgres: PostgresServer, exporter_factory: ExporterFactory,
 ) -> None:
     right, wrong = "Rt-pass-7f3kq9", "Wr-pass-2m8xz4"
-    postgres.execute(f"CREATE ROLE app LOGIN PASSWORD '{right}'")
+    postgres.create_exporter_role(password=right)
     args = [*ONLY_POSTGRES, "--log.level", "debug"]
-    rejected = exporter_factory(env=postgres.env(user="app", password=wrong), args=args)
-    accepted = exporter_factory(env=postgres.env(user="app", password=right), args=args)
+    rejected = exporter_factory(env=postgres.exporter_env(password=wrong), args=args)
+    accepted = exporter_factory(env=postgres.exporter_env(password=right), args=args)
     assert rejected.scrape().value("qatoolbox_postgres_up") == 0
     assert accepted.scrape().value("qatoolbox_postgres_up") == 1
     assert "password authentication failed" in rejected.logs()
@@ -113,7 +128,7 @@ def test_password_never_shown(
             outputs.append(s.text)
         outputs.append(exporter.get("/")[2].decode())
         outputs.append(exporter.logs())
-    checked = run_exporter(["--config.check"], env=postgres.env(user="app", password=right))
+    checked = run_exporter(["--config.check"], env=postgres.exporter_env(password=right))
     outputs.append(checked.stdout + checked.stderr)
     for text in outputs:
         assert right not in text and wrong not in text
@@ -133,7 +148,7 @@ def test_ten_thousand_tables_stay_bounded(
           END LOOP;
         END $$""")
     postgres.execute("INSERT INTO t77 SELECT generate_series(1, 10000)")
-    exporter = exporter_factory(env=postgres.env(), args=ONLY_POSTGRES)
+    exporter = exporter_factory(env=as_exporter_role(postgres), args=ONLY_POSTGRES)
     for _ in range(2):  # the first fills the caches, the second serves from them
         s = exporter.scrape()
         assert s.value("qatoolbox_exporter_collector_success", collector="postgres") == 1
@@ -145,3 +160,4 @@ def test_ten_thousand_tables_stay_bounded(
         assert (s.value("qatoolbox_postgres_table_size_bytes", schema="public", table="t77")
                 or 0) > 8192
     assert promtool_problems(s.text) == ""
+    assert_never_refused(exporter)

@@ -17,7 +17,14 @@ from prometheus_client import CollectorRegistry, generate_latest
 from exporter.collectors import DEFAULTS
 from exporter.collectors.redis import KeyClassifier, RedisCollector
 from exporter.config import KeyGroup, RedisConfig, Secret
-from tests.harness import ExporterProcess, RedisServer, Scrape, wait_for
+from tests.harness import (
+    EXPORTER_ROLE,
+    ExporterProcess,
+    RedisServer,
+    Scrape,
+    documented_acl_rules,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,11 +95,25 @@ def info(client: Any, section: str = "everything") -> dict[str, Any]:
 def start_exporter(factory: Callable[..., ExporterProcess], server: RedisServer | None,
                    redis_cfg: dict[str, Any] | None = None, timeout: str = "2s",
                    env: dict[str, str] | None = None) -> ExporterProcess:
+    """The exporter with only the redis collector; on server, as the ACL user of
+    docs/reliability.md (created from the doc)."""
     config = {"collectors": only_redis(), "scrape": {"timeout": timeout},
               "redis": redis_cfg or {}}
-    full_env = {"REDIS_URL": server.url} if server else {}
+    full_env = {"REDIS_URL": server.create_exporter_user()} if server else {}
     full_env.update(env or {})
     return factory(config=config, env=full_env)
+
+
+def as_exporter_user(server: RedisServer, **kwargs: Any) -> RedisConfig:
+    """A RedisConfig for the ACL user of docs/reliability.md, created on server from the doc."""
+    return RedisConfig(url=Secret(server.create_exporter_user()), **kwargs)
+
+
+def assert_nothing_refused(server: RedisServer) -> None:
+    """The server refused the ACL user no command (Redis counts every NOPERM it answers, the
+    exporter's optional probes and the key group SCAN included)."""
+    with contextlib.closing(server.client()) as admin:
+        assert "errorstat_NOPERM" not in admin.info("errorstats")
 
 
 def redis_series(scrape: Scrape) -> list[str]:
@@ -118,7 +139,7 @@ def test_values_match_info_for_a_workload(redis_server: RedisServer,
     blocker = connect(redis_server)
     thread = threading.Thread(target=blocker.blpop, args=(["wake"],), kwargs={"timeout": 20})
     thread.start()
-    collector = RedisCollector(RedisConfig(url=Secret(redis_server.url), celery_queues=()), 4.0)
+    collector = RedisCollector(as_exporter_user(redis_server, celery_queues=()), 4.0)
     try:
         wait_for(lambda: client.info("clients")["blocked_clients"] == 1, 10, "BLPOP")
         clients_before = client.info("clients")["connected_clients"]
@@ -156,6 +177,7 @@ def test_values_match_info_for_a_workload(redis_server: RedisServer,
         assert scrape.value("qatoolbox_redis_master_link_up") is None
         # No celery queues configured: no lookups, no families.
         assert scrape.value("qatoolbox_celery_unacked_messages") is None
+        assert_nothing_refused(redis_server)
     finally:
         client.lpush("wake", "x")
         thread.join(10)
@@ -166,7 +188,7 @@ def test_counters_follow_resetstat_and_restart(redis_server: RedisServer,
                                                connect: Callable[..., Any]) -> None:
     client = connect(redis_server)
     client.lpush("celery", "m")
-    collector = RedisCollector(RedisConfig(url=Secret(redis_server.url)), 4.0)
+    collector = RedisCollector(as_exporter_user(redis_server), 4.0)
     try:
         for _ in range(3):
             collect(collector)
@@ -177,10 +199,13 @@ def test_counters_follow_resetstat_and_restart(redis_server: RedisServer,
         assert scrape.value("qatoolbox_redis_keyspace_misses_total") == 5
         assert scrape.value("qatoolbox_redis_keyspace_hits_total") == 0
         redis_server.restart()
+        redis_server.create_exporter_user()
         connect(redis_server).get("nothing")
         scrape = collect(collector)  # redis-py notices the closed socket and reconnects
         assert scrape.value("qatoolbox_redis_up") == 1
         assert scrape.value("qatoolbox_redis_keyspace_misses_total") == 1
+        assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") is not None
+        assert_nothing_refused(redis_server)
     finally:
         collector.close()
 
@@ -194,7 +219,8 @@ def test_replica_role_and_link(redis_factory: Callable[..., RedisServer],
     replica_client.replicaof("127.0.0.1", master.port)
     wait_for(lambda: replica_client.info("replication")["master_link_status"] == "up", 15,
              "replication link")
-    collectors = [RedisCollector(RedisConfig(url=Secret(s.url)), 4.0) for s in (master, replica)]
+    # ACL users are not replicated: one on each.
+    collectors = [RedisCollector(as_exporter_user(s), 4.0) for s in (master, replica)]
     try:
         on_master, on_replica = (collect(c) for c in collectors)
         assert on_master.value("qatoolbox_redis_connected_replicas") == 1
@@ -202,6 +228,8 @@ def test_replica_role_and_link(redis_factory: Callable[..., RedisServer],
         version = on_replica.series("qatoolbox_redis_version_info")[0][1]
         assert version["role"] == "replica"
         assert on_replica.value("qatoolbox_redis_master_link_up") == 1
+        for server in (master, replica):
+            assert_nothing_refused(server)
         master.kill()
         wait_for(lambda: collect(collectors[1]).value("qatoolbox_redis_master_link_up") == 0, 15,
                  "the replica to see its master gone")
@@ -238,6 +266,7 @@ def test_hit_ratio_not_distorted_by_scrapes(redis_server: RedisServer,
     assert scrape.value("qatoolbox_celery_queue_length", queue="celery") == 3
     assert scrape.value("qatoolbox_celery_queue_length", queue="mail") == 0
     assert scrape.value("qatoolbox_celery_unacked_messages") == 1
+    assert_nothing_refused(redis_server)
     metrics = workdir / "metrics.txt"
     metrics.write_text(scrape.text)
     lint = subprocess.run(["promtool", "check", "metrics"], input=scrape.text,
@@ -294,6 +323,7 @@ def test_key_groups_200k_keys(redis_server: RedisServer,
     assert 1000 <= partial <= 1100 + 100  # stops at the first batch past the budget
     duration = scrape.value("qatoolbox_exporter_collector_duration_seconds", collector="redis")
     assert duration is not None and duration < 2
+    assert_nothing_refused(redis_server)
 
 
 def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer,
@@ -336,8 +366,8 @@ def test_celery_queue_length_sums_priorities(redis_server: RedisServer,
     client.set("qa:mail\x06\x169", "not a list")
     client.lpush("celery", *range(100))  # unprefixed: another app's queue
     client.hset("qa:unacked", mapping={"t1": "a", "t2": "b", "t3": "c"})
-    cfg = RedisConfig(url=Secret(redis_server.url), celery_queues=("celery", "mail", "gone"),
-                      celery_key_prefix="qa:")
+    cfg = as_exporter_user(redis_server, celery_queues=("celery", "mail", "gone"),
+                           celery_key_prefix="qa:")
     collector = RedisCollector(cfg, 4.0)
     try:
         scrape = collect(collector)
@@ -347,6 +377,7 @@ def test_celery_queue_length_sums_priorities(redis_server: RedisServer,
         assert scrape.value("qatoolbox_celery_unacked_messages") == 3
         client.rpop("qa:celery\x06\x169")
         assert collect(collector).value("qatoolbox_celery_queue_length", queue="celery") == 9
+        assert_nothing_refused(redis_server)
     finally:
         collector.close()
 
@@ -371,17 +402,20 @@ def test_server_stopped_or_killed_then_back(redis_server: RedisServer,
     for _ in range(3):
         assert_down(exporter)
     redis_server.start()
+    redis_server.create_exporter_user()
     assert exporter.scrape().value("qatoolbox_redis_up") == 1
     redis_server.kill()
     assert_down(exporter)
     redis_server.start()
+    redis_server.create_exporter_user()
     scrape = exporter.scrape()
     assert scrape.value("qatoolbox_redis_up") == 1
     assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
     failures = [line for line in exporter.logs().splitlines()
                 if "collector failed" in line and "collector=redis" in line]
     assert 2 <= len(failures) <= 4, failures  # once per outage (and per distinct error)
-    assert all("redis at redis://127.0.0.1:" in line for line in failures), failures
+    where = f"redis at redis://{EXPORTER_ROLE}@127.0.0.1:"  # the user, not the password
+    assert all(where in line for line in failures), failures
 
 
 def test_server_paused(redis_server: RedisServer,
@@ -413,16 +447,22 @@ def test_server_paused(redis_server: RedisServer,
     wait_for(lambda: len(probe.client_list()) <= clients, 10,
              f"at most {clients} client connections")
     assert exporter.threads() <= threads
+    assert_nothing_refused(redis_server)
 
 
 # --- authentication ---------------------------------------------------------------------------
 
 PASSWORD = "pw-Secret-123"
 WRONG = "wrong-Pass-456"
-ACL_FULL = ("on >exp-Secret-789 resetkeys resetchannels -@all +info +slowlog|len "
-            "+latency|histogram +config|get +scan +llen +hlen %R~*")
-ACL_NO_OPTIONAL = ("on >exp-Secret-789 resetkeys resetchannels -@all +info +slowlog|len "
-                   "+scan +llen +hlen %R~*")
+ACL_PASSWORD = "exp-Secret-789"
+OPTIONAL_COMMANDS = ("+latency|histogram", "+config|get")
+
+
+def acl_without_optional_commands() -> list[str]:
+    """The documented ACL rules less the two commands docs/reliability.md calls optional."""
+    rules = documented_acl_rules(ACL_PASSWORD)
+    assert all(rule in rules for rule in OPTIONAL_COMMANDS), rules
+    return [rule for rule in rules if rule not in OPTIONAL_COMMANDS]
 
 
 def test_password_acl_and_optional_commands(redis_server: RedisServer,
@@ -432,8 +472,8 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
     # Set at run time: the harness waits for an unauthenticated PING at start.
     connect(server).config_set("requirepass", PASSWORD)
     admin = connect(server, password=PASSWORD)
-    admin.execute_command("ACL", "SETUSER", "exporter", *ACL_FULL.split())
-    admin.execute_command("ACL", "SETUSER", "limited", *ACL_NO_OPTIONAL.split())
+    server.create_exporter_user(ACL_PASSWORD, admin_password=PASSWORD)
+    admin.execute_command("ACL", "SETUSER", "limited", *acl_without_optional_commands())
     admin.lpush("celery", "m")
     base = f"127.0.0.1:{server.port}/0"
     secret_file = workdir / "redis-password"
@@ -442,7 +482,7 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
     good = start_exporter(exporter_factory, None, env={"REDIS_URL": f"redis://:{PASSWORD}@{base}"})
     wrong = start_exporter(exporter_factory, None, env={"REDIS_URL": f"redis://:{WRONG}@{base}"})
     acl = start_exporter(exporter_factory, None, {"key_scan_interval": "1s"}, env={
-        "REDIS_URL": f"redis://exporter@{base}", "REDIS_PASSWORD_FILE": str(secret_file)})
+        "REDIS_URL": f"redis://{EXPORTER_ROLE}@{base}", "REDIS_PASSWORD_FILE": str(secret_file)})
     limited = start_exporter(exporter_factory, None, env={
         "REDIS_URL": f"redis://limited:exp-Secret-789@{base}"})
 
