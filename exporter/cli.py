@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             security = WebConfigFile(config.web.config_file)
         except ConfigError as exc:
             return _invalid("web configuration", exc)
+        except Exception as exc:  # a loader bug: still one line and exit 2, no traceback
+            return _invalid("web configuration", ConfigError([
+                f"web config file {config.web.config_file}: cannot load: {type(exc).__name__}"]))
     if args.config_check:
         print("configuration ok")
         for line in summary(config):

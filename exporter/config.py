@@ -588,22 +588,33 @@ def _build(cls: type[Any], data: Any, path: str, errors: list[str]) -> Any:
 # --- loading ------------------------------------------------------------------------------------
 
 
-def read_yaml(path: str) -> Any:
-    """Read a YAML file, turning I/O and syntax errors into ConfigError."""
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """Read a YAML file; ConfigError, prefixed "<what> <path>", for anything that is not data:
+    I/O errors, syntax errors, text that is not UTF-8, nesting too deep for the parser, and the
+    values PyYAML's constructors cannot convert (`2001-13-01`, `!!int x`, a 5000-digit number),
+    for which it raises ValueError, AttributeError and the like."""
+    shown = path.replace("\0", "\\0")
+    prefix = f"{what} {shown}"
+    if "\0" in path:
+        raise ConfigError([f"{prefix}: cannot read: not a valid file name"])
     try:
         with open(path, encoding="utf-8") as handle:
             return yaml.safe_load(handle)
     except OSError as exc:
-        raise ConfigError([f"config file {path}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{prefix}: cannot read: {exc.strerror}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"config file {path}: invalid YAML{where}: {problem}"]) from None
+        raise ConfigError([f"{prefix}: invalid YAML{where}: {problem}"]) from None
     except UnicodeDecodeError:
-        raise ConfigError([f"config file {path}: not UTF-8 text"]) from None
+        raise ConfigError([f"{prefix}: not UTF-8 text"]) from None
     except RecursionError:
-        raise ConfigError([f"config file {path}: invalid YAML: nested too deeply"]) from None
+        raise ConfigError([f"{prefix}: invalid YAML: nested too deeply"]) from None
+    except Exception:
+        # The library's message may quote the value; the file may hold secrets.
+        raise ConfigError([f"{prefix}: invalid YAML: a value that cannot be converted (a bad "
+                           f"date, number or tagged value)"]) from None
 
 
 def _env_postgres(env: Mapping[str, str], section: dict[str, Any], errors: list[str]) -> None:

@@ -20,9 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from exporter.config import ConfigError, describe, format_duration, parse_duration
+from exporter.config import ConfigError, describe, format_duration, parse_duration, read_yaml
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -510,38 +508,9 @@ def parse_web_config(raw: Any, base_dir: str = ".") -> WebSecurity:
                        authenticator=authenticator, rate_limiter=limiter)
 
 
-def _read_yaml(handle: Any, path: str) -> Any:
-    """The parsed document; ConfigError for anything the YAML library cannot turn into data."""
-    try:
-        return yaml.safe_load(handle)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError([f"web config file {path}: invalid YAML{where}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"web config file {path}: not UTF-8 text"]) from None
-    except RecursionError:
-        raise ConfigError([f"web config file {path}: invalid YAML: nested too deeply"]) from None
-    except OSError as exc:
-        raise ConfigError([f"web config file {path}: cannot read: {exc.strerror}"]) from None
-    except Exception:
-        # PyYAML's constructors raise ValueError, AttributeError, ... for values such as
-        # `2001-13-01`, `!!int x` or a 5000-digit number. Their messages may quote the value.
-        raise ConfigError([f"web config file {path}: invalid YAML: a value that cannot be "
-                           f"converted (a bad date, number or tagged value)"]) from None
-
-
 def load_web_config(path: str) -> WebSecurity:
     """Read and validate the web config file; every problem is prefixed with the file's name."""
-    try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
-    except OSError as exc:
-        raise ConfigError([f"web config file {path}: cannot read: {exc.strerror}"]) from None
-    except ValueError:  # a NUL byte in the path: refused before any system call
-        raise ConfigError([f"web config file {path}: cannot read: not a valid file name"]) \
-            from None
-    with handle:
-        raw = _read_yaml(handle, path)
+    raw = read_yaml(path, "web config file")
     try:
         return parse_web_config(raw, os.path.dirname(os.path.abspath(path)))
     except ConfigError as exc:
