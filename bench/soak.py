@@ -202,13 +202,8 @@ def setup_postgres(base: Path) -> PostgresServer:
                   "--capsules", "500"]):
         subprocess.run([sys.executable, "manage.py", *args], cwd=DEMO, env=env, check=True,
                        capture_output=True, timeout=300)
-    doc = (ROOT / "docs" / "reliability.md").read_text()
-    sql = doc.split("<!-- least-privilege-sql -->", 1)[1].split("```", 2)[1].split("\n", 1)[1]
-    sql = sql.replace("'change-me'", f"'{ROLE_PASSWORD}'")
-    for statement in sql.split(";"):
-        lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
-        if "".join(lines).strip():
-            pg.execute("\n".join(lines), dbname="qatoolbox")
+    # The least-privilege role of docs/reliability.md, read from the doc.
+    pg.create_exporter_role("qatoolbox", ROLE_PASSWORD)
     return pg
 
 
@@ -291,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("DB_", "REDIS_", "PROMETHEUS_MULTIPROC"))}
         env.update(pg.env("qatoolbox", "qatoolbox_exporter", ROLE_PASSWORD))
-        env["REDIS_URL"] = redis.url
+        env["REDIS_URL"] = redis.create_exporter_user()  # the ACL user of docs/reliability.md
         config = base / "exporter.yml"
         config.write_text(f"app:\n  multiprocess_dirs: ['{app_dir}']\n"
                           "redis:\n  key_scan_interval: 10s\n")

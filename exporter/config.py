@@ -227,6 +227,10 @@ class RedisConfig:
     # Per-command series (commands_total, durations, latency histogram) for at most this many
     # commands; the rest are summed under cmd="other".
     max_command_labels: int = 30
+    # CONFIG GET slowlog-log-slower-than (and maxclients where INFO lacks it). Off by default:
+    # an ACL that allows CONFIG GET allows it for every parameter, requirepass and masterauth
+    # included, so the least-privilege user of docs/reliability.md does not have it.
+    config_get: bool = False
 
 
 MetricType = Literal["gauge", "counter"]

@@ -171,7 +171,8 @@ def test_values_match_info_for_a_workload(redis_server: RedisServer,
         assert scrape.value("qatoolbox_redis_version_info", version=server["redis_version"],
                             mode="standalone", role="master") == 1
         assert scrape.value("qatoolbox_redis_slowlog_length") == 0
-        assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") == 0.01
+        # CONFIG GET is off by default (redis.config_get): no threshold, and nothing refused.
+        assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") is None
         assert scrape.value("qatoolbox_redis_rdb_changes_since_last_save") == server[
             "rdb_changes_since_last_save"]
         assert scrape.value("qatoolbox_redis_master_link_up") is None
@@ -204,7 +205,7 @@ def test_counters_follow_resetstat_and_restart(redis_server: RedisServer,
         scrape = collect(collector)  # redis-py notices the closed socket and reconnects
         assert scrape.value("qatoolbox_redis_up") == 1
         assert scrape.value("qatoolbox_redis_keyspace_misses_total") == 1
-        assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") is not None
+        assert scrape.value("qatoolbox_redis_slowlog_length") == 0
         assert_nothing_refused(redis_server)
     finally:
         collector.close()
@@ -455,14 +456,12 @@ def test_server_paused(redis_server: RedisServer,
 PASSWORD = "pw-Secret-123"
 WRONG = "wrong-Pass-456"
 ACL_PASSWORD = "exp-Secret-789"
-OPTIONAL_COMMANDS = ("+latency|histogram", "+config|get")
-
-
-def acl_without_optional_commands() -> list[str]:
-    """The documented ACL rules less the two commands docs/reliability.md calls optional."""
+def acl_without_latency() -> list[str]:
+    """The documented ACL rules less +latency|histogram, which docs/reliability.md calls
+    optional (the documented rules never grant CONFIG GET: it reads requirepass too)."""
     rules = documented_acl_rules(ACL_PASSWORD)
-    assert all(rule in rules for rule in OPTIONAL_COMMANDS), rules
-    return [rule for rule in rules if rule not in OPTIONAL_COMMANDS]
+    assert "+latency|histogram" in rules and "+config|get" not in rules, rules
+    return [rule for rule in rules if rule != "+latency|histogram"]
 
 
 def test_password_acl_and_optional_commands(redis_server: RedisServer,
@@ -473,7 +472,10 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
     connect(server).config_set("requirepass", PASSWORD)
     admin = connect(server, password=PASSWORD)
     server.create_exporter_user(ACL_PASSWORD, admin_password=PASSWORD)
-    admin.execute_command("ACL", "SETUSER", "limited", *acl_without_optional_commands())
+    admin.execute_command("ACL", "SETUSER", "limited", *acl_without_latency())
+    # An operator who opts in to CONFIG GET grants it on top of the documented rules.
+    admin.execute_command("ACL", "SETUSER", "opted", *documented_acl_rules(ACL_PASSWORD),
+                          "+config|get")
     admin.lpush("celery", "m")
     base = f"127.0.0.1:{server.port}/0"
     secret_file = workdir / "redis-password"
@@ -483,8 +485,11 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
     wrong = start_exporter(exporter_factory, None, env={"REDIS_URL": f"redis://:{WRONG}@{base}"})
     acl = start_exporter(exporter_factory, None, {"key_scan_interval": "1s"}, env={
         "REDIS_URL": f"redis://{EXPORTER_ROLE}@{base}", "REDIS_PASSWORD_FILE": str(secret_file)})
-    limited = start_exporter(exporter_factory, None, env={
+    # redis.config_get on, but neither CONFIG GET nor LATENCY allowed: both probes refused.
+    limited = start_exporter(exporter_factory, None, {"config_get": True}, env={
         "REDIS_URL": f"redis://limited:exp-Secret-789@{base}"})
+    opted = start_exporter(exporter_factory, None, {"config_get": True}, env={
+        "REDIS_URL": f"redis://opted:exp-Secret-789@{base}"})
 
     assert good.scrape().value("qatoolbox_redis_up") == 1
     for _ in range(3):
@@ -493,7 +498,7 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
     failures = [line for line in wrong.logs().splitlines() if "collector=redis" in line]
     assert len(failures) == 1, failures
     assert "AuthenticationError" in failures[0] and "redis at redis://127.0.0.1:" in failures[0]
-    for exporter in (good, wrong, acl, limited):
+    for exporter in (good, wrong, acl, limited, opted):
         assert WRONG not in exporter.logs() and PASSWORD not in exporter.logs()
         assert "exp-Secret-789" not in exporter.logs()
 
@@ -503,9 +508,13 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
     scrape = acl.scrape()
     assert scrape.value("qatoolbox_redis_command_duration_seconds_count", cmd="get") is None
     assert scrape.value("qatoolbox_redis_command_duration_seconds_count", cmd="llen")
-    assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") is not None
+    assert scrape.value("qatoolbox_redis_slowlog_threshold_seconds") is None  # not asked
+    assert scrape.value("qatoolbox_redis_max_clients") == 10000  # from INFO, no CONFIG GET
     assert scrape.value("qatoolbox_celery_queue_length", queue="celery") == 1
     assert "refused" not in acl.logs()
+    # Opted in to CONFIG GET, with the grant: the threshold is there, still nothing refused.
+    assert opted.scrape().value("qatoolbox_redis_slowlog_threshold_seconds") == 0.01
+    assert "refused" not in opted.logs()
     assert "errorstat_NOPERM" not in admin.info("errorstats")
 
     # Without CONFIG and LATENCY: probed once, one log line each, no errors afterwards.

@@ -605,8 +605,9 @@ class RedisCollector:
         add("slowlog", ("SLOWLOG", "LEN"))
         # Only the commands the last INFO listed: Redis skips the rest of the reply's work.
         add("latency", ("LATENCY", "HISTOGRAM", *self._histogram_commands))
-        add("config", ("CONFIG", "GET", "maxclients"),
-            ("CONFIG", "GET", "slowlog-log-slower-than"))
+        if self._cfg.config_get:
+            add("config", ("CONFIG", "GET", "maxclients"),
+                ("CONFIG", "GET", "slowlog-log-slower-than"))
         if self._celery:
             add("celery", *(("LLEN", key) for _, key in self._celery),
                 ("HLEN", self._unacked_key))
