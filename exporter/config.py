@@ -234,6 +234,9 @@ class RedisConfig:
 
 
 MetricType = Literal["gauge", "counter"]
+# Connections the business collector may open at once (docs/reliability.md's role allows
+# 1 + this + 1).
+MAX_BUSINESS_CONCURRENCY = 8
 
 # Families the exporter makes itself: a business query may not use these prefixes.
 RESERVED_METRIC_PREFIXES = (
@@ -393,8 +396,8 @@ def sql_problem(sql: str) -> str | None:
 def _check_business(business: BusinessConfig) -> list[str]:
     """Business queries: names, labels, types, limits and read-only single-statement SQL."""
     problems: list[str] = []
-    if not 1 <= business.concurrency <= 8:
-        problems.append(f"business.concurrency: must be between 1 and 8, "
+    if not 1 <= business.concurrency <= MAX_BUSINESS_CONCURRENCY:
+        problems.append(f"business.concurrency: must be between 1 and {MAX_BUSINESS_CONCURRENCY}, "
                         f"got {business.concurrency}")
     located = [(f"business.queries[{i}]", q) for i, q in enumerate(business.queries)]
     if business.defaults:

@@ -12,9 +12,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collectors import DEFAULTS
-from exporter.config import load_config
+from exporter.config import MAX_BUSINESS_CONCURRENCY, load_config
 from tests.grafana_queries import documented_metric_names
-from tests.harness import ROOT, ExporterProcess, PostgresServer, RedisServer
+from tests.harness import ROOT, ExporterProcess, PostgresServer, RedisServer, documented_block
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -74,3 +74,24 @@ def test_every_flag_is_documented_in_the_readme() -> None:
     assert "`--collector.<name>` / `--no-collector.<name>`" in README
     for name in DEFAULTS:
         assert f"| `{name}` |" in README, f"collector {name} missing from the README table"
+
+
+def test_one_tested_copy_of_the_least_privilege_role_and_acl() -> None:
+    """The role SQL and the ACL line the tests run live in docs/reliability.md; any other doc
+    shows the same ACL line or links there, never a role of its own (an untested copy drifted:
+    it granted whole tables, auth_user.password included, and CONFIG GET)."""
+    sql = documented_block("least-privilege-sql")
+    acl = documented_block("least-privilege-redis").strip()
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        if path.name == "reliability.md":
+            continue
+        text = path.read_text()
+        assert "CREATE ROLE qatoolbox_exporter" not in text, path
+        for line in text.splitlines():
+            if line.startswith("ACL SETUSER"):
+                assert line == acl, (path, line)
+    # The connection limit fits the postgres collector's one connection, the business
+    # collector's largest concurrency, and one more.
+    limit = re.search(r"CONNECTION LIMIT (\d+)", sql)
+    assert limit is not None and int(limit.group(1)) >= 1 + MAX_BUSINESS_CONCURRENCY + 1
+    assert "+config|get" not in acl
