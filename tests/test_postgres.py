@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import socket
 import subprocess
 import threading
@@ -113,25 +112,14 @@ def scrape(c: PostgresCollector) -> Scrape:
     return render(list(c.collect()))
 
 
-def signal_cluster(pg: PostgresServer, sig: int) -> None:
-    """Signal the postmaster and every backend: PostgreSQL's children call setsid(), so the
-    harness's process-group pause() reaches only the postmaster."""
-    try:
-        root = psutil.Process(pg.pid)
-    except psutil.NoSuchProcess:
-        return
-    for proc in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(sig)
-
-
 @contextlib.contextmanager
 def paused(pg: PostgresServer) -> Iterator[None]:
-    signal_cluster(pg, signal.SIGSTOP)
+    """The postmaster and every backend stopped (the harness's pause) for the block."""
+    pg.pause()
     try:
         yield
     finally:
-        signal_cluster(pg, signal.SIGCONT)
+        pg.resume()
 
 
 def exporter_sessions(pg: PostgresServer) -> int:

@@ -16,6 +16,7 @@ from tests.harness import (
     ExporterProcess,
     PostgresServer,
     RedisServer,
+    documented_acl_rules,
     free_port,
     run_exporter,
     wait_for,
@@ -147,23 +148,6 @@ def test_postgres_secret_hidden_while_paused_and_killed(
     assert_absent(DB_SECRET, *everything_shown(process))
 
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
-
-
-def documented_block(marker: str) -> str:
-    """The fenced block that follows <!-- marker --> in docs/reliability.md."""
-    text = DOC.read_text()
-    after = text.split(f"<!-- {marker} -->", 1)[1]
-    return after.split("```", 2)[1].split("\n", 1)[1]
-
-
-def redis_acl_rules(password: str) -> list[str]:
-    """The documented ACL SETUSER arguments after the user name, with the password set."""
-    words = documented_block("least-privilege-redis").split()
-    assert words[:3] == ["ACL", "SETUSER", "qatoolbox_exporter"]
-    return [f">{password}" if w == ">change-me" else w for w in words[3:]]
-
-
 @pytest.mark.integration
 def test_redis_wrong_password_acl_user_and_down(
         redis_factory: Callable[..., RedisServer],
@@ -176,7 +160,7 @@ def test_redis_wrong_password_acl_user_and_down(
         first.config_set("requirepass", "right-default-pw")
     with server.client(password="right-default-pw") as admin:
         admin.execute_command("ACL", "SETUSER", "qatoolbox_exporter",
-                              *redis_acl_rules("acl-user-pw"))
+                              *documented_acl_rules("acl-user-pw"))
     quoted = urllib.parse.quote(REDIS_SECRET, safe="")
     for url in (f"redis://:{quoted}@127.0.0.1:{server.port}/0",
                 f"redis://qatoolbox_exporter:{quoted}@127.0.0.1:{server.port}/0"):
@@ -229,7 +213,7 @@ def test_redis_secret_hidden_while_paused_blocked_and_restarted(
     def acl_user() -> None:
         with server.client() as admin:
             admin.execute_command("ACL", "SETUSER", "qatoolbox_exporter",
-                                  *redis_acl_rules(REDIS_SECRET))
+                                  *documented_acl_rules(REDIS_SECRET))
 
     acl_user()
     quoted = urllib.parse.quote(REDIS_SECRET, safe="")
@@ -299,7 +283,7 @@ def assert_acl_is_what_the_exporter_uses(server: RedisServer, process: ExporterP
     dangerous command gets NOPERM."""
     import redis
 
-    granted = {w[1:].lower() for w in redis_acl_rules("x") if w.startswith("+")}
+    granted = {w[1:].lower() for w in documented_acl_rules("x") if w.startswith("+")}
     assert "@" not in "".join(granted), granted  # single commands, never a whole category
 
     def used() -> dict[str, dict[str, int]]:
@@ -351,7 +335,7 @@ def test_documented_redis_acl_user_cannot_read_server_passwords(
     with server.client(password="right-default-pw") as admin:
         admin.config_set("masterauth", "replication-pw")
         admin.execute_command("ACL", "SETUSER", "qatoolbox_exporter",
-                              *redis_acl_rules("acl-user-pw"))
+                              *documented_acl_rules("acl-user-pw"))
     import redis
 
     with server.client(username="qatoolbox_exporter", password="acl-user-pw") as limited:
@@ -375,11 +359,8 @@ def test_documented_postgres_grants_are_enough_and_no_more(
         demo_db: PostgresServer, exporter_factory: Callable[..., ExporterProcess]) -> None:
     import psycopg
 
-    sql = documented_block("least-privilege-sql").replace("'change-me'", "'grant-test-pw'")
-    for statement in sql.split(";"):
-        lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
-        if "".join(lines).strip():
-            demo_db.execute("\n".join(lines), dbname="qatoolbox")
+    # The exact block of docs/reliability.md, on the database it names (the demo's).
+    assert demo_db.create_exporter_role("qatoolbox", "grant-test-pw")
     env = demo_db.env(dbname="qatoolbox", user="qatoolbox_exporter", password="grant-test-pw")
     process = exporter_factory(env=env, args=[*only("postgres", "business"),
                                               "--log.level", "debug"])
