@@ -11,14 +11,13 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import pytest
 import yaml
-from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors import COLLECTORS
 from exporter.config import ConfigError, Duration, WebConfig
@@ -34,6 +33,7 @@ from exporter.webconfig import (
     parse_web_config,
 )
 from tests.harness import ExporterProcess, run_exporter, wait_for
+from tests.test_http_robustness import GateCollector
 
 # Cost 4 keeps the unit tests fast; the end-to-end tests use 10 like `htpasswd -nBC 10`.
 FAST = 4
@@ -827,23 +827,6 @@ def test_tls_connection_cap_closes_extra_connections(
         assert process.proc is not None and process.proc.poll() is None
 
 
-class GateCollector:
-    """A collector that holds its scrape until the test opens the gate."""
-
-    name = "gate"
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def collect(self) -> Iterable[Metric]:
-        self.entered.set()
-        self.gate.wait(30)
-        family = GaugeMetricFamily("qatoolbox_test_gate", "A gate for tests.")
-        family.add_metric([], 1.0)
-        return [family]
-
-
 def raw_response(port: int, data: bytes) -> bytes:
     """Send data on a fresh connection; everything the server answers until it closes."""
     chunks = []
@@ -858,6 +841,7 @@ def test_configured_headers_on_503_and_request_errors(tmp_path: Path) -> None:
     (tmp_path / "web.yml").write_text(
         "http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
     collector = GateCollector()
+    collector.gate.clear()  # scrapes wait until the test opens it
     runner = ScrapeRunner([collector], timeout=30)
     web = WebConfig(listen_address="127.0.0.1:0", max_requests=1, read_timeout=Duration(10))
     httpd = ExporterHTTPServer(web, runner, WebConfigFile(str(tmp_path / "web.yml")))
