@@ -25,6 +25,7 @@ from exporter.instrument._store import (
     FOLDABLE_TYPES,
     GAUGE_MODE,
     is_writer_ident,
+    lock_held,
     lock_path,
     mmap_key,
     parse_name,
@@ -104,17 +105,11 @@ def _remove_dead_locks(directory: str, names: list[str], now: float) -> None:
         try:
             if name.endswith(".tmp") and now - os.stat(path).st_mtime < BARE_TMP_LOCK_AGE:
                 continue
-            fd = os.open(path, os.O_RDONLY)
+            if lock_held(path):
+                continue  # its writer lives
+            os.unlink(path)
         except FileNotFoundError:
             continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its writer lives
-        finally:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def fold(directory: str, dead: list[str]) -> int:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
+from exporter.instrument._store import entry_at
+
 _Labels = tuple[tuple[str, str], ...]
 _ParsedKey = tuple[str, str, _Labels, str, float | None]
 
@@ -279,12 +281,9 @@ class FileMerger:
     def _extend(self, layout: _Layout, data: bytes, used: int, prefix: str, ident: str) -> None:
         pos = layout.used
         mode = prefix.partition("_")[2]
+        name = f"{prefix}_{ident}.db"
         while pos < used:
-            length = _INT.unpack_from(data, pos)[0]
-            value_at = pos + 4 + length + (8 - (length + 4) % 8)
-            if length <= 0 or value_at + 16 > used:
-                raise ValueError(f"{prefix}_{ident}.db: truncated entry")
-            key = data[pos + 4:pos + 4 + length].decode("utf-8")
+            key, value_at = entry_at(data, pos, used, name)
             layout.check_at, layout.check = pos, data[pos:value_at]
             if key.startswith(f'["{MARKER_PREFIX}'):
                 layout.markers.append(key)

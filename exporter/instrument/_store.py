@@ -66,13 +66,19 @@ def parse_entries(data: bytes, name: str = "buffer") -> Iterator[tuple[str, floa
         raise ValueError(f"{name}: bad header")
     pos = _HEADER
     while pos < used:
-        length = _INT.unpack_from(data, pos)[0]
-        end = pos + 4 + length + (8 - (length + 4) % 8)
-        if length <= 0 or end + 16 > used:
-            raise ValueError(f"{name}: truncated entry")
-        key = data[pos + 4:pos + 4 + length].decode("utf-8")
-        yield key, _DOUBLE.unpack_from(data, end)[0]
-        pos = end + 16
+        key, value_at = entry_at(data, pos, used, name)
+        yield key, _DOUBLE.unpack_from(data, value_at)[0]
+        pos = value_at + 16
+
+
+def entry_at(data: bytes, pos: int, used: int, name: str) -> tuple[str, int]:
+    """The key of the entry at pos and where its value is (the next entry starts 16 bytes
+    after that); ValueError naming the file when the entry runs past the used part."""
+    length = _INT.unpack_from(data, pos)[0]
+    value_at = pos + 4 + length + (8 - (length + 4) % 8)
+    if length <= 0 or value_at + 16 > used:
+        raise ValueError(f"{name}: truncated entry")
+    return data[pos + 4:pos + 4 + length].decode("utf-8"), value_at
 
 
 def write_file(path: str, entries: Sequence[tuple[str, float]]) -> None:
@@ -224,9 +230,14 @@ def writer_alive(directory: str, ident: str) -> bool:
     exporter's compaction removes it, after the data files.
     """
     try:
-        fd = os.open(lock_path(directory, ident), os.O_RDONLY)
+        return lock_held(lock_path(directory, ident))
     except FileNotFoundError:
         return False
+
+
+def lock_held(path: str) -> bool:
+    """Whether some process holds the flock of path (FileNotFoundError when it is gone)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
