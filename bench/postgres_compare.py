@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.scrape import Target, count_series, cpu_seconds, report, scrape  # noqa: E402
+from bench.scrape import Target, measure, report  # noqa: E402
 from exporter.collectors import COLLECTORS  # noqa: E402
 from tests.harness import PostgresServer, free_port, tempdir  # noqa: E402
 
@@ -71,25 +71,6 @@ def _wait_metrics(url: str, proc: subprocess.Popen[bytes], needle: bytes) -> Non
             pass
         time.sleep(0.2)
     raise SystemExit(f"{url} did not serve {needle!r} within 30 s")
-
-
-def measure(targets: Sequence[Target], scrapes: int, interval: float, warmup: int = 3) -> None:
-    """Scrape every target scrapes times, interleaved, one round per interval."""
-    for _ in range(warmup):
-        for target in targets:
-            scrape(target.url)
-    for target in targets:
-        target.cpu_start = cpu_seconds(target.pid) if target.pid else 0.0
-    for _ in range(scrapes):
-        round_started = time.monotonic()
-        for target in targets:
-            elapsed, body = scrape(target.url)
-            target.latencies.append(elapsed)
-            target.series = count_series(body)
-            target.body_bytes = len(body)
-        time.sleep(max(0.0, interval - (time.monotonic() - round_started)))
-    for target in targets:
-        target.cpu_end = cpu_seconds(target.pid) if target.pid else 0.0
 
 
 def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
@@ -168,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 pg.execute("ANALYZE")
                 procs, targets = start_contenders(pg, workdir, example)
                 try:
-                    measure(targets, args.scrapes, args.interval)
+                    measure(targets, args.scrapes, warmup=3, interval=args.interval)
                     print(f"\n## {size} tables, {args.scrapes} scrapes each, "
                           f"a round every {args.interval:g} s\n")
                     print(report(targets, args.scrapes, args.markdown))  # reads RSS: live pids

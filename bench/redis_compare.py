@@ -27,7 +27,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.scrape import Target, _free_port, _wait_up, cpu_seconds, report, scrape
+from bench.scrape import Target, _free_port, _wait_up, report, scrape
+from bench.scrape import measure as measure_scrapes
 from exporter.collectors import DEFAULTS
 from exporter.config import DEFAULT_KEY_GROUPS
 
@@ -120,25 +121,17 @@ SELF_DURATION = {
 def measure(targets: Sequence[Target], scrapes: int, warmup: int = 5) -> dict[str, list[float]]:
     """Scrape the targets in turn (A, B, A, B, ...): latency, CPU, and each one's self-reported
     collection time."""
-    for _ in range(warmup):
-        for target in targets:
-            scrape(target.url)
     own: dict[str, list[float]] = {t.name: [] for t in targets}
     for target in targets:
         target.latencies = []
-        target.cpu_start = cpu_seconds(target.pid) if target.pid else 0.0
-    for _ in range(scrapes):
-        for target in targets:
-            elapsed, body = scrape(target.url)
-            target.latencies.append(elapsed)
-            target.series = sum(1 for line in body.splitlines() if line and line[:1] != b"#")
-            target.body_bytes = len(body)
-            kind = "qatoolbox" if target.name.startswith("qatoolbox") else "redis_exporter"
-            match = SELF_DURATION[kind].search(body)
-            if match:
-                own[target.name].append(float(match.group(1)))
-    for target in targets:
-        target.cpu_end = cpu_seconds(target.pid) if target.pid else 0.0
+
+    def self_reported(target: Target, body: bytes) -> None:
+        kind = "qatoolbox" if target.name.startswith("qatoolbox") else "redis_exporter"
+        match = SELF_DURATION[kind].search(body)
+        if match:
+            own[target.name].append(float(match.group(1)))
+
+    measure_scrapes(targets, scrapes, warmup, on_body=self_reported)
     return own
 
 

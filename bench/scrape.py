@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,19 +69,27 @@ def count_series(body: bytes) -> int:
     return sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
 
 
-def measure(targets: Sequence[Target], scrapes: int, warmup: int = 5) -> None:
-    """Scrape every target scrapes times, interleaved, recording latency and CPU."""
+def measure(targets: Sequence[Target], scrapes: int, warmup: int = 5, interval: float = 0.0,
+            on_body: Callable[[Target, bytes], None] | None = None) -> None:
+    """Scrape every target scrapes times, interleaved, recording latency and CPU; with an
+    interval, one round (every target once) starts at most that often; on_body sees every
+    measured response."""
     for _ in range(warmup):
         for target in targets:
             scrape(target.url)
     for target in targets:
         target.cpu_start = cpu_seconds(target.pid) if target.pid else 0.0
     for _ in range(scrapes):
+        round_started = time.monotonic()
         for target in targets:
             elapsed, body = scrape(target.url)
             target.latencies.append(elapsed)
             target.series = count_series(body)
             target.body_bytes = len(body)
+            if on_body is not None:
+                on_body(target, body)
+        if interval:
+            time.sleep(max(0.0, interval - (time.monotonic() - round_started)))
     for target in targets:
         target.cpu_end = cpu_seconds(target.pid) if target.pid else 0.0
 
