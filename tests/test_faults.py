@@ -360,6 +360,22 @@ def all_down(scrape: Scrape) -> None:
     business_down(scrape)
 
 
+def check_pause(watched: Watched, server: PostgresServer | RedisServer,
+                down: Callable[[Scrape], None], recovered: Callable[[str], None]) -> None:
+    """The pause case: the server and every child stopped (SIGSTOP), the exporter down within
+    budget without piling up threads (a collector stuck past its budget is not started again),
+    then recovery after SIGCONT and the per-case baseline checks."""
+    server.pause()
+    try:
+        wait_for(lambda: all_stopped(server.pid), 2, "the server and every child stopped")
+        check_down(watched, down, "SIGSTOP", scrapes=3)
+        assert watched.usage()[0] <= watched.threads + THREAD_SLACK
+    finally:
+        server.resume()
+    recovered("SIGCONT")
+    watched.check_case("pause")
+
+
 def all_stopped(pid: int) -> bool:
     """Whether pid and every descendant is stopped (or exited, unreaped); listed afresh each
     time, so a backend forked while the pause was under way would show as running."""
@@ -422,16 +438,7 @@ def test_postgres_faults(postgres: PostgresServer,
     w.check_case("wrong credentials")
 
     # Pause: the postmaster and every backend stopped; sockets stay open, nothing answers.
-    pg.pause()
-    try:
-        wait_for(lambda: all_stopped(pg.pid), 2, "the postmaster and every backend stopped")
-        check_down(w, all_down, "SIGSTOP", scrapes=3)
-        # A collector stuck past its budget is not started again: no thread pile-up.
-        assert w.usage()[0] <= w.threads + THREAD_SLACK
-    finally:
-        pg.resume()
-    recovered("SIGCONT")
-    w.check_case("pause")
+    check_pause(w, pg, all_down, recovered)
 
     # Slow responses: the probe query sleeps past its 1 s timeout (pg_sleep).
     pg.execute("UPDATE fault_delay SET seconds = 5", dbname="qatoolbox")
@@ -559,15 +566,7 @@ def test_redis_faults(redis_factory: Callable[..., RedisServer],
     w.check_case("wrong credentials")
 
     # Pause (SIGSTOP): the socket stays open, nothing answers.
-    server.pause()
-    try:
-        wait_for(lambda: all_stopped(server.pid), 2, "redis-server stopped")
-        check_down(w, redis_down, "SIGSTOP", scrapes=3)
-        assert w.usage()[0] <= w.threads + THREAD_SLACK
-    finally:
-        server.resume()
-    recovered("SIGCONT")
-    w.check_case("pause")
+    check_pause(w, server, redis_down, recovered)
 
     # Slow responses: DEBUG SLEEP blocks the whole server for 4 s, beyond redis.timeout.
     def debug_sleep() -> None:
