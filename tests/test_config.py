@@ -15,10 +15,10 @@ from exporter.config import (
     format_duration,
     load_config,
     parse_duration,
-    redact_url,
     split_listen_address,
     summary,
 )
+from exporter.redact import redact_url
 
 KNOWN = {"host": True, "process": True, "postgres": False, "redis": False}
 
@@ -256,7 +256,8 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert info.value.problems == [f"config file {missing}: cannot read: No such file or directory"]
     with pytest.raises(ConfigError) as info:
         load_config(str(tmp_path), {}, KNOWN)
-    assert info.value.problems == [f"config file {tmp_path}: cannot read: Is a directory"]
+    assert info.value.problems == [
+        f"config file {tmp_path}: cannot read: not a regular file (a directory)"]
 
 
 def test_bad_yaml_gives_line_number(tmp_path: Path) -> None:
