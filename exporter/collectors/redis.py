@@ -34,12 +34,12 @@ log = logging.getLogger("exporter.redis")
 INFO_SECTIONS = ("server", "clients", "memory", "persistence", "stats", "replication",
                  "keyspace", "commandstats")
 KOMBU_SEP = "\x06\x16"
+KOMBU_UNACKED = "unacked"
 # Databases db0 to db15 (Redis's default `databases 16`) get their own qatoolbox_redis_db_keys
 # series; any higher-numbered one is summed under db="other", so a server configured with
 # thousands of databases adds at most one series more.
 MAX_DB_LABELS = 16
 _LABELLED_DB_NUMBERS = frozenset(str(n) for n in range(MAX_DB_LABELS))
-KOMBU_UNACKED = "unacked"
 
 # (metric name, INFO field, help)
 INFO_GAUGES = (
