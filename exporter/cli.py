@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from exporter import __version__, logs
 from exporter.collectors import COLLECTORS, DEFAULTS, build
-from exporter.config import Config, ConfigError, load_config, redact_url, summary
+from exporter.config import Config, ConfigError, load_config, summary
+from exporter.redact import redact_url
 from exporter.scrape import ScrapeRunner
 
 if TYPE_CHECKING:
@@ -79,11 +80,18 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any
     return args, overrides, switches
 
 
+# A hostile file can hold thousands of unknown keys: the first problems say what is wrong.
+MAX_PROBLEMS_SHOWN = 100
+
+
 def _invalid(what: str, exc: ConfigError) -> int:
-    """Print every problem of a rejected configuration; return the usage exit code."""
+    """Print the problems of a rejected configuration; return the usage exit code."""
     print(f"qatoolbox-exporter: invalid {what}:", file=sys.stderr)
-    for problem in exc.problems:
+    for problem in exc.problems[:MAX_PROBLEMS_SHOWN]:
         print(f"  {problem}", file=sys.stderr)
+    if len(exc.problems) > MAX_PROBLEMS_SHOWN:
+        print(f"  ... and {len(exc.problems) - MAX_PROBLEMS_SHOWN} more problems",
+              file=sys.stderr)
     return EXIT_USAGE
 
 

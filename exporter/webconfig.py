@@ -20,7 +20,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.config import ConfigError, describe, format_duration, parse_duration, read_yaml
+from exporter.config import (
+    ConfigError,
+    FileReadError,
+    describe,
+    format_duration,
+    parse_duration,
+    read_file,
+    read_yaml,
+)
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -325,12 +333,17 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
     )
 
 
-def _pem_path(stack: contextlib.ExitStack, pem: str) -> str:
+# A certificate file (a CA bundle is a few hundred KB) is read by us, capped, and handed to
+# OpenSSL from memory: given the path, OpenSSL would block on a FIFO and read a huge file whole.
+PEM_FILE_LIMIT = 1 << 20
+
+
+def _pem_path(stack: contextlib.ExitStack, pem: str | bytes) -> str:
     """A path to an inline PEM that OpenSSL can open: an anonymous in-memory file, so an inline
     key never touches the disk."""
     fd = os.memfd_create("qatoolbox-exporter-pem", os.MFD_CLOEXEC)
     stack.callback(os.close, fd)
-    os.write(fd, pem.encode())
+    os.write(fd, pem.encode() if isinstance(pem, str) else pem)
     return f"/proc/self/fd/{fd}"
 
 
@@ -347,10 +360,17 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     context.maximum_version = TLS_VERSIONS[tls.max_version]
     context.set_alpn_protocols(["http/1.1"])
     problems: list[str] = []
-    for key in ("cert_file", "key_file"):
+    pems: dict[str, str | bytes] = {"cert_file": tls.cert, "key_file": tls.key,
+                                    "client_ca_file": tls.client_ca}
+    for key in ("cert_file", "key_file", "client_ca_file"):
         path = getattr(tls, key)
-        if path and not os.access(path, os.R_OK):
+        if path and key != "client_ca_file" and not os.access(path, os.R_OK):
             problems.append(f"{prefix}{key}: cannot read {path}")
+        elif path:
+            try:
+                pems[key] = read_file(path, PEM_FILE_LIMIT)
+            except FileReadError as exc:
+                problems.append(f"{prefix}{key}: cannot read {path}: {exc}")
     unavailable = []
     for name in tls.ciphers:
         try:
@@ -374,8 +394,8 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     key_name = tls.key_file or "the inline key"
     with contextlib.ExitStack() as stack:
         try:
-            context.load_cert_chain(tls.cert_file or _pem_path(stack, tls.cert),
-                                    tls.key_file or _pem_path(stack, tls.key))
+            context.load_cert_chain(_pem_path(stack, pems["cert_file"]),
+                                    _pem_path(stack, pems["key_file"]))
         except (ssl.SSLError, OSError) as exc:
             key = "cert_file" if tls.cert_file else "cert"
             raise ConfigError([f"{prefix}{key}: cannot load {cert_name} with {key_name}: "
@@ -383,7 +403,9 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     if tls.client_ca_file or tls.client_ca:
         try:
             if tls.client_ca_file:
-                context.load_verify_locations(cafile=tls.client_ca_file)
+                with contextlib.ExitStack() as stack:
+                    context.load_verify_locations(
+                        cafile=_pem_path(stack, pems["client_ca_file"]))
             else:
                 context.load_verify_locations(cadata=tls.client_ca)
         except (ssl.SSLError, OSError, ValueError) as exc:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from exporter import __version__
 from exporter.cli import main
 from exporter.collectors import COLLECTORS
 from exporter.logs import JsonFormatter, LogfmtFormatter
-from tests.harness import run_exporter
+from tests.harness import ExporterProcess, run_exporter, wait_for
 
 
 def write(workdir: Path, text: str) -> str:
@@ -77,6 +79,62 @@ def test_config_check_reads_file_and_environment(workdir: Path) -> None:
         assert "qa@db.example:6543" in out
     if "redis" in COLLECTORS and COLLECTORS["redis"].default_enabled:
         assert "redis://:<secret>@cache:6379/0" in out
+
+
+# Redis URLs with a password in the query (redis-py honours it; a unix:// socket has no other
+# place for it) or in the userinfo, and what --config.check and the log show instead.
+SECRET_URLS = [
+    ("redis://:pw-SECRET-1@cache:6379/0?password=SECRET-2",
+     "redis://:<secret>@cache:6379/0?password=<secret>"),
+    ("unix:///tmp/x.sock?password=SECRET-2&db=0", "unix:///tmp/x.sock?password=<secret>&db=0"),
+    ("unix://app:SECRET-1@localhost/tmp/x.sock?db=0",
+     "unix://app:<secret>@localhost/tmp/x.sock?db=0"),
+    ("redis://app:SECRET-1@cache:6379/0", "redis://app:<secret>@cache:6379/0"),
+    ("rediss://cache:6380/0?ssl_password=SECRET-2", "rediss://cache:6380/0?ssl_password=<secret>"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), SECRET_URLS)
+def test_config_check_hides_every_password_in_the_redis_url(url: str, shown: str) -> None:
+    result = run_exporter(["--config.check", "--collector.redis"], env={"REDIS_URL": url})
+    assert result.returncode == 0, result.stderr
+    assert "SECRET" not in result.stdout + result.stderr
+    assert f"redis: {shown}" in result.stdout
+
+
+def test_redis_target_log_line_hides_every_password(
+        exporter_factory: Callable[..., ExporterProcess]) -> None:
+    """The info-level `redis target` line of a running exporter, and everything else it shows,
+    for each URL (nothing listens on port 1: the collector fails, and says so)."""
+    only_redis = [f"--collector.{n}" if n == "redis" else f"--no-collector.{n}"
+                  for n in COLLECTORS]
+    for written, shown in SECRET_URLS:
+        url = re.sub(r"cache:\d+", "127.0.0.1:1", written)
+        exporter = exporter_factory(env={"REDIS_URL": url}, args=only_redis)
+        try:
+            scrape = exporter.scrape()
+            assert scrape.value("qatoolbox_redis_up") == 0
+            landing = exporter.get("/")[2].decode()
+            wait_for(lambda exporter=exporter: "collector failed" in exporter.logs(), 10,
+                     "the collector's failure in the log")
+            logs = exporter.logs()
+            target = [line for line in logs.splitlines() if "redis target" in line]
+            expected = re.sub(r"cache:\d+", "127.0.0.1:1", shown)
+            assert len(target) == 1 and expected in target[0], (target, expected)
+            for text in (logs, scrape.text, landing):
+                assert "SECRET" not in text, text[-2000:]
+        finally:
+            exporter.stop()
+
+
+def test_problems_shown_are_capped(workdir: Path) -> None:
+    """A hostile file with 3,000 unknown keys: the first 100 problems, then a count."""
+    path = write(workdir, "".join(f"k{i}: 1\n" for i in range(3000)))
+    result = run_exporter(["--config.file", path, "--config.check"])
+    assert_usage_error(result, "k0: unknown key", "k99: unknown key",
+                       "... and 2900 more problems")
+    assert "k100: unknown key" not in result.stderr
+    assert len(result.stderr.splitlines()) == 102
 
 
 def test_config_check_flags_override_file(workdir: Path) -> None:

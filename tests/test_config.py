@@ -10,15 +10,23 @@ import pytest
 
 from exporter.config import (
     DEFAULT_PROCESS_GROUPS,
+    SECRET_FILE_LIMIT,
+    YAML_MAX_DEPTH,
+    YAML_MAX_NODES,
+    YAML_MAX_NUMBER_LENGTH,
     Config,
     ConfigError,
+    FileReadError,
+    describe,
     format_duration,
     load_config,
     parse_duration,
-    redact_url,
+    read_file,
+    read_yaml,
     split_listen_address,
     summary,
 )
+from exporter.redact import redact_url, scrub, url_secrets
 
 KNOWN = {"host": True, "process": True, "postgres": False, "redis": False}
 
@@ -256,7 +264,8 @@ def test_unreadable_file(tmp_path: Path) -> None:
     assert info.value.problems == [f"config file {missing}: cannot read: No such file or directory"]
     with pytest.raises(ConfigError) as info:
         load_config(str(tmp_path), {}, KNOWN)
-    assert info.value.problems == [f"config file {tmp_path}: cannot read: Is a directory"]
+    assert info.value.problems == [
+        f"config file {tmp_path}: cannot read: not a regular file (a directory)"]
 
 
 def test_bad_yaml_gives_line_number(tmp_path: Path) -> None:
@@ -386,6 +395,176 @@ def test_redact_url() -> None:
     assert redact_url("redis://:pw@h:1/0") == "redis://:<secret>@h:1/0"
     assert redact_url("redis://u:p@ss@h:1/0") == "redis://u:<secret>@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+# (URL, what is shown): the secrets are SECRET, pw, P1 and P2 in every form.
+REDACTED_URLS = [
+    ("redis://:pw@host/0?password=SECRET", "redis://:<secret>@host/0?password=<secret>"),
+    ("unix:///tmp/x.sock?password=SECRET&db=0", "unix:///tmp/x.sock?password=<secret>&db=0"),
+    ("unix://:SECRET@/tmp/x.sock?db=0", "unix://:<secret>@/tmp/x.sock?db=0"),
+    ("unix://app:SECRET@localhost/tmp/x.sock", "unix://app:<secret>@localhost/tmp/x.sock"),
+    ("redis://app:SECRET@h:6379/0?password=P2", "redis://app:<secret>@h:6379/0?password=<secret>"),
+    ("rediss://h:6380/0?ssl_password=SECRET&ssl_cert_reqs=required",
+     "rediss://h:6380/0?ssl_password=<secret>&ssl_cert_reqs=required"),
+    # Names are decoded as redis-py decodes them; an unknown parameter is hidden too.
+    ("redis://h/0?pass%77ord=SECRET&db=1", "redis://h/0?pass%77ord=<secret>&db=1"),
+    ("redis://h/0?token=SECRET&username=app", "redis://h/0?token=<secret>&username=app"),
+    ("redis://h/0?SECRET", "redis://h/0?<secret>"),
+    ("redis://h/0#SECRET", "redis://h/0#<secret>"),
+    # A password holding unescaped delimiters runs to the last "@".
+    ("redis://:SE/CR?ET#x@h:1/0", "redis://:<secret>@h:1/0"),
+    ("redis://u:SE@CR@ET@h:1/0", "redis://u:<secret>@h:1/0"),
+    ("unix:///tmp/x.sock?password=SECRET&client_name=a@b", "unix://<secret>@b"),
+    ("redis://[::1]:6379/0?password=SE%26CRET", "redis://[::1]:6379/0?password=<secret>"),
+    ("not a url SECRET", "<secret>"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), REDACTED_URLS)
+def test_redact_url_hides_every_secret_part(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+    for secret in ("SECRET", "SE%26CRET", "SE&CRET", "pw", "P2", "ET#x", "SE/CR"):
+        assert secret not in redact_url(url)
+
+
+def test_url_secrets_cover_what_a_client_library_may_quote() -> None:
+    secrets = url_secrets("redis://:SE%2FCR@h:1/0?password=P2&db=3&ssl_password=P%263")
+    assert secrets == sorted(secrets, key=lambda s: (-len(s), s))
+    # As written and decoded; settings like db are not secrets.
+    for secret in ("SE%2FCR", "SE/CR", "P2", "P%263", "P&3"):
+        assert secret in secrets
+    assert "3" not in secrets and "h" not in secrets
+    # A mangled URL: redis-py would take "12" for the port and quote it in its error.
+    assert {"12/ss", "12", "ss"} <= set(url_secrets("redis://:12/ss@h"))
+    assert scrub("Error connecting to localhost:12. P2 P&3 SE/CR", url_secrets(
+        "redis://:12/ss@h?password=P2&x=P%263")) == (
+        "Error connecting to localhost:<secret>. <secret> <secret> SE/CR")
+    # One pass: a short secret does not match inside a marker already put in.
+    assert scrub("abc e", ["abc", "e"]) == "<secret> <secret>"
+
+
+def test_summary_hides_a_password_in_the_url_query() -> None:
+    for url in ("redis://:pw-1@cache/0?password=SECRET", "unix:///run/r.sock?password=SECRET&db=0"):
+        config = load_config(None, {"REDIS_URL": url}, {**KNOWN, "redis": True})
+        text = "\n".join(summary(config))
+        assert "SECRET" not in text and "pw-1" not in text
+        assert "password=<secret>" in text
+
+
+def test_password_file_keeps_an_ipv6_host(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("p@ss\n")
+    config = load_config(None, {"REDIS_URL": "redis://app:old@[::1]:6390/2",
+                                "REDIS_PASSWORD_FILE": str(secret)}, KNOWN)
+    assert config.redis.url == "redis://app:p%40ss@[::1]:6390/2"
+
+
+@pytest.mark.parametrize("text", ["postgres: {password: !!binary U0VDUkVUMQ==}\n",
+                                  "postgres: {password: 2024-01-02}\n",
+                                  "redis: {url: !!binary U0VDUkVUMQ==}\n"])
+def test_a_secret_of_the_wrong_type_is_not_echoed(tmp_path: Path, text: str) -> None:
+    (problem,) = problems_of(tmp_path, text)
+    assert problem.endswith(": expected a string, got something else (not shown: a secret)")
+    assert "SECRET1" not in problem and "2024" not in problem
+
+
+def test_describe_shortens_every_value() -> None:
+    assert describe(b"x" * 10**6) == "b'" + "x" * 55 + "..."
+    assert len(describe(b"x" * 10**6)) == 60
+
+
+# --- files read with a cap, regular files only ------------------------------------------------
+
+
+def test_read_file_caps_and_kinds(tmp_path: Path) -> None:
+    exact = tmp_path / "exact"
+    exact.write_bytes(b"x" * 4096)
+    assert read_file(str(exact), 4096) == b"x" * 4096
+    over = tmp_path / "over"
+    over.write_bytes(b"x" * 4097)
+    with pytest.raises(FileReadError, match=r"^larger than the 4 KiB limit \(4097 bytes\)$"):
+        read_file(str(over), 4096)
+    # A regular file whose size says 0 but that has content (a /proc file) is still capped.
+    with pytest.raises(FileReadError, match="larger than the 4 KiB limit"):
+        read_file("/proc/self/maps", 4096)
+    link = tmp_path / "link"
+    link.symlink_to(exact)
+    assert read_file(str(link), 4096) == b"x" * 4096
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, "a FIFO"), (tmp_path, "a directory"),
+                       (Path("/dev/null"), "a character device")):
+        with pytest.raises(FileReadError, match=rf"^not a regular file \({kind}\)$"):
+            read_file(str(path), 4096)
+    with pytest.raises(FileReadError, match=r"^No such file or directory$"):
+        read_file(str(tmp_path / "missing"), 4096)
+    with pytest.raises(FileReadError, match=r"^not a valid file name$"):
+        read_file("a\0b", 4096)
+
+
+def test_secret_file_limits(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s" * (SECRET_FILE_LIMIT - 1) + "\n")
+    assert load_config(None, {"DB_PASSWORD_FILE": str(secret)}, KNOWN).postgres.password == (
+        "s" * (SECRET_FILE_LIMIT - 1))
+    secret.write_text("s" * SECRET_FILE_LIMIT + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, {"REDIS_PASSWORD_FILE": str(secret)}, KNOWN)
+    assert info.value.problems == [f"redis.password_file: cannot read {secret}: larger than the "
+                                   f"4 KiB limit ({SECRET_FILE_LIMIT + 1} bytes)"]
+
+
+def _values(n: int) -> str:
+    """A document of exactly n YAML nodes: the top mapping, the key, the list, n - 3 items."""
+    return "process: [" + ", ".join(["1"] * (n - 3)) + "]\n"
+
+
+def test_yaml_value_count_limit(tmp_path: Path) -> None:
+    path = write(tmp_path, _values(YAML_MAX_NODES))
+    assert read_yaml(path) == {"process": [1] * (YAML_MAX_NODES - 3)}
+    path = write(tmp_path, _values(YAML_MAX_NODES + 1))
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path)
+    assert info.value.problems == [
+        f"config file {path}: invalid YAML (line 1, column {11 + 3 * (YAML_MAX_NODES - 3)}): "
+        f"more than {YAML_MAX_NODES} values (an alias counts as many as it refers to)"]
+
+
+def test_yaml_aliases_count_what_they_expand_to(tmp_path: Path) -> None:
+    # The mapping, key a, its list of 1000, key b, its list of n aliases: 1005 + 1001 * n
+    # nodes; n = 18 fits, n = 19 does not.
+    items = ", ".join(["1"] * 1000)
+    for n, fits in ((18, True), (19, False)):
+        path = write(tmp_path, f"a: &a [{items}]\nb: [" + ", ".join(["*a"] * n) + "]\n")
+        if fits:
+            assert len(read_yaml(path)["b"]) == n
+        else:
+            with pytest.raises(ConfigError, match="more than 20000 values"):
+                read_yaml(path)
+    # Merge keys are aliases too.
+    text = "a0: &a0 {k: 1}\n" + "".join(f"a{i}: &a{i} {{<<: [*a{i - 1}, *a{i - 1}]}}\n"
+                                        for i in range(1, 20))
+    with pytest.raises(ConfigError, match="more than 20000 values"):
+        read_yaml(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"\(line 1, column 11\): an alias inside the value"):
+        read_yaml(write(tmp_path, "a: &x [1, *x]\n"))
+
+
+def test_yaml_depth_and_number_limits(tmp_path: Path) -> None:
+    # The document is one level, the mapping value the second.
+    fits = "a: " + "[" * (YAML_MAX_DEPTH - 1) + "]" * (YAML_MAX_DEPTH - 1) + "\n"
+    assert read_yaml(write(tmp_path, fits)) is not None
+    deeper = "a: " + "[" * YAML_MAX_DEPTH + "]" * YAML_MAX_DEPTH + "\n"
+    with pytest.raises(ConfigError, match=rf"nested too deeply \(more than {YAML_MAX_DEPTH}"):
+        read_yaml(write(tmp_path, deeper))
+    longest = "1" * YAML_MAX_NUMBER_LENGTH
+    assert read_yaml(write(tmp_path, f"a: 0x{longest[2:]}\n")) == {"a": int(longest[2:], 16)}
+    for number in ("1" * (YAML_MAX_NUMBER_LENGTH + 1), "1" + ":1" * 60, "!!int " + "1" * 101,
+                   "1." + "0" * 100):
+        with pytest.raises(ConfigError, match="a number longer than 100 characters"):
+            read_yaml(write(tmp_path, f"a: {number}\n"))
+    # Strings of any length are strings.
+    assert read_yaml(write(tmp_path, f"a: '{'1' * 5000}'\n")) == {"a": "1" * 5000}
 
 
 def test_summary_lists_what_would_run() -> None:

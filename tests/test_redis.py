@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 from redis.exceptions import ResponseError
 
 from exporter.collectors import redis as rc
-from exporter.config import DEFAULT_KEY_GROUPS, ConfigError, KeyGroup, load_config
+from exporter.config import (
+    DEFAULT_KEY_GROUPS,
+    ConfigError,
+    KeyGroup,
+    RedisConfig,
+    Secret,
+    load_config,
+)
+from exporter.redact import redact_url
+from tests.harness import free_port
 
 INFO_TEXT = """# Server\r
 redis_version:7.0.15\r
@@ -277,11 +286,49 @@ redis:
     assert len(caught.value.problems) == 11
 
 
-def test_location_never_shows_the_password() -> None:
-    assert rc.location("redis://:p@ss@h:1/0") == "redis://h:1/0"
-    assert rc.location("redis://exporter:pw@127.0.0.1:6379/2") == "redis://exporter@127.0.0.1:6379/2"
-    assert rc.location("unix:///run/redis.sock?db=1") == "unix:///run/redis.sock"
-    assert "pw" not in rc.location("redis://u:pw@h:port/0")
+def test_databases_past_db15_are_summed_under_other() -> None:
+    """3,000 non-empty databases: 16 series of their own at most, one more for the rest."""
+    info = rc.parse_info("# Keyspace\r\n" + "".join(
+        f"db{n}:keys={n + 1},expires={n % 2},avg_ttl=0\r\n" for n in range(3000)))
+    dbs = rc.keyspace(info)
+    assert len(dbs) == 3000
+    labelled = rc.db_labels(dbs)
+    assert set(labelled) == {f"db{n}" for n in range(rc.MAX_DB_LABELS)} | {"other"}
+    assert labelled["db15"] == (16.0, 1.0)
+    assert labelled["other"] == (sum(n + 1 for n in range(16, 3000)),
+                                 sum(n % 2 for n in range(16, 3000)))
+    # Only numbers Redis writes get their own series: "db01" or a Unicode digit does not.
+    assert rc.db_labels({"db0": (1.0, 0.0), "db01": (2.0, 0.0), "db\u00b2": (3.0, 1.0)}) == {
+        "db0": (1.0, 0.0), "other": (5.0, 1.0)}
+    assert rc.db_labels({}) == {}
+
+
+@pytest.mark.parametrize("url", [
+    "redis://:SECRET-1@127.0.0.1:{port}/0?password=SECRET-2",
+    "redis://app:SECRET-1@127.0.0.1:{port}/0",
+    "redis://127.0.0.1:{port}/0?password=SECRET-2&db=0",
+    "unix://{sock}?password=SECRET-2&db=0",
+    "unix://:SECRET-1@localhost{sock}?db=0",
+    # Parameters redis-py cannot use fail inside redis-py with ValueError or TypeError.
+    "redis://:SECRET-1@127.0.0.1:{port}/0?db=notanumber",
+    "redis://127.0.0.1:{port}/0?unknown=SECRET-2",
+    # A password with an unescaped "/": redis-py takes its first part for the port.
+    "redis://:12/SECRET@127.0.0.1:{port}/0",
+])
+def test_connection_errors_never_show_the_password(url: str, tmp_path: Path) -> None:
+    """A real failing connection (a closed loopback port, a missing socket): the error names
+    the server with every secret replaced."""
+    url = url.format(port=free_port(), sock=tmp_path / "missing.sock")
+    collector = rc.RedisCollector(RedisConfig(url=Secret(url), celery_queues=()), 2.0)
+    try:
+        with pytest.raises(rc.RedisUnavailableError) as caught:
+            collector.collect()
+    finally:
+        collector.close()
+    message = str(caught.value)
+    assert message.startswith(f"redis at {redact_url(url)}: "), message
+    assert "SECRET" not in message and "localhost:12" not in message, message
+    assert "Error" in message, message
 
 
 def test_histogram_leaves_out_introspection_commands() -> None:

@@ -327,6 +327,37 @@ def test_key_groups_200k_keys(redis_server: RedisServer,
     assert_nothing_refused(redis_server)
 
 
+def test_3000_databases_add_one_series(redis_factory: Callable[..., RedisServer],
+                                       connect: Callable[..., Any]) -> None:
+    """Issue 14: a Redis with 3,000 non-empty databases added 6,000 series. db0 to db15 keep
+    their own series; the others are summed under db="other"."""
+    server = redis_factory(extra_args=["--databases", "3001"])
+    client = connect(server, socket_timeout=60)
+    pipe = client.pipeline(transaction=False)
+    for n in range(1, 3001):
+        pipe.execute_command("SELECT", n)
+        pipe.execute_command("SET", "k", "v", *(("EX", 600) if n % 3 == 0 else ()))
+    pipe.execute()
+    client.close()  # its connection is left on db 3000
+    keyspace = info(connect(server), "keyspace")
+    assert len(keyspace) == 3000
+    collector = RedisCollector(as_exporter_user(server, celery_queues=()), 4.0)
+    try:
+        scrape = collect(collector)
+    finally:
+        collector.close()
+    keys = {labels["db"]: scrape.value(name, **labels)
+            for name, labels in scrape.series("qatoolbox_redis_db_keys")
+            if name == "qatoolbox_redis_db_keys"}
+    assert set(keys) == {f"db{n}" for n in range(1, 16)} | {"other"}  # db0 is empty
+    assert keys["other"] == sum(v["keys"] for db, v in keyspace.items() if int(db[2:]) >= 16)
+    assert keys["other"] == 2985 and sum(keys.values()) == 3000  # type: ignore[arg-type]
+    assert scrape.value("qatoolbox_redis_db_keys_expiring", db="other") == sum(
+        1 for n in range(16, 3001) if n % 3 == 0)
+    assert scrape.value("qatoolbox_redis_db_keys_expiring", db="db3") == 1
+    assert len(scrape.series("qatoolbox_redis_db_keys")) == 2 * 16
+
+
 def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer,
                                                 connect: Callable[..., Any]) -> None:
     keys = ["user:1", "user:22", "user:", "users:1", "h?llo", "hello", "hallo", "h*llo",
@@ -415,7 +446,8 @@ def test_server_stopped_or_killed_then_back(redis_server: RedisServer,
     failures = [line for line in exporter.logs().splitlines()
                 if "collector failed" in line and "collector=redis" in line]
     assert 2 <= len(failures) <= 4, failures  # once per outage (and per distinct error)
-    where = f"redis at redis://{EXPORTER_ROLE}@127.0.0.1:"  # the user, not the password
+    # The user, not the password.
+    where = f"redis at redis://{EXPORTER_ROLE}:<secret>@127.0.0.1:"
     assert all(where in line for line in failures), failures
 
 
@@ -497,7 +529,8 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
         assert WRONG not in scrape.text and PASSWORD not in scrape.text
     failures = [line for line in wrong.logs().splitlines() if "collector=redis" in line]
     assert len(failures) == 1, failures
-    assert "AuthenticationError" in failures[0] and "redis at redis://127.0.0.1:" in failures[0]
+    assert "AuthenticationError" in failures[0]
+    assert "redis at redis://:<secret>@127.0.0.1:" in failures[0]
     for exporter in (good, wrong, acl, limited, opted):
         assert WRONG not in exporter.logs() and PASSWORD not in exporter.logs()
         assert "exp-Secret-789" not in exporter.logs()
@@ -532,3 +565,44 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
     assert len(refusals) == 2, refusals
     assert {re.search(r"part=(\w+)", line).group(1) for line in refusals} == {  # type: ignore[union-attr]
         "latency", "config"}
+
+
+def test_password_in_the_url_query_works_and_never_shows(
+        redis_factory: Callable[..., RedisServer],
+        exporter_factory: Callable[..., ExporterProcess], workdir: Path,
+        connect: Callable[..., Any]) -> None:
+    """Issue 22: a password in the URL's query (redis-py honours it; a unix:// socket has no
+    other place for one) reached --config.check and the `redis target` log line in clear.
+    Right and wrong passwords, over TCP and a unix socket: the log, /metrics and the landing
+    page never hold either."""
+    socket_path = workdir / "redis.sock"
+    server = redis_factory(extra_args=["--unixsocket", str(socket_path), "--unixsocketperm",
+                                       "700"])
+    connect(server).config_set("requirepass", PASSWORD)
+    tcp = f"127.0.0.1:{server.port}/0"
+    urls = {
+        "tcp query": (f"redis://{tcp}?password={PASSWORD}", 1),
+        "unix query": (f"unix://{socket_path}?password={PASSWORD}&db=0", 1),
+        # redis-py takes the userinfo password over the query's.
+        "tcp both, wrong userinfo": (f"redis://:{WRONG}@{tcp}?password={PASSWORD}", 0),
+        "unix query, wrong": (f"unix://{socket_path}?password={WRONG}&db=0", 0),
+        "unix, no such socket": (f"unix://{workdir}/none.sock?password={PASSWORD}&db=0", 0),
+    }
+    exporters = {name: start_exporter(exporter_factory, None, env={"REDIS_URL": url})
+                 for name, (url, _) in urls.items()}
+    for name, exporter in exporters.items():
+        up = urls[name][1]
+        scrape = exporter.scrape()
+        assert scrape.value("qatoolbox_redis_up") == up, (name, exporter.logs())
+        landing = exporter.get("/")[2].decode()
+        if not up:
+            wait_for(lambda exporter=exporter: "collector failed" in exporter.logs(), 10,
+                     f"{name}: the failure in the log")
+        logs = exporter.logs()
+        target = [line for line in logs.splitlines() if "redis target" in line]
+        assert len(target) == 1 and "password=<secret>" in target[0], (name, target)
+        if not up:
+            failure = next(ln for ln in logs.splitlines() if "collector failed" in ln)
+            assert "redis at " in failure and "<secret>" in failure, failure
+        for text in (logs, scrape.text, landing):
+            assert PASSWORD not in text and WRONG not in text, (name, text[-2000:])

@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
 import redis
 from prometheus_client.core import (
@@ -25,7 +24,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
-from exporter.config import KeyGroup, RedisConfig, redact_url
+from exporter.config import KeyGroup, RedisConfig
+from exporter.redact import redact_url, scrub, url_secrets
 
 log = logging.getLogger("exporter.redis")
 
@@ -35,6 +35,11 @@ INFO_SECTIONS = ("server", "clients", "memory", "persistence", "stats", "replica
                  "keyspace", "commandstats")
 KOMBU_SEP = "\x06\x16"
 KOMBU_UNACKED = "unacked"
+# Databases db0 to db15 (Redis's default `databases 16`) get their own qatoolbox_redis_db_keys
+# series; any higher-numbered one is summed under db="other", so a server configured with
+# thousands of databases adds at most one series more.
+MAX_DB_LABELS = 16
+_LABELLED_DB_NUMBERS = frozenset(str(n) for n in range(MAX_DB_LABELS))
 
 # (metric name, INFO field, help)
 INFO_GAUGES = (
@@ -146,6 +151,16 @@ def keyspace(info: Mapping[str, str]) -> dict[str, tuple[float, float]]:
             except (KeyError, ValueError):
                 continue
     return dbs
+
+
+def db_labels(dbs: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+    """keyspace()'s result with the databases from MAX_DB_LABELS on summed under "other"."""
+    labelled: dict[str, tuple[float, float]] = {}
+    for db, (count, expires) in dbs.items():
+        label = db if db[2:] in _LABELLED_DB_NUMBERS else "other"
+        previous = labelled.get(label, (0.0, 0.0))
+        labelled[label] = (previous[0] + count, previous[1] + expires)
+    return labelled
 
 
 def _pairs(value: Any) -> dict[Any, Any]:
@@ -369,24 +384,16 @@ def connect(url: str, timeout: float) -> redis.Redis:
     return client
 
 
-def location(url: str) -> str:
-    """The server a URL names, with its user but without any password: for logs."""
-    try:
-        parts = urlsplit(url)
-        user = f"{unquote(parts.username)}@" if parts.username else ""
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:  # a port that is not a number
-        return redact_url(url)
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
-
-
 class RedisUnavailableError(Exception):
     """Redis could not be reached or refused the exporter's INFO."""
 
 
-def _describe(exc: RedisError) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+def _describe(exc: Exception, secrets: list[str]) -> str:
+    """The exception for a log line, with the URL's secrets scrubbed: redis-py quotes the
+    host, port or socket path it failed on, where a mangled URL may have put part of the
+    password, and a server's error text is not ours to trust."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return scrub(text, secrets)
 
 
 # --- key groups ---------------------------------------------------------------------------------
@@ -423,6 +430,7 @@ class KeyGroupScanner:
         self._batch = cfg.key_scan_batch
         self._client_factory = client_factory
         self._client: redis.Redis | None = None
+        self._secrets = url_secrets(cfg.url)
         self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -506,10 +514,10 @@ class KeyGroupScanner:
                     break
                 if examined >= self._budget or self._clock() - started >= self._time_budget:
                     break
-        except RedisError as exc:
+        except (RedisError, ValueError, TypeError) as exc:  # see RedisCollector.collect
             if self._client is not None:
                 self._client.connection_pool.disconnect()
-            error = _describe(exc)
+            error = _describe(exc, self._secrets)
             if error != self._error:
                 log.warning("key group count failed", extra={"err": error})
             self._error = error
@@ -566,7 +574,8 @@ class RedisCollector:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cfg = cfg
-        self._where = location(cfg.url)
+        self._where = redact_url(cfg.url)
+        self._secrets = url_secrets(cfg.url)
         # Leave the runner's budget room for the connect that may precede the round trip.
         socket_timeout = min(cfg.timeout, 0.8 * timeout) if timeout else cfg.timeout
         self._factory = client_factory or (lambda: connect(cfg.url, socket_timeout))
@@ -637,17 +646,21 @@ class RedisCollector:
     def _unsupported(self, part: str, error: str) -> None:
         if self._supported.get(part, True):
             log.warning("optional Redis command refused; its metrics are left out",
-                        extra={"part": part, "err": error, "redis": self._where})
+                        extra={"part": part, "err": scrub(error, self._secrets),
+                               "redis": self._where})
         self._supported[part] = False
 
     def collect(self) -> Iterator[Metric]:
         """One round trip to Redis; raises RedisUnavailableError when it fails."""
         try:
             info, results = self._round_trip()
-        except RedisError as exc:
+        except (RedisError, ValueError, TypeError) as exc:
+            # ValueError and TypeError: redis-py's from_url and connection classes raise them
+            # for URL query parameters they cannot use (`?db=x`, `?foo=1`).
             if self._client is not None:
                 self._client.connection_pool.disconnect()
-            raise RedisUnavailableError(f"redis at {self._where}: {_describe(exc)}") from None
+            raise RedisUnavailableError(
+                f"redis at {self._where}: {_describe(exc, self._secrets)}") from None
         run_id = info.get("run_id", "")
         if run_id != self._run_id:
             if self._run_id is not None:
@@ -736,7 +749,7 @@ class RedisCollector:
                                  labels=["db"])
         expiring = GaugeMetricFamily("qatoolbox_redis_db_keys_expiring",
                                      "Keys with a TTL in the database.", labels=["db"])
-        for db, (count, expires) in sorted(keyspace(info).items()):
+        for db, (count, expires) in sorted(db_labels(keyspace(info)).items()):
             keys.add_metric([db], count)
             expiring.add_metric([db], expires)
         families.extend((keys, expiring))
