@@ -299,6 +299,7 @@ def post_dingtalk(url: str, secret: str, title: str, text: str) -> None:
         with opener.open(request, timeout=TIMEOUT) as response:
             raw = response.read(65536)
     except urllib.error.HTTPError as exc:
+        exc.close()
         raise DeliveryError(f"DingTalk webhook at {where} answered HTTP {exc.code}") from None
     except (TimeoutError, urllib.error.URLError, OSError) as exc:
         reason: Any = getattr(exc, "reason", exc)

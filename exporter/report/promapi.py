@@ -149,6 +149,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,  # noqa: PLR0917
                          headers: Any, newurl: str) -> None:
+        fp.close()
         raise PromError("http", f"Prometheus answered HTTP {code} redirecting to "
                         f"{redact_url(newurl)}; use that address in --prometheus")
 
@@ -268,7 +269,8 @@ class Client:
             with self._opener.open(request, timeout=self.timeout) as response:
                 raw = response.read(MAX_BODY + 1)
         except urllib.error.HTTPError as exc:
-            raise self._http_error(exc) from None
+            with exc:
+                raise self._http_error(exc) from None
         except PromError:
             raise
         except TimeoutError:
