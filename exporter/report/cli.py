@@ -79,14 +79,20 @@ def _connection_flags(parser: argparse.ArgumentParser) -> None:
                        help="HTTP client settings in Prometheus' http_config format "
                             "(basic_auth, authorization, bearer_token_file, tls_config), as "
                             "promtool takes them")
-    group.add_argument("--basic-auth.username", dest="basic_user", metavar="USER")
+    group.add_argument("--basic-auth.username", dest="basic_user", metavar="USER",
+                       help="basic auth user (flags override the HTTP config file)")
     group.add_argument("--basic-auth.password-file", dest="basic_password_file",
-                       metavar="PATH")
-    group.add_argument("--bearer-token-file", dest="bearer_token_file", metavar="PATH")
-    group.add_argument("--tls.ca-file", dest="ca_file", metavar="PATH")
-    group.add_argument("--tls.cert-file", dest="cert_file", metavar="PATH")
-    group.add_argument("--tls.key-file", dest="key_file", metavar="PATH")
-    group.add_argument("--tls.insecure-skip-verify", dest="insecure", action="store_true")
+                       metavar="PATH", help="file holding the basic auth password")
+    group.add_argument("--bearer-token-file", dest="bearer_token_file", metavar="PATH",
+                       help="file holding a bearer token")
+    group.add_argument("--tls.ca-file", dest="ca_file", metavar="PATH",
+                       help="CA certificates to verify an https:// Prometheus with")
+    group.add_argument("--tls.cert-file", dest="cert_file", metavar="PATH",
+                       help="client certificate (with --tls.key-file)")
+    group.add_argument("--tls.key-file", dest="key_file", metavar="PATH",
+                       help="client certificate's key")
+    group.add_argument("--tls.insecure-skip-verify", dest="insecure", action="store_true",
+                       help="do not verify the server certificate")
     group.add_argument("--timeout", default="60s", metavar="DURATION",
                        help="time limit of each query (default 60s)")
 
@@ -205,7 +211,8 @@ def report_parser() -> argparse.ArgumentParser:
                         help="comma-separated: html, csv, json (default all)")
     parser.add_argument("--selector", default='job="qatoolbox"',
                         help='label matchers of the exporter\'s series (default job="qatoolbox")')
-    parser.add_argument("--title", default="QAToolBox operations report")
+    parser.add_argument("--title", default="QAToolBox operations report",
+                        help="heading of the report and subject of the mail")
     parser.add_argument("--top", type=int, default=10, metavar="N",
                         help="rows of the per-route, per-task and per-table lists in the HTML")
     parser.add_argument("--step", metavar="DURATION",
@@ -402,7 +409,8 @@ def export_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qatoolbox-exporter export",
                      description="Write a PromQL range query's result as CSV (RFC 4180): one "
                                  "row per step, one column per series.")
-    parser.add_argument("--query", required=True, metavar="PROMQL")
+    parser.add_argument("--query", required=True, metavar="PROMQL",
+                        help="the expression to evaluate at every step")
     _connection_flags(parser)
     _period_flags(parser, None)
     parser.add_argument("--step", default="60s", metavar="DURATION",

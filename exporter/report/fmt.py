@@ -61,10 +61,12 @@ def change(current: float | None, previous: float | None, unit: str) -> str:
     return "±0%" if abs(relative) < 0.05 else f"{relative:+.1f}%"
 
 
-def verdict(current: float | None, previous: float | None, better: str) -> str:
+def verdict(current: float | None, previous: float | None, better: str, unit: str) -> str:
     """good, bad or neutral: whether the change is in the direction the figure wants."""
     if current is None or previous is None or not better or current == previous:
         return "neutral"
+    if change(current, previous, unit).startswith("±"):
+        return "neutral"  # shown as no change: no colour either
     up = current > previous
     return "good" if up == (better == "higher") else "bad"
 

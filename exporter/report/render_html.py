@@ -39,7 +39,7 @@ def _chg(current: float | None, previous: float | None, unit: str, better: str) 
     text = fmt.change(current, previous, unit)
     if not text:
         return ""
-    return f'<span class="chg {fmt.verdict(current, previous, better)}">{escape(text)}</span>'
+    return f'<span class="chg {fmt.verdict(current, previous, better, unit)}">{escape(text)}</span>'
 
 
 def _figures(section: SectionResult, compare: bool) -> str:
