@@ -816,6 +816,7 @@ class Proxy:
     upstream: str
     fail: str = ""
     hide: str = ""
+    forbid: str = ""
     hold: str = ""
     release: threading.Event = field(default_factory=threading.Event)
     held: int = 0
@@ -829,6 +830,9 @@ class Proxy:
             def _forward(self, body: bytes | None) -> None:
                 proxy.headers.append(dict(self.headers.items()))
                 text = urllib.parse.unquote_plus((body or b"").decode() + self.path)
+                if proxy.forbid and proxy.forbid in self.path:
+                    self._answer(403, b"forbidden")
+                    return
                 if proxy.hold and proxy.hold in text:
                     proxy.held += 1
                     proxy.release.wait(SLOW_SECONDS)
@@ -916,6 +920,26 @@ def test_failed_queries_and_missing_rules_are_marked_not_dropped(
     assert "Partial report." in html and "redis: query failed" in html
     assert "query processing would load too many samples" in html
     assert leftovers(tmp_path) == ["partial"]
+
+
+def test_a_proxy_allowing_only_queries_still_gets_the_report(prom: PrometheusServer,
+                                                             built: Built, tmp_path: Path) -> None:
+    """Without the label-values API (some gateways pass /api/v1/query* only) every series is
+    assumed present: the same figures, found by the queries themselves."""
+    with Proxy(prom.url, forbid="/api/v1/label/") as proxy:
+        proc = call("report", "--prometheus", proxy.url, *CURRENT, "--format", "json",
+                    "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+
+    def essence(report: dict[str, Any]) -> dict[str, Any]:
+        kept = {k: v for k, v in report.items()
+                if k not in ("generated_at", "prometheus", "build_seconds", "sections")}
+        kept["sections"] = [{**s, "charts": [{**c, "image": ""} for c in s["charts"]]}
+                            for s in report["sections"]]  # PNG file names: HTML runs only
+        return kept
+
+    assert essence(doc) == essence(built.doc)
 
 
 def test_credentials_reach_prometheus_and_never_the_output(prom: PrometheusServer,

@@ -193,10 +193,14 @@ def test_html_escapes_label_values() -> None:
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in html
 
 
-def test_csv_quotes_label_values() -> None:
-    data = table_csv(hostile_report().sections[0].tables[0], UTC)
+def test_csv_quotes_label_values_and_defuses_formulas() -> None:
+    report = hostile_report()
+    table = report.sections[0].tables[0]
+    table.rows.append(Row({"route": '=HYPERLINK("http://x","y")'}, {"p95": -1.5}))
+    data = table_csv(table, UTC)
     rows = list(csv.reader(io.StringIO(data.decode(), newline="")))
-    assert rows == [["route", "p95 (seconds)"], [HOSTILE, "0.5"]]
+    assert rows == [["route", "p95 (seconds)"], [HOSTILE, "0.5"],
+                    ['\'=HYPERLINK("http://x","y")', "-1.5"]]
 
 
 def test_dingtalk_signature() -> None:

@@ -160,8 +160,7 @@ class Builder:
                         time.time())
         self._check_data()
         first = o.start - self.window if o.compare else o.start
-        known = self.client.metric_names("{" + o.selector + "}", first, o.end)
-        known |= self.client.metric_names('{__name__=~"slo:.+"}', first, o.end)
+        known = self._known_names(first)
         for spec in q.SECTIONS:
             report.sections.append(self._section(spec, known))
         report.sections.append(self._alerts())
@@ -189,10 +188,24 @@ class Builder:
                      "the future?)")
         raise NoDataError(f"no data: no up{{{o.selector}}} samples {span}{hint}")
 
-    def _missing(self, expr: str, known: set[str]) -> list[str]:
-        return sorted(q.names(expr) - known)
+    def _known_names(self, first: int) -> set[str] | None:
+        """Metric names with data from first to the end (per storage block: a superset), to
+        tell a missing recording rule from an empty result; None where the label API is
+        unavailable (a proxy may allow only queries): then every series is assumed present."""
+        try:
+            known = self.client.metric_names("{" + self.o.selector + "}", first, self.o.end)
+            known |= self.client.metric_names('{__name__=~"slo:.+"}', first, self.o.end)
+        except PromError as exc:
+            if exc.kind == "unreachable":
+                raise
+            return None
+        return known
 
-    def _section(self, spec: q.Section, known: set[str]) -> SectionResult:
+    @staticmethod
+    def _missing(expr: str, known: set[str] | None) -> list[str]:
+        return [] if known is None else sorted(q.names(expr) - known)
+
+    def _section(self, spec: q.Section, known: set[str] | None) -> SectionResult:
         section = SectionResult(spec.key, spec.title, "ok", intro=spec.intro)
 
         def fill(expr: str) -> str:
@@ -203,7 +216,8 @@ class Builder:
         matchers = "{$sel}" if spec.selector else ""
         probe = fill(f"count(last_over_time({spec.probe}{matchers}[$w]))")
         try:
-            present = spec.probe in known and bool(self.client.instant(probe, self.o.end))
+            present = (known is None or spec.probe in known) and bool(
+                self.client.instant(probe, self.o.end))
         except PromError as exc:
             if exc.kind in FATAL:
                 raise
@@ -315,7 +329,7 @@ class Builder:
         result.rows = rows
         result.shown = self.o.top if table.limit else None
 
-    def _chart(self, chart: q.Chart, fill: Callable[[str], str], known: set[str], *,
+    def _chart(self, chart: q.Chart, fill: Callable[[str], str], known: set[str] | None, *,
                jobs: list[Any], failed: Callable[[str, str], Callable[[PromError], None]],
                missing_all: set[str]) -> ChartResult:
         result = ChartResult(chart.key, chart.title, chart.unit,
@@ -348,7 +362,7 @@ class Builder:
                              failed(f"chart {chart.title}", query)))
         return result
 
-    def _daily(self, daily: q.Daily, fill: Callable[[str], str], known: set[str], *,
+    def _daily(self, daily: q.Daily, fill: Callable[[str], str], known: set[str] | None, *,
                jobs: list[Any], failed: Callable[[str, str], Callable[[PromError], None]],
                missing_all: set[str]) -> tuple[Any, list[ChartResult]]:
         days = self.window // DAY

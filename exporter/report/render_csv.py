@@ -14,6 +14,12 @@ from exporter.report.promapi import Series, series_name
 from exporter.report.times import iso
 
 
+def safe(text: str) -> str:
+    """A text cell a spreadsheet will not run as a formula: label values come from whatever
+    the monitored systems named things, so a leading = + - @ (or tab, CR) gets a quote."""
+    return f"'{text}" if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def _csv(header: Sequence[str], rows: Iterable[Sequence[object]]) -> bytes:
     out = io.StringIO(newline="")
     writer = csv.writer(out, lineterminator="\r\n")
@@ -47,7 +53,7 @@ def table_csv(table: TableResult, tz: tzinfo) -> bytes:
         header += [f"{h} previous" for h in header[len(table.by):]]
     rows = []
     for row in table.rows:
-        line: list[object] = [row.labels.get(n, "") for n in table.by]
+        line: list[object] = [safe(row.labels.get(n, "")) for n in table.by]
         line += [_cell(row.values.get(c.key), c.unit, tz) for c in table.columns]
         if compare:
             line += [_cell(row.previous.get(c.key), c.unit, tz) for c in table.columns]
@@ -69,7 +75,8 @@ def report_files(report: Report, tz: tzinfo) -> dict[str, bytes]:
     files["csv/figures.csv"] = _csv(["section", "figure", "title", "unit", "value", "previous",
                                      "change", "relative change"], figure_rows)
     files["csv/gaps.csv"] = _csv(["instance", "start", "end", "seconds"], [
-        [g.instance, iso(g.start, tz), iso(g.end, tz), int(g.seconds)] for g in report.gaps])
+        [safe(g.instance), iso(g.start, tz), iso(g.end, tz), int(g.seconds)]
+        for g in report.gaps])
     return files
 
 
@@ -85,4 +92,4 @@ def export_csv(series: list[Series], start: float, end: float, step: int, tz: tz
         stamp = f"{at:.3f}".rstrip("0").rstrip(".")
         rows.append([iso(at, tz), stamp, *[c.get(key) for c in columns]])
         at += step
-    return _csv(["time", "timestamp", *[series_name(s.labels) for s in ordered]], rows)
+    return _csv(["time", "timestamp", *[safe(series_name(s.labels)) for s in ordered]], rows)
