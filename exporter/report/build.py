@@ -182,8 +182,13 @@ class Builder:
         if found:
             return
         span = f"between {human(o.start, o.tz)} and {human(o.end, o.tz)}"
-        jobs = self.client.label_values("job", o.start, o.end)
-        hint = (f"; jobs with data then: {', '.join(jobs[:10])}" if jobs
+        try:
+            jobs: list[str] | None = self.client.label_values("job", o.start, o.end)
+        except PromError as exc:
+            if exc.kind == "unreachable":
+                raise
+            jobs = None  # only a hint: the label API may be blocked
+        hint = ("" if jobs is None else f"; jobs with data then: {', '.join(jobs[:10])}" if jobs
                 else "; Prometheus has nothing at all then (before its retention, or in "
                      "the future?)")
         raise NoDataError(f"no data: no up{{{o.selector}}} samples {span}{hint}")

@@ -86,8 +86,7 @@ def _table(table: TableResult, tz: tzinfo) -> str:
     return "".join(out)
 
 
-def _chart(chart: ChartResult, images: Mapping[str, bytes]) -> str:
-    png = images.get(chart.key)
+def _chart(chart: ChartResult, png: bytes | None) -> str:
     if png is None:
         return ""
     data = base64.b64encode(png).decode()
@@ -187,8 +186,7 @@ def render(report: Report, images: Mapping[str, bytes], tz: tzinfo) -> str:
         for table in section.tables:
             body.append(_table(table, tz))
         for chart in section.charts:
-            body.append(_chart(chart, {c: images[f"{section.key}.{c}"] for c in [chart.key]
-                                       if f"{section.key}.{chart.key}" in images}))
+            body.append(_chart(chart, images.get(f"{section.key}.{chart.key}")))
     body.append("<h2>Data coverage</h2>" + (_coverage(report, tz) or
                                             '<p class="note">Unknown.</p>'))
     body.append(f"<footer>qatoolbox-exporter report. Every figure's PromQL is in report.json; "
