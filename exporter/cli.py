@@ -97,6 +97,11 @@ def _invalid(what: str, exc: ConfigError) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the exporter (or check its config); return the exit code."""
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] in ("report", "export"):  # loaded only then: the exporter stays small
+        from exporter.report.cli import main as report_main
+
+        return report_main(words)
     args, overrides, switches = parse(argv)
     try:
         config = load_config(args.config_file, os.environ, DEFAULTS, overrides, switches)
