@@ -467,8 +467,9 @@ class BusinessCollector:
                 self._up = False
             raise QueryError(message) from exc
         if superuser and not self._allow_superuser:
+            role = conn.info.user
             conn.close()
-            self._refuse(conn.info.user)
+            self._refuse(role)
         conn.read_only = True  # every transaction starts with BEGIN READ ONLY too
         with self._lock:
             self._connect_failure = None
