@@ -376,7 +376,8 @@ class BusinessCollector:
             rows = _rows(conn, cursor, query.max_rows + 1, deadline)
             samples = result_samples(query, columns, rows)
             reusable = self._end_run(conn)
-        except QueryError:
+        except QueryError:  # the server answered; the result does not fit the declaration
+            self._set_up(True)
             reusable = self._end_run(conn)
             raise
         except psycopg.Error as exc:
