@@ -281,6 +281,9 @@ class BusinessConfig:
     queries: tuple[BusinessQuery, ...] = ()
     # Queries running at once, each on its own connection.
     concurrency: int = 2
+    # Run the queries even when the role is a PostgreSQL superuser, whom a read-only
+    # transaction does not stop (pg_terminate_backend, lo_export, pg_read_file).
+    allow_superuser: bool = False
 
     def all_queries(self) -> tuple[BusinessQuery, ...]:
         """The queries to run: shipped defaults (overridden by name), then the others."""
@@ -307,97 +310,11 @@ def business_defaults() -> tuple[BusinessQuery, ...]:
     return _BUSINESS_DEFAULTS["queries"]
 
 
-_SQL_WORD = re.compile(r"[^\W\d][\w$]*")
-_SQL_DOLLAR_TAG = re.compile(r"\$(?:[^\W\d]\w*)?\$")
-# Words that only a statement changing data or schema contains (outside strings and comments).
-_SQL_WRITE_WORDS = frozenset(
-    ("insert", "update", "delete", "merge", "truncate", "copy", "create", "drop", "alter",
-     "grant", "revoke", "into")
-)
-
-
-def _skip_sql_quoted(sql: str, start: int, quote: str, backslashes: bool) -> int:
-    """Index just past the quoted string or identifier that opens at start."""
-    i = start + 1
-    while i < len(sql):
-        if backslashes and sql[i] == "\\":
-            i += 2
-        elif sql[i] == quote:
-            if not sql.startswith(quote * 2, i):
-                return i + 1
-            i += 2
-        else:
-            i += 1
-    raise ValueError("unterminated quoted string or identifier")
-
-
-def sql_words(sql: str) -> list[str]:
-    """The lower-cased bare words of one SQL statement: comments, string literals and quoted
-    identifiers are skipped; raise ValueError when a second statement follows a ';'."""
-    words: list[str] = []
-    i, n, ended = 0, len(sql), False
-    while i < n:
-        if sql.startswith("--", i):
-            newline = sql.find("\n", i)
-            i = n if newline < 0 else newline + 1
-            continue
-        if sql.startswith("/*", i):  # PostgreSQL block comments nest
-            depth, i = 1, i + 2
-            while depth:
-                if i >= n:
-                    raise ValueError("unterminated /* comment")
-                if sql.startswith("/*", i):
-                    depth, i = depth + 1, i + 2
-                elif sql.startswith("*/", i):
-                    depth, i = depth - 1, i + 2
-                else:
-                    i += 1
-            continue
-        char = sql[i]
-        if char.isspace():
-            i += 1
-            continue
-        if ended:
-            raise ValueError("must be a single statement, found more after ';'")
-        if char == ";":
-            ended = True
-            i += 1
-        elif char == "'":
-            escape_string = words[-1:] == ["e"] and i > 0 and sql[i - 1] in "eE"
-            i = _skip_sql_quoted(sql, i, "'", escape_string)
-        elif char == '"':
-            i = _skip_sql_quoted(sql, i, '"', False)
-        elif (tag := _SQL_DOLLAR_TAG.match(sql, i)) is not None:
-            end = sql.find(tag.group(0), tag.end())
-            if end < 0:
-                raise ValueError("unterminated dollar-quoted string")
-            i = end + len(tag.group(0))
-        elif (word := _SQL_WORD.match(sql, i)) is not None:
-            words.append(word.group(0).lower())
-            i = word.end()
-        else:
-            i += 1
-    return words
-
-
-def sql_problem(sql: str) -> str | None:
-    """Why sql is not a single read-only SELECT (or WITH ... SELECT) statement, or None."""
-    try:
-        words = sql_words(sql)
-    except ValueError as exc:
-        return str(exc)
-    if not words or words[0] not in ("select", "with"):
-        return "must be a single SELECT or WITH ... SELECT statement"
-    for previous, word in zip(["", *words[:-1]], words, strict=True):
-        if word in _SQL_WRITE_WORDS:
-            return f"must only read data, found {word.upper()}"
-        if word == "share" and previous in ("for", "key"):
-            return "must only read data, found a row lock (FOR SHARE)"
-    return None
-
-
 def _check_business(business: BusinessConfig) -> list[str]:
     """Business queries: names, labels, types, limits and read-only single-statement SQL."""
+    # Here, not at the top: exporter.collectors imports this module.
+    from exporter.collectors.business_sql import sql_problem
+
     problems: list[str] = []
     if not 1 <= business.concurrency <= MAX_BUSINESS_CONCURRENCY:
         problems.append(f"business.concurrency: must be between 1 and {MAX_BUSINESS_CONCURRENCY}, "

@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
 from exporter.collectors.business import BusinessCollector, QueryError, result_samples
+from exporter.collectors.business_sql import sql_problem
 from exporter.config import (
     BusinessConfig,
     BusinessQuery,
     ConfigError,
     business_defaults,
     load_config,
-    sql_problem,
 )
 from tests.harness import (
     EXPORTER_PASSWORD,
@@ -246,7 +246,7 @@ def test_result_samples_converts_and_rejects() -> None:
     cases: list[tuple[list[str], list[tuple[Any, ...]], str]] = [
         (["kind"], [("a",)], "column value not in the result"),
         (["value"], [(1,)], "column kind not in the result"),
-        (["kind", "value"], [("a", 1)] * 4, "too many rows"),
+        (["kind", "value"], [(k, 1) for k in "abcd"], "too many rows"),
         (["kind", "value"], [("a", None)], "NULL"),
         (["kind", "value"], [("a", "12")], "non-numeric str"),
         (["kind", "value"], [("a", 1), ("a", 2)], 'two rows with the same labels {kind="a"}'),
@@ -308,10 +308,12 @@ def test_broken_queries_fail_alone_and_change_nothing(
             "'off', false)) AS s, LATERAL (SELECT write_audit()) AS w"),
     }
     # One connection for all, failures first: each failure must leave it usable. As the
-    # superuser on purpose: this proves the collector's own READ ONLY transactions stop the
-    # writes. The least-privilege role would be stopped earlier by its missing grants (nextval
-    # fails on the sequence's privilege before the read-only check) and prove nothing of it.
-    collector = make_collector(postgres.env(), [*broken.values(), *good], concurrency=1)
+    # superuser on purpose (allowed explicitly): this proves the collector's own READ ONLY
+    # transactions stop the writes. The least-privilege role would be stopped earlier by its
+    # missing grants (nextval fails on the sequence's privilege before the read-only check)
+    # and prove nothing of it.
+    collector = make_collector(postgres.env(), [*broken.values(), *good], concurrency=1,
+                               allow_superuser=True)
     result = settled(collector, [q["metric"] for q in good] + list(broken))
 
     assert result.value("items") == 3
@@ -491,9 +493,10 @@ def test_slow_query_never_holds_up_the_scrape(
     })
 
     def sleeping() -> bool:
+        # The query runs inside a FETCH of the collector's cursor, so it is found by its wait.
         return bool(postgres.execute("SELECT count(*) FROM pg_stat_activity "
-                                     "WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' "
-                                     "AND pid <> pg_backend_pid()")[0][0])
+                                     "WHERE application_name = 'qatoolbox-exporter-business' "
+                                     "AND state = 'active' AND wait_event = 'PgSleep'")[0][0])
 
     wait_for(sleeping, 20, "the slow query to be running")
     wait_for(lambda: exporter.scrape().value("quick") == 42, 20, "the quick query")

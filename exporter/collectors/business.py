@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from psycopg.pq import TransactionStatus
 
 from exporter.config import BusinessConfig, BusinessQuery, PostgresConfig
 
@@ -29,6 +31,23 @@ RETRY_AFTER = 10.0
 # After a failed connection attempt, the queries queued with it fail at once instead of each
 # waiting for its own connect timeout against a database that is down.
 CONNECT_BACKOFF = 1.0
+# Rows are read this many at a time (FETCH FORWARD), and at most max_rows + 1 in all: what a
+# query's result costs in memory is bounded by its widest row times this, plus what is kept.
+FETCH_BATCH = 500
+# A label value longer than this fails the query: what is kept of a result is bounded by
+# max_rows x labels x this, and a series with a label of kilobytes is a query bug.
+MAX_LABEL_LENGTH = 256
+# Each session is read-only from its start packet, not only from psycopg's BEGIN READ ONLY, so
+# nothing in a query's text can leave a read-only transaction for a writable one. Standard
+# conforming strings are what the load-time check (business_sql) assumes of '' literals.
+SESSION_OPTIONS = "-c default_transaction_read_only=on -c standard_conforming_strings=on"
+# SET LOCAL: both end with the transaction, like everything else here. A cursor is planned
+# for its first rows (cursor_tuple_fraction 0.1); 1 plans it as the plain query is planned.
+SET_LOCALS = ("SELECT set_config('statement_timeout', %s, true), "
+              "set_config('cursor_tuple_fraction', '1', true)")
+CURSOR_NAME = "qatoolbox_business"
+SUPERUSER_HINT = ("connect as the least-privilege role of docs/reliability.md "
+                  "(DB_USER=qatoolbox_exporter), or set business.allow_superuser: true")
 
 Sample = tuple[tuple[str, ...], float]
 Connection = psycopg.Connection[tuple[Any, ...]]
@@ -38,18 +57,36 @@ class QueryError(Exception):
     """A query ran (or could not run) and its result cannot be served; the message says why."""
 
 
+class RefusedError(QueryError):
+    """Business queries are not run on this server at all (the role is a superuser)."""
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, (bool, int, float, Decimal)):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range
+            return math.inf if value > 0 else -math.inf
     return None
 
 
+def _label(value: object) -> str:
+    """A label value: bytes-like values (bytea) as PostgreSQL prints them (\\x and hex digits),
+    NULL as the empty string, anything else as its str()."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    return str(value)
+
+
 def result_samples(
-    query: BusinessQuery, columns: Sequence[str], rows: Sequence[Sequence[object]]
+    query: BusinessQuery, columns: Sequence[str], rows: Iterable[Sequence[object]]
 ) -> list[Sample]:
     """Turn a query's result into (label values, value) samples; raise QueryError when the
-    result does not fit the query's declaration (missing column, too many rows, NULL or
-    non-numeric value, the same label values twice)."""
+    result does not fit the query's declaration (missing column, too many rows, NULL,
+    non-numeric or invalid value, a label value too long, the same label values twice).
+    rows is read one row at a time, and not past the row after max_rows."""
     index: dict[str, int] = {}
     for i, column in enumerate(columns):
         index.setdefault(column, i)
@@ -57,26 +94,62 @@ def result_samples(
     if missing:
         raise QueryError(f"column {', '.join(missing)} not in the result "
                          f"(columns: {', '.join(columns) or 'none'})")
-    if len(rows) > query.max_rows:
-        raise QueryError(f"too many rows: more than max_rows ({query.max_rows})")
     value_at = index[query.value]
     label_at = [index[name] for name in query.labels]
     samples: list[Sample] = []
     seen: set[tuple[str, ...]] = set()
     for row in rows:
+        if len(samples) == query.max_rows:
+            raise QueryError(f"too many rows: more than max_rows ({query.max_rows})")
         raw = row[value_at]
         if raw is None:
             raise QueryError(f'NULL in value column "{query.value}"')
         value = _number(raw)
         if value is None:
             raise QueryError(f'non-numeric {type(raw).__name__} in value column "{query.value}"')
-        labels = tuple("" if row[i] is None else str(row[i]) for i in label_at)
+        # A counter only goes up from 0: OpenMetrics parsers refuse a negative or NaN one,
+        # and rate() over an infinite one is NaN. A gauge may be NaN or infinite (both
+        # formats carry them).
+        if query.type == "counter" and not (math.isfinite(value) and value >= 0):
+            raise QueryError(f'counter value {_shown(value)} in value column "{query.value}": '
+                             f"a counter must be a finite number, 0 or more")
+        labels = tuple(_label(row[i]) for i in label_at)
+        for name, text in zip(query.labels, labels, strict=True):
+            if len(text) > MAX_LABEL_LENGTH:
+                raise QueryError(f'label "{name}": a value of {len(text)} characters, more '
+                                 f"than {MAX_LABEL_LENGTH}")
         if labels in seen:
             pairs = ", ".join(f'{k}="{v}"' for k, v in zip(query.labels, labels, strict=True))
             raise QueryError(f"two rows with the same labels {{{pairs}}}")
         seen.add(labels)
         samples.append((labels, value))
     return samples
+
+
+def _shown(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return f"{value:g}"
+
+
+def _rows(conn: Connection, cursor: psycopg.ServerCursor[tuple[Any, ...]], limit: int,
+          deadline: float) -> Iterator[tuple[Any, ...]]:
+    """The cursor's rows, FETCH_BATCH at a time, never more than limit in all. The query runs
+    inside the FETCHes and statement_timeout counts per statement, so each FETCH after the
+    first gets only what is left of the query's time (deadline, monotonic)."""
+    fetched = 0
+    while fetched < limit:
+        if fetched:
+            left = max(1, round((deadline - time.monotonic()) * 1000))
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{left}ms"])
+        want = min(FETCH_BATCH, limit - fetched)
+        batch = cursor.fetchmany(want)
+        fetched += len(batch)
+        yield from batch
+        if len(batch) < want:
+            return
 
 
 @dataclass
@@ -105,12 +178,14 @@ class _Run:
 
 class BusinessCollector:
     """Metrics from SQL queries in the config (QAToolBox's defaults unless replaced), each run
-    in a read-only transaction on the collector's own connections, every `interval`, in the
-    background: a scrape serves the latest results and never waits for a query.
+    as the body of a cursor in a read-only transaction on the collector's own read-only
+    sessions, every `interval`, in the background: a scrape serves the latest results and
+    never waits for a query. Nothing runs as a superuser unless the config allows it.
 
     qatoolbox_users{state="active"} 1520
     qatoolbox_chat_messages_total{message_type="text"} 88211
     qatoolbox_business_up 1
+    qatoolbox_business_superuser_refused 0
     qatoolbox_business_query_success{query="qatoolbox_users"} 1
     qatoolbox_business_query_duration_seconds{query="qatoolbox_users"} 0.0021
     qatoolbox_business_query_last_success_timestamp_seconds{query="qatoolbox_users"} 1.7e+09
@@ -134,8 +209,17 @@ class BusinessCollector:
         self._idle: list[Connection] = []
         self._runs: set[_Run] = set()
         self._up = False
-        self._connect_failure: tuple[float, str] | None = None
+        self._allow_superuser = cfg.allow_superuser
+        # (monotonic time, message, seconds) of the last failed or refused connection: the
+        # next attempt waits that many seconds, and queries fail at once meanwhile.
+        self._connect_failure: tuple[float, str, float] | None = None
+        self._refused = False
+        self._refused_logged_at: float | None = None
         self._closed = False
+        if cfg.allow_superuser and self._states:
+            log.warning("business.allow_superuser is set: business queries run even as a "
+                        "PostgreSQL superuser, whom a read-only transaction does not stop "
+                        "(pg_terminate_backend, lo_export, pg_read_file)")
         # Daemon threads: a query stuck at exit must not hold the process up.
         self._workers = [
             threading.Thread(target=self._work, name=f"business-{i}", daemon=True)
@@ -153,7 +237,7 @@ class BusinessCollector:
         with self._lock:
             self._schedule(self._clock())
             snapshot = [(s.query, s.samples, s.duration, s.last_success) for s in self._states]
-            up = self._up
+            up, refused = self._up, self._refused
         success = GaugeMetricFamily(
             "qatoolbox_business_query_success",
             "Whether the query's last run succeeded and its result is served (1) or not (0).",
@@ -180,6 +264,12 @@ class BusinessCollector:
             "Whether the business collector reached PostgreSQL on its last attempt (1) or not "
             "(0).",
             value=1.0 if up else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "qatoolbox_business_superuser_refused",
+            "Whether business queries are refused because the role is a PostgreSQL superuser "
+            "and business.allow_superuser is not set (1) or not (0).",
+            value=1.0 if refused else 0.0,
         )
         yield success
         yield duration
@@ -215,9 +305,12 @@ class BusinessCollector:
         started = self._clock()
         samples: list[Sample] | None = None
         error: str | None = "internal error (traceback on stderr)"
+        quiet = False
         try:
             samples = self._execute(query)
             error = None
+        except RefusedError:
+            quiet = True  # logged once for the collector, not once per query
         except (psycopg.Error, QueryError) as exc:
             error = self._redact(_describe(exc))
         finally:
@@ -231,7 +324,8 @@ class BusinessCollector:
                     state.due = finished + query.interval
                 else:
                     state.due = finished + min(query.interval, RETRY_AFTER)
-                self._log_outcome(state, error, finished)
+                if not quiet:
+                    self._log_outcome(state, error, finished)
 
     def _log_outcome(self, state: _State, error: str | None, now: float) -> None:
         """One log line when a query starts failing, changes error or keeps failing for
@@ -267,18 +361,25 @@ class BusinessCollector:
             self._runs.add(run)
         run.timer.start()
         reusable = False
+        # A named cursor: DECLARE goes through the extended protocol (Parse/Bind/Execute),
+        # which refuses a second statement in the text, and PostgreSQL takes nothing but a
+        # plain SELECT (no data-modifying WITH, no SELECT INTO) as a cursor's body. Its rows
+        # then come FETCH_BATCH at a time instead of all at once.
+        cursor = conn.cursor(name=CURSOR_NAME)
+        deadline = time.monotonic() + query.timeout
         try:
-            with conn.cursor() as cur:
-                # SET LOCAL: the timeout ends with the transaction, like everything else here.
-                cur.execute("SELECT set_config('statement_timeout', %s, true)",
-                            [f"{max(1, round(query.timeout * 1000))}ms"])
-                cur.execute(query.sql.encode("utf-8"))
-                if cur.description is None:
-                    raise QueryError("the statement returned no result set")
-                columns = [column.name for column in cur.description]
-                rows = cur.fetchmany(query.max_rows + 1)
-            conn.rollback()
-            reusable = True
+            conn.execute(SET_LOCALS, [f"{max(1, round(query.timeout * 1000))}ms"])
+            cursor.execute(query.sql.encode("utf-8"))
+            if cursor.description is None:
+                raise QueryError("the statement returned no result set")
+            columns = [column.name for column in cursor.description]
+            rows = _rows(conn, cursor, query.max_rows + 1, deadline)
+            samples = result_samples(query, columns, rows)
+            reusable = self._end_run(conn)
+        except QueryError:  # the server answered; the result does not fit the declaration
+            self._set_up(True)
+            reusable = self._end_run(conn)
+            raise
         except psycopg.Error as exc:
             if run.aborted:
                 self._set_up(False)
@@ -287,21 +388,35 @@ class BusinessCollector:
             # An SQL error came from a live server; a broken connection means it went away.
             self._set_up(not conn.broken)
             if not conn.broken:
-                reusable = self._rollback(conn)
+                reusable = self._end_run(conn)
             raise
         finally:
             run.timer.cancel()
             with self._lock:
                 run.done = True  # from here on the watchdog leaves this connection alone
                 self._runs.discard(run)
+            try:
+                # After the rollback: closing a cursor of a finished transaction is free.
+                cursor.close()
+            except psycopg.Error:
+                reusable = False
             self._release(conn, reusable)
         self._set_up(True)
-        return result_samples(query, columns, rows)
+        return samples
 
     @staticmethod
-    def _rollback(conn: Connection) -> bool:
+    def _end_run(conn: Connection) -> bool:
+        """Roll the run's transaction back and release the session-level advisory locks a
+        query may have taken (they outlive a rollback and would stay held by a pooled
+        connection); False when the connection is not fit for another run."""
         try:
-            conn.rollback()
+            if conn.info.transaction_status == TransactionStatus.INTRANS:
+                conn.execute("SELECT pg_advisory_unlock_all()")
+                conn.rollback()
+            else:  # the transaction failed: leave it first
+                conn.rollback()
+                conn.execute("SELECT pg_advisory_unlock_all()")
+                conn.rollback()
         except psycopg.Error:
             return False
         return True
@@ -329,29 +444,69 @@ class BusinessCollector:
         with self._lock:
             if self._idle and not fresh:
                 return self._idle.pop(), True
-            failure = self._connect_failure
-        if failure is not None and self._clock() - failure[0] < CONNECT_BACKOFF:
-            raise QueryError(failure[1])
+            failure, refused = self._connect_failure, self._refused
+        if failure is not None and self._clock() - failure[0] < failure[2]:
+            raise (RefusedError if refused else QueryError)(failure[1])
         pg = self._pg
         params: dict[str, Any] = {
             "host": pg.host, "port": pg.port, "dbname": pg.dbname, "user": pg.user,
             "sslmode": pg.sslmode, "connect_timeout": max(1, round(pg.connect_timeout)),
-            "application_name": "qatoolbox-exporter-business",
+            "application_name": "qatoolbox-exporter-business", "options": SESSION_OPTIONS,
         }
         if pg.password:
             params["password"] = str(pg.password)
+        conn: Connection | None = None
         try:
-            conn: Connection = psycopg.connect(**params)
+            conn = psycopg.connect(**params)
+            superuser = self._superuser(conn)
         except psycopg.Error as exc:
+            if conn is not None:
+                conn.close()
             message = self._redact(f"cannot connect: {_describe(exc)}")
             with self._lock:
-                self._connect_failure = (self._clock(), message)
+                self._connect_failure = (self._clock(), message, CONNECT_BACKOFF)
                 self._up = False
             raise QueryError(message) from exc
-        conn.read_only = True  # every transaction starts with BEGIN READ ONLY
+        if superuser and not self._allow_superuser:
+            role = conn.info.user
+            conn.close()
+            self._refuse(role)
+        conn.read_only = True  # every transaction starts with BEGIN READ ONLY too
         with self._lock:
             self._connect_failure = None
+            if self._refused:
+                log.info("business queries run again: the PostgreSQL role is no longer a "
+                         "superuser", extra={"user": conn.info.user})
+            self._up, self._refused, self._refused_logged_at = True, False, None
         return conn, False
+
+    @staticmethod
+    def _superuser(conn: Connection) -> bool:
+        """Whether the role is a superuser. PostgreSQL reports is_superuser when the session
+        starts; a pooler may not pass that on, and then it is asked."""
+        flag = conn.info.parameter_status("is_superuser")
+        if flag is None:
+            row = conn.execute("SELECT current_setting('is_superuser')").fetchone()
+            conn.rollback()
+            return row is not None and row[0] == "on"
+        return flag == "on"
+
+    def _refuse(self, role: str) -> None:
+        """Refuse to run queries as the superuser role: one error line now and after each
+        repeat_interval while it lasts, not one per query; queries fail at once for
+        RETRY_AFTER seconds before the next connection checks again."""
+        message = f'refused: role "{role}" is a PostgreSQL superuser'
+        now = self._clock()
+        with self._lock:
+            self._connect_failure = (now, message, RETRY_AFTER)
+            self._up, self._refused = False, True
+            logged = self._refused_logged_at
+            if logged is None or now - logged >= self._repeat:
+                self._refused_logged_at = now
+                log.error("business queries refused: the PostgreSQL role is a superuser, "
+                          "whom a read-only transaction does not stop", extra={
+                              "user": role, "hint": SUPERUSER_HINT})
+        raise RefusedError(message)
 
     def _release(self, conn: Connection, reusable: bool) -> None:
         with self._lock:
