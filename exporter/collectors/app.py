@@ -139,6 +139,11 @@ def _open_folder(path: str) -> tuple[int, os.stat_result]:
             # Whoever can write the folder's parent could point the link anywhere.
             raise _UnusableFolderError("is a symlink: configure the folder it points to") from None
         if exc.errno == errno.ENOTDIR:
+            # O_DIRECTORY fails first on a symlink to a folder; lstat only words the message.
+            with contextlib.suppress(OSError):
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    raise _UnusableFolderError(
+                        "is a symlink: configure the folder it points to") from None
             raise _UnusableFolderError("is not a folder") from None
         raise _UnusableFolderError(f"cannot be opened: {exc.strerror}") from None
     info = os.fstat(fd)

@@ -335,12 +335,7 @@ class FileMerger:
                 or data[layout.check_at:layout.check_at + len(layout.check)] != layout.check):
             layout = _Layout(ino=ino, used=8, check_at=0, check=b"")
         if used > layout.used:
-            # Extended as a copy: a malformed entry leaves the cached layout as it was.
-            layout = self._extend(replace(layout, slots=list(layout.slots),
-                                          offsets=list(layout.offsets),
-                                          markers=list(layout.markers),
-                                          refused=dict(layout.refused)),
-                                  data, used, prefix, ident)
+            self._extend(layout, data, used, prefix, ident, markers=rewritten)
         if rewritten:
             layout.snapshot = data
         self._layouts[path] = layout
@@ -352,15 +347,17 @@ class FileMerger:
                           layout.unpack.unpack_from(data) if layout.unpack is not None else (),
                           layout.simple, layout.markers, tuple(layout.refused.items()))
 
-    def _extend(self, layout: _Layout, data: bytes, used: int, prefix: str,
-                ident: str) -> _Layout:
+    def _extend(self, layout: _Layout, data: bytes, used: int, prefix: str, ident: str, *,
+                markers: bool) -> None:
+        """Parse the entries appended since layout was made; markers: whether the file may
+        carry markers (only the accumulators the exporter writes may)."""
         pos = layout.used
         mode = prefix.partition("_")[2]
         name = f"{prefix}_{ident}.db"
         while pos < used:
             key, value_at = entry_at(data, pos, used, name)
             layout.check_at, layout.check = pos, data[pos:value_at]
-            if key.startswith(f'["{MARKER_PREFIX}'):
+            if markers and key.startswith(f'["{MARKER_PREFIX}'):
                 layout.markers.append(key)
             elif (refusal := self.refusal(prefix, key)) is not None:
                 if refusal not in layout.refused:
@@ -379,7 +376,6 @@ class FileMerger:
             parts.append(f"{offset - end}xd")
             end = offset + 8
         layout.unpack = struct.Struct("".join(parts)) if layout.offsets else None
-        return layout
 
     def families(self, files: list[FileValues]) -> list[Metric]:
         """Add the files up and build the families."""
