@@ -554,10 +554,10 @@ class AppCollector:
             log.warning("app metrics folder is writable by every user (sticky); files of "
                         "other owners are refused",
                         extra={"dir": directory, "mode": f"{mode:04o}", "owner_uid": owner})
-        elif mode & stat.S_IWGRP and owner in (0, me) and me == 0:
-            log.warning("app metrics folder is owned by root and writable by its group: "
-                        "files the app writes as a group member are refused; make the app's "
-                        "user the folder's owner",
+        elif mode & stat.S_IWGRP and owner in (0, me):
+            log.warning("app metrics folder is owned by root or the exporter and writable by "
+                        "its group: files the app writes as a group member are refused for "
+                        "their owner; make the app's user the folder's owner",
                         extra={"dir": directory, "mode": f"{mode:04o}", "owner_uid": owner})
         if self._compact and not os.access(directory, os.W_OK | os.X_OK,
                                            effective_ids=os.access in os.supports_effective_ids):
@@ -581,8 +581,8 @@ class AppCollector:
         if self._fold_errors.get(directory) == error:
             return
         if error is not None:
-            log.warning("app metrics folder could not be folded; exited workers' files are "
-                        "read as they are", extra={"dir": directory, "err": error})
+            log.warning("app metrics folder could not be folded; it serves nothing until it "
+                        "can", extra={"dir": directory, "err": error})
         self._fold_errors[directory] = error
 
     def collect(self) -> Iterator[Metric]:
@@ -672,8 +672,8 @@ class AppCollector:
         return result
 
     def _fold(self, folder: _Folder, dead: list[str], listing: _Listing) -> None:
-        """Fold under the exclusive lock. A fold that fails leaves the folder consistent (see
-        fold_folder), so the read goes on; a refused file is refused again by the read."""
+        """Fold under the exclusive lock; an error (a full disk) takes the folder down for
+        this scrape, logged once until a fold succeeds again."""
         directory = folder.path
         try:
             self._folded[directory] += fold_folder(folder, dead, listing.names, self._accept)
@@ -681,11 +681,10 @@ class AppCollector:
             for name in listing.tmps:
                 # Under the exclusive lock nobody is writing one: a dead exporter's leftover.
                 folder.unlink(name)
-        except RefusedEntryError:
-            return
         except (OSError, ValueError) as exc:
-            self._fold_error(directory, str(exc))
-            return
+            self._fold_error(directory, exc.strerror if isinstance(exc, OSError) and
+                             exc.strerror else str(exc))
+            raise
         self._fold_error(directory, None)
 
     def _read_files(self, folder: _Folder, listing: _Listing, alive: dict[str, bool],
