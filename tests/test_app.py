@@ -230,7 +230,7 @@ def test_crash_after_accumulator_written_before_delete(tmp_path: Path,
     class CrashError(Exception):
         pass
 
-    def crash(path: str) -> None:
+    def crash(path: str, **kwargs: Any) -> None:
         raise CrashError(path)
 
     monkeypatch.setattr("exporter.collectors.app.os.unlink", crash)
@@ -262,10 +262,10 @@ def test_crash_before_accumulator_replaced(tmp_path: Path,
     work(dead, 9)
     dead.close()
 
-    def crash(src: str, dst: str) -> None:
+    def crash(src: str, dst: str, **kwargs: Any) -> None:
         raise OSError("crash")
 
-    monkeypatch.setattr("exporter.instrument._store.os.replace", crash)
+    monkeypatch.setattr("exporter.instrument._store.os.rename", crash)
     with pytest.raises(OSError):
         fold(str(tmp_path), [dead.store.ident])
     monkeypatch.undo()

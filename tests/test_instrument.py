@@ -386,3 +386,39 @@ def test_gunicorn_setup_empties_all_but_live_writers(tmp_path: Path,
     assert f"counter_{other.store.ident}.db" in names
     assert f"gauge_livesum_{live.store.ident}.db" in names  # same pid, but alive
     live.close()
+
+
+def test_gunicorn_setup_is_not_held_by_a_fifo_lock(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app's master checks writers' locks too: a FIFO or symlink at a lock's name (left
+    by code in a worker) must neither block gunicorn's start nor be followed."""
+    import threading
+
+    from exporter.instrument.gunicorn import setup_multiproc_dir
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    fifo_ident, link_ident = "4242-0123456789abcdef", "4243-0123456789abcdef"
+    (tmp_path / f"counter_{fifo_ident}.db").write_bytes(b"\0" * 16)
+    os.mkfifo(tmp_path / f"{fifo_ident}.lock")
+    victim = tmp_path.parent / f"{tmp_path.name}-victim"
+    victim.write_bytes(b"keep")
+    (tmp_path / f"counter_{link_ident}.db").write_bytes(b"\0" * 16)
+    (tmp_path / f"{link_ident}.lock").symlink_to(victim)
+    assert not writer_alive(str(tmp_path), link_ident)
+    done = threading.Event()
+
+    def setup() -> None:
+        setup_multiproc_dir(str(tmp_path))
+        done.set()
+
+    thread = threading.Thread(target=setup, daemon=True)
+    thread.start()
+    try:
+        assert done.wait(10), "setup_multiproc_dir blocked on a FIFO named like a lock"
+    finally:
+        if not done.is_set():
+            # Give the blocked open() its writer, so the thread ends.
+            os.close(os.open(tmp_path / f"{fifo_ident}.lock", os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(10)
+    assert not (tmp_path / f"counter_{fifo_ident}.db").exists()
+    assert victim.read_bytes() == b"keep"

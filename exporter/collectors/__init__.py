@@ -55,7 +55,9 @@ def _redis(c: Config) -> Collector:
 def _app(c: Config) -> Collector:
     from exporter.collectors.app import AppCollector
 
-    return AppCollector(c.app)
+    # The business queries' families are the exporter's too: the app's files may not use them.
+    queries = c.business.all_queries() if c.enabled("business") else ()
+    return AppCollector(c.app, reserved_names={n for q in queries for n in (q.metric, q.family)})
 
 
 COLLECTORS: dict[str, CollectorSpec] = {

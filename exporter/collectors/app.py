@@ -5,16 +5,26 @@ metric type, one accumulator file `<type>_folded.db` holding everything dead wor
 On each scrape the collector folds the files of workers that are gone into the accumulators,
 so the files read per scrape are those of live workers plus a constant few, however many
 workers have come and gone. See docs/app.md for the crash-safety argument.
+
+The folders are writable by the application's code, so every entry in them is hostile input
+(docs/app.md, "The folder is untrusted"): each scrape opens the folder once and reaches its
+entries only through that descriptor, never through a symlink and never waiting on one; an
+entry is used only if it is a regular file of the expected owner and size, files are only
+ever created new and renamed into place, and families the exporter serves itself are refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
+import math
 import os
+import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,17 +32,28 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from exporter.config import AppConfig
 from exporter.instrument._merge import MARKER_PREFIX, FileMerger, FileValues
 from exporter.instrument._store import (
+    FILE_TYPES,
     FOLDABLE_TYPES,
     GAUGE_MODE,
+    HARDLINK,
+    MALFORMED,
+    OWNER,
+    REFUSAL_REASONS,
+    TOO_LARGE,
+    UNREADABLE,
+    RefusedEntryError,
+    flock_held,
     is_writer_ident,
-    lock_held,
-    lock_path,
     mmap_key,
+    open_entry,
+    parse_entries,
     parse_name,
-    read_entries,
-    write_file,
-    writer_alive,
+    read_used,
+    tmp_target,
+    write_file_at,
 )
+
+log = logging.getLogger("exporter.collectors.app")
 
 DIR_LOCK = ".qatoolbox-exporter.lock"
 # Routes with series of their own (~57 series each); the requests of any further route are
@@ -43,14 +64,47 @@ MAX_ROUTES = 50
 LOCK_WAIT = 1.0
 # A bare `.lock.tmp` file younger than this may belong to a writer that is starting.
 BARE_TMP_LOCK_AGE = 60.0
+# A folder with more entries than this is not read: listing it would cost more than any
+# real one (3 files and a lock per live worker, a few hundred at most, or some thousands of
+# exited workers' files with folding off).
+MAX_DIR_ENTRIES = 100_000
 LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
 
+# Families the exporter's other collectors serve (and this collector's own): a file in the
+# folder may not declare them, as a family or a sample name, or it could pass off values as
+# the exporter's (and two families of one name break the exposition).
+RESERVED_PREFIXES = (
+    "qatoolbox_exporter_", "qatoolbox_host_", "qatoolbox_process_", "qatoolbox_postgres_",
+    "qatoolbox_redis_", "qatoolbox_business_", "qatoolbox_app_", "qatoolbox_celery_",
+)
+# ... except the app's own: exporter.instrument records qatoolbox_http_* (never reserved) and
+# qatoolbox_celery_tasks / qatoolbox_celery_task_duration_seconds; the other qatoolbox_celery_
+# names (queue length, unacked messages) are the redis collector's.
+APP_PREFIXES = ("qatoolbox_celery_task",)
+
+# Refusals of a regular file that could hold the app's counts: the folder then contributes
+# nothing this scrape (dir_up 0), rather than totals that are too low, which Prometheus would
+# take for a counter reset. Anything else refused (a symlink, FIFO, socket, folder) is never a
+# file the app wrote: it is skipped and the rest of the folder is served.
+_DOWN_REASONS = frozenset((OWNER, HARDLINK, UNREADABLE, TOO_LARGE, MALFORMED))
+# Refusal log lines per minute, all folders together: a folder of ever-new bad names cannot
+# flood the log (the counter counts every refusal).
+_LOG_BURST = 20
+_LOG_WINDOW = 60.0
+
 
 def accumulator_path(directory: str, prefix: str) -> str:
     """Where the dead workers' values of one metric type are kept."""
-    return os.path.join(directory, f"{prefix}_{FOLDED_IDENT}.db")
+    return os.path.join(directory, _accumulator(prefix))
+
+
+def _accumulator(prefix: str) -> str:
+    return f"{prefix}_{FOLDED_IDENT}.db"
+
+
+_ACCUMULATORS = frozenset(_accumulator(p) for p in (*FOLDABLE_TYPES, LIVE_GAUGES))
 
 
 def marker_key(ident: str) -> str:
@@ -62,7 +116,50 @@ def marker_ident(key: str) -> str | None:
     """The worker ident a marker key names, or None for a metric key."""
     if not key.startswith(f'["{_MARKER}"'):
         return None
-    return str(json.loads(key)[1])
+    try:
+        return str(json.loads(key)[1])
+    except (ValueError, IndexError, RecursionError):
+        return None
+
+
+class _UnusableFolderError(Exception):
+    """The folder itself cannot be used this scrape; the message says why."""
+
+
+def _open_folder(path: str) -> tuple[int, os.stat_result]:
+    """A descriptor of the folder and its fstat; _UnusableFolderError when it is missing, a
+    symlink, not a folder, or writable by every user without the sticky bit."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _UnusableFolderError("does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            # Whoever can write the folder's parent could point the link anywhere.
+            raise _UnusableFolderError("is a symlink: configure the folder it points to") from None
+        if exc.errno == errno.ENOTDIR:
+            # O_DIRECTORY fails first on a symlink to a folder; lstat only words the message.
+            with contextlib.suppress(OSError):
+                if stat.S_ISLNK(os.lstat(path).st_mode):
+                    raise _UnusableFolderError(
+                        "is a symlink: configure the folder it points to") from None
+            raise _UnusableFolderError("is not a folder") from None
+        raise _UnusableFolderError(f"cannot be opened: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        os.close(fd)
+        # Every local user could then rename or delete the app's files.
+        raise _UnusableFolderError(
+            f"is writable by every user (mode {stat.S_IMODE(info.st_mode):04o}): remove write "
+            "access for others (chmod o-w)")
+    return fd, info
+
+
+def _shown(text: str) -> str:
+    """text as it may go into a log line: control characters and odd bytes escaped."""
+    text = text if len(text) <= 300 else text[:300] + "..."
+    return text if text.isprintable() else ascii(text)[1:-1]
 
 
 @dataclass
@@ -74,21 +171,27 @@ class _Listing:
     # Lock files of writers without data files: a writer that died between creating its
     # lock and its first data file leaves only these (`<ident>.lock`, `.<ident>.lock.tmp`).
     bare_locks: list[str] = field(default_factory=list)
+    # Temporary files of an exporter that died writing an accumulator.
+    tmps: list[str] = field(default_factory=list)
+    names: set[str] = field(default_factory=set)
 
 
-def _list(directory: str) -> _Listing:
+def _listing(names: Iterable[str]) -> _Listing:
     listing = _Listing()
     locks: dict[str, str] = {}
-    for name in os.listdir(directory):
+    for name in names:
+        listing.names.add(name)
         parsed = parse_name(name)
         if parsed is None:
             ident = name.removeprefix(".").removesuffix(".tmp").removesuffix(".lock")
             if name.endswith((".lock", ".lock.tmp")) and is_writer_ident(ident):
                 locks[name] = ident
+            elif tmp_target(name) in _ACCUMULATORS:
+                listing.tmps.append(name)
             continue
-        ident = parsed[1]
-        if ident == FOLDED_IDENT:
-            continue
+        prefix, ident = parsed
+        if ident == FOLDED_IDENT or prefix not in FILE_TYPES:
+            continue  # an accumulator, or not a metrics file
         if is_writer_ident(ident):
             listing.workers.setdefault(ident, []).append(name)
         else:
@@ -97,45 +200,197 @@ def _list(directory: str) -> _Listing:
     return listing
 
 
-def _remove_dead_locks(directory: str, names: list[str], now: float) -> None:
-    """Delete bare lock files nobody holds. A `.tmp` one is left alone for a minute: its writer
-    may be between creating it and locking it."""
-    for name in names:
-        path = os.path.join(directory, name)
+class _Folder:
+    """One scrape's handle on one folder: entries are reached only relative to one descriptor
+    of it (so renaming the folder or a parent mid-scrape changes nothing), opened without
+    following symlinks or blocking, and checked after opening. Refusals are recorded."""
+
+    def __init__(self, fd: int, path: str, owner: int) -> None:
+        self.fd = fd
+        self.path = path
+        # Who may own an entry: the app (the folder's owner), this exporter, root.
+        self.owners = frozenset((owner, os.geteuid(), 0))
+        self.refused: dict[tuple[str, str], str] = {}  # (name, reason) -> detail
+
+    def refuse(self, name: str, reason: str, detail: str) -> None:
+        self.refused.setdefault((name, reason), detail)
+
+    def is_refused(self, name: str) -> bool:
+        return any(refused == name for refused, _ in self.refused)
+
+    def listing(self) -> _Listing:
+        names: list[str] = []
+        with os.scandir(self.fd) as entries:
+            for entry in entries:
+                if len(names) >= MAX_DIR_ENTRIES:
+                    raise _UnusableFolderError(f"holds more than {MAX_DIR_ENTRIES} entries")
+                names.append(entry.name)
+        return _listing(names)
+
+    def read(self, name: str) -> tuple[bytes, int] | None:
+        """The used bytes and inode of a data file; None when it is refused as something the
+        app never writes; RefusedEntryError when it is refused as a file that could be the app's;
+        FileNotFoundError when it is gone."""
         try:
-            if name.endswith(".tmp") and now - os.stat(path).st_mtime < BARE_TMP_LOCK_AGE:
-                continue
-            if lock_held(path):
-                continue  # its writer lives
-            os.unlink(path)
+            fd, info = open_entry(self.fd, name, self.owners)
+        except RefusedEntryError as exc:
+            self.refuse(name, exc.reason, str(exc))
+            if exc.reason in _DOWN_REASONS:
+                raise
+            return None
+        try:
+            return read_used(fd, info, name), info.st_ino
+        except RefusedEntryError as exc:
+            self.refuse(name, exc.reason, str(exc))
+            raise
+        except ValueError as exc:
+            raise self.malformed(name, exc) from None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            self.refuse(name, UNREADABLE, f"cannot be read: {exc.strerror}")
+            raise RefusedEntryError(UNREADABLE, str(exc)) from None
+        finally:
+            os.close(fd)
+
+    def malformed(self, name: str, exc: ValueError) -> RefusedEntryError:
+        detail = str(exc).removeprefix(f"{name}: ")
+        self.refuse(name, MALFORMED, detail)
+        return RefusedEntryError(MALFORMED, detail)
+
+    def entries(self, name: str, keep: Callable[[str], bool]) -> list[tuple[str, float]] | None:
+        """The entries of a data file that keep() accepts; None when refused and skipped."""
+        read = self.read(name)
+        if read is None:
+            return None
+        try:
+            return [(key, value) for key, value in parse_entries(read[0], name) if keep(key)]
+        except ValueError as exc:
+            raise self.malformed(name, exc) from None
+
+    def writer_alive(self, ident: str) -> bool:
+        """Whether the process that wrote ident's files still holds its lock.
+
+        A missing lock file means dead too: writers create it before any data file and only
+        the exporter's compaction removes it, after the data files. So does a lock that is
+        not a regular file: no writer holds that one.
+        """
+        return self.lock_held(f"{ident}.lock") is True
+
+    def lock_held(self, name: str) -> bool | None:
+        """Whether a writer holds that lock file; None when it is gone or refused."""
+        try:
+            fd, _ = open_entry(self.fd, name, self.owners)
+        except FileNotFoundError:
+            return None
+        except RefusedEntryError as exc:
+            self.refuse(name, exc.reason, str(exc))
+            return None
+        try:
+            return flock_held(fd)
+        finally:
+            os.close(fd)
+
+    def open_lock(self) -> int | None:
+        """The folder lock's descriptor (created if missing); None when it cannot be had
+        (a read-only folder, or a lock entry that is refused)."""
+        for _ in range(2):
+            try:
+                return open_entry(self.fd, DIR_LOCK, self.owners)[0]
+            except FileNotFoundError:
+                pass
+            except RefusedEntryError as exc:
+                self.refuse(DIR_LOCK, exc.reason, str(exc))
+                return None
+            try:
+                return os.open(DIR_LOCK, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                               | os.O_CLOEXEC, 0o644, dir_fd=self.fd)
+            except FileExistsError:
+                continue  # another exporter made it meanwhile
+            except OSError:
+                # A read-only folder: no folding, reads are still right (dead workers' files
+                # are read as they are).
+                return None
+        return None
+
+    def write(self, name: str, entries: list[tuple[str, float]]) -> None:
+        write_file_at(self.fd, name, entries)
+
+    def unlink(self, name: str) -> None:
+        # Removes the entry itself, whatever it is; never anything it points to.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.fd)
+
+
+def _remove_dead_locks(folder: _Folder, names: list[str], now: float) -> None:
+    """Delete bare lock files nobody holds. A `.tmp` one is left alone for a minute: its writer
+    may be between creating it and locking it. One that is refused stays where it is."""
+    for name in names:
+        try:
+            fd, info = open_entry(folder.fd, name, folder.owners)
         except FileNotFoundError:
             continue
+        except RefusedEntryError as exc:
+            folder.refuse(name, exc.reason, str(exc))
+            continue
+        try:
+            if name.endswith(".tmp") and now - info.st_mtime < BARE_TMP_LOCK_AGE:
+                continue
+            if flock_held(fd):
+                continue  # its writer lives
+        finally:
+            os.close(fd)
+        folder.unlink(name)
 
 
 def fold(directory: str, dead: list[str]) -> int:
+    """fold_folder() by path, every entry accepted (tests and tools)."""
+    fd, info = _open_folder(directory)
+    try:
+        folder = _Folder(fd, directory, info.st_uid)
+        return fold_folder(folder, dead, folder.listing().names, lambda prefix, key: True)
+    finally:
+        os.close(fd)
+
+
+def fold_folder(folder: _Folder, dead: list[str], names: set[str],
+                accept: Callable[[str, str], bool]) -> int:
     """Fold dead workers' counters and histograms into the accumulators, then delete their files.
 
-    Caller holds the folder lock exclusively. Returns how many workers were folded. Safe to
-    interrupt anywhere: each accumulator is replaced atomically together with its record of
-    which workers' files it contains, and files are deleted only after that.
+    Caller holds the folder lock exclusively; names is the folder's listing taken under it;
+    accept(prefix, key) says which entries may be kept. Returns how many workers were folded.
+    Safe to interrupt anywhere: each accumulator is replaced atomically together with its
+    record of which workers' files it contains, and files are deleted only after that.
+    Entries refused as never the app's (a symlink, FIFO, ...) are neither folded nor deleted;
+    a refused file that could be the app's raises RefusedEntryError and nothing more is done.
     """
     if not dead:
         return 0
-    present = set(os.listdir(directory))
+    kept: set[str] = set()
     for prefix in FOLDABLE_TYPES:
-        path = accumulator_path(directory, prefix)
-        values: dict[str, float] = {}
-        with contextlib.suppress(FileNotFoundError):
-            values.update(read_entries(path))
-        folded = {ident for ident in map(marker_ident, values) if ident is not None}
+        acc = _accumulator(prefix)
+        # Markers come only from the accumulator, never from a worker's file: a worker's
+        # file cannot declare another worker's file as already folded.
+
+        def keep(key: str, prefix: str = prefix) -> bool:
+            return accept(prefix, key)
+
+        def keep_markers(key: str, prefix: str = prefix) -> bool:
+            return marker_ident(key) is not None or accept(prefix, key)
+
+        values = _accumulated(folder, acc, keep_markers)
+        folded = {ident: key for key in values if (ident := marker_ident(key)) is not None}
         changed = False
         for ident in dead:
             name = f"{prefix}_{ident}.db"
-            if name not in present or ident in folded:
+            if name not in names or ident in folded:
                 continue
             try:
-                entries = list(read_entries(os.path.join(directory, name)))
+                entries = folder.entries(name, keep)
             except FileNotFoundError:
+                continue
+            if entries is None:
+                kept.add(name)
                 continue
             for key, value in entries:
                 values[key] = values.get(key, 0.0) + value
@@ -143,44 +398,67 @@ def fold(directory: str, dead: list[str]) -> int:
             changed = True
         # A marker is only needed while its source file exists (a fold interrupted between
         # replacing the accumulator and deleting the sources); drop the others.
-        for ident in folded:
-            if f"{prefix}_{ident}.db" not in present:
-                del values[marker_key(ident)]
+        for ident, key in folded.items():
+            if f"{prefix}_{ident}.db" not in names:
+                del values[key]
                 changed = True
         if changed:
-            write_file(path, list(values.items()))
-    _fold_gauge_names(directory, dead, present)
+            folder.write(acc, list(values.items()))
+    kept |= _fold_gauge_names(folder, dead, names, accept)
+    count = 0
     for ident in dead:
-        for name in present:
-            parsed = parse_name(name)
-            if parsed is not None and parsed[1] == ident:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(directory, name))
+        own = [name for name in names if (parsed := parse_name(name)) and parsed[1] == ident]
+        for name in own:
+            if name not in kept:
+                folder.unlink(name)
+        count += any(name not in kept for name in own)
         # The lock file goes last: while data files remain it marks them as of a dead writer.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path(directory, ident))
-    return len(dead)
+        lock = f"{ident}.lock"
+        if not kept.intersection(own) and not folder.is_refused(lock):
+            folder.unlink(lock)
+    return count
 
 
-def _fold_gauge_names(directory: str, dead: list[str], present: set[str]) -> None:
-    """Keep the dead workers' gauge series, at 0, in a gauge accumulator.
+def _accumulated(folder: _Folder, name: str, keep: Callable[[str], bool]) -> dict[str, float]:
+    """An accumulator's entries; none when there is none yet, or when what is there is refused
+    as never a file of ours (the new accumulator is then renamed over it)."""
+    try:
+        return dict(folder.entries(name, keep) or ())
+    except FileNotFoundError:
+        return {}
+
+
+def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
+                      accept: Callable[[str, str], bool]) -> set[str]:
+    """Keep the dead workers' gauge series, at 0, in a gauge accumulator; return the names
+    of refused files left in place.
 
     Their values are no longer true (nothing is in flight in a dead worker), but the series
     stay: `qatoolbox_http_requests_in_flight 0` rather than no series when no worker lives.
     Adding zeros twice changes nothing, so this needs no markers.
     """
-    path = accumulator_path(directory, LIVE_GAUGES)
-    values: dict[str, float] = {}
-    with contextlib.suppress(FileNotFoundError):
-        values.update(read_entries(path))
+    acc = _accumulator(LIVE_GAUGES)
+
+    def keep(key: str) -> bool:
+        return accept(LIVE_GAUGES, key)
+
+    values = _accumulated(folder, acc, keep)
     known = len(values)
+    kept: set[str] = set()
     for ident in dead:
         name = f"{LIVE_GAUGES}_{ident}.db"
-        if name in present:
-            with contextlib.suppress(FileNotFoundError):
-                values.update((key, 0.0) for key, _ in read_entries(os.path.join(directory, name)))
+        if name in names:
+            try:
+                entries = folder.entries(name, keep)
+            except FileNotFoundError:
+                continue
+            if entries is None:
+                kept.add(name)
+                continue
+            values.update((key, 0.0) for key, _ in entries)
     if len(values) != known:
-        write_file(path, [(key, 0.0) for key in values])
+        folder.write(acc, [(key, 0.0) for key in values])
+    return kept
 
 
 @dataclass
@@ -190,6 +468,47 @@ class _DirResult:
     files: int = 0
     files_read: list[FileValues] = field(default_factory=list)
     paths: set[str] = field(default_factory=set)
+    refused: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+class _RefusalLog:
+    """One log line per refused entry and reason while it stays in the folder (again if it
+    comes back), at most _LOG_BURST lines a minute; the rest wait for the next minute."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._logged: dict[str, set[tuple[str, str]]] = {}
+        self._window = -math.inf
+        self._lines = 0
+        self._held = False
+
+    def report(self, directory: str, refused: dict[tuple[str, str], str]) -> None:
+        logged = self._logged.setdefault(directory, set())
+        logged.intersection_update(refused)
+        for key, detail in refused.items():
+            if key in logged:
+                continue
+            if not self._take():
+                return
+            logged.add(key)
+            name, reason = key
+            log.warning("app metrics file refused",
+                        extra={"dir": directory, "file": _shown(name), "reason": reason,
+                               "detail": _shown(detail)})
+
+    def _take(self) -> bool:
+        now = self._clock()
+        if now - self._window >= _LOG_WINDOW:
+            self._window, self._lines, self._held = now, 0, False
+        if self._lines < _LOG_BURST:
+            self._lines += 1
+            return True
+        if not self._held:
+            self._held = True
+            log.warning("more app metrics files refused than are logged; the others follow at "
+                        f"up to {_LOG_BURST} lines a minute "
+                        "(qatoolbox_app_files_rejected_total counts them all)")
+        return False
 
 
 class AppCollector:
@@ -202,15 +521,69 @@ class AppCollector:
         qatoolbox_app_multiprocess_dir_up{dir="/run/qatoolbox/metrics/web"} 1
         qatoolbox_app_workers{dir="/run/qatoolbox/metrics/web"} 3
         qatoolbox_app_workers_folded_total{dir="/run/qatoolbox/metrics/web"} 17
+        qatoolbox_app_files_rejected_total{dir="/run/qatoolbox/metrics/web",reason="symlink"} 0
     """
 
     name = "app"
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, reserved_names: Iterable[str] = ()) -> None:
+        """reserved_names: further families the exporter serves (the business queries')."""
         self._dirs = config.multiprocess_dirs
         self._compact = config.compact
-        self._merger = FileMerger(route_limit=MAX_ROUTES)
+        self._merger = FileMerger(route_limit=MAX_ROUTES, reserved_prefixes=RESERVED_PREFIXES,
+                                  allowed_prefixes=APP_PREFIXES, reserved_names=reserved_names)
         self._folded = dict.fromkeys(self._dirs, 0)
+        self._rejected = {d: dict.fromkeys(REFUSAL_REASONS, 0) for d in self._dirs}
+        self._refusal_log = _RefusalLog()
+        self._problems: dict[str, str | None] = {}
+        self._fold_errors: dict[str, str | None] = {}
+        for directory in self._dirs:
+            self._check_at_start(directory)
+
+    def _check_at_start(self, directory: str) -> None:
+        """Log what is wrong with a folder's ownership and mode (docs/app.md)."""
+        try:
+            fd, info = _open_folder(directory)
+        except _UnusableFolderError as exc:
+            self._problem(directory, str(exc))
+            return
+        os.close(fd)
+        self._problems[directory] = None
+        mode, owner, me = stat.S_IMODE(info.st_mode), info.st_uid, os.geteuid()
+        if mode & stat.S_IWOTH:
+            log.warning("app metrics folder is writable by every user (sticky); files of "
+                        "other owners are refused",
+                        extra={"dir": directory, "mode": f"{mode:04o}", "owner_uid": owner})
+        elif mode & stat.S_IWGRP and owner in (0, me):
+            log.warning("app metrics folder is owned by root or the exporter and writable by "
+                        "its group: files the app writes as a group member are refused for "
+                        "their owner; make the app's user the folder's owner",
+                        extra={"dir": directory, "mode": f"{mode:04o}", "owner_uid": owner})
+        if self._compact and not os.access(directory, os.W_OK | os.X_OK,
+                                           effective_ids=os.access in os.supports_effective_ids):
+            log.warning("app metrics folder is not writable by the exporter: exited workers' "
+                        "files cannot be folded (reads grow with worker restarts)",
+                        extra={"dir": directory, "mode": f"{mode:04o}", "owner_uid": owner,
+                               "exporter_uid": me})
+
+    def _problem(self, directory: str, problem: str | None) -> None:
+        """Log a folder becoming unusable (or usable again) once per change."""
+        if self._problems.get(directory, "") == problem:
+            return
+        if problem is not None:
+            log.warning("app metrics folder unusable", extra={"dir": directory,
+                                                               "problem": problem})
+        elif directory in self._problems:
+            log.info("app metrics folder usable again", extra={"dir": directory})
+        self._problems[directory] = problem
+
+    def _fold_error(self, directory: str, error: str | None) -> None:
+        if self._fold_errors.get(directory) == error:
+            return
+        if error is not None:
+            log.warning("app metrics folder could not be folded; it serves nothing until it "
+                        "can", extra={"dir": directory, "err": error})
+        self._fold_errors[directory] = error
 
     def collect(self) -> Iterator[Metric]:
         """Fold, read and merge every folder."""
@@ -232,40 +605,60 @@ class AppCollector:
         folded = CounterMetricFamily("qatoolbox_app_workers_folded",
                                      "Exited app processes whose files this exporter folded "
                                      "into the folder's accumulators.", labels=["dir"])
+        rejected = CounterMetricFamily("qatoolbox_app_files_rejected",
+                                       "Entries of the app's metrics folder refused, by reason, "
+                                       "at every scrape that finds them.",
+                                       labels=["dir", "reason"])
         for directory, result in results.items():
             up.add_metric([directory], 1.0 if result.up else 0.0)
             workers.add_metric([directory], float(result.workers))
             files.add_metric([directory], float(result.files))
             folded.add_metric([directory], float(self._folded[directory]))
-        yield from (up, workers, files, folded)
+            counts = self._rejected[directory]
+            for _, reason in result.refused:
+                counts[reason] += 1
+            for reason, count in counts.items():
+                rejected.add_metric([directory, reason], float(count))
+            self._refusal_log.report(directory, result.refused)
+        yield from (up, workers, files, folded, rejected)
+
+    def _accept(self, prefix: str, key: str) -> bool:
+        return self._merger.refusal(prefix, key) is None
 
     def _read_dir(self, directory: str) -> _DirResult:
         result = _DirResult()
         try:
-            listing = _list(directory)
-        except OSError:
+            fd, info = _open_folder(directory)
+        except _UnusableFolderError as exc:
+            self._problem(directory, str(exc))
             return result
-        lock_fd = _open_dir_lock(directory)
+        folder = _Folder(fd, directory, info.st_uid)
+        lock_fd = None
         try:
-            alive = {ident: writer_alive(directory, ident) for ident in listing.workers}
+            listing = folder.listing()
+            self._problem(directory, None)
+            lock_fd = folder.open_lock()
+            alive = {ident: folder.writer_alive(ident) for ident in listing.workers}
             dead = [ident for ident, live in alive.items() if not live]
-            if (dead or listing.bare_locks) and self._compact and lock_fd is not None and \
-                    _try_lock(lock_fd, fcntl.LOCK_EX):
+            if (dead or listing.bare_locks or listing.tmps) and self._compact and \
+                    lock_fd is not None and _try_lock(lock_fd, fcntl.LOCK_EX):
                 # Under the lock: another exporter may have folded these meanwhile.
-                listing = _list(directory)
-                dead = [i for i in dead if i in listing.workers]
-                self._folded[directory] += fold(directory, dead)
-                _remove_dead_locks(directory, listing.bare_locks, time.time())
-                listing = _list(directory)
-                alive = {ident: alive[ident] if ident in alive else writer_alive(directory, ident)
+                listing = folder.listing()
+                self._fold(folder, [i for i in dead if i in listing.workers], listing)
+                listing = folder.listing()
+                alive = {ident: alive[ident] if ident in alive else folder.writer_alive(ident)
                          for ident in listing.workers}
             # Readers share the lock: a fold elsewhere never runs halfway through this read.
             if lock_fd is not None and not _try_lock(lock_fd, fcntl.LOCK_SH, LOCK_WAIT):
                 # Another exporter holds the folder (a fold, or it is stuck): skip this
                 # folder for this scrape rather than read it halfway through a fold.
                 return result
-            self._read_files(directory, listing, alive, result)
-        except (OSError, ValueError):
+            self._read_files(folder, listing, alive, result)
+        except _UnusableFolderError as exc:
+            self._problem(directory, str(exc))
+            result.files_read = []
+            return result
+        except (OSError, ValueError, RefusedEntryError):
             # A file we cannot read or parse: serve nothing from this folder rather than
             # totals that are too low (Prometheus would take the drop for a counter reset).
             result.files_read = []
@@ -273,18 +666,36 @@ class AppCollector:
         finally:
             if lock_fd is not None:
                 os.close(lock_fd)
+            os.close(fd)
+            result.refused = folder.refused
         result.up = True
         return result
 
-    def _read_files(self, directory: str, listing: _Listing, alive: dict[str, bool],
+    def _fold(self, folder: _Folder, dead: list[str], listing: _Listing) -> None:
+        """Fold under the exclusive lock; an error (a full disk) takes the folder down for
+        this scrape, logged once until a fold succeeds again."""
+        directory = folder.path
+        try:
+            self._folded[directory] += fold_folder(folder, dead, listing.names, self._accept)
+            _remove_dead_locks(folder, listing.bare_locks, time.time())
+            for name in listing.tmps:
+                # Under the exclusive lock nobody is writing one: a dead exporter's leftover.
+                folder.unlink(name)
+        except (OSError, ValueError) as exc:
+            self._fold_error(directory, exc.strerror if isinstance(exc, OSError) and
+                             exc.strerror else str(exc))
+            raise
+        self._fold_error(directory, None)
+
+    def _read_files(self, folder: _Folder, listing: _Listing, alive: dict[str, bool],
                     result: _DirResult) -> None:
         folded: dict[str, set[str]] = {}
         for prefix in FOLDABLE_TYPES:
-            values = self._read(accumulator_path(directory, prefix), prefix, FOLDED_IDENT,
-                                result, rewritten=True)
+            values = self._read(folder, _accumulator(prefix), prefix, FOLDED_IDENT, result,
+                                rewritten=True)
             folded[prefix] = set() if values is None else {
                 i for i in map(marker_ident, values.markers) if i}
-        self._read(accumulator_path(directory, LIVE_GAUGES), LIVE_GAUGES, FOLDED_IDENT, result,
+        self._read(folder, _accumulator(LIVE_GAUGES), LIVE_GAUGES, FOLDED_IDENT, result,
                    rewritten=True)
         for ident, names in listing.workers.items():
             live = alive.get(ident, False)
@@ -298,24 +709,36 @@ class AppCollector:
                 elif not live:
                     # A dead worker's gauges (requests in flight) are no longer true: its
                     # series count as 0 (the fold keeps them at 0 in the gauge accumulator).
-                    self._read(os.path.join(directory, name), prefix, ident, result, zero=True)
+                    self._read(folder, name, prefix, ident, result, zero=True)
                     continue
-                self._read(os.path.join(directory, name), prefix, ident, result)
+                self._read(folder, name, prefix, ident, result)
         for name in listing.foreign:
             prefix, _, ident = name[:-3].rpartition("_")
-            self._read(os.path.join(directory, name), prefix, ident, result)
+            self._read(folder, name, prefix, ident, result)
 
-    def _read(self, path: str, prefix: str, ident: str, result: _DirResult, *,
+    def _read(self, folder: _Folder, name: str, prefix: str, ident: str, result: _DirResult, *,
               rewritten: bool = False, zero: bool = False) -> FileValues | None:
+        """One file's values; None when it is gone or skipped. Raises RefusedEntryError when the
+        folder cannot be served this scrape."""
+        path = os.path.join(folder.path, name)
         try:
-            values = self._merger.read(path, prefix, ident, rewritten)
-            if zero:
-                values = FileValues(values.slots, (0.0,) * len(values.values), values.simple,
-                                    values.markers)
+            read = folder.read(name)
+            if read is None:
+                return None
+            try:
+                values = self._merger.values(path, read[0], read[1], prefix, ident=ident,
+                                             rewritten=rewritten)
+            except ValueError as exc:
+                raise folder.malformed(name, exc) from None
         except FileNotFoundError:
             # Removed since the listing: a dead worker's gauges (gunicorn child_exit), an app
             # restart emptying the folder, or no accumulator yet.
             return None
+        for reason, offender in values.refused:
+            folder.refuse(name, reason, f"declares {offender}")
+        if zero:
+            values = FileValues(values.slots, (0.0,) * len(values.values), values.simple,
+                                values.markers)
         result.files += 1
         result.files_read.append(values)
         result.paths.add(path)
@@ -333,12 +756,3 @@ def _try_lock(fd: int, kind: int, wait: float = 0.0) -> bool:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.01)
-
-
-def _open_dir_lock(directory: str) -> int | None:
-    try:
-        return os.open(os.path.join(directory, DIR_LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError:
-        # A read-only folder: no folding, reads are still right (dead workers' files are
-        # read as they are).
-        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import re
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from exporter.instrument._store import entry_at
+from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, entry_at
 
 _Labels = tuple[tuple[str, str], ...]
 _ParsedKey = tuple[str, str, _Labels, str, float | None]
@@ -24,6 +24,31 @@ MARKER_PREFIX = "__"
 ROUTE_OVERFLOW = "<other>"
 ROUTE_RANKING = "qatoolbox_http_requests"
 _KEY_CACHE_LIMIT = 200_000
+# Names the text format accepts without quoting (what Prometheus before 3.0 and promtool
+# parse); a file declaring any other name is not served, so it cannot break the exposition.
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+# The sample names a family of each type may have besides its own name.
+_SUFFIXES = {"counter": ("_total", "_created"), "gauge": (),
+             "histogram": ("_bucket", "_sum", "_count", "_created"),
+             "summary": ("_sum", "_count", "_created")}
+
+
+def _name_problem(typ: str, mode: str, parsed: _ParsedKey) -> str | None:
+    """BAD_ENTRY when an entry's names cannot be served as they are: not valid in the text
+    format, a sample name that is not its family's, a label the merge adds itself, or an le
+    bound outside a histogram's buckets."""
+    metric, sample, labels, _, le = parsed
+    if not _METRIC_NAME.fullmatch(metric) or not (
+            sample == metric or sample in [metric + s for s in _SUFFIXES.get(typ, ())]):
+        return BAD_ENTRY
+    if (le is not None) != (typ == "histogram" and sample == f"{metric}_bucket"):
+        return BAD_ENTRY
+    for name, _ in labels:
+        if not _LABEL_NAME.fullmatch(name) or name.startswith("__") or (
+                name == "pid" and typ == "gauge" and mode in _PID_MODES):
+            return BAD_ENTRY
+    return None
 
 
 def format_le(bound: float) -> str:
@@ -85,7 +110,8 @@ class Merger:
                 parsed = (metric, sample, tuple(sorted((str(k), str(v))
                                                        for k, v in labels.items())),
                           str(help_text), None if le is None else float(le))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
+            # RecursionError: a key of thousands of nested brackets.
             parsed = None
         self._keys[key] = parsed
         return parsed
@@ -166,7 +192,6 @@ class Merger:
 
 # --- merging files, fast: layouts cached, values unpacked in one C call per file -------------
 
-_INT = struct.Struct("<i")
 _SUM_MODES = frozenset(("", "sum", "livesum", "all", "liveall", "mostrecent", "livemostrecent"))
 _PID_MODES = frozenset(("all", "liveall", "mostrecent", "livemostrecent"))
 
@@ -185,6 +210,8 @@ class _Layout:
     unpack: struct.Struct | None = None
     simple: bool = True
     snapshot: bytes | None = None
+    # Entries not served: (reason, the first offending name or key) per reason.
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,10 @@ class FileValues:
     values: tuple[float, ...]
     simple: bool
     markers: list[str]
+    refused: tuple[tuple[str, str], ...] = ()
+
+
+_EMPTY = FileValues([], (), True, [])
 
 
 class FileMerger:
@@ -206,8 +237,16 @@ class FileMerger:
     Python addition per entry.
     """
 
-    def __init__(self, route_limit: int | None = None) -> None:
+    def __init__(self, route_limit: int | None = None, *,
+                 reserved_prefixes: tuple[str, ...] = (), allowed_prefixes: tuple[str, ...] = (),
+                 reserved_names: Iterable[str] = ()) -> None:
+        """reserved_*: names the files may not declare (other than allowed_prefixes), as a
+        family or as a sample name: the exporter's own families."""
         self._keys = Merger()
+        self._reserved_prefixes = reserved_prefixes
+        self._allowed_prefixes = allowed_prefixes
+        self._reserved_names = frozenset(reserved_names)
+        self._verdicts: dict[tuple[str, str], str | None] = {}
         self._slots: dict[tuple[str, str, _Labels, str, float | None, str], int] = {}
         self._meta: list[_Slot] = []
         self._types: dict[str, str] = {}
@@ -223,6 +262,39 @@ class FileMerger:
         """Drop cached layouts of files not in keep (deleted ones)."""
         for path in [p for p in self._layouts if p not in keep]:
             del self._layouts[path]
+
+    def refusal(self, prefix: str, key: str) -> str | None:
+        """Why an entry of a file of type prefix is not served (BAD_ENTRY, RESERVED_NAME), or
+        None. Markers (the compaction's bookkeeping) are not entries: BAD_ENTRY."""
+        verdict = self._verdicts.get((prefix, key), "")
+        if verdict != "":
+            return verdict
+        parsed = self._keys._parse(key)
+        if parsed is None:
+            verdict = BAD_ENTRY
+        else:
+            typ, _, mode = prefix.partition("_")
+            verdict = _name_problem(typ, mode, parsed)
+            if verdict is None and (self._reserved(parsed[0]) or self._reserved(parsed[1])):
+                verdict = RESERVED_NAME
+        if len(self._verdicts) >= _KEY_CACHE_LIMIT:
+            self._verdicts = {}
+        self._verdicts[(prefix, key)] = verdict
+        return verdict
+
+    def _offender(self, key: str) -> str:
+        """What to name in the log for a refused entry: its reserved name, or its key."""
+        parsed = self._keys._parse(key)
+        if parsed is not None:
+            for name in parsed[:2]:
+                if self._reserved(name):
+                    return name
+        return key if len(key) <= 200 else key[:200] + "..."
+
+    def _reserved(self, name: str) -> bool:
+        return name in self._reserved_names or (
+            name.startswith(self._reserved_prefixes)
+            and not name.startswith(self._allowed_prefixes))
 
     def _slot(self, prefix: str, key: str, ident: str) -> int:
         parsed = self._keys._parse(key)
@@ -244,49 +316,52 @@ class FileMerger:
             self._meta.append(_Slot(metric, typ, mode, help_text, sample, labels, le))
         return slot
 
-    def read(self, path: str, prefix: str, ident: str, rewritten: bool = False) -> FileValues:
-        """One file's values; raises OSError (FileNotFoundError when gone) or ValueError.
+    def values(self, path: str, data: bytes, ino: int, prefix: str, *, ident: str,
+               rewritten: bool = False) -> FileValues:
+        """One file's values from its used bytes (store.read_used(): b"" for a file whose
+        header is not written yet); raises ValueError when an entry is malformed.
 
-        rewritten: the file is replaced whole rather than appended to (an accumulator), so
-        its cached layout holds only while its bytes are all the same.
+        path: the cache key of the file's layout. rewritten: the file is replaced whole
+        rather than appended to (an accumulator), so its cached layout holds only while its
+        bytes are all the same.
         """
-        with open(path, "rb", buffering=0) as handle:
-            ino = os.fstat(handle.fileno()).st_ino
-            data = handle.read(8)
-            if len(data) < 8 or data[:4] == b"\0\0\0\0":
-                # A file its writer is creating right now (header not written yet): empty.
-                return FileValues([], (), True, [])
-            used = _INT.unpack_from(data, 0)[0]
-            if used > 8:
-                # Only the used part: files are preallocated well past it.
-                data += handle.read(used - 8)
-        if not 8 <= used <= len(data):
-            raise ValueError(f"{os.path.basename(path)}: bad header")
+        used = len(data)
+        if used < 8:
+            return _EMPTY
         layout = self._layouts.get(path)
-        if layout is not None and rewritten and layout.snapshot == data[:used]:
-            return FileValues(layout.slots, layout.unpack.unpack_from(data)
-                              if layout.unpack is not None else (), layout.simple,
-                              layout.markers)
+        if layout is not None and rewritten and layout.snapshot == data:
+            return self._file_values(layout, data)
         if (layout is None or rewritten or layout.ino != ino or used < layout.used
                 or data[layout.check_at:layout.check_at + len(layout.check)] != layout.check):
             layout = _Layout(ino=ino, used=8, check_at=0, check=b"")
         if used > layout.used:
-            self._extend(layout, data, used, prefix, ident)
+            self._extend(layout, data, used, prefix, ident, markers=rewritten)
         if rewritten:
-            layout.snapshot = data[:used]
+            layout.snapshot = data
         self._layouts[path] = layout
-        values = layout.unpack.unpack_from(data) if layout.unpack is not None else ()
-        return FileValues(layout.slots, values, layout.simple, layout.markers)
+        return self._file_values(layout, data)
 
-    def _extend(self, layout: _Layout, data: bytes, used: int, prefix: str, ident: str) -> None:
+    @staticmethod
+    def _file_values(layout: _Layout, data: bytes) -> FileValues:
+        return FileValues(layout.slots,
+                          layout.unpack.unpack_from(data) if layout.unpack is not None else (),
+                          layout.simple, layout.markers, tuple(layout.refused.items()))
+
+    def _extend(self, layout: _Layout, data: bytes, used: int, prefix: str, ident: str, *,
+                markers: bool) -> None:
+        """Parse the entries appended since layout was made; markers: whether the file may
+        carry markers (only the accumulators the exporter writes may)."""
         pos = layout.used
         mode = prefix.partition("_")[2]
         name = f"{prefix}_{ident}.db"
         while pos < used:
             key, value_at = entry_at(data, pos, used, name)
             layout.check_at, layout.check = pos, data[pos:value_at]
-            if key.startswith(f'["{MARKER_PREFIX}'):
+            if markers and key.startswith(f'["{MARKER_PREFIX}'):
                 layout.markers.append(key)
+            elif (refusal := self.refusal(prefix, key)) is not None:
+                if refusal not in layout.refused:
+                    layout.refused[refusal] = self._offender(key)
             else:
                 slot = self._slot(prefix, key, ident)
                 if slot >= 0:

@@ -10,16 +10,25 @@ life. The kernel drops that lock when the process dies however it dies, so the e
 a dead writer's files from a live one's without trusting pids (which are reused, and not even
 visible across container pid namespaces); the random token means a reused pid never writes into
 a dead process's file.
+
+The folder is shared with the application's code, so to the exporter every entry in it is
+hostile input: entries are opened relative to one descriptor of the folder, never through a
+symlink and without blocking, checked with fstat after opening (a regular file, one link, an
+expected owner, at most MAX_FILE_BYTES), read no further than their header says, and written
+only as new files of random names renamed into place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import mmap
 import os
+import re
 import secrets
+import stat
 import struct
 import threading
 from collections.abc import Iterator, Sequence
@@ -36,6 +45,45 @@ _ENTRY_TAIL = struct.Struct("dd")
 FOLDABLE_TYPES = ("counter", "histogram")
 _HEX_DIGITS = frozenset("0123456789abcdef")
 GAUGE_MODE = "livesum"
+# The file types prometheus_client's multiprocess mode writes (`<type>_<pid>.db`); any other
+# `.db` name is not a metrics file.
+FILE_TYPES = frozenset(("counter", "histogram", "summary", *(
+    f"gauge_{live}{mode}" for live in ("", "live")
+    for mode in ("all", "min", "max", "sum", "mostrecent"))))
+
+# The largest folder entry the exporter reads. A worker at the instrument's series caps (2000
+# route/method pairs, 2000 tasks, the DB histograms) with 100-character routes fills about
+# 40 MB of its histogram file, which doubling from 32 KiB makes a 64 MiB file; anything bigger
+# was not written by the instrument and is refused before a byte of it is read.
+MAX_FILE_BYTES = 64 << 20
+
+# Opening a folder entry never follows a symlink (a link to /etc/shadow or /dev/watchdog is
+# refused, not opened), never waits (a FIFO opens at once and is then refused), and never
+# makes a terminal the exporter's.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TMP_NAME = re.compile(r"\.(.+)\.[0-9a-f]{16}\.tmp")
+
+# Why an entry was refused (the reason label of qatoolbox_app_files_rejected_total).
+SYMLINK = "symlink"
+NOT_REGULAR = "not_regular"
+HARDLINK = "hardlink"
+OWNER = "owner"
+UNREADABLE = "unreadable"
+TOO_LARGE = "too_large"
+MALFORMED = "malformed"
+RESERVED_NAME = "reserved_name"
+BAD_ENTRY = "bad_entry"
+REFUSAL_REASONS = (SYMLINK, NOT_REGULAR, HARDLINK, OWNER, UNREADABLE, TOO_LARGE, MALFORMED,
+                   RESERVED_NAME, BAD_ENTRY)
+
+
+class RefusedEntryError(Exception):
+    """A folder entry the exporter will not use; reason is one of REFUSAL_REASONS."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 def mmap_key(metric: str, sample: str, labels: dict[str, str], help_text: str) -> str:
@@ -50,11 +98,98 @@ def encode_entry(key: str, value: float) -> bytes:
     return _INT.pack(len(encoded)) + padded + _ENTRY_TAIL.pack(value, 0.0)
 
 
+def open_entry(dir_fd: int, name: str,
+               owners: frozenset[int] | None) -> tuple[int, os.stat_result]:
+    """Open a folder entry for reading, relative to the folder's descriptor; the descriptor and
+    its fstat. Raises RefusedEntryError for anything but a regular file with one link, owned
+    by one of owners (None: any owner) and at most MAX_FILE_BYTES; FileNotFoundError when it
+    is gone.
+
+    The checks are made on the open file, never on the path before opening it, so swapping
+    the entry between a check and the open gains nothing.
+    """
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RefusedEntryError(SYMLINK, "a symlink (not followed)") from None
+        if exc.errno in (errno.ENXIO, errno.EOPNOTSUPP, errno.ENODEV):
+            raise RefusedEntryError(NOT_REGULAR, "not a regular file") from None
+        raise RefusedEntryError(UNREADABLE, f"cannot be opened: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        _check(info, owners)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def _check(info: os.stat_result, owners: frozenset[int] | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise RefusedEntryError(NOT_REGULAR, f"not a regular file ({_kind(info.st_mode)})")
+    if info.st_nlink != 1:
+        # The instrument and the exporter only make files with one name; a second name is
+        # a hard link to some other file (perhaps outside the folder).
+        raise RefusedEntryError(HARDLINK, f"has {info.st_nlink} hard links")
+    if owners is not None and info.st_uid not in owners:
+        expected = ", ".join(str(uid) for uid in sorted(owners))
+        raise RefusedEntryError(OWNER, f"owned by uid {info.st_uid}, not by uid {expected}")
+    if info.st_size > MAX_FILE_BYTES:
+        raise _too_large(info.st_size)
+
+
+def _too_large(size: int) -> RefusedEntryError:
+    return RefusedEntryError(TOO_LARGE, f"{size} bytes, over the {MAX_FILE_BYTES}-byte limit")
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "unknown type"
+
+
+def read_used(fd: int, info: os.stat_result, name: str) -> bytes:
+    """The used part of an open metrics file (header included), or b"" while its header is
+    not written yet. Reads no more than the header declares and the file holds; raises
+    RefusedEntryError (too large) or ValueError (the header claims more than the file holds)."""
+    head = os.pread(fd, _HEADER, 0)
+    if len(head) < _HEADER or head[:4] == b"\0\0\0\0":
+        return b""
+    used = _INT.unpack_from(head, 0)[0]
+    if used > info.st_size:
+        # The writer grows the file before publishing a larger header: look again.
+        info = os.fstat(fd)
+        if info.st_size > MAX_FILE_BYTES:
+            raise _too_large(info.st_size)
+    if not _HEADER <= used <= info.st_size:
+        raise ValueError(f"{name}: bad header (declares {used} bytes, the file has "
+                         f"{info.st_size})")
+    data = os.pread(fd, used, 0)
+    if len(data) != used:
+        raise ValueError(f"{name}: shorter than its header says")
+    return data
+
+
 def read_entries(path: str) -> Iterator[tuple[str, float]]:
-    """(key, value) of every entry of a file; raises OSError or ValueError."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    return parse_entries(data, os.path.basename(path))
+    """(key, value) of every entry of a file, read as the exporter reads folder entries (any
+    owner); raises OSError, RefusedEntryError or ValueError."""
+    directory, name = os.path.split(path)
+    dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd, info = open_entry(dir_fd, name, None)
+    finally:
+        os.close(dir_fd)
+    try:
+        data = read_used(fd, info, name)
+    finally:
+        os.close(fd)
+    return parse_entries(data, name)
 
 
 def parse_entries(data: bytes, name: str = "buffer") -> Iterator[tuple[str, float]]:
@@ -74,6 +209,8 @@ def parse_entries(data: bytes, name: str = "buffer") -> Iterator[tuple[str, floa
 def entry_at(data: bytes, pos: int, used: int, name: str) -> tuple[str, int]:
     """The key of the entry at pos and where its value is (the next entry starts 16 bytes
     after that); ValueError naming the file when the entry runs past the used part."""
+    if pos + 4 > used:
+        raise ValueError(f"{name}: truncated entry")
     length = _INT.unpack_from(data, pos)[0]
     value_at = pos + 4 + length + (8 - (length + 4) % 8)
     if length <= 0 or value_at + 16 > used:
@@ -81,18 +218,51 @@ def entry_at(data: bytes, pos: int, used: int, name: str) -> tuple[str, int]:
     return data[pos + 4:pos + 4 + length].decode("utf-8"), value_at
 
 
-def write_file(path: str, entries: Sequence[tuple[str, float]]) -> None:
-    """Write a complete file atomically: a temporary sibling, fsync, then rename over path."""
+def tmp_name(name: str) -> str:
+    """A fresh, unguessable temporary name for a new version of name."""
+    return f".{name}.{secrets.token_hex(8)}.tmp"
+
+
+def tmp_target(name: str) -> str | None:
+    """The file a tmp_name() name was made for, or None for any other name."""
+    match = _TMP_NAME.fullmatch(name)
+    return match.group(1) if match else None
+
+
+def write_file_at(dir_fd: int, name: str, entries: Sequence[tuple[str, float]]) -> None:
+    """Write a complete file atomically: a new temporary sibling, fsync, rename over name.
+
+    Nothing is ever written through an existing entry: the temporary file is created with
+    O_EXCL under a random name (a symlink or FIFO planted there makes the creation fail), and
+    rename() replaces whatever name was (a symlink included) instead of following it.
+    """
     body = b"".join(encode_entry(k, v) for k, v in entries)
-    header = _INT.pack(_HEADER + len(body)) + b"\0" * 4
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    data = memoryview(_INT.pack(_HEADER + len(body)) + b"\0" * 4 + body)
+    tmp = tmp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
     try:
-        os.write(fd, header + body)
+        while data:
+            data = data[os.write(fd, data):]
         os.fsync(fd)
-    finally:
         os.close(fd)
-    os.replace(tmp, path)
+        fd = -1
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def write_file(path: str, entries: Sequence[tuple[str, float]]) -> None:
+    """write_file_at() by path."""
+    directory, name = os.path.split(path)
+    dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        write_file_at(dir_fd, name, entries)
+    finally:
+        os.close(dir_fd)
 
 
 class ValueFile:
@@ -115,7 +285,7 @@ class ValueFile:
         if path is None:
             self.buf = bytearray(self._size)
         else:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fd = os.open(path, os.O_RDWR | _CREATE_FLAGS, 0o644)
             os.ftruncate(self._fd, self._size)
             self.buf = mmap.mmap(self._fd, self._size)
         self.doubles = memoryview(self.buf).cast("d")
@@ -211,7 +381,7 @@ def _hold_lock(directory: str, ident: str) -> int:
     # Lock under a temporary name, then rename: nobody can ever see the lock file unlocked
     # while its writer lives (the exporter would take the writer for dead).
     tmp = os.path.join(directory, f".{ident}.lock.tmp")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(tmp, os.O_RDWR | _CREATE_FLAGS, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(tmp, lock_path(directory, ident))
@@ -236,14 +406,30 @@ def writer_alive(directory: str, ident: str) -> bool:
 
 
 def lock_held(path: str) -> bool:
-    """Whether some process holds the flock of path (FileNotFoundError when it is gone)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Whether some process holds the flock of path (FileNotFoundError when it is gone).
+
+    A symlink, FIFO or anything else but a regular file at path is no writer's lock: False,
+    without following or waiting on it.
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):
+            return False
+        raise
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and flock_held(fd)
+    finally:
+        os.close(fd)
+
+
+def flock_held(fd: int) -> bool:
+    """Whether some other open file description holds a flock on fd's file."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
-    finally:
-        os.close(fd)
+    fcntl.flock(fd, fcntl.LOCK_UN)
     return False
 
 
