@@ -81,7 +81,7 @@ def quiet(alert: str, times: Sequence[str]) -> list[str]:
     return [f"      - {{eval_time: {t}, alertname: {alert}, exp_alerts: []}}" for t in times]
 
 
-def firing(alert: str, time: str, severity: str, summary: str, description: str,
+def firing(alert: str, time: str, severity: str, *, summary: str, description: str,
            anchor: str) -> list[str]:
     return [
         f"      - eval_time: {time}",
@@ -158,16 +158,18 @@ def render() -> str:
         lines += quiet(alert, normal_times + event_quiet + after)
     outage_seen = at(EVENT_DAY, OUTAGE[0], 15)
     lines += firing("HttpTrafficDrop", outage_seen, "critical",
-                    "HTTP traffic on a1 has collapsed",
-                    f"a1 serves {OUTAGE_RATE} requests per second, under 20% of the same hour "
-                    "last week (which had over 1 per second).", "httptrafficdrop")
-    lines += firing("HttpTrafficAnomaly", outage_seen, "warning", "Unusual HTTP traffic on a1",
-                    f"The request rate on a1 is {OUTAGE_Z} spreads away from its usual level at "
-                    "this time of week (threshold 3).", "httptrafficanomaly")
+                    summary="HTTP traffic on a1 has collapsed",
+                    description=f"a1 serves {OUTAGE_RATE} requests per second, under 20% of the "
+                    "same hour last week (which had over 1 per second).", anchor="httptrafficdrop")
+    lines += firing("HttpTrafficAnomaly", outage_seen, "warning",
+                    summary="Unusual HTTP traffic on a1",
+                    description=f"The request rate on a1 is {OUTAGE_Z} spreads away from its usual "
+                    "level at this time of week (threshold 3).", anchor="httptrafficanomaly")
     surge_seen = at(EVENT_DAY, SURGE[0], 15)
-    lines += firing("HttpTrafficAnomaly", surge_seen, "warning", "Unusual HTTP traffic on a1",
-                    f"The request rate on a1 is {SURGE_Z} spreads away from its usual level at "
-                    "this time of week (threshold 3).", "httptrafficanomaly")
+    lines += firing("HttpTrafficAnomaly", surge_seen, "warning",
+                    summary="Unusual HTTP traffic on a1",
+                    description=f"The request rate on a1 is {SURGE_Z} spreads away from its usual "
+                    "level at this time of week (threshold 3).", anchor="httptrafficanomaly")
     lines += quiet("HttpTrafficDrop", [surge_seen])
     return "\n".join(lines) + "\n"
 
