@@ -55,7 +55,10 @@ def run_the_chain(postgres: PostgresServer, redis_server: RedisServer, workdir: 
         am = AlertmanagerServer(workdir, alertmanager_test_config(workdir, hook.url)).start()
         prometheus = PrometheusServer(workdir, prometheus_test_config(
             workdir, [instance], alertmanager=am.address, scrape_interval="1s",
-            evaluation_interval="1s", for_="2s", rule_interval="1s"))
+            evaluation_interval="1s", for_="2s", rule_interval="1s"),
+            # Alerts evaluated before the first Alertmanager discovery are resent after this
+            # delay (1 minute by default): the Watchdog fires from the first evaluation.
+            extra_args=["--rules.alert.resend-delay=1s"])
         with running(am):
             prometheus.start()
             with running(prometheus):
