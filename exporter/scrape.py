@@ -12,6 +12,10 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
+# First: it makes prometheus_client import without its package __init__ (exporter/lean.py).
+from exporter import lean  # noqa: F401
+
+# isort: split
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter import __version__
