@@ -131,6 +131,61 @@ def test_timed_out_collector_is_not_run_again_while_in_flight(hanging: Hanging) 
     runner.close()
 
 
+class Overlap:
+    """Collectors that note how many of them run at the same moment."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    def collector(self, name: str) -> Good:
+        overlap = self
+
+        class Counting(Good):
+            def collect(self) -> Iterator[Metric]:
+                with overlap.lock:
+                    overlap.active += 1
+                    overlap.most = max(overlap.most, overlap.active)
+                time.sleep(0.01)
+                with overlap.lock:
+                    overlap.active -= 1
+                yield from super().collect()
+
+        return Counting(name)
+
+
+def test_quick_collectors_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No two quick collectors compete for the GIL: each starts once the one before is done."""
+    monkeypatch.setattr("exporter.scrape.STAGGER", 30.0)  # "quick" whatever the machine's load
+    overlap = Overlap()
+    runner = ScrapeRunner([overlap.collector(f"c{i}") for i in range(4)], timeout=60)
+    for _ in range(3):
+        found = family_samples(runner.collect())
+        assert all(success(found, f"c{i}") == 1.0 for i in range(4))
+    assert overlap.most == 1
+    runner.close()
+
+
+def test_stuck_collector_delays_the_next_only_by_the_stagger(hanging: Hanging) -> None:
+    """A stuck first collector does not hold back the others for the whole budget."""
+    started: list[float] = []
+
+    class Timed(Good):
+        def collect(self) -> Iterator[Metric]:
+            started.append(time.monotonic())
+            yield from super().collect()
+
+    runner = ScrapeRunner([hanging, Timed()], timeout=3)
+    begun = time.monotonic()
+    found = family_samples(runner.collect())
+    assert success(found, "good") == 1.0
+    assert success(found, "hanging") == 0.0
+    # Generous: it starts STAGGER (0.05 s) after the stuck one, not when the budget ends.
+    assert started and started[0] - begun < 1.5
+    runner.close()
+
+
 def test_close_does_not_wait_for_a_stuck_collector(hanging: Hanging) -> None:
     runner = ScrapeRunner([hanging], timeout=0.1)
     runner.collect()
