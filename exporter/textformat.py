@@ -98,7 +98,7 @@ def format_value(value: float) -> str:
     return text
 
 
-def _bounded_put(cache: dict[Any, str], key: Any, value: str, limit: int) -> str:
+def _bounded_put(cache: dict[str, str], key: str, value: str, limit: int) -> str:
     if len(cache) >= limit:
         cache.clear()
     cache[key] = value
@@ -113,7 +113,9 @@ class _Names:
         self.escaping = escaping
         self.metrics: dict[str, str] = {}
         self.labels: dict[str, str] = {}
-        self.series: dict[object, str] = {}
+        # (sample name, *label items) -> (rendered series, last value, its line): a value
+        # unchanged since the last scrape (most are) reuses its line.
+        self.series: dict[object, tuple[str, object, str]] = {}
 
     def metric(self, name: str) -> str:
         """The name of a HELP, TYPE or UNIT line."""
@@ -130,7 +132,7 @@ class _Names:
                                    _CACHE_LIMIT)
         return escaped
 
-    def render(self, key: object, name: str, labels: dict[str, str]) -> str:
+    def render(self, name: str, labels: dict[str, str]) -> str:
         """`name{label="value",...}` (labels sorted), or `{"name",label="value"}` for a name
         outside the legacy set under allow-utf-8, as prometheus_client writes a sample."""
         labelstr = ",".join(f'{self.label(k)}="{_escape_value(v)}"'
@@ -138,17 +140,33 @@ class _Names:
         utf8 = self.escaping == ALLOW_UTF8
         if utf8 and _LEGACY_METRIC.match(name) is None:
             head = escape_metric_name(name, ALLOW_UTF8)
-            series = "{" + head + ("," + labelstr if labelstr else "") + "}"
+            return "{" + head + ("," + labelstr if labelstr else "") + "}"
+        if not self.openmetrics:
+            head = self.metric(name)
+        elif utf8:
+            head = _escape_value(name)
         else:
-            if not self.openmetrics:
-                head = self.metric(name)
-            elif utf8:
-                head = _escape_value(name)
-            else:
-                # OpenMetrics writes sample names with the label-name rules: `:` becomes `_`.
-                head = _underscored(name, colon=False)
-            series = head + ("{" + labelstr + "}" if labelstr else "")
-        return _bounded_put(self.series, key, series, _SERIES_LIMIT)
+            # OpenMetrics writes sample names with the label-name rules: `:` becomes `_`.
+            head = _underscored(name, colon=False)
+        return head + ("{" + labelstr + "}" if labelstr else "")
+
+    def remember(self, key: object, series: str, value: object, line: str) -> None:
+        """Keep a series' rendering and last line (the cache is bounded)."""
+        if len(self.series) >= _SERIES_LIMIT:
+            self.series.clear()
+        self.series[key] = (series, value, line)
+
+
+# Stands for "no line to reuse" (a sample with a timestamp): equal to no value.
+_NO_VALUE = object()
+
+
+def _same_zero(value: object, last: object) -> bool:
+    """Whether two values equal to zero (or None) are written alike: -0.0 == 0.0, yet it is
+    written "-0.0". (The callers compare with ==, so NaN is always written again.)"""
+    if value is None or last is None:
+        return value is last
+    return math.copysign(1.0, value) == math.copysign(1.0, last)  # type: ignore[arg-type]
 
 
 def _help_text(text: str) -> str:
@@ -165,7 +183,8 @@ class TextEncoder:
 
     def __call__(self, registry: Source) -> bytes:
         names = self._names
-        cache = names.series
+        cache_get = names.series.get
+        remember = names.remember
         output: list[str] = []
         for metric in registry.collect():
             mname: str = metric.name
@@ -189,7 +208,8 @@ class TextEncoder:
             base: str = metric.name
             for sample in metric.samples:
                 # The hot loop of a scrape, inlined: the same series come back scrape after
-                # scrape, so their rendered names and labels are remembered (bounded).
+                # scrape, mostly with the same values, so their rendered names and labels,
+                # and their last line, are remembered (bounded).
                 sname: str = sample[0]
                 labels: dict[str, str] = sample[1]
                 if sname.endswith(_OM_SUFFIXES) and sname.startswith(base) and \
@@ -198,18 +218,24 @@ class TextEncoder:
                 else:
                     target = output
                 key = (sname, *labels.items()) if labels else sname
-                series = cache.get(key)
-                if series is None:
-                    series = names.render(key, sname, labels)
-                value = float(sample[2])
-                text = repr(value)
-                if text[-1] in "fn" or text.find(".") > 6:
-                    text = format_value(value)
+                value = sample[2]
                 timestamp = sample[3]
+                last = cache_get(key)
+                if last is not None and timestamp is None and value == last[1] and \
+                        (value or _same_zero(value, last[1])):
+                    target.append(last[2])
+                    continue
+                series = last[0] if last is not None else names.render(sname, labels)
+                text = repr(float(value))
+                if len(text) > 8 or text[-1] in "fn":
+                    text = format_value(value)
                 if timestamp is None:
-                    target.append(f"{series} {text}\n")
+                    line = f"{series} {text}\n"
+                    remember(key, series, value, line)
                 else:
-                    target.append(f"{series} {text} {int(float(timestamp) * 1000):d}\n")
+                    line = f"{series} {text} {int(float(timestamp) * 1000):d}\n"
+                    remember(key, series, _NO_VALUE, "")
+                target.append(line)
             for suffix, lines in sorted(om_samples.items()):
                 escaped = names.metric(base + suffix)
                 output.append(f"# HELP {escaped} {_help_text(documentation)}\n"
@@ -228,8 +254,10 @@ class OpenMetricsEncoder:
 
     def __call__(self, registry: Source) -> bytes:
         names = self._names
-        cache = names.series
+        cache_get = names.series.get
+        remember = names.remember
         output: list[str] = []
+        append = output.append
         for metric in registry.collect():
             family_at = len(output)
             mname = names.metric(metric.name)
@@ -242,27 +270,33 @@ class OpenMetricsEncoder:
                 if sample[4] is not None or sample[5] is not None:
                     # Exemplars and native histograms: rare, left to prometheus_client.
                     del output[family_at:]
-                    output.append(self._fallback(metric))
+                    append(self._fallback(metric))
                     break
+                # The hot loop of a scrape: as in TextEncoder.
                 sname: str = sample[0]
                 labels: dict[str, str] = sample[1]
                 key = (sname, *labels.items()) if labels else sname
-                series = cache.get(key)
-                if series is None:
-                    series = names.render(key, sname, labels)
                 value = sample[2]
+                timestamp = sample[3]
+                last = cache_get(key)
+                if last is not None and timestamp is None and value == last[1] and \
+                        (value or _same_zero(value, last[1])):
+                    append(last[2])
+                    continue
+                series = last[0] if last is not None else names.render(sname, labels)
                 if value is None:
                     text = ""
                 else:
-                    value = float(value)
-                    text = repr(value)
-                    if text[-1] in "fn" or text.find(".") > 6:
+                    text = repr(float(value))
+                    if len(text) > 8 or text[-1] in "fn":
                         text = format_value(value)
-                timestamp = sample[3]
                 if timestamp is None:
-                    output.append(f"{series} {text}\n")
+                    line = f"{series} {text}\n"
+                    remember(key, series, value, line)
                 else:
-                    output.append(f"{series} {text} {timestamp}\n")
+                    line = f"{series} {text} {timestamp}\n"
+                    remember(key, series, _NO_VALUE, "")
+                append(line)
         output.append("# EOF\n")
         return "".join(output).encode("utf-8")
 
