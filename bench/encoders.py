@@ -9,6 +9,11 @@ exporter, parses it back into metric families, then encodes them with exporter.t
 text and OpenMetrics encoders and prometheus_client's, interleaved round by round, in thread
 CPU time (time descheduled on a busy machine is left out); also gzip at the level the server
 uses. Prints the median and p10 per encoder and the ratios.
+
+The same families come back every round, so this exporter's encoders reuse every line (the
+best case: on the demo stack ~82% of the values are unchanged after 15 s); the "nothing
+remembered" rows use a new encoder each time (the worst case: every name and line rendered
+again).
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ def capture_demo(log: Callable[[str], None]) -> bytes:
             demo.stop()
 
 
+def cold_openmetrics(registry: Any) -> bytes:
+    """A new encoder, so nothing is remembered from an earlier encoding."""
+    return textformat.OpenMetricsEncoder()(registry)
+
+
 def timed(encoders: dict[str, Callable[[Any], bytes]], registry: Captured, rounds: int
           ) -> dict[str, list[float]]:
     """Thread CPU seconds of each encoder, interleaved round by round."""
@@ -91,13 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoders: dict[str, Callable[[Any], bytes]] = {
         "exporter.textformat text 0.0.4": textformat.generate_latest,
         "exporter.textformat OpenMetrics 1.0.0": textformat.generate_openmetrics,
+        "exporter.textformat OpenMetrics 1.0.0, nothing remembered":
+            cold_openmetrics,
         "prometheus_client text 0.0.4": their_text,
         "prometheus_client OpenMetrics 1.0.0": their_openmetrics,
         "gzip level 1 of the text body": lambda _: gzip.compress(plain, compresslevel=1),
     }
     for name, encode in encoders.items():
         if name.startswith("exporter.textformat"):
-            theirs = their_text if name.endswith("text 0.0.4") else their_openmetrics
+            theirs = their_text if "text 0.0.4" in name else their_openmetrics
             assert encode(registry) == theirs(registry), f"{name}: not the same bytes"
     times = timed(encoders, registry, args.rounds)
     print(f"{len(registry.families)} families, {samples} samples, {len(plain):,} bytes of "
@@ -112,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     pairs = (("exporter.textformat text 0.0.4", "prometheus_client text 0.0.4"),
              ("exporter.textformat OpenMetrics 1.0.0", "prometheus_client OpenMetrics 1.0.0"),
+             ("exporter.textformat OpenMetrics 1.0.0, nothing remembered",
+              "prometheus_client OpenMetrics 1.0.0"),
              ("exporter.textformat OpenMetrics 1.0.0", "exporter.textformat text 0.0.4"),
              ("prometheus_client OpenMetrics 1.0.0", "exporter.textformat text 0.0.4"))
     for numerator, denominator in pairs:
