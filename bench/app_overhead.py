@@ -2,16 +2,19 @@
 
     .venv/bin/pip install -e '.[bench]'        # django-prometheus, the anchor
     .venv/bin/python bench/app_overhead.py [--part all|middleware|scrape] [--block 200]
-        [--rounds 200] [--workers 64] [--routes 20] [--scrapes 15]
+        [--rounds 200] [--runs 3] [--workers 64] [--routes 20] [--scrapes 15]
 
 Part 1 runs the same trivial Django view through Django's WSGI handler, called directly (no
 HTTP, no test client), with: no metrics middleware (the baseline), an empty middleware (what
 any middleware layer costs), this project's middleware, and django-prometheus's pair of
 middlewares; in single-process mode (values in memory) and in multiprocess mode
-(PROMETHEUS_MULTIPROC_DIR set, for both). One interpreter per mode (prometheus_client picks
-its mode at import) holds all variants, timed in blocks interleaved (A, B, C, D, A, B, ...)
-so machine drift hits all alike, in thread CPU time so that time spent descheduled on a busy
-machine is left out. "Added" is a variant's median block minus the bare view's.
+(PROMETHEUS_MULTIPROC_DIR set, for both). One interpreter per mode and run (prometheus_client
+picks its mode at import) holds all variants, timed in blocks interleaved round by round (in
+a shuffled order each round) so machine drift hits all alike, in thread CPU time so that time
+spent descheduled on a busy machine is left out. "Added" is the median over rounds of a
+variant's block minus the bare view's block of the same round (paired, so a noisy stretch of
+the run cancels out); each run is a fresh interpreter, and the table shows the median of the
+runs' figures and their range.
 
 Part 2 times (CPU) the exporter's app collector merging 64 workers' files, next to
 prometheus_client's own MultiProcessCollector on the same folder, and after 2000 worker
@@ -46,8 +49,9 @@ VARIANTS = {
 }
 
 CHILD = textwrap.dedent("""
-    import io, json, sys, time
+    import io, json, random, sys, time
     variants, block, rounds = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    shuffle = random.Random(int(sys.argv[4])).shuffle
     import django
     from django.conf import settings
 
@@ -91,8 +95,11 @@ CHILD = textwrap.dedent("""
         for _ in range(300):
             handler(environ(), start_response)
     times = {name: [] for name in handlers}
+    order = list(handlers)
     for _ in range(rounds):
-        for name, handler in handlers.items():
+        shuffle(order)  # no variant always runs right after another one
+        for name in order:
+            handler = handlers[name]
             envs = [environ() for _ in range(block)]
             # CPU time of this thread: time spent descheduled on a busy machine is left out.
             start = time.thread_time()
@@ -103,37 +110,40 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def middleware_bench(block: int, rounds: int) -> dict[tuple[str, str], list[float]]:
-    """{(mode, variant): [per-request microseconds of each block]}.
+def middleware_bench(block: int, rounds: int, runs: int
+                     ) -> dict[tuple[str, str], list[list[float]]]:
+    """{(mode, variant): [per-request microseconds of each block, round by round] per run}.
 
-    One interpreter per mode (prometheus_client picks its mode at import), all variants in
-    it, blocks interleaved so that machine noise hits them alike.
+    One interpreter per mode and run (prometheus_client picks its mode at import), all
+    variants in it, blocks interleaved so that machine noise hits them alike.
     """
-    results: dict[tuple[str, str], list[float]] = {}
-    for mode in ("single-process", "multiprocess"):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROMETHEUS_MULTIPROC")}
-        env["PYTHONPATH"] = str(ROOT)
-        folder = tempfile.mkdtemp(prefix="bench-mp-") if mode == "multiprocess" else None
-        if folder:
-            env["PROMETHEUS_MULTIPROC_DIR"] = folder
-        try:
-            done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(VARIANTS),
-                                   str(block), str(rounds)], env=env, capture_output=True,
-                                  text=True, check=False, cwd=ROOT, timeout=1800)
-        finally:
+    results: dict[tuple[str, str], list[list[float]]] = {}
+    for run in range(runs):
+        for mode in ("single-process", "multiprocess"):
+            env = {k: v for k, v in os.environ.items()
+                   if not k.startswith("PROMETHEUS_MULTIPROC")}
+            env["PYTHONPATH"] = str(ROOT)
+            folder = tempfile.mkdtemp(prefix="bench-mp-") if mode == "multiprocess" else None
             if folder:
-                shutil.rmtree(folder, ignore_errors=True)
-        if done.returncode != 0:
-            raise RuntimeError(done.stderr[-2000:])
-        for name, times in json.loads(done.stdout).items():
-            results[(mode, name)] = times
+                env["PROMETHEUS_MULTIPROC_DIR"] = folder
+            try:
+                done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(VARIANTS),
+                                       str(block), str(rounds), str(run)], env=env,
+                                      capture_output=True, text=True, check=False, cwd=ROOT,
+                                      timeout=1800)
+            finally:
+                if folder:
+                    shutil.rmtree(folder, ignore_errors=True)
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr[-2000:])
+            for name, times in json.loads(done.stdout).items():
+                results.setdefault((mode, name), []).append(times)
     return results
 
 
-def low(times: list[float]) -> float:
-    """The 10th percentile of block times: the cost with the least machine noise in it."""
-    ordered = sorted(times)
-    return ordered[len(ordered) // 10]
+def paired(times: list[float], base: list[float]) -> list[float]:
+    """Each round's block minus the bare view's block of the same round."""
+    return [t - b for t, b in zip(times, base, strict=True)]
 
 
 def mid(times: list[float]) -> float:
@@ -247,37 +257,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run both parts and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--block", type=int, default=200, help="requests per timed block")
-    parser.add_argument("--rounds", type=int, default=200, help="blocks per variant")
+    parser.add_argument("--rounds", type=int, default=200, help="blocks per variant and run")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="fresh interpreters per mode (the table shows their median)")
     parser.add_argument("--workers", type=int, default=64)
     parser.add_argument("--routes", type=int, default=20)
     parser.add_argument("--scrapes", type=int, default=15)
     parser.add_argument("--part", choices=("all", "middleware", "scrape"), default="all")
     args = parser.parse_args(argv)
+    for flag, value, most in (("--block", args.block, 10_000), ("--rounds", args.rounds, 10_000),
+                              ("--runs", args.runs, 20)):
+        if not 1 <= value <= most:
+            parser.error(f"{flag} must be between 1 and {most}")
     if args.part != "scrape":
-        middleware_part(args.block, args.rounds)
+        middleware_part(args.block, args.rounds, args.runs)
     if args.part != "middleware":
         scrape_part(args.workers, args.routes, args.scrapes)
     return 0
 
 
-def middleware_part(block: int, rounds: int) -> None:
+def middleware_part(block: int, rounds: int, runs: int) -> None:
     """Print part 1's table."""
-    results = middleware_bench(block, rounds)
-    print(f"## Middleware: trivial Django view, {rounds} blocks of {block} requests "
-          f"per variant, interleaved\n")
-    print("CPU µs per request (thread CPU time), p10 and median over blocks; added = minus "
-          "the bare view's.\n")
-    print("| mode | variant | p10 | median | added (p10) | added (median) | added / ours |")
-    print("|---|---|---|---|---|---|---|")
+    results = middleware_bench(block, rounds, runs)
+    print(f"## Middleware: trivial Django view, {runs} runs of {rounds} rounds of {block} "
+          f"requests per variant, interleaved\n")
+    print("CPU µs per request (thread CPU time). Per request: median block. Added: median over "
+          "rounds of (variant block - bare block of the same round); the median of the "
+          f"{runs} runs, [lowest, highest] run.\n")
+    print("| mode | variant | per request | added | added / ours |")
+    print("|---|---|---|---|---|")
+
+    def spread(values: list[float]) -> str:
+        return (f"{statistics.median(values):+.1f} [{min(values):+.1f}, {max(values):+.1f}]"
+                if len(values) > 1 else f"{values[0]:+.1f}")
+
     for mode in ("single-process", "multiprocess"):
-        base = results[(mode, "bare view")]
-        ours = mid(results[(mode, "exporter.instrument")]) - mid(base)
+        bases = results[(mode, "bare view")]
+        ours = statistics.median(
+            mid(paired(t, b)) for t, b in zip(results[(mode, "exporter.instrument")], bases,
+                                              strict=True))
         for name in VARIANTS:
-            times = results[(mode, name)]
-            added = mid(times) - mid(base)
-            ratio = f"{added / ours:.1f}" if name != "bare view" and ours > 0 else ""
-            print(f"| {mode} | {name} | {low(times):.1f} | {mid(times):.1f} "
-                  f"| {low(times) - low(base):+.1f} | {added:+.1f} | {ratio} |")
+            runs_times = results[(mode, name)]
+            per_request = statistics.median(mid(t) for t in runs_times)
+            if name == "bare view":
+                print(f"| {mode} | {name} | {per_request:.1f} | | |")
+                continue
+            added = [mid(paired(t, b)) for t, b in zip(runs_times, bases, strict=True)]
+            ratio = f"{statistics.median(added) / ours:.1f}" if ours > 0 else ""
+            print(f"| {mode} | {name} | {per_request:.1f} | {spread(added)} | {ratio} |")
     floor = recorder_floor(100_000)
     print(f"\nRecorder alone (request_started + request_finished with DB histograms): "
           f"{floor['memory']:.2f} µs in memory, {floor['files']:.2f} µs with files.\n")

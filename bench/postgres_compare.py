@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.scrape import Target, measure, report  # noqa: E402
+from bench.scrape import Target, measure, report, scrape  # noqa: E402
 from exporter.collectors import COLLECTORS  # noqa: E402
 from tests.harness import PostgresServer, free_port, tempdir  # noqa: E402
 
@@ -57,16 +57,13 @@ def create_tables(pg: PostgresServer, upto: int, have: int, *, prefix: str = "t"
 
 
 def _wait_metrics(url: str, proc: subprocess.Popen[bytes], needle: bytes) -> None:
-    import urllib.request
-
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:
-                if needle in response.read():
-                    return
+            if needle in scrape(url)[1]:
+                return
         except OSError:
             pass
         time.sleep(0.2)

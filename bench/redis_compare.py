@@ -25,9 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from bench.scrape import Target, _free_port, _wait_up, report, scrape
+from bench.scrape import Target, _free_port, _wait_up, families, report, scrape
 from bench.scrape import measure as measure_scrapes
 from exporter.collectors import DEFAULTS
 from exporter.config import DEFAULT_KEY_GROUPS
@@ -149,7 +147,7 @@ def own_report(own: dict[str, list[float]]) -> str:
 
 def sample(body: bytes, name: str) -> float | None:
     """The first sample called name in an exposition."""
-    for family in text_string_to_metric_families(body.decode()):
+    for family in families(body):
         for s in family.samples:
             if s.name == name:
                 return float(s.value)
@@ -212,8 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             procs.append(count_proc)
             times = [scrape(counting.url)[0] for _ in range(args.count_scrapes)]
             _, body = scrape(counting.url)
-            counted = sum(s.value for f in text_string_to_metric_families(body.decode())
-                          for s in f.samples if s.name == "redis_keys_count")
+            counted = sum(s.value for f in families(body) for s in f.samples
+                          if s.name == "redis_keys_count")
             print(f"\n## Key groups at {args.keys} keys ({len(patterns)} patterns)\n")
             print(f"qatoolbox-exporter: background count, {ours_time * 1000:.0f} ms, "
                   f"outside the scrape path")

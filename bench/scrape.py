@@ -1,5 +1,9 @@
 """Scrape benchmark: latency, series, bytes, CPU and peak RSS of exporters, side by side.
 
+Every scrape here, and in the other bench/ scripts, is the request Prometheus sends: its
+Accept header (OpenMetrics first, text 0.0.4 as the fallback) and Accept-Encoding gzip; the
+body is decompressed to count its series.
+
 Examples:
     .venv/bin/python bench/scrape.py                      # this exporter vs node_exporter
     .venv/bin/python bench/scrape.py --scrapes 500 --markdown
@@ -12,6 +16,7 @@ hits all of them alike; compare the ratios, not the absolute figures.
 from __future__ import annotations
 
 import argparse
+import gzip
 import os
 import shutil
 import statistics
@@ -23,8 +28,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
+from prometheus_client.parser import text_string_to_metric_families as text_families
+
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
+
+# The headers of a Prometheus 2.x scrape (scrape/scrape.go: acceptHeader, and gzip), sent to
+# this exporter and to the anchors alike: what is measured is the path Prometheus takes.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,"
+                     "application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+PROMETHEUS_HEADERS = {"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"}
 
 
 @dataclass
@@ -37,6 +55,8 @@ class Target:
     latencies: list[float] = field(default_factory=list)
     series: int = 0
     body_bytes: int = 0
+    wire_bytes: int = 0
+    content_type: str = ""
     cpu_start: float = 0.0
     cpu_end: float = 0.0
 
@@ -55,17 +75,47 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
-def scrape(url: str) -> tuple[float, bytes]:
-    """One plain-text scrape: seconds taken and the body."""
-    request = urllib.request.Request(url, headers={"Accept": "text/plain"})
+@dataclass(frozen=True)
+class Response:
+    """One scrape as Prometheus makes it: seconds until the last byte, the decoded body, the
+    bytes on the wire and the content type served."""
+
+    seconds: float
+    body: bytes
+    wire_bytes: int
+    content_type: str
+
+
+def fetch(url: str, timeout: float = 30) -> Response:
+    """GET url with Prometheus' headers; the body decompressed when it came gzipped (after
+    the clock stops: decompressing is the scraper's work, not the exporter's)."""
+    request = urllib.request.Request(url, headers=PROMETHEUS_HEADERS)
     started = time.perf_counter()
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = response.read()
-    return time.perf_counter() - started, body
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        raw = response.read()
+        seconds = time.perf_counter() - started
+        gzipped = (response.headers.get("Content-Encoding") or "").lower() == "gzip"
+        content_type = response.headers.get("Content-Type") or ""
+    return Response(seconds, gzip.decompress(raw) if gzipped else raw, len(raw), content_type)
+
+
+def scrape(url: str) -> tuple[float, bytes]:
+    """One scrape with Prometheus' headers: seconds taken and the decoded body."""
+    response = fetch(url)
+    return response.seconds, response.body
+
+
+def families(body: bytes) -> list[Metric]:
+    """The metric families of a decoded body, with the parser of the format it is in."""
+    text = body.decode()
+    if text.endswith("# EOF\n"):
+        return list(openmetrics_families(text))
+    return list(text_families(text))
 
 
 def count_series(body: bytes) -> int:
-    """Samples in an exposition (lines that are not comments or blank)."""
+    """Samples in an exposition, text or OpenMetrics (lines that are not comments or blank;
+    OpenMetrics' `# EOF` is a comment)."""
     return sum(1 for line in body.splitlines() if line and not line.startswith(b"#"))
 
 
@@ -82,12 +132,14 @@ def measure(targets: Sequence[Target], scrapes: int, warmup: int = 5, interval: 
     for _ in range(scrapes):
         round_started = time.monotonic()
         for target in targets:
-            elapsed, body = scrape(target.url)
-            target.latencies.append(elapsed)
-            target.series = count_series(body)
-            target.body_bytes = len(body)
+            response = fetch(target.url)
+            target.latencies.append(response.seconds)
+            target.series = count_series(response.body)
+            target.body_bytes = len(response.body)
+            target.wire_bytes = response.wire_bytes
+            target.content_type = response.content_type
             if on_body is not None:
-                on_body(target, body)
+                on_body(target, response.body)
         if interval:
             time.sleep(max(0.0, interval - (time.monotonic() - round_started)))
     for target in targets:
@@ -101,17 +153,26 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[index]
 
 
+def content_format(content_type: str) -> str:
+    """A short name for the format served: "OpenMetrics 1.0.0", "text 0.0.4"."""
+    kind, *params = (part.strip() for part in content_type.split(";"))
+    version = next((p.split("=", 1)[1] for p in params if p.startswith("version=")), "?")
+    name = {"application/openmetrics-text": "OpenMetrics", "text/plain": "text"}.get(kind, kind)
+    return f"{name} {version}" if name else "?"
+
+
 def report(targets: Sequence[Target], scrapes: int, markdown: bool) -> str:
     """A table of the figures, plus ratios of the first target to each other one."""
-    header = ["target", "median ms", "p95 ms", "series", "bytes", "CPU s/1000 scrapes",
-              "peak RSS MB"]
+    header = ["target", "median ms", "p95 ms", "series", "bytes", "gzip bytes",
+              "CPU s/1000 scrapes", "peak RSS MB", "format"]
     rows = []
     for t in targets:
         cpu = (t.cpu_end - t.cpu_start) / scrapes * 1000 if t.pid else float("nan")
         rss = peak_rss_bytes(t.pid) / 1e6 if t.pid else float("nan")
         rows.append([t.name, f"{statistics.median(t.latencies) * 1000:.2f}",
                      f"{percentile(t.latencies, 95) * 1000:.2f}", str(t.series),
-                     str(t.body_bytes), f"{cpu:.2f}", f"{rss:.1f}"])
+                     str(t.body_bytes), str(t.wire_bytes), f"{cpu:.2f}", f"{rss:.1f}",
+                     content_format(t.content_type)])
     lines = []
     if markdown:
         lines.append("| " + " | ".join(header) + " |")

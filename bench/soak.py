@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.scrape import PROMETHEUS_HEADERS  # noqa: E402
 from tests.harness import (  # noqa: E402
     PostgresServer,
     RedisServer,
@@ -129,8 +130,9 @@ class Scraper:
         ok, up = False, None
         try:
             conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-            # As Prometheus asks: gzip, so every scrape also pays for compression.
-            conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+            # As Prometheus asks (OpenMetrics first, gzip): every scrape also pays for
+            # compression.
+            conn.request("GET", "/metrics", headers=PROMETHEUS_HEADERS)
             response = conn.getresponse()
             body = response.read()
             conn.close()

@@ -315,6 +315,45 @@ def test_django_middleware_in_process() -> None:
     assert not any("abc" in r or "1000" in r for r in routes)
 
 
+def test_django_middleware_counts_only_each_requests_own_queries() -> None:
+    """The per-thread query counter stays on the connection: queries the thread runs between
+    requests, and a view's own execute_wrapper around ours, change nothing of the counts."""
+    out = run_python("""
+        import json, threading, django
+        django.setup()
+        from django.db import connection
+        from django.test import Client
+        from prometheus_client import CollectorRegistry, generate_latest
+        from exporter import instrument
+        c = Client(raise_request_exception=False)
+        c.get("/queries/?n=2")
+        with connection.cursor() as cursor:
+            for _ in range(5):
+                cursor.execute("SELECT 1")  # outside any request
+        seen = []
+        with connection.execute_wrapper(lambda ex, sql, p, many, ctx: seen.append(sql)
+                                        or ex(sql, p, many, ctx)):
+            c.get("/queries/?n=3")
+        c.get("/fast/")
+        other = threading.Thread(target=lambda: Client().get("/queries/?n=4"))
+        other.start()
+        other.join()
+        reg = CollectorRegistry()
+        reg.register(instrument.collector())
+        wrappers = len(connection.execute_wrappers)
+        print(json.dumps({"text": generate_latest(reg).decode(), "seen": len(seen),
+                          "wrappers": wrappers}))
+    """, {"DJANGO_SETTINGS_MODULE": "tests.django_app.settings"})
+    result = json.loads(out)
+    found = parse_metrics(result["text"])
+    q = {"route": "queries/"}
+    assert value(found, "qatoolbox_http_request_db_queries_count", **q) == 3
+    assert value(found, "qatoolbox_http_request_db_queries_sum", **q) == 2 + 3 + 4
+    assert value(found, "qatoolbox_http_request_db_queries_sum", route="fast/") == 0
+    assert result["seen"] == 3  # the view's wrapper still saw its queries
+    assert result["wrappers"] == 1  # ours, once for the thread; the view's one is gone
+
+
 def test_fork_gives_the_child_its_own_files(tmp_path: Path) -> None:
     out = run_python("""
         import json, os

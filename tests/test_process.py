@@ -318,6 +318,85 @@ def test_process_that_execs_into_a_group_is_counted(
     assert value(found, "qatoolbox_process_num_procs", group="late") == 1
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _stat_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts of /proc/<pid>/stat reads by pid, from now on."""
+    from exporter.collectors import process
+
+    reads: dict[str, int] = {}
+    real = process._stat
+
+    def counting(pid: str) -> tuple[str, list[bytes]] | None:
+        reads[pid] = reads.get(pid, 0) + 1
+        return real(pid)
+
+    monkeypatch.setattr(process, "_stat", counting)
+    return reads
+
+
+def test_process_in_no_group_is_not_read_again_until_the_full_pass(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outsider costs a stat(2) of its /proc directory per scrape, not a read of its stat
+    file; members are read every scrape; every process is read again once a minute."""
+    from exporter.collectors.process import ProcessScanner
+
+    member_name = f"qtmb{os.getpid() % 10**8}"
+    member_copy = tmp_path / member_name
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", member_copy)
+    outsider = subprocess.Popen(["sleep", "120"])
+    member = subprocess.Popen([str(member_copy), "120"])
+    children.extend([outsider, member])
+    wait_for(lambda: psutil.Process(member.pid).name() == member_name, 10, "the member")
+    clock = FakeClock()
+    scanner = ProcessScanner(clock=clock)
+    scanner.YOUNG = 0.0  # the children are seconds old: count them as old
+    matcher = GroupMatcher([ProcessGroup(name="m", names=(member_name,))])
+    reads = _stat_reads(monkeypatch)
+    for _ in range(3):
+        assert [s.pid for _, s in scanner(matcher)] == [member.pid]
+        clock.now += 15
+    assert reads[str(member.pid)] == 3
+    assert reads[str(outsider.pid)] == 1
+    clock.now += ProcessScanner.FULL_PASS
+    assert [s.pid for _, s in scanner(matcher)] == [member.pid]
+    assert reads[str(outsider.pid)] == 2
+
+
+def test_old_process_that_execs_into_a_group_is_counted_by_the_full_pass(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """exec keeps the proc inode: an old outsider that becomes a member is found at the next
+    full pass (young ones at once: test_process_that_execs_into_a_group_is_counted)."""
+    from exporter.collectors.process import ProcessScanner
+
+    sleeper = f"qtox{os.getpid() % 10**8}"
+    sleep_copy = tmp_path / sleeper
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", sleep_copy)
+    gate = tmp_path / "go"
+    script = f"while [ ! -e {gate} ]; do sleep 0.02; done; exec {sleep_copy} 120"
+    children.append(subprocess.Popen(["sh", "-c", script]))
+    wait_for(lambda: psutil.Process(children[0].pid).name() == "sh", 10, "sh to start")
+    clock = FakeClock()
+    scanner = ProcessScanner(clock=clock)
+    scanner.YOUNG = 0.0
+    matcher = GroupMatcher([ProcessGroup(name="late", names=(sleeper,))])
+    assert list(scanner(matcher)) == []
+    gate.touch()
+    wait_for(lambda: psutil.Process(children[0].pid).name() == sleeper, 10, "the exec")
+    clock.now += 15
+    list(scanner(matcher))  # may not see it yet: same pid, start time and proc inode
+    clock.now += ProcessScanner.FULL_PASS
+    assert [s.pid for _, s in scanner(matcher)] == [children[0].pid]
+
+
 def _own_stat_fields() -> list[bytes]:
     raw = Path(f"/proc/{os.getpid()}/stat").read_bytes()
     return raw.rpartition(b")")[2].split()

@@ -132,6 +132,61 @@ def test_timed_out_collector_is_not_run_again_while_in_flight(hanging: Hanging) 
     runner.close()
 
 
+class Overlap:
+    """Collectors that note how many of them run at the same moment."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = 0
+        self.most = 0
+
+    def collector(self, name: str) -> Good:
+        overlap = self
+
+        class Counting(Good):
+            def collect(self) -> Iterator[Metric]:
+                with overlap.lock:
+                    overlap.active += 1
+                    overlap.most = max(overlap.most, overlap.active)
+                time.sleep(0.01)
+                with overlap.lock:
+                    overlap.active -= 1
+                yield from super().collect()
+
+        return Counting(name)
+
+
+def test_quick_collectors_run_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No two quick collectors compete for the GIL: each starts once the one before is done."""
+    monkeypatch.setattr("exporter.scrape.STAGGER", 30.0)  # "quick" whatever the machine's load
+    overlap = Overlap()
+    runner = ScrapeRunner([overlap.collector(f"c{i}") for i in range(4)], timeout=60)
+    for _ in range(3):
+        found = family_samples(runner.collect())
+        assert all(success(found, f"c{i}") == 1.0 for i in range(4))
+    assert overlap.most == 1
+    runner.close()
+
+
+def test_stuck_collector_delays_the_next_only_by_the_stagger(hanging: Hanging) -> None:
+    """A stuck first collector does not hold back the others for the whole budget."""
+    started: list[float] = []
+
+    class Timed(Good):
+        def collect(self) -> Iterator[Metric]:
+            started.append(time.monotonic())
+            yield from super().collect()
+
+    runner = ScrapeRunner([hanging, Timed()], timeout=3)
+    begun = time.monotonic()
+    found = family_samples(runner.collect())
+    assert success(found, "good") == 1.0
+    assert success(found, "hanging") == 0.0
+    # Generous: it starts STAGGER (0.05 s) after the stuck one, not when the budget ends.
+    assert started and started[0] - begun < 1.5
+    runner.close()
+
+
 def test_close_does_not_wait_for_a_stuck_collector(hanging: Hanging) -> None:
     runner = ScrapeRunner([hanging], timeout=0.1)
     runner.collect()
@@ -364,3 +419,60 @@ def test_single_flight_shares_per_key_and_shares_errors() -> None:
     assert len(results["bad"]) == 4 and all(isinstance(r, ValueError) for r in results["bad"])
     # Once a run is over, the next call runs afresh.
     assert flight.run("a", lambda: ["again"]) == ["again"]
+
+
+# --- exporter.lean: imported by exporter.scrape before prometheus_client ---------------------
+
+
+LEAN_CHECK = """
+import sys
+import exporter.scrape  # the exporter's first prometheus_client import goes through lean
+heavy = [m for m in ("prometheus_client.exposition", "http.server", "urllib.request", "ssl",
+                     "wsgiref") if m in sys.modules]
+print("heavy:", heavy)
+from prometheus_client.core import GaugeMetricFamily
+assert "prometheus_client.exposition" not in sys.modules
+# Any name of the package itself runs the real __init__, once: every use still works.
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+import prometheus_client
+registry = CollectorRegistry()
+Counter("lean_total", "Test.", registry=registry).inc()
+assert b"lean_total 1.0" in generate_latest(registry)
+assert prometheus_client.REGISTRY is not None
+try:
+    prometheus_client.no_such_name
+except AttributeError:
+    print("missing: AttributeError")
+"""
+
+
+def test_prometheus_client_loads_without_its_package_init() -> None:
+    """What the exporter imports of prometheus_client leaves out the exposition module and
+    what it pulls in (http.server's client half, urllib.request, ssl: ~5 MB), and every other
+    use of the package still works."""
+    import subprocess
+    import sys
+
+    from tests.harness import ROOT
+
+    done = subprocess.run([sys.executable, "-c", LEAN_CHECK], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "heavy: []" in done.stdout
+    assert "missing: AttributeError" in done.stdout
+
+
+def test_defer_package_init_leaves_an_imported_package_alone() -> None:
+    import prometheus_client
+
+    from exporter import lean
+
+    assert lean.defer_package_init("prometheus_client") is False
+    assert lean.defer_package_init("no_such_package_here") is False
+    assert prometheus_client.generate_latest is not None
+
+
+def test_malloc_arenas_limited_on_glibc() -> None:
+    from exporter import lean
+
+    assert lean.limit_malloc_arenas() is True

@@ -118,6 +118,10 @@ class Recorder:
     def __init__(self, directory: str | None) -> None:
         self.store = Store(directory)
         self._lock = self.store.lock
+        # The files themselves never change (their views do, when they grow): one hop less
+        # on every request.
+        self._gauges, self._counters, self._histograms = (
+            self.store.gauges, self.store.counters, self.store.histograms)
         self._routes: dict[tuple[str, str], _Route] = {}
         self._tasks: dict[tuple[str, str], tuple[_Histogram, int]] = {}
         self._counter_series = 0
@@ -139,29 +143,46 @@ class Recorder:
                 slots = self._routes[(route, method)] = _Route(self.store, route, method)
         return slots
 
+    # request_started and request_finished run on every request of the application: they
+    # take the lock with acquire/release (half the cost of a with block) and have _observe
+    # written out (a call is a tenth of the whole). bench/app_overhead.py measures them.
+
     def request_started(self) -> None:
         """One more request in flight."""
-        with self._lock:
-            self.store.gauges.doubles[self._in_flight] += 1.0
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._gauges.doubles[self._in_flight] += 1.0
+        finally:
+            lock.release()
 
     def request_finished(self, route: str, method: str, status: int, seconds: float, *,
                          db_queries: int | None = None, db_seconds: float = 0.0) -> None:
         """A request answered (also ends its in-flight count); db_queries None: not measured."""
-        with self._lock:
-            store = self.store
-            store.gauges.doubles[self._in_flight] -= 1.0
+        lock = self._lock
+        lock.acquire()
+        try:
+            self._gauges.doubles[self._in_flight] -= 1.0
             slots = self._routes.get((route, method)) or self._route(route, method)
             index = slots.statuses.get(status, -1)
             if index < 0:
                 index = self._status_slot(slots, status)
-            store.counters.doubles[index] += 1.0
-            hist = store.histograms
-            _observe(hist, slots.duration, DURATION_BUCKETS, seconds)
+            self._counters.doubles[index] += 1.0
+            if db_queries is not None and slots.db_queries is None:
+                self._db_slots(slots)  # before taking the view: it may grow the file
+            doubles = self._histograms.doubles
+            series = slots.duration
+            doubles[series.buckets[bisect_left(DURATION_BUCKETS, seconds)]] += 1.0
+            doubles[series.sum] += seconds
             if db_queries is not None:
-                _observe(hist, slots.db_queries or self._db_slots(slots)[0], DB_QUERY_BUCKETS,
-                         float(db_queries))
-                _observe(hist, slots.db_seconds or self._db_slots(slots)[1], DB_SECONDS_BUCKETS,
-                         db_seconds)
+                series = slots.db_queries  # type: ignore[assignment]  # set just above
+                doubles[series.buckets[bisect_left(DB_QUERY_BUCKETS, db_queries)]] += 1.0
+                doubles[series.sum] += db_queries
+                series = slots.db_seconds  # type: ignore[assignment]
+                doubles[series.buckets[bisect_left(DB_SECONDS_BUCKETS, db_seconds)]] += 1.0
+                doubles[series.sum] += db_seconds
+        finally:
+            lock.release()
 
     def request_exception(self, route: str, method: str) -> None:
         """The handler of a request raised."""

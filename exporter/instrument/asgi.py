@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
-from exporter.instrument import STANDARD_METHODS, UNMATCHED, recorder
+from exporter.instrument import STANDARD_METHODS, UNMATCHED, _State, recorder
 
 __all__ = ["PrometheusASGIMiddleware"]
 
@@ -40,7 +40,7 @@ class PrometheusASGIMiddleware:
         if scope["type"] != "http" or scope.get("path", "") in self.skip:
             await self.app(scope, receive, send)
             return
-        rec = recorder()
+        rec = _State.current or recorder()
         method = scope.get("method", "GET")
         if method not in STANDARD_METHODS:
             method = "other"

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from exporter.instrument import STANDARD_METHODS, UNMATCHED, recorder
+from exporter.instrument import STANDARD_METHODS, UNMATCHED, _State, recorder
 
 __all__ = ["PrometheusWSGIMiddleware"]
 
@@ -64,7 +64,7 @@ class PrometheusWSGIMiddleware:
                  start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO", "") in self.skip:
             return self.app(environ, start_response)
-        rec = recorder()
+        rec = _State.current or recorder()
         method = environ.get("REQUEST_METHOD", "GET")
         if method not in STANDARD_METHODS:
             method = "other"
