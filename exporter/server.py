@@ -341,7 +341,8 @@ def _http_date() -> str:
     return cached[1]
 
 
-def _head(response: Response, security: WebSecurity, close: bool) -> bytes:
+def _head(response: Response, security: WebSecurity, close: bool,
+          request: Request | None = None) -> bytes:
     # A HEAD answer has the same head as the GET's, Content-Length included.
     lines = [f"HTTP/1.1 {response.status} {HTTPStatus(response.status).phrase}",
              f"Server: {_SERVER}", f"Date: {_http_date()}",
@@ -351,6 +352,8 @@ def _head(response: Response, security: WebSecurity, close: bool) -> bytes:
     lines += [f"{name}: {value}" for name, value in security.headers]
     if close:
         lines.append("Connection: close")
+    elif request is not None and request.version == "HTTP/1.0":
+        lines.append("Connection: keep-alive")  # an HTTP/1.0 client closes without it
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
@@ -906,8 +909,9 @@ class ExporterHTTPServer:
                 continue
             if self._read(conn) is not True:
                 return
-        self._want(conn, 0)
-        self._ready.append(conn)
+        if conn.state == _READING:
+            self._want(conn, 0)
+            self._ready.append(conn)
 
     def _parse(self, conn: _Conn) -> Request | None:
         """The next complete request in conn.buf (consumed), or None until more is read."""
@@ -971,7 +975,7 @@ class ExporterHTTPServer:
         """An answer the selector writes itself (small: errors, /healthz, refusals)."""
         close = response.close or request is None or not request.keep_alive
         head_only = request is not None and request.method == "HEAD"
-        data = _head(response, conn.security, close)
+        data = _head(response, conn.security, close, request)
         if not head_only:
             data += response.body
         conn.out = data
@@ -1099,7 +1103,7 @@ class ExporterHTTPServer:
                 response = self._respond(request)
             self._log_request(conn, request, response.status)
             close = close or response.close
-            head = _head(response, security, close)
+            head = _head(response, security, close, request)
             conn.sock.settimeout(float(self.web.read_timeout))
             try:
                 if request.method == "HEAD" or not response.body:

@@ -196,6 +196,13 @@ def test_keep_alive_pipelining_and_bodies(server: Server) -> None:
     response = server.raw(smuggled)
     assert response.count(b"HTTP/1.1 ") == 1
     assert status_of(response) == 200
+    # HTTP/1.0 keeps the connection only when asked, and is told so.
+    response = server.raw(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                          b"HEAD /healthz HTTP/1.0\r\n\r\n")
+    first, second = response.split(b"OK\n", 1)
+    assert b"\r\nConnection: keep-alive\r\n" in first
+    assert second.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in second
+    assert second.endswith(b"\r\n\r\n")  # HEAD: no body
 
 
 def test_silent_and_slow_clients_are_cut_off(server: Server) -> None:
