@@ -205,19 +205,25 @@ def idle_thousand(server: Server) -> dict[str, object]:
 
 
 def log_flood(server: Server, count: int = 1000) -> str:
-    """Log lines (and bytes) written for count malformed requests."""
+    """Log lines (and bytes) written for count malformed requests, and how many of them kept
+    their connection open for 2 s (the server waiting for more)."""
     time.sleep(0.5)
     start = server.log.read_bytes()
+    held = 0
     for number in range(count):
-        with socket.create_connection(("127.0.0.1", server.port), timeout=20) as sock:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=2) as sock:
             sock.sendall(MALFORMED[number % len(MALFORMED)])
-            with contextlib.suppress(OSError):
+            try:
                 while sock.recv(65536):
                     pass
+            except TimeoutError:
+                held += 1
+            except OSError:
+                pass
     time.sleep(0.5)
     new = server.log.read_bytes()[len(start):]
     lines = new.count(b"\n")
-    return f"{lines} lines, {len(new)} bytes"
+    return f"{lines} lines, {len(new)} bytes; {held} connections held"
 
 
 def main(argv: list[str] | None = None) -> int:
