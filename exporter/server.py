@@ -59,6 +59,7 @@ IDLE_TIMEOUT = 120.0
 LINGER_TIMEOUT = 1.0
 WORKER_IDLE = 30.0  # a worker thread with nothing to do for this long exits
 READ_CHUNK = 16384
+WRITE_CHUNK = 65536
 SWEEP_INTERVAL = 0.1  # how often deadlines are looked at
 ACCEPTS_PER_WAKEUP = 64
 REQUESTS_PER_TURN = 16
@@ -366,7 +367,7 @@ class _Conn:
     """One client connection, owned by the selector thread or (during a request) a worker."""
 
     __slots__ = ("buf", "client", "closing", "deadline", "events", "idle", "out", "requests",
-                 "security", "sock", "state", "tls")
+                 "security", "slot", "sock", "state", "tls")
 
     def __init__(self, sock: socket.socket, client: str, security: WebSecurity,
                  deadline: float) -> None:
@@ -376,7 +377,10 @@ class _Conn:
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.state = _HANDSHAKE if self.tls else _READING
         self.buf = bytearray()
-        self.out = b""
+        # The answer being written, in chunks; a chunk stays the same object until all of it
+        # is sent (OpenSSL wants a write it refused retried with the same buffer).
+        self.out: collections.deque[memoryview] = collections.deque()
+        self.slot = False  # holds a web.max_requests slot until its answer is written
         self.closing = False
         self.deadline = deadline
         self.idle = False  # a keep-alive connection waiting for its next request
@@ -384,15 +388,23 @@ class _Conn:
         self.requests = 0
 
 
+Job = Callable[[], "Callable[[], None] | None"]
+
+
 class _Pool:
     """Worker threads, started on demand up to a limit; a thread idle for WORKER_IDLE exits,
-    so a quiet exporter keeps few threads."""
+    so a quiet exporter keeps few threads.
+
+    A job returns what to do after it (handing the answer to the selector), and that runs
+    only once the worker is counted idle: the client cannot see its answer, and send the
+    next request, before a worker is free for it, so sequential requests never start a
+    second thread."""
 
     class _Worker:
         __slots__ = ("job", "wake")
 
         def __init__(self) -> None:
-            self.job: Callable[[], None] | None = None
+            self.job: Job | None = None
             self.wake = threading.Event()
 
     def __init__(self, limit: int, idle: float = WORKER_IDLE) -> None:
@@ -401,10 +413,10 @@ class _Pool:
         self._lock = threading.Lock()
         self._threads = 0
         self._waiting: list[_Pool._Worker] = []
-        self._backlog: collections.deque[Callable[[], None]] = collections.deque()
+        self._backlog: collections.deque[Job] = collections.deque()
         self._closed = False
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Job) -> None:
         """Run job on an idle worker, a new one, or (all busy at the limit) the next free."""
         with self._lock:
             if self._waiting:
@@ -431,28 +443,33 @@ class _Pool:
                 worker.wake.set()
             self._waiting.clear()
 
-    def _run(self, job: Callable[[], None] | None) -> None:
+    def _run(self, job: Job | None) -> None:
         me = _Pool._Worker()
         try:
             while job is not None:
+                then: Callable[[], None] | None = None
                 try:
-                    job()
+                    then = job()
                 except Exception:  # jobs handle their own errors; this is a last resort
                     log.exception("request handler failed")
-                job = self._next(me)
+                job = self._next(me, then)
         finally:
             with self._lock:
                 self._threads -= 1
 
-    def _next(self, me: _Pool._Worker) -> Callable[[], None] | None:
+    def _next(self, me: _Pool._Worker, then: Callable[[], None] | None) -> Job | None:
         with self._lock:
-            if self._backlog:
-                return self._backlog.popleft()
-            if self._closed:
-                return None
-            me.job = None
-            me.wake.clear()
-            self._waiting.append(me)
+            job = self._backlog.popleft() if self._backlog else None
+            idle = job is None and not self._closed
+            if idle:
+                me.job = None
+                me.wake.clear()
+                self._waiting.append(me)
+        if then is not None:
+            then()
+        if not idle:
+            return job
+        # Returns at once if a job was handed over while `then` ran.
         me.wake.wait(self.idle)
         with self._lock:
             # A job handed over just as the wait timed out is still this worker's.
@@ -516,7 +533,9 @@ class ExporterHTTPServer:
         self._conns: set[_Conn] = set()
         # Connections the selector owns, oldest wait first: the order of eviction.
         self._waiting: collections.OrderedDict[_Conn, None] = collections.OrderedDict()
-        self._returned: collections.deque[tuple[_Conn, bool]] = collections.deque()
+        # From workers: (connection, answer to write (head, body), close after it).
+        self._returned: collections.deque[tuple[_Conn, tuple[bytes, ...], bool]] = \
+            collections.deque()
         self._ready: collections.deque[_Conn] = collections.deque()  # more to read, its turn
         self._closed = False
         self._selector = selectors.DefaultSelector()
@@ -671,7 +690,7 @@ class ExporterHTTPServer:
     def _close_returned(self) -> None:
         while True:
             try:
-                conn, _ = self._returned.popleft()
+                conn, _, _ = self._returned.popleft()
             except IndexError:
                 return
             self._conns.discard(conn)
@@ -719,10 +738,11 @@ class ExporterHTTPServer:
             self._open(sock, client)
 
     def _evict_oldest(self) -> bool:
-        """Close the connection that has waited longest without a complete request."""
-        if not self._waiting:
+        """Close the connection that has waited longest without a complete request (an
+        answer being written, whose request holds a slot, is not touched)."""
+        oldest = next((c for c in self._waiting if not c.slot), None)
+        if oldest is None:
             return False
-        oldest = next(iter(self._waiting))
         if self._evicted.quiet():
             # Counted only for the line that is written: a flood evicts on every accept.
             self._evicted(oldest.client, limit=self.max_connections,
@@ -762,18 +782,18 @@ class ExporterHTTPServer:
         except OSError:
             pass
         while self._returned:
-            conn, close = self._returned.popleft()
-            if close or self._stopping:
+            conn, data, close = self._returned.popleft()
+            self._waiting[conn] = None
+            if not data or self._stopping:
                 self._finish(conn)
                 continue
-            conn.state = _READING
-            self._waiting[conn] = None
-            self._await_request(conn)
-            self._pump(conn)
+            self._write(conn, close, *data)
+            self._flush(conn, resume=True)
 
-    def _give_back(self, conn: _Conn, close: bool) -> None:
-        """From a worker: the connection is the selector's again."""
-        self._returned.append((conn, close))
+    def _give_back(self, conn: _Conn, data: tuple[bytes, ...], close: bool) -> None:
+        """From a worker: the connection is the selector's again, with an answer to write
+        (empty: close it)."""
+        self._returned.append((conn, data, close))
         if self._closed:
             self._close_returned()
         else:
@@ -804,12 +824,14 @@ class ExporterHTTPServer:
         self._want(conn, 0)
         self._conns.discard(conn)
         self._waiting.pop(conn, None)
+        self._answered(conn)
         with contextlib.suppress(OSError):
             conn.sock.close()
 
     def _finish(self, conn: _Conn) -> None:
         """The last answer is out: close, after draining what the client still sends (a
         close with unread input resets the connection, and the answer can be lost)."""
+        self._answered(conn)
         if conn.tls:
             self._close(conn)
             return
@@ -978,18 +1000,31 @@ class ExporterHTTPServer:
         data = _head(response, conn.security, close, request)
         if not head_only:
             data += response.body
-        conn.out = data
+        self._write(conn, close, data)
+        self._flush(conn, resume=False)
+
+    def _write(self, conn: _Conn, close: bool, *parts: bytes) -> None:
+        # Views, not copies: a body shared by waiting scrapes stays one object in memory.
+        for part in parts:
+            view = memoryview(part)
+            conn.out.extend(view[i:i + WRITE_CHUNK] for i in range(0, len(view), WRITE_CHUNK))
         conn.closing = close
         conn.state = _WRITING
         conn.deadline = time.monotonic() + float(self.web.read_timeout)
-        self._flush(conn, resume=False)
+
+    def _answered(self, conn: _Conn) -> None:
+        """The answer of a request that held a slot is written (or never will be)."""
+        if conn.slot:
+            conn.slot = False
+            self._release_slot()
 
     def _flush(self, conn: _Conn, resume: bool) -> None:
         """Write what is pending; once done, on to the next request (read by the caller's
         loop when resume is False: no recursion through pipelined requests)."""
         while conn.out:
+            chunk = conn.out[0]
             try:
-                sent = conn.sock.send(conn.out)
+                sent = conn.sock.send(chunk)
             except (BlockingIOError, ssl.SSLWantWriteError):
                 self._want(conn, selectors.EVENT_WRITE)
                 return
@@ -1001,7 +1036,11 @@ class ExporterHTTPServer:
                                                      "err": type(exc).__name__})
                 self._close(conn)
                 return
-            conn.out = conn.out[sent:]
+            if sent < len(chunk):
+                conn.out[0] = chunk[sent:]  # a plain socket's partial write; TLS sends all
+            else:
+                conn.out.popleft()
+        self._answered(conn)
         if conn.closing:
             self._finish(conn)
             return
@@ -1081,10 +1120,13 @@ class ExporterHTTPServer:
         self._pool.submit(lambda: self._work(conn, request, security, credentials))
 
     def _work(self, conn: _Conn, request: Request, security: WebSecurity,
-              credentials: bytes | None) -> None:
-        """In a worker: the request's bcrypt check if it needs one, then its answer."""
+              credentials: bytes | None) -> Callable[[], None]:
+        """In a worker: the request's bcrypt check if it needs one, then its answer, which
+        the selector writes (the slot is held until it is written, so the bodies in memory
+        stay bounded by web.max_requests, while a slow reader holds no thread)."""
         close = not request.keep_alive
         slot = credentials is None  # the selector took it
+        data: tuple[bytes, ...] = ()
         try:
             if credentials is not None and security.authenticator is not None:
                 ok = self.auth_guard.verify(security.authenticator, credentials, conn.client)
@@ -1104,29 +1146,14 @@ class ExporterHTTPServer:
             self._log_request(conn, request, response.status)
             close = close or response.close
             head = _head(response, security, close, request)
-            conn.sock.settimeout(float(self.web.read_timeout))
-            try:
-                if request.method == "HEAD" or not response.body:
-                    conn.sock.sendall(head)
-                elif len(response.body) < 65536:
-                    conn.sock.sendall(head + response.body)
-                else:
-                    conn.sock.sendall(head)
-                    conn.sock.sendall(response.body)
-            finally:
-                conn.sock.setblocking(False)
-        except (OSError, ssl.SSLError) as exc:
-            # Resets, broken pipes, a client too slow to read: its business, one debug line.
-            log.debug("connection error", extra={"client": conn.client,
-                                                 "err": type(exc).__name__})
-            close = True
+            data = (head,) if request.method == "HEAD" else (head, response.body)
         except Exception:
             log.exception("request handler failed", extra={"client": conn.client})
-            close = True
-        finally:
-            if slot:
-                self._release_slot()
-            self._give_back(conn, close)
+            data = ()
+        conn.slot = slot and bool(data)
+        if slot and not data:
+            self._release_slot()
+        return lambda: self._give_back(conn, data, close)
 
     def _respond(self, request: Request) -> Response:
         path = request.path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import re
 import socket
@@ -485,3 +486,43 @@ def test_concurrent_prometheus_scrapes_share_one_openmetrics_body(
         assert len({body for *_, body in results}) == 1
         assert gzip.decompress(results[0][3]).endswith(b"# EOF\n")
         assert len(encoded) == 1
+
+
+def test_worker_pool_runs_every_job_once_and_reuses_an_idle_worker() -> None:
+    from exporter.server import _Pool
+
+    pool = _Pool(limit=4, idle=10)
+    try:
+        # One after another: a job's answer goes out only once its worker is idle again, so
+        # the next request finds that worker (no second thread for sequential scrapes).
+        for _ in range(50):
+            answered = threading.Event()
+            pool.submit(functools.partial(lambda event: event.set, answered))
+            assert answered.wait(10)
+        assert pool.threads() == 1
+        # Many at once, with workers going idle while jobs arrive: each runs exactly once.
+        ran: list[int] = []
+        lock = threading.Lock()
+
+        def job(number: int) -> Callable[[], None]:
+            def then() -> None:
+                with lock:
+                    ran.append(number)
+            return then
+
+        def submit(base: int) -> None:
+            for number in range(base, base + 250):
+                pool.submit(functools.partial(job, number))
+
+        submitters = [threading.Thread(target=submit, args=(base,))
+                      for base in range(0, 1000, 250)]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join(20)
+        wait_for(lambda: len(ran) == 1000, 20, "every job run")
+        assert sorted(ran) == list(range(1000))
+        assert pool.threads() <= 4
+    finally:
+        pool.close()
+    wait_for(lambda: pool.threads() == 0, 10, "workers gone after close")
