@@ -386,10 +386,11 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
                 context.load_verify_locations(cafile=tls.client_ca_file)
             else:
                 context.load_verify_locations(cadata=tls.client_ca)
-        except (ssl.SSLError, OSError, ValueError) as exc:
+        except (ssl.SSLError, OSError, ValueError, TypeError) as exc:
+            # TypeError: inline PEM text that is not ASCII (the ssl module's own check).
             key, name = (("client_ca_file", tls.client_ca_file) if tls.client_ca_file
                          else ("client_ca", "the inline client_ca"))
-            reason = _reason(exc) if not isinstance(exc, ValueError) else "not PEM"
+            reason = "not PEM" if isinstance(exc, (ValueError, TypeError)) else _reason(exc)
             raise ConfigError([f"{prefix}{key}: cannot load {name}: {reason}"]) from None
     mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
     context.verify_mode = mode if mode is not None else ssl.CERT_REQUIRED

@@ -505,7 +505,8 @@ def test_any_web_config_text_gives_settings_or_config_error(
 
 # Each of these raised something other than ConfigError before: RecursionError, ValueError
 # (a NUL byte in a path, a bad date, a 5000-digit number), AttributeError (a bad !!timestamp),
-# UnicodeEncodeError (lone surrogates), OverflowError (a huge burst); the header one passed
+# UnicodeEncodeError (lone surrogates), OverflowError (a huge burst), TypeError (inline CA
+# text that is not ASCII); the header one passed
 # validation and then failed every response.
 NASTY_WEB_CONFIGS = {
     "deep": "[" * 5000,
@@ -523,6 +524,9 @@ NASTY_WEB_CONFIGS = {
     "huge_burst": f"rate_limit: {{interval: 1s, burst: {2**1100}}}\n",
     "non_ascii_header": "http_server_config: {headers: {Content-Security-Policy: \"\\u2603\"}}\n",
     "numeric_password": "basic_auth_users: {alice: 12345678}\n",
+    # TypeError from the ssl module (found by test_any_web_config_gives_settings_or_config_error).
+    "non_ascii_inline_ca": ('tls_server_config: {cert_file: server.pem, key_file: server.key, '
+                            'client_ca: "\\x80"}\n'),
 }
 
 
