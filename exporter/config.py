@@ -94,6 +94,9 @@ class WebConfig:
     telemetry_path: str = "/metrics"
     max_requests: int = 40
     read_timeout: Duration = Duration(10.0)
+    # A connection must have sent a whole request header (and finished TLS) within this long
+    # (and within read_timeout), or it is closed: idle crowds cannot hold the server.
+    header_timeout: Duration = Duration(5.0)
     config_file: str = ""  # exporter-toolkit web config (TLS, basic auth), see webconfig.py
 
 
@@ -827,6 +830,9 @@ def _check(config: Config) -> list[str]:
         problems.append(f"web.listen_address: {exc}")
     if isinstance(web.max_requests, int) and web.max_requests < 1:
         problems.append(f"web.max_requests: must be at least 1, got {web.max_requests}")
+    for key in ("read_timeout", "header_timeout"):
+        if getattr(web, key) <= 0:
+            problems.append(f"web.{key}: must be greater than 0")
     if config.scrape.timeout <= 0:
         problems.append("scrape.timeout: must be greater than 0")
     pg = config.postgres

@@ -408,10 +408,11 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
                         cafile=_pem_path(stack, pems["client_ca_file"]))
             else:
                 context.load_verify_locations(cadata=tls.client_ca)
-        except (ssl.SSLError, OSError, ValueError) as exc:
+        except (ssl.SSLError, OSError, ValueError, TypeError) as exc:
+            # TypeError: inline PEM text that is not ASCII (the ssl module's own check).
             key, name = (("client_ca_file", tls.client_ca_file) if tls.client_ca_file
                          else ("client_ca", "the inline client_ca"))
-            reason = _reason(exc) if not isinstance(exc, ValueError) else "not PEM"
+            reason = "not PEM" if isinstance(exc, (ValueError, TypeError)) else _reason(exc)
             raise ConfigError([f"{prefix}{key}: cannot load {name}: {reason}"]) from None
     mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
     context.verify_mode = mode if mode is not None else ssl.CERT_REQUIRED
@@ -567,6 +568,13 @@ class Authenticator:
 
     def check_header(self, header: str | None) -> bool:
         """Whether an Authorization header carries valid credentials."""
+        verdict = self.precheck(header)
+        return verdict if isinstance(verdict, bool) else self.verify(verdict)
+
+    def precheck(self, header: str | None) -> bool | bytes:
+        """What can be told without bcrypt: True for credentials that passed before (cached),
+        False for a header that cannot be right (missing, not Basic, not base64), otherwise the
+        decoded credentials, for verify()."""
         if not header:
             return False
         scheme, _, encoded = header.strip().partition(" ")
@@ -576,15 +584,23 @@ class Authenticator:
             credentials = base64.b64decode(encoded.strip(), validate=True)
         except (binascii.Error, ValueError):
             return False
-        return self.check(credentials)
+        return True if self._cached(credentials) else credentials
 
     def check(self, credentials: bytes) -> bool:
         """Whether b"user:password" is valid."""
+        return self._cached(credentials) or self.verify(credentials)
+
+    def _cached(self, credentials: bytes) -> bool:
         digest = hmac.new(self._key, credentials, hashlib.sha256).digest()
         with self._lock:
             if digest in self._cache:
                 self._cache.move_to_end(digest)
                 return True
+        return False
+
+    def verify(self, credentials: bytes) -> bool:
+        """The bcrypt check of b"user:password" (remembered when it passes)."""
+        digest = hmac.new(self._key, credentials, hashlib.sha256).digest()
         user, sep, password = credentials.partition(b":")
         hashed = self._users.get(user) if sep else None
         # An unknown user costs one bcrypt check too: response times do not reveal user names.
@@ -608,6 +624,106 @@ class Authenticator:
         """How many successful checks are remembered."""
         with self._lock:
             return len(self._cache)
+
+
+def client_key(address: str) -> str:
+    """The unit a client is counted in: its IPv4 address, or its IPv6 /64 (one host usually
+    holds a whole /64, and could otherwise rotate addresses at will)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class AuthGuard:
+    """Bounds what basic-auth guessing can cost, for the whole process and across reloads.
+
+    A bcrypt check is deliberately slow (cost 14: over a second of CPU), so a request with
+    credentials that are not in the cache of successes is admitted to a small verification
+    stage: at most `parallel` checks run at once (half the CPUs), a few more may wait up to
+    `wait` seconds, and anything beyond gets 503 at once. Requests waiting here hold no request
+    slot, so guessers cannot take the slots Prometheus needs. Each client (an IPv4 address or
+    an IPv6 /64) also has a budget of checks: `burst`, then one per `interval`; a failed check
+    spends one, a successful one is refunded. Over budget: 429 without any bcrypt work.
+    """
+
+    # Clients whose budget is remembered (least recently seen dropped first).
+    MAX_CLIENTS = 4096
+
+    def __init__(self, *, parallel: int | None = None, waiting: int | None = None,
+                 burst: int = 10, interval: float = 1.0, wait: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.parallel = parallel if parallel is not None else max(1, _cpus() // 2)
+        self.capacity = self.parallel + (waiting if waiting is not None else 2 * self.parallel)
+        self.burst = burst
+        self.interval = interval
+        self.wait = wait
+        self.checks = 0  # bcrypt checks run, for tests and benchmarks
+        self._clock = clock
+        self._running = threading.BoundedSemaphore(self.parallel)
+        self._lock = threading.Lock()
+        self._staged = 0
+        self._budgets: OrderedDict[str, list[float]] = OrderedDict()  # key: [tokens, updated]
+
+    def admit(self, client: str) -> tuple[int, float] | None:
+        """None when the client may have a check now (a place is reserved for it: call
+        verify() next); otherwise the status to answer (503 or 429) and the seconds after
+        which to try again."""
+        key = client_key(client)
+        with self._lock:
+            if self._staged >= self.capacity:
+                return 503, 1.0
+            now = self._clock()
+            budget = self._budgets.pop(key, None) or [float(self.burst), now]
+            budget[0] = min(float(self.burst), budget[0] + (now - budget[1]) / self.interval)
+            budget[1] = now
+            self._budgets[key] = budget
+            while len(self._budgets) > self.MAX_CLIENTS:
+                self._budgets.popitem(last=False)
+            if budget[0] < 1.0:
+                return 429, (1.0 - budget[0]) * self.interval
+            budget[0] -= 1.0
+            self._staged += 1
+            return None
+
+    def verify(self, authenticator: Authenticator, credentials: bytes,
+               client: str) -> bool | None:
+        """The bcrypt check of an admitted request: whether the credentials are valid, or None
+        when no check could start within `wait` seconds (answer 503)."""
+        ok: bool | None = None
+        try:
+            if not self._running.acquire(timeout=self.wait):
+                return None
+            try:
+                ok = authenticator.verify(credentials)
+            finally:
+                self._running.release()
+            with self._lock:
+                self.checks += 1
+            return ok
+        finally:
+            with self._lock:
+                self._staged -= 1
+                budget = self._budgets.get(client_key(client))
+                if ok is not False and budget is not None:
+                    budget[0] = min(float(self.burst), budget[0] + 1.0)
+
+    def staged(self) -> int:
+        """Requests admitted and not finished with their check."""
+        with self._lock:
+            return self._staged
 
 
 _Fingerprint = tuple[tuple[str, int, int], ...]

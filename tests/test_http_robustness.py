@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import re
 import socket
@@ -11,6 +12,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -20,6 +22,7 @@ from exporter import textformat
 from exporter.config import Duration, WebConfig
 from exporter.scrape import ScrapeRunner
 from exporter.server import MAX_HEADER_BYTES, MAX_REQUEST_LINE, ExporterHTTPServer
+from exporter.webconfig import WebConfigFile
 from tests.harness import ExporterProcess, wait_for
 
 
@@ -44,22 +47,36 @@ class GateCollector:
 class Server:
     """An in-process exporter HTTP server on a free port."""
 
-    def __init__(self, max_requests: int = 4, read_timeout: float = 1.0) -> None:
+    def __init__(self, max_requests: int = 4, read_timeout: float = 1.0,
+                 header_timeout: float = 5.0, listen_address: str = "127.0.0.1:0",
+                 security: WebConfigFile | None = None, **options: Any) -> None:
         self.collector = GateCollector()
         self.runner = ScrapeRunner([self.collector], timeout=30)
-        web = WebConfig(listen_address="127.0.0.1:0", max_requests=max_requests,
-                        read_timeout=Duration(read_timeout))
-        self.httpd = ExporterHTTPServer(web, self.runner)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
-                                       daemon=True)
-        self.thread.start()
+        web = WebConfig(listen_address=listen_address, max_requests=max_requests,
+                        read_timeout=Duration(read_timeout),
+                        header_timeout=Duration(header_timeout))
+        self.httpd = ExporterHTTPServer(web, self.runner, security, **options)
+        try:
+            self.port = self.httpd.server_address[1]
+            self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,),
+                                           daemon=True)
+            self.thread.start()
+        except BaseException:
+            self.httpd.server_close()
+            self.runner.close()
+            raise
 
     def close(self) -> None:
         self.collector.gate.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.runner.close()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
         try:
@@ -145,14 +162,29 @@ def test_header_limits(server: Server) -> None:
     (b"GET /metrics HTTP/9.9\r\n\r\n", 505),
     (b"GET /metrics HTTX/1.1\r\n\r\n", 400),
     (b"GET /metrics HTTP/1.1 extra\r\n\r\n", 400),
-    (b"GET /metrics\r\n\r\n", 200),  # HTTP/0.9 style: answered, connection closed
-    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),  # TLS to a plain port
+    (b"GET /metrics\r\n\r\n", 400),  # HTTP/0.9 style: a 400 and the connection closed
     (b"GET /\xff\xfe HTTP/1.1\r\nConnection: close\r\n\r\n", 404),
-    (b"GET /metrics HTTP/1.1\r\nBad header line\r\nConnection: close\r\n\r\n", 200),
+    (b"GET /metrics HTTP/1.1\r\nBad header line\r\nConnection: close\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nX : y\r\n\r\n", 400),  # space before the colon
+    (b"GET  /metrics HTTP/1.1\r\n\r\n", 400),  # two spaces
+    (b"GET /metrics\tHTTP/1.1\r\n\r\n", 400),
+    (b"GET metrics HTTP/1.1\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\n\r\n", 400),
+    (b"GET ftp://host/metrics HTTP/1.1\r\n\r\n", 400),
+    (b"GET http://user@host/metrics HTTP/1.1\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    (b"GET /metrics HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+    (b"\x00\x01\x02 / HTTP/1.1\r\n\r\n", 400),
 ])
 def test_malformed_requests_get_a_status(server: Server, request_bytes: bytes,
                                          expected: int) -> None:
-    assert status_of(server.raw(request_bytes)) == expected
+    response = server.raw(request_bytes)
+    assert status_of(response) == expected
+    if expected != 404:
+        assert b"\r\nConnection: close\r\n" in response.split(b"\r\n\r\n")[0] + b"\r\n"
 
 
 def test_keep_alive_pipelining_and_bodies(server: Server) -> None:
@@ -165,6 +197,13 @@ def test_keep_alive_pipelining_and_bodies(server: Server) -> None:
     response = server.raw(smuggled)
     assert response.count(b"HTTP/1.1 ") == 1
     assert status_of(response) == 200
+    # HTTP/1.0 keeps the connection only when asked, and is told so.
+    response = server.raw(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                          b"HEAD /healthz HTTP/1.0\r\n\r\n")
+    first, second = response.split(b"OK\n", 1)
+    assert b"\r\nConnection: keep-alive\r\n" in first
+    assert second.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close\r\n" in second
+    assert second.endswith(b"\r\n\r\n")  # HEAD: no body
 
 
 def test_silent_and_slow_clients_are_cut_off(server: Server) -> None:
@@ -212,8 +251,7 @@ def test_max_requests_answers_503_beyond_the_limit() -> None:
         threads[1].start()
         # Both slots taken (the second request waits on the first one's collection). Polling
         # with requests could itself take the second slot just as the second scrape arrives.
-        wait_for(lambda: getattr(srv.httpd.slots, "_value", None) == 0, 10,
-                 "two scrapes in flight")
+        wait_for(lambda: srv.httpd.requests_in_progress() == 2, 10, "two scrapes in flight")
         assert srv.get("/")[0] == 503
         status, headers, _ = srv.get("/metrics")
         assert status == 503 and headers["Retry-After"] == "1"
@@ -227,24 +265,48 @@ def test_max_requests_answers_503_beyond_the_limit() -> None:
         srv.close()
 
 
-def test_connection_cap_and_no_thread_growth() -> None:
-    srv = Server(max_requests=2, read_timeout=5)
+def still_open(sock: socket.socket) -> bool:
+    """Whether the server has neither closed the connection nor sent anything on it yet."""
+    sock.setblocking(False)
     try:
-        baseline = threading.active_count()
-        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
-        wait_for(lambda: threading.active_count() >= baseline + 4, 10, "4 connection threads")
-        refused = srv.raw(b"GET /healthz HTTP/1.1\r\n\r\n")
-        assert status_of(refused) == 503
-        assert threading.active_count() <= baseline + 4
-        for sock in idle:
-            sock.close()
-        wait_for(lambda: srv.get("/healthz")[0] == 200, 10, "room again after closing")
-        for _ in range(50):
-            assert srv.get("/metrics")[0] == 200
-        wait_for(lambda: threading.active_count() <= baseline + 1, 10,
-                 "connection threads gone")
+        sock.recv(1)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
     finally:
-        srv.close()
+        sock.setblocking(True)
+    return False
+
+
+def test_idle_connections_are_evicted_and_threads_stay_bounded() -> None:
+    """Past the connection limit, each new connection closes the oldest idle or incomplete
+    one: an idle crowd costs no thread and cannot keep requests out (it used to get 503s)."""
+    with Server(max_requests=2, read_timeout=30, header_timeout=30,
+                max_connections=20) as srv:
+        limit = srv.httpd.max_connections
+        assert limit == 20
+        baseline = threading.active_count()
+        idle: list[socket.socket] = []
+        try:
+            for _ in range(limit + 10):
+                idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+            wait_for(lambda: not still_open(idle[9]), 10, "the oldest idle connections closed")
+            assert srv.httpd.connection_count() <= limit
+            assert threading.active_count() <= baseline  # no thread per connection
+            for _ in range(25):
+                assert srv.get("/metrics")[0] == 200
+                assert srv.get("/healthz")[0] == 200
+            # Each request made room by closing the oldest idle connection, never a new one.
+            assert still_open(idle[-1])
+            assert srv.httpd.connection_count() <= limit
+            workers = [t for t in threading.enumerate() if t.name == "http-worker"]
+            assert len(workers) == srv.httpd.worker_threads()
+            assert len(workers) <= srv.httpd.web.max_requests + srv.httpd.auth_guard.capacity
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_for(lambda: srv.httpd.connection_count() == 0, 10, "closed connections dropped")
 
 
 @pytest.mark.integration
@@ -362,7 +424,8 @@ def test_waiting_scrapes_share_one_encoded_body(server: Server,
     rest = [threading.Thread(target=scrape, args=(i % 2 == 0,)) for i in range(3)]
     for thread in rest:
         thread.start()
-    time.sleep(0.5)  # all of them wait on the stuck collection
+    # All of them wait on the stuck collection (each holds a request slot while it waits).
+    wait_for(lambda: server.httpd.requests_in_progress() == 4, 10, "four scrapes waiting")
     server.collector.gate.set()
     for thread in [first, *rest]:
         thread.join(20)
@@ -374,3 +437,92 @@ def test_waiting_scrapes_share_one_encoded_body(server: Server,
     assert gzip.decompress(zipped[0]) == plain[0]
     # One encoding for the gzip flight, one for the plain request that joined the collection.
     assert len(encoded) == 2
+
+
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def test_concurrent_prometheus_scrapes_share_one_openmetrics_body(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The body is shared by Content-Type and compression, not by encoder object:
+    prometheus_client's choose_encoder made a new partial per request, so the old key never
+    matched and every waiting Prometheus-style scrape encoded (and compressed) its own body."""
+    from prometheus_client.openmetrics import exposition as openmetrics
+
+    encoded: list[int] = []
+    real = openmetrics.generate_latest
+
+    def counting(registry: CollectorRegistry) -> bytes:
+        encoded.append(1)
+        return bytes(real(registry))
+
+    monkeypatch.setattr(openmetrics, "generate_latest", counting)
+    with Server(max_requests=8) as srv:
+        srv.collector.gate.clear()
+        results: list[tuple[int, str, str, bytes]] = []
+
+        def scrape() -> None:
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{srv.port}/metrics",
+                headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
+            with urllib.request.urlopen(req, timeout=20) as response:
+                results.append((response.status, response.headers["Content-Type"],
+                                response.headers.get("Content-Encoding", ""), response.read()))
+
+        threads = [threading.Thread(target=scrape) for _ in range(5)]
+        try:
+            for thread in threads:
+                thread.start()
+            wait_for(lambda: srv.httpd.requests_in_progress() == 5, 10,
+                     "five scrapes waiting on one collection")
+        finally:
+            srv.collector.gate.set()
+            for thread in threads:
+                thread.join(20)
+        assert len(results) == 5
+        assert {(status, ctype, coding) for status, ctype, coding, _ in results} == {
+            (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", "gzip")}
+        assert len({body for *_, body in results}) == 1
+        assert gzip.decompress(results[0][3]).endswith(b"# EOF\n")
+        assert len(encoded) == 1
+
+
+def test_worker_pool_runs_every_job_once_and_reuses_an_idle_worker() -> None:
+    from exporter.server import _Pool
+
+    pool = _Pool(limit=4, idle=10)
+    try:
+        # One after another: a job's answer goes out only once its worker is idle again, so
+        # the next request finds that worker (no second thread for sequential scrapes).
+        for _ in range(50):
+            answered = threading.Event()
+            pool.submit(functools.partial(lambda event: event.set, answered))
+            assert answered.wait(10)
+        assert pool.threads() == 1
+        # Many at once, with workers going idle while jobs arrive: each runs exactly once.
+        ran: list[int] = []
+        lock = threading.Lock()
+
+        def job(number: int) -> Callable[[], None]:
+            def then() -> None:
+                with lock:
+                    ran.append(number)
+            return then
+
+        def submit(base: int) -> None:
+            for number in range(base, base + 250):
+                pool.submit(functools.partial(job, number))
+
+        submitters = [threading.Thread(target=submit, args=(base,))
+                      for base in range(0, 1000, 250)]
+        for thread in submitters:
+            thread.start()
+        for thread in submitters:
+            thread.join(20)
+        wait_for(lambda: len(ran) == 1000, 20, "every job run")
+        assert sorted(ran) == list(range(1000))
+        assert pool.threads() <= 4
+    finally:
+        pool.close()
+    wait_for(lambda: pool.threads() == 0, 10, "workers gone after close")
