@@ -591,8 +591,9 @@ def test_business_config_defaults() -> None:
     config = BusinessConfig()
     assert config.defaults and config.concurrency == 2 and config.queries == ()
     assert len(config.all_queries()) == 11
-    assert config.applicability_interval == 300 and config.presence_window == 300
-    assert config.chat_cleanup_age == 12 * 3600 and config.chat_cleanup_grace == 3600
+    assert float(config.applicability_interval) == 300 == float(config.presence_window)
+    assert float(config.chat_cleanup_age) == 12 * 3600
+    assert float(config.chat_cleanup_grace) == 3600
 
 
 def test_slow_query_never_holds_up_the_scrape(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -197,6 +198,21 @@ def test_every_key_counted_once_each_family_in_one_group(
                          ("chat_room:{}:messages", "chat_room:{id}:messages"),
                          ("django.contrib.sessions.cached_db{}", "session")):
         assert every.get(name, 0) == sum(1 for f, _ in family_keys if f == family)
+
+
+@given(st.lists(st.text(alphabet="ab0123456789:_-fF.x", max_size=40), max_size=40),
+       st.lists(st.uuids(), max_size=5))
+def test_skeleton_cache_gives_what_key_shape_gives(texts: list[str], ids: list[Any]) -> None:
+    keys = [t.encode() for t in texts]
+    keys += [f"qatoolbox:1:room:{u}:{t}".encode() for u in ids for t in texts[:3]]
+    classifier = rc.KeyClassifier([])
+    for _ in range(2):  # filled, then read from the cache
+        tally = rc.KeyTally.empty(0)
+        classifier.tally(keys, tally)
+        expected: dict[str, int] = {}
+        for key in keys:
+            expected[rc.key_shape(key)] = expected.get(rc.key_shape(key), 0) + 1
+        assert tally.shapes == expected
 
 
 def test_largest_structures_named_the_rest_other() -> None:

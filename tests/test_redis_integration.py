@@ -420,7 +420,7 @@ def test_real_shaped_keys_bounded_groups_and_declared_queues(
     n = 150
     real_shaped_keys(client, n)
     from celery import Celery  # type: ignore[import-untyped]
-    from kombu import Queue
+    from kombu import Queue  # type: ignore[attr-defined]
 
     # QAToolBox's Celery: default queue "default", the tools app routed to "tools"; the
     # other config's "chat_cleanup"; a worker's remote-control queue (not a task queue).
@@ -494,8 +494,8 @@ def test_real_shaped_keys_bounded_groups_and_declared_queues(
     assert set(groups) == {"sessions", "user:{id}", "chat_room:{id}:messages", "default",
                            "other"}
     assert sum(groups.values()) == keys
-    queues = {labels["queue"] for _, labels in scrape.series("qatoolbox_celery_queue_length")}
-    assert queues == {"default", "tools"}
+    configured = {labels["queue"] for _, labels in scrape.series("qatoolbox_celery_queue_length")}
+    assert configured == {"default", "tools"}
     assert_nothing_refused(redis_server)
 
 

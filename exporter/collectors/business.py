@@ -434,8 +434,8 @@ class BusinessCollector:
         for query, samples, took, last_success, fits in snapshot:
             if fits is not None:
                 applicable.add_metric([query.metric], 1.0 if fits else 0.0)
-            if not fits:
-                continue  # not run here (or not yet known): neither a success nor a failure
+            if fits is False:
+                continue  # not run here: neither a success nor a failure
             success.add_metric([query.metric], 0.0 if samples is None else 1.0)
             duration.add_metric([query.metric], took)
             last.add_metric([query.metric], last_success)

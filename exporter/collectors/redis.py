@@ -267,26 +267,31 @@ _SESSION_PREFIX = "django.contrib.sessions.cache"
 SESSION_GROUP = "session"
 ID = "{id}"
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
-_TOKEN = re.compile(r"[^\W_]+")
-_HEX = re.compile(r"[0-9A-Fa-f]{8,}")
-_WORD_NUMBER = re.compile(r"([^\W\d_]+)\d{4,}")
+# Tokens are runs of letters and digits (an underscore separates, as in "boss_login_12"). Each
+# pattern below is one C-level substitution: no Python call per token, so a million keys cost
+# about a second. An id is a token with a digit that is a hex string of 8 or more characters
+# or any run of 16 or more (hashes, random tokens, session keys), a number, or the number
+# that ends a word ("user123456": 4 digits or more).
+_EDGE_BEFORE, _EDGE_AFTER = r"(?<![^\W_])", r"(?![^\W_])"
+_RANDOM = re.compile(_EDGE_BEFORE + r"(?=[^\W_]*\d)(?:[0-9A-Fa-f]{8,}|[^\W_]{16,})"
+                     + _EDGE_AFTER)
+_WORD_NUMBER = re.compile(_EDGE_BEFORE + r"([^\W\d_]+)\d{4,}" + _EDGE_AFTER)
+_NUMBER = re.compile(_EDGE_BEFORE + r"\d+" + _EDGE_AFTER)
 _PRIORITY_LIST = re.compile(KOMBU_SEP + r"\d{1,3}\Z")
 # A group name is a label value: at most this long, printable characters only.
 MAX_GROUP_NAME = 100
 # Structures counted in one pass before further new ones go straight to "other": memory stays
 # bounded whatever the keyspace holds.
 MAX_TRACKED_SHAPES = 10_000
-
-
-def _token(match: re.Match[str]) -> str:
-    token = match.group(0)
-    if token.isdigit():
-        return ID
-    has_digit = any(c.isdigit() for c in token)
-    if has_digit and (_HEX.fullmatch(token) or (len(token) >= 16 and not token.isdigit())):
-        return ID  # hashes, random tokens, session keys
-    word = _WORD_NUMBER.fullmatch(token)
-    return word.group(1) + ID if word else token
+# key_shape() decides where ids are from where the digits are and how many, not from their
+# values: two keys that differ only in digit values (UUIDs replaced first) get the same
+# structure, unless it keeps some of those digits ("v2_{id}"). Such structures are looked up by
+# that skeleton, which costs a fraction of computing them. At most this many are kept.
+MAX_CACHED_SKELETONS = 50_000
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_UUID_BYTES = re.compile(_UUID.pattern.encode())
+_ID_BYTES = ID.encode()
+_HAS_DIGIT = re.compile(r"[0-9]").search
 
 
 def key_shape(key: bytes) -> str:
@@ -303,8 +308,9 @@ def key_shape(key: bytes) -> str:
         return SESSION_GROUP
     # A queue's priority lists ("<queue>\x06\x16<step>") go with the queue's own list.
     text = _PRIORITY_LIST.sub("", text)
-    text = _TOKEN.sub(_token, _UUID.sub(ID, text))
-    text = "".join(c if c.isprintable() else "?" for c in text[:MAX_GROUP_NAME + 1])
+    text = _NUMBER.sub(ID, _WORD_NUMBER.sub(r"\1" + ID, _RANDOM.sub(ID, _UUID.sub(ID, text))))
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text[:MAX_GROUP_NAME + 1])
     return text if len(text) <= MAX_GROUP_NAME else text[:MAX_GROUP_NAME - 3] + "..."
 
 
@@ -360,6 +366,7 @@ class KeyClassifier:
         # One alternation of capturing groups: lastindex names the first group that matched.
         source = "(?:" + "|".join(alternatives) + ")"
         self._regex = re.compile(source.encode(), re.DOTALL) if groups else None
+        self._skeletons: dict[bytes, str] = {}
 
     def count(self, keys: Iterable[bytes], into: list[int]) -> None:
         """Add each key to into[group index], into[-1] being "other"."""
@@ -376,13 +383,21 @@ class KeyClassifier:
         """Add each key to its configured group, or by structure (key_shape) when none
         matches; note the keys that start with binding_prefix (when given)."""
         fullmatch = self._regex.fullmatch if self._regex is not None else None
-        shapes = into.shapes
+        shapes, cache = into.shapes, self._skeletons
         for key in keys:
             match = fullmatch(key) if fullmatch is not None else None
             if match is not None and match.lastindex:
                 into.groups[match.lastindex - 1] += 1
             else:
-                shape = key_shape(key)
+                skeleton = (_UUID_BYTES.sub(_ID_BYTES, key) if b"-" in key else key).translate(
+                    _DIGITS_TO_ZERO)
+                shape = cache.get(skeleton)
+                if shape is None:
+                    shape = key_shape(key)
+                    if not _HAS_DIGIT(shape):
+                        if len(cache) >= MAX_CACHED_SKELETONS:
+                            cache.clear()
+                        cache[skeleton] = shape
                 if shape in shapes:
                     shapes[shape] += 1
                 elif len(shapes) < MAX_TRACKED_SHAPES:
