@@ -201,7 +201,13 @@ class ScrapeRunner:
             self._outcomes[name] = outcome
             duration.add_metric([name], outcome.duration)
             success.add_metric([name], 1.0 if outcome.success else 0.0)
-        families.extend([duration, success, _build_info()])
+        # The budget itself, so that a rule can tell a collector nearing it (any scrape.timeout).
+        budget = GaugeMetricFamily(
+            "qatoolbox_exporter_scrape_timeout_seconds",
+            "Time budget each collector runs under in a scrape (scrape.timeout).",
+            value=self._timeout,
+        )
+        families.extend([duration, success, budget, _build_info()])
         return families
 
     def _timed(self, collector: Collector) -> _Timed:

@@ -169,12 +169,19 @@ def timeseries(title: str, description: str, unit: str,
                queries: Sequence[Target | tuple[str, str] | str], *, w: int = 8,
                h: int = 8, stack: bool = False, min_: float | None = None,
                max_: float | None = None,
-               overrides: list[Json] | None = None, legend_right: bool = False) -> Panel:
-    """A time series panel."""
+               overrides: list[Json] | None = None, legend_right: bool = False,
+               alert_lines: Sequence[float] = ()) -> Panel:
+    """A time series panel; alert_lines are the thresholds of the alerts on what it shows
+    (warning, then critical), drawn as dashed lines."""
     custom: Json = {"fillOpacity": 30 if stack else 10, "lineWidth": 1, "showPoints": "never",
                     "spanNulls": False,
                     "stacking": {"mode": "normal" if stack else "none", "group": "A"}}
     defaults: Json = {"custom": custom, "thresholds": GREEN}
+    if alert_lines:
+        colors = ("orange", "red") if len(alert_lines) == 2 else ("red",) * len(alert_lines)
+        defaults["thresholds"] = _thresholds((None, "transparent"),
+                                             *zip(alert_lines, colors, strict=True))
+        custom["thresholdsStyle"] = {"mode": "dashed"}
     if min_ is not None:
         defaults["min"] = min_
     if max_ is not None:
@@ -434,21 +441,20 @@ def overview() -> Dashboard:
         table("Firing alerts", "Every alert firing now with its labels.", "none",
               [('ALERTS{alertstate="firing"}', "")], h=6),
         Row("Host"),
-        timeseries("CPU utilisation", "Share of CPU time not idle, averaged over CPUs.",
-                   "percentunit",
-                   [(f"1 - avg by (instance) "
-                     f"({rate('qatoolbox_host_cpu_seconds_total', IDLE)})", "{{instance}}")],
-                   min_=0, max_=1),
-        timeseries("Memory utilisation", "Share of memory not available for new work.",
-                   "percentunit",
-                   [(f"1 - {sel('qatoolbox_host_memory_available_bytes')}\n/\n"
-                     f"{sel('qatoolbox_host_memory_total_bytes')}", "{{instance}}")],
-                   min_=0, max_=1),
-        timeseries("Fullest file system", "Used share of the fullest file system per host.",
-                   "percentunit",
-                   [(f"max by (instance) (1 - {sel('qatoolbox_host_filesystem_avail_bytes')}\n/\n"
-                     f"{sel('qatoolbox_host_filesystem_size_bytes')})", "{{instance}}")],
-                   min_=0, max_=1),
+        timeseries("CPU utilisation", "Share of CPU time busy (neither idle nor iowait), "
+                   "averaged over CPUs: the recording rule HostCpuUsage* alert on, with their "
+                   "80% and 95% lines.", "percentunit",
+                   [(sel("instance:qatoolbox_host_cpu_utilisation:ratio"), "{{instance}}")],
+                   min_=0, max_=1, alert_lines=(0.80, 0.95)),
+        timeseries("Memory utilisation", "Share of memory not available for new work "
+                   "(HostMemoryUsage* lines at 85% and 95%).", "percentunit",
+                   [(sel("instance:qatoolbox_host_memory_utilisation:ratio"), "{{instance}}")],
+                   min_=0, max_=1, alert_lines=(0.85, 0.95)),
+        timeseries("Fullest file system", "Used share of the fullest file system per host "
+                   "(HostDiskUsage* lines at 90% and 95%).", "percentunit",
+                   [(f"max by (instance) "
+                     f"({sel('instance_mountpoint:qatoolbox_host_filesystem_usage:ratio')})",
+                     "{{instance}}")], min_=0, max_=1, alert_lines=(0.90, 0.95)),
         Row("Database and cache"),
         timeseries("PostgreSQL connections", "Client connections against max_connections.",
                    "short",
@@ -485,13 +491,16 @@ def overview() -> Dashboard:
         timeseries("Request rate", "HTTP requests per second by status class.", "reqps",
                    [(f"sum by (status) ({rate('qatoolbox_http_requests_total')})",
                      "{{status}}")], w=8, stack=True),
-        timeseries("5xx ratio", "Share of requests answered with a server error.",
-                   "percentunit",
-                   [(ratio(rate("qatoolbox_http_requests_total", 'status=~"5.."'),
-                           rate("qatoolbox_http_requests_total")), "5xx")], w=8, min_=0),
-        timeseries("Latency p95 / p99", "Request duration percentiles over all routes.", "s",
-                   [(quantile(0.95, "qatoolbox_http_request_duration_seconds"), "p95"),
-                    (quantile(0.99, "qatoolbox_http_request_duration_seconds"), "p99")], w=8),
+        timeseries("5xx ratio", "Share of requests answered with a server error over 5 "
+                   "minutes, per instance (HttpErrorRatioHigh at 5%).", "percentunit",
+                   [(sel("instance:qatoolbox_http_requests_5xx:ratio_rate5m"), "{{instance}}")],
+                   w=8, min_=0, alert_lines=(0.05,)),
+        timeseries("Latency p95 / p99", "Request duration percentiles over all routes, over 5 "
+                   "minutes (HttpLatencyP95High at 2 s).", "s",
+                   [(sel("instance:qatoolbox_http_request_duration_seconds:p95_rate5m"),
+                     "{{instance}} p95"),
+                    (sel("instance:qatoolbox_http_request_duration_seconds:p99_rate5m"),
+                     "{{instance}} p99")], w=8, alert_lines=(2.0,)),
         Row("Business"),
         stat("Registered users", "Accounts in auth_user (active and inactive).", "short",
              [(f"sum({sel('qatoolbox_users')})", "users")],
@@ -532,9 +541,22 @@ def host() -> Dashboard:
                    [(rate("qatoolbox_host_pressure_cpu_waiting_seconds_total"), "cpu"),
                     (rate("qatoolbox_host_pressure_memory_waiting_seconds_total"), "memory"),
                     (rate("qatoolbox_host_pressure_io_waiting_seconds_total"), "io")], w=12),
+        timeseries("Load per CPU", "5-minute load average per CPU (HostHighLoad at 2).", "short",
+                   [(sel("instance:qatoolbox_host_load5_per_cpu:ratio"), "{{instance}}")],
+                   w=12, alert_lines=(2.0,)),
+        timeseries("Clock offset", "Offset of the clock from its reference as the kernel "
+                   "knows it (adjtimex); HostClockSkew at +-50 ms.", "s",
+                   [(sel("qatoolbox_host_timex_offset_seconds"), "{{instance}}")], w=12,
+                   alert_lines=(-0.05, 0.05)),
         stat("Uptime", "Time since the host booted.", "s",
              [(f"time() - {sel('qatoolbox_host_boot_time_seconds')}", "{{instance}}")],
-             w=12, h=8, graph=False),
+             w=6, h=8, graph=False),
+        stat("Clock synchronised", "1 while the kernel considers the clock synchronised.",
+             "none", [(sel("qatoolbox_host_timex_sync_status"), "{{instance}}")], w=6, h=8,
+             graph=False, thresholds=_thresholds((None, "red"), (1, "green")),
+             mappings=[{"type": "value", "options": {
+                 "0": {"text": "not synced", "color": "red", "index": 0},
+                 "1": {"text": "synced", "color": "green", "index": 1}}}]),
         Row("Memory"),
         timeseries("Memory", "Used (total minus available), cached, buffers and free memory.",
                    "bytes",
@@ -549,11 +571,12 @@ def host() -> Dashboard:
                      f"{sel('qatoolbox_host_swap_free_bytes')}", "used"),
                     (sel("qatoolbox_host_swap_total_bytes"), "total")], w=12),
         Row("File systems"),
-        bargauge("File system usage", "Used share of each file system.", "percentunit",
-                 [(f"1 - {sel('qatoolbox_host_filesystem_avail_bytes', fs)}\n/\n"
-                   f"{sel('qatoolbox_host_filesystem_size_bytes', fs)}", "{{mountpoint}}")],
-                 w=8, max_=1, thresholds=_thresholds((None, "green"), (0.85, "orange"),
-                                                     (0.9, "red"))),
+        bargauge("File system usage", "Used share of each file system, coloured at the "
+                 "HostDiskUsage* lines (90% warning, 95% critical).", "percentunit",
+                 [(sel("instance_mountpoint:qatoolbox_host_filesystem_usage:ratio", fs),
+                   "{{mountpoint}}")],
+                 w=8, max_=1, thresholds=_thresholds((None, "green"), (0.90, "orange"),
+                                                     (0.95, "red"))),
         timeseries("Free space predicted in 24 h",
                    "Linear prediction of available bytes 24 h ahead from the trend window; "
                    "below zero means the file system fills within a day.", "bytes",
@@ -658,6 +681,11 @@ def postgres() -> Dashboard:
                                           "value": {"fill": "dash", "dash": [10, 10]}},
                                          {"id": "color", "value": {"mode": "fixed",
                                                                    "fixedColor": "red"}}]}]),
+        timeseries("Connection slots used", "Client connections over max_connections less "
+                   "the reserved slots (PostgresTooManyConnections at 80%, "
+                   "PostgresConnectionsExhausted at 95%).", "percentunit",
+                   [(sel("instance:qatoolbox_postgres_connections_used:ratio"),
+                     "{{instance}}")], w=12, min_=0, max_=1, alert_lines=(0.80, 0.95)),
         timeseries("Slow queries and lock waits",
                    "Active queries older than the slow threshold, backends waiting on a lock.",
                    "short",
@@ -665,6 +693,11 @@ def postgres() -> Dashboard:
                      "{{datname}} slow"),
                     (f"sum by (datname) ({sel('qatoolbox_postgres_lock_waits', db)})",
                      "{{datname}} lock waits")], w=12),
+        timeseries("Transaction ID age", "age(datfrozenxid) per database: autovacuum freezes "
+                   "at 200 million; PostgresXidWraparound at 1 billion; writes stop near 2.1 "
+                   "billion.", "short",
+                   [(sel("qatoolbox_postgres_database_xid_age"), "{{datname}}")], w=12,
+                   alert_lines=(1e9,)),
         timeseries("Longest query and transaction",
                    "Age of the longest running query, the oldest transaction and the oldest "
                    "idle-in-transaction session.", "s",
@@ -894,6 +927,20 @@ def http() -> Dashboard:
                      f"({rate('qatoolbox_http_request_exceptions_total', rt)})", "{{route}}")]),
         heatmap("Latency distribution", "Request durations over time.", "s",
                 f"sum by (le) ({rate(dur + '_bucket', rt)})", w=8),
+        Row("Traffic against its usual level"),
+        timeseries("Request rate, baseline and last week",
+                   "Requests per second now, the baseline HttpTrafficAnomaly compares it with "
+                   "(median of the same hour 1-3 weeks ago) and the same hour last week, which "
+                   "HttpTrafficDrop compares it with (page under 20% of it).", "reqps",
+                   [(sel("instance:qatoolbox_http_requests:rate5m"), "{{instance}} now"),
+                    (sel("instance:qatoolbox_http_requests:rate5m_prediction"),
+                     "{{instance}} baseline"),
+                    (f"{sel('instance:qatoolbox_http_requests:rate5m')} offset 1w",
+                     "{{instance}} last week")], w=16),
+        timeseries("Traffic z-score", "Residual (rate - baseline) in spreads of last week's "
+                   "residuals; HttpTrafficAnomaly beyond +-3.", "short",
+                   [(sel("instance:qatoolbox_http_requests:rate5m_zscore"), "{{instance}}")],
+                   alert_lines=(-3.0, 3.0)),
         Row("Per route"),
         timeseries("p95 by route", "95th percentile duration of each route.", "s",
                    [(quantile(0.95, dur, "route", rt), "{{route}}")], w=12, legend_right=True),
@@ -996,6 +1043,57 @@ def business() -> Dashboard:
     ])
 
 
+def slo() -> Dashboard:
+    """The SLOs of prometheus/slos/qatoolbox.yml from the generated Sloth recording rules."""
+    sl = 'sloth_service="qatoolbox"'
+
+    def rec(name: str, extra: str = "") -> str:
+        return f"{name}{{{sl}{',' + extra if extra else ''}}}"
+
+    by_slo = "{{sloth_slo}}"
+    return Dashboard("qatoolbox-slo", "QAToolBox / SLOs",
+                     "Error budgets and burn rates of the availability and latency SLOs "
+                     "(prometheus/slos/qatoolbox.yml), from the Sloth-named recording rules.", [
+        Row("Error budget"),
+        stat("Objective", "Share of good requests each SLO promises over 30 days.",
+             "percentunit", [(rec("slo:objective:ratio"), by_slo)], w=6, graph=False),
+        stat("Error budget remaining", "1 - the period's burn rate: what would be left at the "
+             "end of the 30 days if they went on like the period so far; below 0 the SLO is "
+             "missed.", "percentunit",
+             [(rec("slo:period_error_budget_remaining:ratio"), by_slo)], w=6,
+             thresholds=_thresholds((None, "red"), (0, "orange"), (0.25, "green"))),
+        stat("Burn rate now", "Error ratio over 5 minutes divided by the budget: 1 spends it "
+             "exactly in 30 days, 14.4 in 2 days.", "none",
+             [(rec("slo:current_burn_rate:ratio"), by_slo)], w=6,
+             thresholds=_thresholds((None, "green"), (1, "orange"), (14.4, "red"))),
+        stat("Period burn rate", "Mean error ratio of the period divided by the budget.",
+             "none", [(rec("slo:period_burn_rate:ratio"), by_slo)], w=6,
+             thresholds=_thresholds((None, "green"), (1, "red"))),
+        Row("Burn rates of the alert windows"),
+        timeseries("Page windows", "Error ratio over 5 m, 30 m, 1 h and 6 h divided by the "
+                   "budget. SloErrorBudgetBurnFast pages when 1 h and 5 m are over 14.4, or 6 h "
+                   "and 30 m over 6.", "none",
+                   [(f"{rec(f'slo:sli_error:ratio_rate{w}')}\n/ on (sloth_id) group_left\n"
+                     f"{rec('slo:error_budget:ratio')}", f"{{{{sloth_slo}}}} {w}")
+                    for w in ("5m", "30m", "1h", "6h")], w=12, alert_lines=(6.0, 14.4)),
+        timeseries("Ticket windows", "Error ratio over 2 h, 6 h, 1 d and 3 d divided by the "
+                   "budget. SloErrorBudgetBurnSlow tickets when 1 d and 2 h are over 3, or 3 d "
+                   "and 6 h over 1.", "none",
+                   [(f"{rec(f'slo:sli_error:ratio_rate{w}')}\n/ on (sloth_id) group_left\n"
+                     f"{rec('slo:error_budget:ratio')}", f"{{{{sloth_slo}}}} {w}")
+                    for w in ("2h", "6h", "1d", "3d")], w=12, alert_lines=(1.0, 3.0)),
+        Row("Service level"),
+        timeseries("Error ratio", "Share of bad requests over 5 minutes (5xx for availability, "
+                   "over 2 s for latency) against each SLO's budget.", "percentunit",
+                   [(rec("slo:sli_error:ratio_rate5m"), by_slo),
+                    (rec("slo:error_budget:ratio"), "{{sloth_slo}} budget")], w=12, min_=0),
+        timeseries("Error budget remaining", "The period's remaining budget over time.",
+                   "percentunit",
+                   [(rec("slo:period_error_budget_remaining:ratio"), by_slo)], w=12,
+                   alert_lines=(0.0,)),
+    ])
+
+
 DASHBOARDS = {
     "overview": overview,
     "host": host,
@@ -1003,6 +1101,7 @@ DASHBOARDS = {
     "redis": redis,
     "http": http,
     "business": business,
+    "slo": slo,
 }
 
 

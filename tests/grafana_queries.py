@@ -31,6 +31,7 @@ _TOKEN = re.compile(
     r'(?P<string>"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\')'
     r"|(?P<matchers>\{[^}]*\})"
     r"|(?P<range>\[[^\]]*\])"
+    r"|(?P<duration>\d+(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*(?![\w:]))"
     r"|(?P<ident>[A-Za-z_:][A-Za-z0-9_:]*)"
     r"|(?P<number>\d+(?:\.\d+)?(?:e[+-]?\d+)?)"
     r"|(?P<var>\$[A-Za-z_][A-Za-z0-9_]*|\$\{[^}]*\})"

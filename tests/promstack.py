@@ -102,12 +102,17 @@ def prometheus_test_config(
     scrape_interval: str = "1s",
     evaluation_interval: str = "1s",
     for_: str | None = None,
-    rule_interval: str | None = None,
+    rule_interval: str | None = "",
     job: str = "qatoolbox",
 ) -> Path:
     """Copy the repository's prometheus/ to base/prometheus with the given targets for job,
-    short intervals, an optional Alertmanager address and (optionally) shortened `for`s.
-    Everything else (rules, scrape job settings) stays as the repository has it."""
+    short intervals, an optional Alertmanager address (also scraped, as job alertmanager)
+    and (optionally) shortened `for`s. Rule groups with an interval of their own run at
+    rule_interval: by default the evaluation interval, so that a test sees them evaluated
+    at its pace; None keeps them. Everything else (rules, scrape job settings) stays as the
+    repository has it."""
+    if rule_interval == "":
+        rule_interval = evaluation_interval
     dest = base / "prometheus"
     if dest.exists():
         shutil.rmtree(dest)
@@ -123,6 +128,11 @@ def prometheus_test_config(
     for scrape in config["scrape_configs"]:
         if scrape["job_name"] == "prometheus":
             scrape["static_configs"] = [{"targets": ["127.0.0.1:1"]}]  # rewritten at start
+        if scrape["job_name"] == "alertmanager" and alertmanager is not None:
+            scrape["static_configs"] = [{"targets": [alertmanager]}]
+    if alertmanager is None:
+        config["scrape_configs"] = [s for s in config["scrape_configs"]
+                                    if s["job_name"] != "alertmanager"]
     for old in (dest / "targets").glob("*.yml"):
         old.unlink()
     (dest / "targets" / "test.yml").write_text(
@@ -367,11 +377,14 @@ class WebhookReceiver:
 
     def wait_for_alert(self, alertname: str, status: str, timeout: float,
                        where: Callable[[dict[str, Any]], bool] = lambda a: True,
-                       ) -> tuple[Notification, dict[str, Any]]:
-        """The first notification holding alertname in status (firing/resolved)."""
+                       path: str | None = None) -> tuple[Notification, dict[str, Any]]:
+        """The first notification holding alertname in status (firing/resolved), to the
+        receiver path (/<receiver>) when given."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for note in self.received():
+                if path is not None and note.path != path:
+                    continue
                 for alert in note.alerts(alertname, status):
                     if where(alert):
                         return note, alert

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from exporter.instrument import Recorder
 from tests.harness import ExporterProcess, PostgresServer, RedisServer, wait_for
 from tests.promstack import (
     AlertmanagerServer,
@@ -30,6 +32,18 @@ def test_postgres_down_pages_oncall_and_resolves(
     metrics_dir = workdir / "app-metrics"
     metrics_dir.mkdir()
     record_app_traffic(metrics_dir)
+    # A live worker, as a running gunicorn has: without one while web processes run (and
+    # this machine may run gunicorn for other tests), AppInstrumentationDown would fire.
+    worker = Recorder(str(metrics_dir))
+    try:
+        run_the_chain(postgres, redis_server, workdir, exporter_factory, metrics_dir)
+    finally:
+        worker.close()
+
+
+def run_the_chain(postgres: PostgresServer, redis_server: RedisServer, workdir: Path,
+                  exporter_factory: Callable[..., ExporterProcess], metrics_dir: Path) -> None:
+    """The chain with a live worker recording into metrics_dir."""
     # As an operator runs it: the least-privilege role and ACL user of docs/reliability.md.
     postgres.create_exporter_role()
     exporter = exporter_factory(config={"app": {"multiprocess_dirs": [str(metrics_dir)]}},
@@ -41,7 +55,10 @@ def test_postgres_down_pages_oncall_and_resolves(
         am = AlertmanagerServer(workdir, alertmanager_test_config(workdir, hook.url)).start()
         prometheus = PrometheusServer(workdir, prometheus_test_config(
             workdir, [instance], alertmanager=am.address, scrape_interval="1s",
-            evaluation_interval="1s", for_="2s", rule_interval="1s"))
+            evaluation_interval="1s", for_="2s", rule_interval="1s"),
+            # Alerts evaluated before the first Alertmanager discovery are resent after this
+            # delay (1 minute by default): the Watchdog fires from the first evaluation.
+            extra_args=["--rules.alert.resend-delay=1s"])
         with running(am):
             prometheus.start()
             with running(prometheus):
@@ -66,9 +83,22 @@ def test_postgres_down_pages_oncall_and_resolves(
                 # More traffic once Prometheus has the first counts: rates need an increase.
                 record_app_traffic(metrics_dir)
                 check_recording_rules_on_real_data(prometheus, instance)
+                check_new_metrics_have_real_values(prometheus, postgres, instance)
+
+                # The Watchdog reaches the dead man's switch receiver, and only it.
+                note, alert = hook.wait_for_alert("Watchdog", "firing", timeout=60)
+                assert note.path == "/deadmansswitch" and note.receiver == "deadmansswitch"
+                assert alert["labels"]["severity"] == "none"
+                assert not [n for n in hook.received()
+                            if n.path != "/deadmansswitch" and n.alerts("Watchdog")]
+                # Alertmanager is scraped, so its own alerts have data to work on.
+                wait_for(lambda: prometheus.value('up{job="alertmanager"}') == 1, 30,
+                         "Prometheus scraping Alertmanager")
+                assert prometheus.query("alertmanager_notifications_total")
 
                 postgres.stop()
-                note, alert = hook.wait_for_alert("PostgresDown", "firing", timeout=60)
+                note, alert = hook.wait_for_alert("PostgresDown", "firing", timeout=60,
+                                                  path="/oncall")
                 assert note.path == "/oncall" and note.receiver == "oncall", note.payload
                 assert alert["labels"]["severity"] == "critical"
                 assert alert["labels"]["instance"] == instance
@@ -76,15 +106,33 @@ def test_postgres_down_pages_oncall_and_resolves(
                 assert alert["annotations"]["runbook_url"] == RUNBOOK
                 assert instance in alert["annotations"]["description"]
                 assert "qatoolbox_postgres_up = 0" in alert["annotations"]["description"]
-                # Routed by severity alone: nothing critical went to the team or the digest.
+                # Routed by severity alone: paged, and shown in the team's DingTalk group
+                # (chat); nothing critical went to the team's mail or the digest.
+                wait_for(lambda: any(n.path == "/chat" and n.alerts("PostgresDown")
+                                     for n in hook.received()), 30, "the chat receiver")
                 assert not [n for n in hook.received()
-                            if n.path != "/oncall" and n.alerts("PostgresDown")]
+                            if n.path not in ("/oncall", "/chat") and n.alerts("PostgresDown")]
 
                 postgres.start()
-                note, alert = hook.wait_for_alert("PostgresDown", "resolved", timeout=60)
+                note, alert = hook.wait_for_alert("PostgresDown", "resolved", timeout=60,
+                                                  path="/oncall")
                 assert note.path == "/oncall"
                 assert alert["labels"]["instance"] == instance
                 assert alert["annotations"]["runbook_url"] == RUNBOOK
+
+                # The app's metrics folder disappears (a redeploy that forgot it): every HTTP
+                # and Celery alert and the SLOs go blind, and that pages.
+                assert not [n for n in hook.received() if n.alerts("AppInstrumentationDown")]
+                shutil.rmtree(metrics_dir)
+                note, alert = hook.wait_for_alert("AppInstrumentationDown", "firing", timeout=60,
+                                                  path="/oncall")
+                assert note.path == "/oncall"
+                assert alert["labels"]["instance"] == instance
+                assert alert["labels"]["dir"] == str(metrics_dir)
+                assert "missing or unreadable" in alert["annotations"]["description"]
+                # Criticals also reach the team's DingTalk group (continue: true).
+                wait_for(lambda: any(n.path == "/chat" and n.alerts("AppInstrumentationDown")
+                                     for n in hook.received()), 30, "the chat receiver")
     assert "permission denied" not in exporter.logs()
     assert "command refused" not in exporter.logs()
 
@@ -134,3 +182,36 @@ def check_recording_rules_on_real_data(prometheus: PrometheusServer, instance: s
         wait_for(lambda n=name: bool(prometheus.query(f"{n}{sel}")), 30, name)
         for sample in prometheus.query(f"{name}{sel}"):
             assert sample["metric"]["job"] == "qatoolbox", sample
+
+
+def check_new_metrics_have_real_values(prometheus: PrometheusServer, postgres: PostgresServer,
+                                       instance: str) -> None:
+    """The clock, OOM, conntrack, XID age and WAL archiving families reach Prometheus with the
+    values the kernel and the server have."""
+    sel = f'{{instance="{instance}"}}'
+
+    def value(expr: str) -> float:
+        wait_for(lambda: prometheus.value(expr) is not None, 30, expr)
+        got = prometheus.value(expr)
+        assert got is not None
+        return got
+
+    vmstat = dict(line.split() for line in Path("/proc/vmstat").read_text().splitlines())
+    if "oom_kill" in vmstat:
+        # OOM kills are rare: the count is the kernel's, at most a kill or two behind.
+        got = value(f"qatoolbox_host_vmstat_oom_kill_total{sel}")
+        assert float(vmstat["oom_kill"]) - 2 <= got <= float(vmstat["oom_kill"]) + 2
+    # adjtimex works here (it is a read): the clock families are there, sync status 0 or 1.
+    assert value(f"qatoolbox_host_timex_sync_status{sel}") in (0.0, 1.0)
+    assert abs(value(f"qatoolbox_host_timex_offset_seconds{sel}")) < 10
+    assert 0 <= value(f"qatoolbox_host_timex_maxerror_seconds{sel}") <= 16
+    limit = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+    if limit.exists():
+        assert value(f"qatoolbox_host_nf_conntrack_entries_limit{sel}") == float(
+            limit.read_text())
+    direct = dict(postgres.execute("SELECT datname, age(datfrozenxid) FROM pg_database "
+                                   "WHERE datallowconn"))
+    got = value(f'qatoolbox_postgres_database_xid_age{{instance="{instance}",datname="postgres"}}')
+    assert 0 < got <= direct["postgres"]  # scraped before this reading: younger or equal
+    assert value(f"qatoolbox_postgres_wal_archive_failed_total{sel}") == 0
+    assert value(f"qatoolbox_postgres_reserved_connections{sel}") == 3

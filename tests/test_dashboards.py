@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -35,6 +36,7 @@ EXPECTED_UIDS = {
     "overview.json": "qatoolbox-overview",
     "postgres.json": "qatoolbox-postgres",
     "redis.json": "qatoolbox-redis",
+    "slo.json": "qatoolbox-slo",
 }
 # Panel types of the React era. Angular ones (graph, singlestat, table-old, the old
 # piechart/worldmap plugins) no longer render in Grafana 11 and 12.
@@ -52,7 +54,7 @@ def panels_of(dash: dict[str, Any]) -> list[dict[str, Any]]:
     return [p for p in iter_panels(dash) if p.get("type") != "row"]
 
 
-def test_six_dashboards_with_fixed_uids() -> None:
+def test_seven_dashboards_with_fixed_uids() -> None:
     assert {name: d["uid"] for name, d in DASHBOARDS.items()} == EXPECTED_UIDS
     titles = [d["title"] for d in DASHBOARDS.values()]
     assert len(set(titles)) == len(titles)
@@ -194,8 +196,95 @@ def test_overview_shows_alerts_by_severity() -> None:
         assert any("ALERTS" in e and f'severity="{severity}"' in e for e in exprs)
 
 
+def recorded_names() -> set[str]:
+    """Names the rules in prometheus/rules record (documented in docs/alerting.md)."""
+    names: set[str] = set()
+    for path in sorted((ROOT / "prometheus" / "rules").glob("*.yml")):
+        for group in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("groups", []):
+            names |= {rule["record"] for rule in group["rules"] if "record" in rule}
+    return names
+
+
+def alert_thresholds() -> dict[str, float]:
+    """{alert: the number its expression compares a recording rule or metric with}."""
+    found: dict[str, float] = {}
+    for path in sorted((ROOT / "prometheus" / "rules").glob("*.yml")):
+        for group in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("groups", []):
+            for rule in group["rules"]:
+                match = re.search(r"[\w:]+(?:\{[^}]*\})?\s*[<>]\s*(-?[\d.e]+)",
+                                  rule.get("expr", ""))
+                if "alert" in rule and match:
+                    found[rule["alert"]] = float(match.group(1))
+    return found
+
+
+# Panels that show what an alert watches: (dashboard, panel title) -> (the recording rule or
+# metric the alert reads, the alerts whose thresholds the panel must draw).
+ALERTED_PANELS = {
+    ("overview.json", "CPU utilisation"): (
+        "instance:qatoolbox_host_cpu_utilisation:ratio",
+        ("HostCpuUsageHigh", "HostCpuUsageCritical")),
+    ("overview.json", "Memory utilisation"): (
+        "instance:qatoolbox_host_memory_utilisation:ratio",
+        ("HostMemoryUsageHigh", "HostMemoryUsageCritical")),
+    ("overview.json", "Fullest file system"): (
+        "instance_mountpoint:qatoolbox_host_filesystem_usage:ratio",
+        ("HostDiskUsageHigh", "HostDiskUsageCritical")),
+    ("host.json", "File system usage"): (
+        "instance_mountpoint:qatoolbox_host_filesystem_usage:ratio",
+        ("HostDiskUsageHigh", "HostDiskUsageCritical")),
+    ("host.json", "Load per CPU"): ("instance:qatoolbox_host_load5_per_cpu:ratio",
+                                    ("HostHighLoad",)),
+    ("host.json", "Clock offset"): ("qatoolbox_host_timex_offset_seconds", ("HostClockSkew",)),
+    ("overview.json", "5xx ratio"): ("instance:qatoolbox_http_requests_5xx:ratio_rate5m",
+                                     ("HttpErrorRatioHigh",)),
+    ("overview.json", "Latency p95 / p99"): (
+        "instance:qatoolbox_http_request_duration_seconds:p95_rate5m", ("HttpLatencyP95High",)),
+    ("postgres.json", "Connection slots used"): (
+        "instance:qatoolbox_postgres_connections_used:ratio",
+        ("PostgresTooManyConnections", "PostgresConnectionsExhausted")),
+    ("postgres.json", "Transaction ID age"): ("qatoolbox_postgres_database_xid_age",
+                                              ("PostgresXidWraparound",)),
+    ("http.json", "Traffic z-score"): ("instance:qatoolbox_http_requests:rate5m_zscore",
+                                       ("HttpTrafficAnomaly",)),
+}
+
+
+def test_panels_use_the_alerts_formulas_and_draw_their_thresholds() -> None:
+    thresholds = alert_thresholds()
+    panels = {(name, p["title"]): p for name, d in DASHBOARDS.items() for p in panels_of(d)}
+    for (dash, title), (series, alerts) in ALERTED_PANELS.items():
+        panel = panels[(dash, title)]
+        exprs = [t["expr"] for t in panel["targets"]]
+        assert any(series in metric_names(e) for e in exprs), (dash, title, exprs)
+        steps = {step["value"] for step in
+                 panel["fieldConfig"]["defaults"]["thresholds"]["steps"]}
+        for alert in alerts:
+            assert thresholds[alert] in steps, (dash, title, alert, thresholds[alert], steps)
+        if panel["type"] == "timeseries":
+            style = panel["fieldConfig"]["defaults"]["custom"].get("thresholdsStyle", {})
+            assert style.get("mode") in {"line", "dashed", "line+area", "dashed+area"}, title
+
+
+def test_one_cpu_formula() -> None:
+    # The alerts count iowait as not busy; a panel computing "1 - idle" would disagree.
+    for query in iter_queries(DASHBOARDS):
+        assert not re.search(r'1\s*-\s*avg.*mode="idle"', query.expr), query.where
+
+
+def test_slo_dashboard_reads_the_sloth_rules() -> None:
+    used = {name for q in iter_queries({"slo.json": DASHBOARDS["slo.json"]})
+            for name in metric_names(q.expr)}
+    assert {"slo:period_error_budget_remaining:ratio", "slo:current_burn_rate:ratio",
+            "slo:sli_error:ratio_rate5m", "slo:sli_error:ratio_rate1h",
+            "slo:error_budget:ratio"} <= used
+    http = {q.expr for q in iter_queries({"http.json": DASHBOARDS["http.json"]})}
+    assert any("offset 1w" in e for e in http), "last week's traffic is drawn"
+    assert any("rate5m_prediction" in e for e in http), "the anomaly baseline is drawn"
+
+
 def test_every_metric_is_documented() -> None:
-    documented = documented_metric_names()
+    documented = documented_metric_names() | recorded_names()
     used = {name for q in iter_queries(DASHBOARDS) for name in metric_names(q.expr)}
     histogram_parts = ("_bucket", "_count", "_sum")
     missing = set()

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 from pathlib import Path
 
 import pytest
 
 from exporter.collectors.host import (
+    STA_NANO,
+    STA_UNSYNC,
+    TIME_ERROR,
     HostCollector,
     Mount,
+    Timex,
     device_filter,
     parse_diskstats,
     parse_loadavg,
@@ -19,7 +25,9 @@ from exporter.collectors.host import (
     parse_net_dev,
     parse_pressure,
     parse_stat,
+    parse_vmstat,
     select_mounts,
+    timex_values,
 )
 from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig, Regex
 from tests.harness import Samples, family_samples
@@ -142,6 +150,35 @@ def test_parse_pressure() -> None:
     assert parse_pressure(PRESSURE_CPU) == {"some": 2.5, "full": 0.0}
 
 
+VMSTAT = """\
+nr_free_pages 123456
+pgfault 987654321
+oom_kill 3
+weird line here
+nr_bad notanumber
+"""
+
+
+def test_parse_vmstat() -> None:
+    counters = parse_vmstat(VMSTAT)
+    assert counters == {"nr_free_pages": 123456, "pgfault": 987654321, "oom_kill": 3}
+
+
+def test_timex_values_in_micro_and_nanoseconds() -> None:
+    # A synchronised clock 1.5 ms ahead, 10 ppm fast, in microseconds (no STA_NANO).
+    synced = timex_values(Timex(state=0, status=0x0001, offset=-1500, freq=10 * 65536,
+                                maxerror=250000, esterror=1200))
+    assert synced == {"offset_seconds": -0.0015, "sync_status": 1.0, "maxerror_seconds": 0.25,
+                      "estimated_error_seconds": 0.0012,
+                      "frequency_adjustment_ratio": pytest.approx(1.00001)}
+    # The same offset reported in nanoseconds.
+    nano = timex_values(Timex(0, STA_NANO, -1_500_000, 0, 0, 0))
+    assert nano["offset_seconds"] == pytest.approx(-0.0015)
+    # Unsynchronised: the kernel returns TIME_ERROR and sets STA_UNSYNC.
+    lost = timex_values(Timex(TIME_ERROR, STA_UNSYNC, 0, 0, 16_000_000, 16_000_000))
+    assert lost["sync_status"] == 0.0 and lost["maxerror_seconds"] == 16.0
+
+
 def test_parse_mounts_octal_escapes_and_shadowing() -> None:
     mounts = {m.mountpoint: m for m in parse_mounts(MOUNTS)}
     assert mounts["/srv/my files"] == Mount("/dev/vdd1", "/srv/my files", "ext4", True)
@@ -192,7 +229,8 @@ def fake_statvfs(path: str) -> os.statvfs_result:
     return os.statvfs_result((4096, 1024, 1000, 400, 300, 500, 200, 200, flag, 255))
 
 
-def make_host(tmp_path: Path, files: dict[str, str], **cfg: object) -> HostCollector:
+def make_host(tmp_path: Path, files: dict[str, str], timex: Timex | None = None,
+              **cfg: object) -> HostCollector:
     block = tmp_path / "sys" / "block"
     block.mkdir(parents=True, exist_ok=True)
     for disk in ("sda", "vda", "loop0", "nvme0n1"):
@@ -205,18 +243,22 @@ def make_host(tmp_path: Path, files: dict[str, str], **cfg: object) -> HostColle
         return files[rel]
 
     config = HostConfig(proc_path="/fakeproc", sys_path=str(tmp_path / "sys"), **cfg)  # type: ignore[arg-type]
-    return HostCollector(config, read=read, statvfs=fake_statvfs, ticks_per_second=100.0)
+    return HostCollector(config, read=read, statvfs=fake_statvfs, ticks_per_second=100.0,
+                         timex=lambda: timex)
 
 
 FILES = {
     "stat": STAT, "meminfo": MEMINFO, "loadavg": "0.25 0.50 0.75 1/100 42\n",
     "diskstats": DISKSTATS, "net/dev": NET_DEV, "1/mounts": MOUNTS + "/dev/x /gone ext4 rw 0 0\n",
     "pressure/cpu": PRESSURE_CPU, "pressure/memory": PRESSURE_IO, "pressure/io": PRESSURE_IO,
+    "vmstat": VMSTAT, "sys/net/netfilter/nf_conntrack_count": "312\n",
+    "sys/net/netfilter/nf_conntrack_max": "262144\n",
 }
+FAKE_TIMEX = Timex(state=0, status=0x0001, offset=-32, freq=-65536, maxerror=8000, esterror=40)
 
 
 def test_collector_on_fake_files(tmp_path: Path) -> None:
-    found = family_samples(make_host(tmp_path, FILES).collect())
+    found = family_samples(make_host(tmp_path, FILES, FAKE_TIMEX).collect())
     assert value(found, "qatoolbox_host_cpu_seconds_total", cpu="0", mode="user") == 6.0
     assert value(found, "qatoolbox_host_cpu_seconds_total", cpu="1", mode="system") == 1.0
     steal = value(found, "qatoolbox_host_cpu_seconds_total", cpu="0", mode="steal")
@@ -275,10 +317,20 @@ def test_collector_on_fake_files(tmp_path: Path) -> None:
     assert value(found, "qatoolbox_host_pressure_memory_waiting_seconds_total") == 1.5
     assert value(found, "qatoolbox_host_pressure_io_waiting_seconds_total") == 1.5
 
+    assert value(found, "qatoolbox_host_vmstat_oom_kill_total") == 3
+    assert value(found, "qatoolbox_host_nf_conntrack_entries") == 312
+    assert value(found, "qatoolbox_host_nf_conntrack_entries_limit") == 262144
+    assert value(found, "qatoolbox_host_timex_offset_seconds") == pytest.approx(-32e-6)
+    assert value(found, "qatoolbox_host_timex_sync_status") == 1
+    assert value(found, "qatoolbox_host_timex_maxerror_seconds") == pytest.approx(0.008)
+    assert value(found, "qatoolbox_host_timex_estimated_error_seconds") == pytest.approx(40e-6)
+    ratio = value(found, "qatoolbox_host_timex_frequency_adjustment_ratio")
+    assert ratio == pytest.approx(1 - 1e-6)
+
 
 def test_collector_types_and_help(tmp_path: Path) -> None:
     types = {}
-    for family in make_host(tmp_path, FILES).collect():
+    for family in make_host(tmp_path, FILES, FAKE_TIMEX).collect():
         assert family.documentation.endswith("."), family.name
         types[family.name] = family.type
     counters = {n for n, t in types.items() if t == "counter"}
@@ -291,13 +343,16 @@ def test_collector_types_and_help(tmp_path: Path) -> None:
         "network_transmit_errors", "network_receive_drop", "network_transmit_drop",
         "pressure_cpu_waiting_seconds", "pressure_memory_waiting_seconds",
         "pressure_io_waiting_seconds", "pressure_memory_stalled_seconds",
-        "pressure_io_stalled_seconds")}
+        "pressure_io_stalled_seconds", "vmstat_oom_kill")}
     assert gauges == {f"qatoolbox_host_{n}" for n in (
         "load1", "load5", "load15", "boot_time_seconds", "memory_total_bytes",
         "memory_available_bytes", "memory_free_bytes", "memory_cached_bytes",
         "memory_buffers_bytes", "swap_total_bytes", "swap_free_bytes",
         "filesystem_size_bytes", "filesystem_avail_bytes", "filesystem_free_bytes",
-        "filesystem_files", "filesystem_files_free", "filesystem_readonly")}
+        "filesystem_files", "filesystem_files_free", "filesystem_readonly",
+        "nf_conntrack_entries", "nf_conntrack_entries_limit", "timex_offset_seconds",
+        "timex_sync_status", "timex_maxerror_seconds", "timex_estimated_error_seconds",
+        "timex_frequency_adjustment_ratio")}
 
 
 def test_collector_without_pressure_and_pid1_mounts(tmp_path: Path) -> None:
@@ -305,6 +360,8 @@ def test_collector_without_pressure_and_pid1_mounts(tmp_path: Path) -> None:
     files["self/mounts"] = "/dev/vda1 / ext4 rw 0 0\n"
     found = family_samples(make_host(tmp_path, files).collect())
     assert not [k for k in found if "pressure" in k[0]]
+    # No timex reading (adjtimex refused): no clock families rather than a failure.
+    assert not [k for k in found if "timex" in k[0]]
     points = {dict(k[1])["mountpoint"] for k in found
               if k[0] == "qatoolbox_host_filesystem_size_bytes"}
     assert points == {"/"}
@@ -322,6 +379,23 @@ def test_collector_device_filters_from_config(tmp_path: Path) -> None:
             if k[0] == "qatoolbox_host_network_receive_bytes_total"} == {"eth0", "veth12ab"}
     assert {dict(k[1])["mountpoint"] for k in found
             if k[0] == "qatoolbox_host_filesystem_size_bytes"} == {"/data"}
+
+
+def test_optional_files_missing_or_garbled(tmp_path: Path) -> None:
+    # An old kernel without oom_kill, no nf_conntrack module, or a garbled count: each family
+    # is left out, the rest of the host families stay.
+    files = {k: v for k, v in FILES.items() if not k.startswith("sys/")}
+    files["vmstat"] = "nr_free_pages 1\n"
+    found = family_samples(make_host(tmp_path, files).collect())
+    names = {k[0] for k in found}
+    assert not names & {"qatoolbox_host_vmstat_oom_kill_total",
+                        "qatoolbox_host_nf_conntrack_entries",
+                        "qatoolbox_host_nf_conntrack_entries_limit"}
+    assert "qatoolbox_host_load1" in names
+    files["sys/net/netfilter/nf_conntrack_count"] = "lots\n"
+    files["sys/net/netfilter/nf_conntrack_max"] = "262144\n"
+    names = {k[0] for k in family_samples(make_host(tmp_path, files).collect())}
+    assert "qatoolbox_host_nf_conntrack_entries_limit" not in names
 
 
 def test_missing_required_file_raises(tmp_path: Path) -> None:
@@ -426,3 +500,54 @@ def test_pressure_where_the_kernel_has_it() -> None:
             assert (name, ()) not in found
         else:
             assert before[resource] <= found[(name, ())] <= after[resource]
+
+
+def test_oom_kills_and_conntrack_match_the_kernel() -> None:
+    def oom_kills() -> float | None:
+        return parse_vmstat(Path("/proc/vmstat").read_text()).get("oom_kill")
+
+    before = oom_kills()
+    found = family_samples(real_host().collect())
+    after = oom_kills()
+    if before is None:  # a kernel older than 4.13
+        assert ("qatoolbox_host_vmstat_oom_kill_total", ()) not in found
+    else:
+        assert after is not None
+        assert before <= found[("qatoolbox_host_vmstat_oom_kill_total", ())] <= after
+    limit_file = Path("/proc/sys/net/netfilter/nf_conntrack_max")
+    if limit_file.exists():
+        assert found[("qatoolbox_host_nf_conntrack_entries_limit", ())] == float(
+            limit_file.read_text())
+        assert 0 <= found[("qatoolbox_host_nf_conntrack_entries", ())] <= float(
+            limit_file.read_text())
+    else:
+        assert ("qatoolbox_host_nf_conntrack_entries", ()) not in found
+
+
+class _KernelTimex(ctypes.Structure):
+    # The test's own reading of struct timex through clock_adjtime(CLOCK_REALTIME), a
+    # different entry point from the collector's adjtimex: only the leading fields matter.
+    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
+                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long),
+                ("status", ctypes.c_int), ("rest", ctypes.c_byte * 256)]
+
+
+def test_clock_values_come_from_the_kernel() -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    direct = _KernelTimex()
+    state = libc.clock_adjtime(0, ctypes.byref(direct))
+    found = family_samples(real_host().collect())
+    if state < 0:  # the call is filtered here: the collector must leave the family out
+        assert ("qatoolbox_host_timex_sync_status", ()) not in found
+        return
+    assert found[("qatoolbox_host_timex_sync_status", ())] == (0.0 if state == 5 else 1.0)
+    unit = 1e9 if direct.status & 0x2000 else 1e6
+    # The kernel may adjust the offset between the two readings, but not by a second.
+    assert found[("qatoolbox_host_timex_offset_seconds", ())] == pytest.approx(
+        direct.offset / unit, abs=1.0)
+    # maxerror grows by 500 ppm of elapsed time between readings (capped at 16 s).
+    assert found[("qatoolbox_host_timex_maxerror_seconds", ())] == pytest.approx(
+        direct.maxerror / 1e6, abs=0.01)
+    assert found[("qatoolbox_host_timex_estimated_error_seconds", ())] == direct.esterror / 1e6
+    assert found[("qatoolbox_host_timex_frequency_adjustment_ratio", ())] == pytest.approx(
+        1 + direct.freq / 65536 / 1e6)

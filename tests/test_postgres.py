@@ -26,11 +26,14 @@ from exporter.collectors.postgres import (
     PostgresError,
     Watchdog,
     build_activity,
+    build_archiver,
     build_checkpoints,
     build_locks,
     build_replica_lag,
+    build_settings,
     build_statements,
     build_tables,
+    build_wraparound,
     normalise_query,
     queries_for,
     statements_sql,
@@ -226,6 +229,28 @@ def test_checkpoints_and_replica_lag() -> None:
     assert build_replica_lag(None) == []
     lag = render(build_replica_lag(Decimal("1.5")))
     assert lag.value("qatoolbox_postgres_replication_lag_seconds") == 1.5
+
+
+def test_settings_wraparound_and_archiver() -> None:
+    s = render(build_settings(("15.10 (Debian 15.10-1)", Decimal("1700000000.5"), False, 100, 3)))
+    assert s.value("qatoolbox_postgres_version_info", version="15.10") == 1
+    assert s.value("qatoolbox_postgres_max_connections") == 100
+    assert s.value("qatoolbox_postgres_reserved_connections") == 3
+    s = render(build_wraparound([("postgres", 1234, 1), ("qatoolbox", 210_000_000, 0)]))
+    assert s.value("qatoolbox_postgres_database_xid_age", datname="qatoolbox") == 210_000_000
+    assert s.value("qatoolbox_postgres_database_xid_age", datname="postgres") == 1234
+    assert s.value("qatoolbox_postgres_database_multixact_age", datname="postgres") == 1
+    # Never archived, never failed: counters at 0 and no timestamps (not a 1970 one).
+    s = render(build_archiver((0, 0, None, None)))
+    assert s.value("qatoolbox_postgres_wal_archived_total") == 0
+    assert s.value("qatoolbox_postgres_wal_archive_failed_total") == 0
+    assert not s.series("qatoolbox_postgres_wal_last_archived_timestamp_seconds")
+    assert not s.series("qatoolbox_postgres_wal_last_archive_failure_timestamp_seconds")
+    s = render(build_archiver((12, 3, Decimal("1700000100.25"), Decimal("1700000200"))))
+    assert s.value("qatoolbox_postgres_wal_archived_total") == 12
+    assert s.value("qatoolbox_postgres_wal_archive_failed_total") == 3
+    assert s.value("qatoolbox_postgres_wal_last_archived_timestamp_seconds") == 1700000100.25
+    assert s.value("qatoolbox_postgres_wal_last_archive_failure_timestamp_seconds") == 1700000200
 
 
 def test_statements_one_text_per_queryid() -> None:
@@ -772,3 +797,65 @@ def test_sql_of_other_versions_against_their_catalog_shapes(postgres: PostgresSe
     assert s.value("qatoolbox_postgres_statement_info", queryid="42", query="SELECT $1") == 1
     assert s.value("qatoolbox_postgres_statements_seconds_total") == 1.5
     assert [r[1] for r in tables_13] == ["sized"]
+
+
+def test_xid_age_and_wal_archiving_from_a_real_server(
+    pg_factory: Callable[..., PostgresServer], workdir: Path,
+) -> None:
+    """XID age per database and pg_stat_archiver as the documented role sees them: archiving
+    fails with a failing archive_command, then succeeds once the command is fixed."""
+    # Archiving succeeds once this file exists (a command-line archive_command cannot be
+    # changed by ALTER SYSTEM, so the command itself checks for the fix).
+    fixed = workdir / "archive-fixed"
+    pg = pg_factory(settings={"archive_mode": "on", "archive_command": f"test -e {fixed}",
+                              "superuser_reserved_connections": "4"})
+    pg.execute("CREATE DATABASE work")
+    with collector(exporter_config(pg, cache_interval=0)) as c:
+        first = scrape(c)
+        # Consume transaction IDs: each autocommit txid_current() takes one.
+        with pg.connect("work") as conn:
+            for _ in range(25):
+                conn.execute("SELECT txid_current()")
+        direct = dict(pg.execute("SELECT datname, age(datfrozenxid) FROM pg_database "
+                                 "WHERE datallowconn"))
+        after = scrape(c)
+        assert {lbl["datname"] for _, lbl in after.series("qatoolbox_postgres_database_xid_age")
+                } == set(direct) == {"postgres", "template1", "work"}
+        for datname, age in direct.items():
+            got = after.value("qatoolbox_postgres_database_xid_age", datname=datname)
+            # Our own scrape's read-only transaction takes no ID; the superuser's reads may.
+            assert got is not None and age <= got <= age + 5, (datname, got, age)
+        before = first.value("qatoolbox_postgres_database_xid_age", datname="work") or 0
+        assert (after.value("qatoolbox_postgres_database_xid_age", datname="work") or 0) \
+            >= before + 25
+        assert after.value("qatoolbox_postgres_reserved_connections") == 4
+        assert after.value("qatoolbox_postgres_wal_archive_failed_total") == 0
+
+        started = time.time()
+        pg.execute("CREATE TABLE filler AS SELECT g FROM generate_series(1, 1000) g")
+        pg.execute("SELECT pg_switch_wal()")
+
+        def failed() -> Scrape | None:
+            s = scrape(c)
+            return s if (s.value("qatoolbox_postgres_wal_archive_failed_total") or 0) > 0 else None
+
+        wait_for(failed, 30, "a failed WAL archive attempt")
+        s = failed()
+        assert s is not None
+        failure = s.value("qatoolbox_postgres_wal_last_archive_failure_timestamp_seconds")
+        assert failure is not None and started - 1 <= failure <= time.time() + 1
+        assert not s.series("qatoolbox_postgres_wal_last_archived_timestamp_seconds")
+        assert s.value("qatoolbox_postgres_wal_archived_total") == 0
+
+        fixed.touch()
+        pg.execute("SELECT pg_reload_conf()")  # wakes the archiver from its retry pause
+
+        def archived() -> Scrape | None:
+            s = scrape(c)
+            return s if (s.value("qatoolbox_postgres_wal_archived_total") or 0) > 0 else None
+
+        wait_for(archived, 90, "the WAL file archived")
+        s = archived()
+        assert s is not None
+        done = s.value("qatoolbox_postgres_wal_last_archived_timestamp_seconds")
+        assert done is not None and done >= failure

@@ -243,7 +243,8 @@ TABLES: dict[str, dict[str, str]] = {  # section.table: column -> query, by the 
         "max_connections": "qatoolbox_postgres_max_connections",
         "connections_used_peak": f"max_over_time((sum by (job, instance) "
                                  f"(qatoolbox_postgres_connections) / on (job, instance) "
-                                 f"qatoolbox_postgres_max_connections)[{W}:5m])",
+                                 f"(qatoolbox_postgres_max_connections - "
+                                 f"qatoolbox_postgres_reserved_connections))[{W}:5m])",
         "slow_queries_peak": f"max_over_time(sum by (instance) "
                              f"(qatoolbox_postgres_slow_queries)[{W}:5m])",
         "deadlocks": f"sum by (instance) (rate(qatoolbox_postgres_deadlocks_total[{W}])) "
@@ -306,7 +307,9 @@ CHARTS = {  # section.chart: one query per line, the legend the report gives its
     "host.disk": [(f"max_over_time({FS}[{S}:5m])", "{instance} {mountpoint}")],
     "postgres.connections": [(f"max_over_time((sum by (job, instance) "
                               f"(qatoolbox_postgres_connections) / on (job, instance) "
-                              f"qatoolbox_postgres_max_connections)[{S}:5m])", "{instance}")],
+                              f"(qatoolbox_postgres_max_connections - "
+                              f"qatoolbox_postgres_reserved_connections))[{S}:5m])",
+                              "{instance}")],
     "postgres.cache": [(f"increase(qatoolbox_postgres_blocks_hit_total[{S}]) / "
                         f"(increase(qatoolbox_postgres_blocks_hit_total[{S}]) + "
                         f"increase(qatoolbox_postgres_blocks_read_total[{S}]))", "{instance}")],

@@ -235,6 +235,7 @@ class Fortnight:
         db = {"datname": "qatoolbox"}
         self._add("qatoolbox_postgres_up", "gauge", {}, [1.0] * len(TIMES))
         self._add("qatoolbox_postgres_max_connections", "gauge", {}, [100.0] * len(TIMES))
+        self._add("qatoolbox_postgres_reserved_connections", "gauge", {}, [3.0] * len(TIMES))
         self._add("qatoolbox_postgres_connections", "gauge", {**db, "state": "active"},
                   [float(int(5 + 20 * traffic(t) + (35 if in_incident(t) else 0)))
                    for t in TIMES])

@@ -90,6 +90,7 @@ def test_failing_and_hanging_collectors_do_not_affect_others(hanging: Hanging) -
     assert ("test_raising_partial", ()) not in found
     for name in ("good", "raising", "hanging"):
         assert ("qatoolbox_exporter_collector_duration_seconds", (("collector", name),)) in found
+    assert found[("qatoolbox_exporter_scrape_timeout_seconds", ())] == 0.3
     assert found[("qatoolbox_exporter_build_info",
                   (("python_version", __import__("platform").python_version()),
                    ("version", __version__)))] == 1.0

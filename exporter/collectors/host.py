@@ -1,7 +1,10 @@
-"""Host collector: CPU, load, memory, file systems, disks, network and pressure from /proc."""
+"""Host collector: CPU, load, memory, file systems, disks, network, pressure, clock and more."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -43,6 +46,24 @@ NETWORK_FIELDS = (
     ("transmit_errors_total", "Transmit errors.", 10),
     ("transmit_drop_total", "Transmitted packets dropped.", 11),
 )
+
+
+# adjtimex(2) status bits and its TIME_ERROR return value (clock not synchronised).
+STA_UNSYNC = 0x0040
+STA_NANO = 0x2000
+TIME_ERROR = 5
+
+
+@dataclass(frozen=True)
+class Timex:
+    """The fields of the kernel's struct timex the collector reports, as the kernel gives them."""
+
+    state: int  # adjtimex's return value: TIME_OK (0) ... TIME_ERROR (5)
+    status: int
+    offset: int  # microseconds, or nanoseconds when STA_NANO is set
+    freq: int  # parts per million with a 16-bit fraction
+    maxerror: int  # microseconds
+    esterror: int  # microseconds
 
 
 # --- pure parsing -------------------------------------------------------------------------------
@@ -111,6 +132,79 @@ def parse_pressure(text: str) -> dict[str, float]:
             if item.startswith("total="):
                 totals[kind] = float(item[6:]) / 1e6
     return totals
+
+
+def parse_vmstat(text: str) -> dict[str, float]:
+    """Counters by name from /proc/vmstat ("name value" lines)."""
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            try:
+                values[parts[0]] = float(parts[1])
+            except ValueError:
+                continue
+    return values
+
+
+def timex_values(tx: Timex) -> dict[str, float]:
+    """Seconds, ratios and the sync flag, as node_exporter's timex collector derives them."""
+    offset_unit = 1e9 if tx.status & STA_NANO else 1e6
+    return {
+        "offset_seconds": tx.offset / offset_unit,
+        "sync_status": 0.0 if tx.state == TIME_ERROR else 1.0,
+        "maxerror_seconds": tx.maxerror / 1e6,
+        "estimated_error_seconds": tx.esterror / 1e6,
+        "frequency_adjustment_ratio": 1.0 + tx.freq / 65536.0 / 1e6,
+    }
+
+
+class _TimexStruct(ctypes.Structure):
+    # struct timex of <sys/timex.h> (glibc, LP64 and ILP32 alike): the kernel writes 208
+    # bytes on 64-bit systems, so the tail is padded generously.
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("tv_sec", ctypes.c_long),
+        ("tv_usec", ctypes.c_long),
+        ("tick", ctypes.c_long),
+        ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long),
+        ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long),
+        ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long),
+        ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long),
+        ("tai", ctypes.c_int),
+        ("_reserved", ctypes.c_int * 16),
+    ]
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    return None if name is None else ctypes.CDLL(name, use_errno=True)
+
+
+def read_timex() -> Timex | None:
+    """The kernel clock's state via adjtimex(2) with no modes set (a read, no privilege
+    needed); None where libc or the call is unavailable (a seccomp filter, another OS)."""
+    libc = _libc()
+    if libc is None:
+        return None
+    buf = _TimexStruct()
+    state = libc.adjtimex(ctypes.byref(buf))
+    if state < 0:
+        return None
+    return Timex(state, buf.status, buf.offset, buf.freq, buf.maxerror, buf.esterror)
 
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
@@ -183,6 +277,9 @@ class HostCollector:
     qatoolbox_host_disk_read_bytes_total{device="vda"} 1.2e+09
     qatoolbox_host_network_receive_bytes_total{device="eth0"} 5.4e+08
     qatoolbox_host_pressure_io_waiting_seconds_total 2.47
+    qatoolbox_host_vmstat_oom_kill_total 0
+    qatoolbox_host_nf_conntrack_entries 312
+    qatoolbox_host_timex_offset_seconds -3.2e-05
     """
 
     name = "host"
@@ -193,10 +290,12 @@ class HostCollector:
         read: Callable[[str], str] = _read,
         statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
         ticks_per_second: float | None = None,
+        timex: Callable[[], Timex | None] = read_timex,
     ) -> None:
         self._cfg = cfg
         self._read = read
         self._statvfs = statvfs
+        self._timex = timex
         self._ticks = ticks_per_second or float(os.sysconf("SC_CLK_TCK"))
         self._disk_ok = device_filter(cfg.disk)
         self._net_ok = device_filter(cfg.network)
@@ -213,6 +312,9 @@ class HostCollector:
         yield from self._disks()
         yield from self._network()
         yield from self._pressure()
+        yield from self._vmstat()
+        yield from self._conntrack()
+        yield from self._clock()
 
     def _cpu_and_boot(self) -> Iterator[Metric]:
         cpus, boot_time = parse_stat(self._proc("stat"), self._ticks)
@@ -340,3 +442,64 @@ class HostCollector:
                     f"Time all non-idle tasks stalled on {resource} at once.",
                     value=totals["full"],
                 )
+
+    def _vmstat(self) -> Iterator[Metric]:
+        try:
+            counters = parse_vmstat(self._proc("vmstat"))
+        except OSError:
+            return
+        if "oom_kill" in counters:  # since Linux 4.13
+            yield CounterMetricFamily(
+                "qatoolbox_host_vmstat_oom_kill_total",
+                "Processes the kernel's OOM killer killed since boot.",
+                value=counters["oom_kill"],
+            )
+
+    def _conntrack(self) -> Iterator[Metric]:
+        # Absent without the nf_conntrack module; both files or neither.
+        try:
+            entries = float(self._proc("sys/net/netfilter/nf_conntrack_count").strip())
+            limit = float(self._proc("sys/net/netfilter/nf_conntrack_max").strip())
+        except (OSError, ValueError):
+            return
+        yield GaugeMetricFamily(
+            "qatoolbox_host_nf_conntrack_entries",
+            "Connections in the kernel's connection tracking table.",
+            value=entries,
+        )
+        yield GaugeMetricFamily(
+            "qatoolbox_host_nf_conntrack_entries_limit",
+            "Size of the connection tracking table (nf_conntrack_max).",
+            value=limit,
+        )
+
+    def _clock(self) -> Iterator[Metric]:
+        tx = self._timex()
+        if tx is None:
+            return
+        values = timex_values(tx)
+        yield GaugeMetricFamily(
+            "qatoolbox_host_timex_offset_seconds",
+            "Time offset between the local clock and its reference, as the kernel last set it.",
+            value=values["offset_seconds"],
+        )
+        yield GaugeMetricFamily(
+            "qatoolbox_host_timex_sync_status",
+            "Whether the kernel considers the clock synchronised (1) or not (0).",
+            value=values["sync_status"],
+        )
+        yield GaugeMetricFamily(
+            "qatoolbox_host_timex_maxerror_seconds",
+            "Maximum error of the clock the kernel assumes.",
+            value=values["maxerror_seconds"],
+        )
+        yield GaugeMetricFamily(
+            "qatoolbox_host_timex_estimated_error_seconds",
+            "Estimated error of the clock.",
+            value=values["estimated_error_seconds"],
+        )
+        yield GaugeMetricFamily(
+            "qatoolbox_host_timex_frequency_adjustment_ratio",
+            "Rate the kernel runs the clock at relative to its nominal frequency.",
+            value=values["frequency_adjustment_ratio"],
+        )

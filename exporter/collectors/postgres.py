@@ -71,11 +71,14 @@ DATABASE_COUNTERS = (
 
 # --- SQL, chosen by server version -------------------------------------------------------------
 
+# reserved_connections (16+) is read with missing_ok, so older servers give NULL.
 SETTINGS_SQL = """
 SELECT current_setting('server_version'),
        extract(epoch FROM pg_postmaster_start_time()),
        pg_is_in_recovery(),
-       current_setting('max_connections')::int
+       current_setting('max_connections')::int,
+       current_setting('superuser_reserved_connections')::int
+           + coalesce(current_setting('reserved_connections', true)::int, 0)
 """
 
 # One row per (database, state) of client backends other than ours, with the per-group
@@ -136,6 +139,22 @@ SELECT c.num_timed, c.num_requested, c.buffers_written, b.buffers_clean,
        (SELECT coalesce(sum(writes), 0) FROM pg_stat_io
         WHERE object = 'relation' AND backend_type NOT IN ('checkpointer', 'background writer'))
 FROM pg_stat_checkpointer c, pg_stat_bgwriter b
+"""
+
+# Transaction ID and MultiXact age of each database that accepts connections, as
+# postgres_exporter's wraparound query: PostgreSQL stops assigning IDs near 2^31.
+WRAPAROUND_SQL = """
+SELECT datname, age(datfrozenxid), mxid_age(datminmxid)
+FROM pg_database
+WHERE datallowconn
+ORDER BY datname
+"""
+
+# One row, on primaries and replicas alike (counters are 0 while archive_mode is off).
+ARCHIVER_SQL = """
+SELECT archived_count, failed_count,
+       extract(epoch FROM last_archived_time), extract(epoch FROM last_failed_time)
+FROM pg_stat_archiver
 """
 
 REPLICA_LAG_SQL = """
@@ -309,8 +328,8 @@ def build_up(up: bool) -> GaugeMetricFamily:
 
 
 def build_settings(row: Row) -> list[Metric]:
-    """Version, start time, recovery state and max_connections from SETTINGS_SQL's row."""
-    version, started, in_recovery, max_connections = row
+    """Version, start time, recovery state and connection limits from SETTINGS_SQL's row."""
+    version, started, in_recovery, max_connections, reserved = row
     info = _gauge("version_info", "PostgreSQL server version; always 1.", ["version"])
     info.add_metric([str(version).split(" ")[0]], 1.0)
     start = _gauge("start_time_seconds", "Unix time the PostgreSQL server started.")
@@ -319,7 +338,46 @@ def build_settings(row: Row) -> list[Metric]:
     recovery.add_metric([], 1.0 if in_recovery else 0.0)
     limit = _gauge("max_connections", "The server's max_connections setting.")
     limit.add_metric([], _num(max_connections))
-    return [info, start, recovery, limit]
+    kept = _gauge("reserved_connections",
+                  "Connection slots only superusers (and pg_use_reserved_connections) may use.")
+    kept.add_metric([], _num(reserved))
+    return [info, start, recovery, limit, kept]
+
+
+def build_wraparound(rows: Iterable[Row]) -> list[Metric]:
+    """Transaction ID and MultiXact age per database from WRAPAROUND_SQL rows."""
+    xid = _gauge("database_xid_age",
+                 "Transactions since the database's oldest unfrozen transaction ID "
+                 "(age(datfrozenxid)).", ["datname"])
+    mxid = _gauge("database_multixact_age",
+                  "MultiXacts since the database's oldest unfrozen MultiXact ID "
+                  "(mxid_age(datminmxid)).", ["datname"])
+    for datname, xid_age, mxid_age in rows:
+        xid.add_metric([datname], _num(xid_age))
+        mxid.add_metric([datname], _num(mxid_age))
+    return [xid, mxid]
+
+
+def build_archiver(row: Row) -> list[Metric]:
+    """WAL archiving counters and times from ARCHIVER_SQL's row (times absent until set)."""
+    archived, failed, last_archived, last_failed = row
+    families: list[Metric] = []
+    done = _counter("wal_archived_total", "WAL files archived successfully.")
+    done.add_metric([], _num(archived))
+    failures = _counter("wal_archive_failed_total", "Failed attempts to archive a WAL file.")
+    failures.add_metric([], _num(failed))
+    families += [done, failures]
+    if last_archived is not None:
+        when = _gauge("wal_last_archived_timestamp_seconds",
+                      "Unix time the last WAL file was archived successfully.")
+        when.add_metric([], _num(last_archived))
+        families.append(when)
+    if last_failed is not None:
+        when = _gauge("wal_last_archive_failure_timestamp_seconds",
+                      "Unix time the last attempt to archive a WAL file failed.")
+        when.add_metric([], _num(last_failed))
+        families.append(when)
+    return families
 
 
 def build_activity(rows: Iterable[Row], databases: Iterable[str]) -> list[Metric]:
@@ -630,6 +688,8 @@ class PostgresCollector:
     qatoolbox_postgres_transactions_committed_total{datname="qatoolbox"} 123456
     qatoolbox_postgres_database_size_bytes{datname="qatoolbox"} 8.4e+07
     qatoolbox_postgres_buffers_written_total{by="checkpoint"} 5120
+    qatoolbox_postgres_database_xid_age{datname="qatoolbox"} 1.2e+07
+    qatoolbox_postgres_wal_archive_failed_total 0
     qatoolbox_postgres_statement_seconds_total{datname="qatoolbox",queryid="-61...",user="app"} 12.5
     qatoolbox_postgres_table_size_bytes{schema="public",table="tools_tool"} 1.6e+07
     """
@@ -831,6 +891,16 @@ class PostgresCollector:
         if rows:
             self._family_log.succeeded("checkpoints")
             families.extend(build_checkpoints(rows[0]))
+
+        rows = self._query(conn, "wraparound", WRAPAROUND_SQL)
+        if rows is not None:
+            self._family_log.succeeded("wraparound")
+            families.extend(build_wraparound(rows))
+
+        rows = self._query(conn, "archiver", ARCHIVER_SQL)
+        if rows:
+            self._family_log.succeeded("archiver")
+            families.extend(build_archiver(rows[0]))
 
         families.extend(self._replication(conn, in_recovery))
         for family in self._fetchers:

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from exporter.config import redact_url
+from exporter.redact import redact_url
 
 MAX_BODY = 256 * 1024 * 1024  # a week of raw samples for a few thousand series fits
 MAX_POINTS = 10_000  # Prometheus refuses more than 11,000 points per series in a range query

@@ -333,7 +333,7 @@ POSTGRES = Section(
                         "period; empty for a table that did not exist at the start."),
     ),
     charts=(
-        Chart("connections", "Connections used of max_connections", RATIO, (Line(
+        Chart("connections", "Connections used of the slots ordinary roles may use", RATIO, (Line(
             "max by (instance) (max_over_time("
             "instance:qatoolbox_postgres_connections_used:ratio{$sel}[$step]))", "{instance}"),),
               (Threshold(0.80, "warning 80%"), Threshold(0.95, "critical 95%", "critical")),
