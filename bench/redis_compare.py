@@ -28,9 +28,9 @@ from pathlib import Path
 from bench.scrape import Target, _free_port, _wait_up, families, report, scrape
 from bench.scrape import measure as measure_scrapes
 from exporter.collectors import DEFAULTS
-from exporter.config import DEFAULT_KEY_GROUPS
 
 ROOT = Path(__file__).resolve().parent.parent
+FILL_GROUPS = ("user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api")
 
 FILL_SCRIPT = """
 local groups = {'user','chat_room','chat_message','time_capsule','heart_link','stats','api'}
@@ -203,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(own_report(own))
 
             # Part 2: counting keys by group.
-            patterns = [p for g in DEFAULT_KEY_GROUPS for p in g.patterns]
+            # The groups FILL_SCRIPT writes (the exporter finds them by structure by default).
+            patterns = [f"qatoolbox:1:{g}:*" for g in FILL_GROUPS] + ["session:*"]
             count_proc, counting = start_theirs(
                 args.redis_exporter, port, "redis_exporter --count-keys",
                 ["--count-keys", ",".join(f"db0={p}" for p in patterns)])

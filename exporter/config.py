@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import stat
@@ -202,12 +203,13 @@ class KeyGroup:
     patterns: tuple[str, ...] = ()
 
 
-# QAToolBox's Django cache (django-redis, KEY_PREFIX "qatoolbox", version 1) and its sessions.
-DEFAULT_KEY_GROUPS = (
-    *(KeyGroup(name=g, patterns=(f"qatoolbox:1:{g}:*",))
-      for g in ("user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api")),
-    KeyGroup(name="session", patterns=("session:*",)),
-)
+# None: keys are grouped by their structure (exporter.collectors.redis.key_shape), which finds
+# QAToolBox's cache keys (KEY_PREFIX "qatoolbox", version 1, whatever the code passed), its
+# sessions and Celery's keys without a list that goes stale as the application changes.
+DEFAULT_KEY_GROUPS: tuple[KeyGroup, ...] = ()
+# QAToolBox's Celery configuration: task_default_queue "default", apps.tools.tasks routed to
+# "tools". Reported even before (or without) the discovery from kombu's binding sets.
+DEFAULT_CELERY_QUEUES = ("default", "tools")
 
 
 @dataclass(frozen=True)
@@ -218,14 +220,21 @@ class RedisConfig:
     password_file: str = ""
     # Socket timeout of every call (connect, command); must fit in scrape.timeout.
     timeout: Duration = Duration(2.0)
+    # Configured groups take precedence; the other keys are grouped by their structure, the
+    # max_key_groups largest structures by key count named, the rest summed under "other".
     key_groups: tuple[KeyGroup, ...] = DEFAULT_KEY_GROUPS
+    max_key_groups: int = 20
     # One key-group count stops after this many keys or this long, whichever comes first,
     # and the next count resumes where it stopped.
     key_scan_budget: int = 1_000_000
     key_scan_time_budget: Duration = Duration(1.0)
     key_scan_interval: Duration = Duration(60.0)
     key_scan_batch: int = 1000
-    celery_queues: tuple[str, ...] = ("celery",)
+    # Always reported; the queues kombu has declared (its _kombu.binding.* sets, read during the
+    # key count) are added, up to max_celery_queues in all.
+    celery_queues: tuple[str, ...] = DEFAULT_CELERY_QUEUES
+    discover_celery_queues: bool = True
+    max_celery_queues: int = 50
     # kombu's global_keyprefix transport option, prepended to every key Celery uses.
     celery_key_prefix: str = ""
     # kombu's priority_steps: step 0 is the queue's own list, step p is "<queue>\x06\x16<p>".
@@ -252,6 +261,17 @@ RESERVED_METRIC_PREFIXES = (
 
 
 @dataclass(frozen=True)
+class LabelValues:
+    """The values one label of a business query may take: the known ones always (0 when no
+    row has them), the others as the rows bring them, up to limit in all, the rest summed
+    under "other"."""
+
+    label: str = ""
+    known: tuple[str, ...] = ()
+    limit: int = 20
+
+
+@dataclass(frozen=True)
 class BusinessQuery:
     """One SQL query whose rows become the samples of one metric family."""
 
@@ -265,6 +285,14 @@ class BusinessQuery:
     interval: Duration = Duration(60.0)
     timeout: Duration = Duration(2.0)
     max_rows: int = 100
+    # Tables and columns the query reads ("table" or "table(column, ...)"): where one is
+    # missing the query is not applicable, so it is not run and does not fail.
+    requires: tuple[str, ...] = ()
+    # Bounded label values (see LabelValues); rows are then summed by label set.
+    label_values: tuple[LabelValues, ...] = ()
+    # "table.column" (an id that only grows): the query counts the rows with
+    # {after} < column <= {upto}, and each run's counts are added to a counter.
+    watermark: str = ""
 
     @property
     def family(self) -> str:
@@ -287,12 +315,66 @@ class BusinessConfig:
     # Run the queries even when the role is a PostgreSQL superuser, whom a read-only
     # transaction does not stop (pg_terminate_backend, lo_export, pg_read_file).
     allow_superuser: bool = False
+    # The catalog is read again this often to find which queries' tables and columns exist.
+    applicability_interval: Duration = Duration(300.0)
+    # {presence_window}: a presence row counts only if seen this recently (QAToolBox's
+    # update_user_online_status marks is_online rows offline after 5 minutes).
+    presence_window: Duration = Duration(300.0)
+    # {chat_room_idle}: QAToolBox deletes rooms idle for 12 hours every 30 minutes; a room
+    # idle for longer than cleanup age + grace means the cleanup is not running.
+    chat_cleanup_age: Duration = Duration(12 * 3600.0)
+    chat_cleanup_grace: Duration = Duration(3600.0)
+
+    def placeholders(self) -> dict[str, str]:
+        """The SQL each {name} in a query's text stands for."""
+        return {"presence_window": _interval(self.presence_window),
+                "chat_room_idle": _interval(self.chat_cleanup_age + self.chat_cleanup_grace)}
 
     def all_queries(self) -> tuple[BusinessQuery, ...]:
-        """The queries to run: shipped defaults (overridden by name), then the others."""
+        """The queries to run: shipped defaults (overridden by name), then the others, with
+        the placeholders of placeholders() filled in."""
         own = {q.metric: q for q in self.queries}
         merged = [own.pop(q.metric, q) for q in business_defaults()] if self.defaults else []
-        return (*merged, *(q for q in self.queries if q.metric in own))
+        queries = (*merged, *(q for q in self.queries if q.metric in own))
+        values = self.placeholders()
+        return tuple(dataclasses.replace(q, sql=fill_placeholders(q.sql, values))
+                     for q in queries)
+
+
+def _interval(seconds: float) -> str:
+    return f"interval '{seconds:f} seconds'"
+
+
+# {after} and {upto} are filled by the business collector on each run of a watermark query.
+WATERMARK_PLACEHOLDERS = ("after", "upto")
+_PLACEHOLDER = re.compile(r"\{([a-z_]+)\}")
+
+
+def fill_placeholders(sql: str, values: Mapping[str, str]) -> str:
+    """sql with each {name} of values replaced (other braces left as they are)."""
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), sql)
+
+
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_$]*"
+_REQUIREMENT = re.compile(rf"\s*((?:{_IDENTIFIER}\.)?{_IDENTIFIER})\s*"
+                          rf"(?:\(\s*({_IDENTIFIER}(?:\s*,\s*{_IDENTIFIER})*)\s*\))?\s*")
+_WATERMARK = re.compile(rf"((?:{_IDENTIFIER}\.)?{_IDENTIFIER})\.({_IDENTIFIER})")
+
+
+def parse_requirement(text: str) -> tuple[str, tuple[str, ...]] | None:
+    """("table", (columns...)) from "table(column, ...)" (names lower-cased, as PostgreSQL folds
+    unquoted ones), None when it is not written that way."""
+    match = _REQUIREMENT.fullmatch(text)
+    if match is None:
+        return None
+    columns = tuple(c.strip().lower() for c in match.group(2).split(",")) if match.group(2) else ()
+    return match.group(1).lower(), columns
+
+
+def parse_watermark(text: str) -> tuple[str, str] | None:
+    """(table, column) from "table.column" or "schema.table.column", None otherwise."""
+    match = _WATERMARK.fullmatch(text.strip())
+    return (match.group(1).lower(), match.group(2).lower()) if match else None
 
 
 BUSINESS_DEFAULTS_FILE = "business_defaults.yml"
@@ -322,6 +404,14 @@ def _check_business(business: BusinessConfig) -> list[str]:
     if not 1 <= business.concurrency <= MAX_BUSINESS_CONCURRENCY:
         problems.append(f"business.concurrency: must be between 1 and {MAX_BUSINESS_CONCURRENCY}, "
                         f"got {business.concurrency}")
+    for key, value, low, high in (
+            ("applicability_interval", business.applicability_interval, 1.0, 86400.0),
+            ("presence_window", business.presence_window, 1.0, 86400.0),
+            ("chat_cleanup_age", business.chat_cleanup_age, 60.0, 30 * 86400.0),
+            ("chat_cleanup_grace", business.chat_cleanup_grace, 0.0, 86400.0)):
+        if not low <= value <= high:
+            problems.append(f"business.{key}: must be between {format_duration(low)} and "
+                            f"{format_duration(high)}, got {format_duration(value)}")
     located = [(f"business.queries[{i}]", q) for i, q in enumerate(business.queries)]
     if business.defaults:
         try:
@@ -375,6 +465,51 @@ def _check_business(business: BusinessConfig) -> list[str]:
         if isinstance(query.max_rows, int) and not 1 <= query.max_rows <= 10000:
             problems.append(f"{label}.max_rows: must be between 1 and 10000, "
                             f"got {query.max_rows}")
+        problems.extend(_check_query_shape(label, query))
+    return problems
+
+
+def _check_query_shape(label: str, query: BusinessQuery) -> list[str]:
+    """requires, label_values and watermark of one business query."""
+    problems: list[str] = []
+    for j, requirement in enumerate(query.requires):
+        if parse_requirement(requirement) is None:
+            problems.append(f"{label}.requires[{j}]: expected \"table\" or "
+                            f"\"table(column, ...)\", got {describe(requirement)}")
+    bounded: set[str] = set()
+    for j, values in enumerate(query.label_values):
+        where = f"{label}.label_values[{j}]"
+        if values.label not in query.labels:
+            problems.append(f"{where}.label: {describe(values.label)} is not one of the "
+                            f"query's labels ({', '.join(query.labels) or 'none'})")
+        elif values.label in bounded:
+            problems.append(f"{where}.label: \"{values.label}\" is bounded twice")
+        bounded.add(values.label)
+        if len(set(values.known)) != len(values.known):
+            problems.append(f"{where}.known: values must be distinct")
+        if isinstance(values.limit, int) and not max(1, len(values.known)) <= values.limit <= 1000:
+            problems.append(f"{where}.limit: must be between the number of known values "
+                            f"(at least 1) and 1000, got {values.limit}")
+    known = {v.label: len(v.known) for v in query.label_values}
+    if query.labels and all(known.get(name) for name in query.labels) and \
+            isinstance(query.max_rows, int) and math.prod(known.values()) > query.max_rows:
+        problems.append(f"{label}.max_rows: {query.max_rows} is fewer than the "
+                        f"{math.prod(known.values())} label sets the known values make")
+    used = set(_PLACEHOLDER.findall(query.sql)) & set(WATERMARK_PLACEHOLDERS)
+    if query.watermark:
+        if parse_watermark(query.watermark) is None:
+            problems.append(f"{label}.watermark: expected \"table.column\", "
+                            f"got {describe(query.watermark)}")
+        if query.type != "counter":
+            problems.append(f"{label}.watermark: only a counter adds up new rows; "
+                            f"set type: counter")
+        missing = [f"{{{name}}}" for name in WATERMARK_PLACEHOLDERS if name not in used]
+        if missing:
+            problems.append(f"{label}.sql: a watermark query must count the rows with "
+                            f"{{after}} < column <= {{upto}}; {' and '.join(missing)} missing")
+    elif used:
+        problems.append(f"{label}.sql: {{after}} and {{upto}} are filled only for a query "
+                        f"with a watermark")
     return problems
 
 
@@ -909,7 +1044,9 @@ def _check_redis(rd: RedisConfig) -> list[str]:
             problems.append(f"{where}.patterns: needs at least one non-empty glob pattern")
     for key, value, low, high in (("key_scan_budget", rd.key_scan_budget, 1, 10**9),
                                   ("key_scan_batch", rd.key_scan_batch, 1, 100_000),
-                                  ("max_command_labels", rd.max_command_labels, 0, 1000)):
+                                  ("max_command_labels", rd.max_command_labels, 0, 1000),
+                                  ("max_key_groups", rd.max_key_groups, 0, 1000),
+                                  ("max_celery_queues", rd.max_celery_queues, 0, 1000)):
         if isinstance(value, int) and not low <= value <= high:
             problems.append(f"redis.{key}: must be between {low} and {high}, got {value}")
     if rd.key_scan_time_budget <= 0:
@@ -918,6 +1055,9 @@ def _check_redis(rd: RedisConfig) -> list[str]:
         problems.append("redis.key_scan_interval: must be greater than 0")
     if len(set(rd.celery_queues)) != len(rd.celery_queues) or not all(rd.celery_queues):
         problems.append("redis.celery_queues: expected distinct non-empty queue names")
+    elif isinstance(rd.max_celery_queues, int) and len(rd.celery_queues) > rd.max_celery_queues:
+        problems.append(f"redis.celery_queues: {len(rd.celery_queues)} queues, more than "
+                        f"redis.max_celery_queues ({rd.max_celery_queues})")
     steps = rd.celery_priority_steps
     if any(isinstance(s, int) and not 0 <= s <= 255 for s in steps) or len(set(steps)) != len(
             steps):
@@ -948,6 +1088,14 @@ def summary(config: Config) -> list[str]:
         lines.append(f"redis: {redact_url(config.redis.url)}")
     if config.enabled("process"):
         lines.append("process groups: " + ", ".join(g.name for g in config.process.groups))
+    if config.enabled("business"):
+        # The catalog is not read here: a check reaches no server. The collector reads it at
+        # start and every business.applicability_interval (qatoolbox_business_query_applicable).
+        queries = config.business.all_queries()
+        lines.append(f"business: {len(queries)} queries, applicability checked at run time")
+        lines.extend(f"business query {q.metric}: runs where {', '.join(q.requires)} exist"
+                     + ("s" if len(q.requires) == 1 else "")
+                     for q in queries if q.requires)
     return lines
 
 

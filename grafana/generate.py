@@ -170,9 +170,9 @@ def timeseries(title: str, description: str, unit: str,
                h: int = 8, stack: bool = False, min_: float | None = None,
                max_: float | None = None,
                overrides: list[Json] | None = None, legend_right: bool = False,
-               alert_lines: Sequence[float] = ()) -> Panel:
+               alert_lines: Sequence[float] = (), no_value: str = "") -> Panel:
     """A time series panel; alert_lines are the thresholds of the alerts on what it shows
-    (warning, then critical), drawn as dashed lines."""
+    (warning, then critical), drawn as dashed lines; no_value is shown instead of "No data"."""
     custom: Json = {"fillOpacity": 30 if stack else 10, "lineWidth": 1, "showPoints": "never",
                     "spanNulls": False,
                     "stacking": {"mode": "normal" if stack else "none", "group": "A"}}
@@ -186,6 +186,8 @@ def timeseries(title: str, description: str, unit: str,
         defaults["min"] = min_
     if max_ is not None:
         defaults["max"] = max_
+    if no_value:
+        defaults["noValue"] = no_value
     legend: Json = {"displayMode": "list", "placement": "bottom", "showLegend": True,
                     "calcs": []}
     if legend_right:
@@ -199,8 +201,9 @@ def timeseries(title: str, description: str, unit: str,
 def stat(title: str, description: str, unit: str,
          queries: Sequence[Target | tuple[str, str] | str], *, w: int = 4,
          h: int = 4, mappings: list[Json] | None = None, thresholds: Json | None = None,
-         text_mode: str = "auto", graph: bool = True, links: list[Json] | None = None) -> Panel:
-    """A stat panel showing the last value."""
+         text_mode: str = "auto", graph: bool = True, links: list[Json] | None = None,
+         no_value: str = "") -> Panel:
+    """A stat panel showing the last value (no_value instead of "No data")."""
     options = {
         "colorMode": "value", "graphMode": "area" if graph else "none", "justifyMode": "auto",
         "orientation": "auto", "textMode": text_mode, "wideLayout": True,
@@ -208,6 +211,8 @@ def stat(title: str, description: str, unit: str,
         "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
     }
     defaults: Json = {"thresholds": thresholds or GREEN, "mappings": mappings or []}
+    if no_value:
+        defaults["noValue"] = no_value
     return Panel("stat", title, description, unit, targets(queries), w, h, options, defaults,
                  links=links or [])
 
@@ -507,17 +512,19 @@ def overview() -> Dashboard:
              links=[link("qatoolbox-business", "Business dashboard")]),
         stat("Active users (24 h)", "Users who logged in within the last 24 hours.", "short",
              [(f"sum({sel('qatoolbox_users_active', DAY)})", "active 24h")]),
-        stat("Online users", "Users marked online now.", "short",
+        stat("Online users", ONLINE_HELP, "short",
              [(f"sum({sel('qatoolbox_users_online')})", "online")]),
         stat("Messages per minute", "Chat messages sent per minute.", "short",
              [(f"sum({rate('qatoolbox_chat_messages_total')}) * 60", "messages/min")]),
-        stat("Stale chat rooms", "Rooms still active 24 h after creation (cleanup stalled).",
-             "short", [(f"sum({sel('qatoolbox_chat_rooms_stale')})", "stale")],
+        stat("Chat rooms past cleanup", CLEANUP_HELP, "short",
+             [(f"sum({sel('qatoolbox_chat_rooms_cleanup_overdue')})", "past cleanup")],
              thresholds=_thresholds((None, "green"), (1, "orange"))),
         stat("Overdue time capsules",
-             "Capsules past their unlock time by over an hour, still locked (unlock stalled).",
-             "short", [(f"sum({sel('qatoolbox_time_capsules_overdue')})", "overdue")],
-             thresholds=_thresholds((None, "green"), (1, "orange"))),
+             "Capsules past their unlock time by over an hour, still locked (unlock stalled). "
+             "Only where the time capsule table exists (QAToolBox before its tools migration "
+             "0070).", "short",
+             [(f"sum({sel('qatoolbox_time_capsules_overdue')})", "overdue")],
+             thresholds=_thresholds((None, "green"), (1, "orange")), no_value=NO_CAPSULES),
     ])
 
 
@@ -987,19 +994,33 @@ def http() -> Dashboard:
                        'instance=~"$instance"}, route)')])
 
 
+ONLINE_HELP = ("Users online now: status online or the online flag set, and seen within the "
+               "presence window (business.presence_window, 5 min).")
+CLEANUP_HELP = ("Chat rooms with no message and no activity for longer than QAToolBox's cleanup "
+                "age plus a grace (12 h + 1 h): 0 while the cleanup (every 30 min) runs.")
+NO_CAPSULES = "No time capsules in this deployment"
+APPLICABLE_MAPPING = [{"type": "value", "options": {
+    "0": {"text": "not in this deployment", "color": "text", "index": 0},
+    "1": {"text": "counted", "color": "green", "index": 1}}}]
+
+
 def business() -> Dashboard:
     """QAToolBox's own figures: users, chat, time capsules, and the stalled-job indicators."""
+    capsules = 'query="qatoolbox_time_capsules"'
     return Dashboard("qatoolbox-business", "QAToolBox / Business",
                      "Users, chat rooms, messages, time capsules and stalled jobs.", [
         Row("Users"),
         stat("Registered users", "Accounts in auth_user.", "short",
              [(f"sum({sel('qatoolbox_users')})", "users")]),
-        stat("Online users", "Users marked online now.", "short",
+        stat("Online users", ONLINE_HELP, "short",
              [(f"sum({sel('qatoolbox_users_online')})", "online")]),
         bargauge("Active users by window", "Users who logged in within each window.", "short",
                  [(f"sum by (window) ({sel('qatoolbox_users_active')})", "{{window}}")], w=8,
                  h=4),
-        bargauge("Users by status", "Online status of users.", "short",
+        bargauge("Users by status",
+                 "Presence rows by status; online as in Online users, not seen within the "
+                 "presence window as offline, statuses the clients sent beyond the known ones "
+                 "as they are (at most 20, the rest as other).", "short",
                  [(f"sum by (status) ({sel('qatoolbox_users_by_status')})", "{{status}}")],
                  w=8, h=4),
         timeseries("Accounts", "Active and inactive accounts.", "short",
@@ -1012,25 +1033,48 @@ def business() -> Dashboard:
         timeseries("Chat rooms by type", "Rooms by room type.", "short",
                    [(f"sum by (room_type) ({sel('qatoolbox_chat_rooms')})", "{{room_type}}")],
                    stack=True),
-        timeseries("Chat rooms by status", "Rooms by status.", "short",
+        timeseries("Chat rooms by status",
+                   "Rooms by status, expired included (QAToolBox's expiry task sets it).",
+                   "short",
                    [(f"sum by (status) ({sel('qatoolbox_chat_rooms')})", "{{status}}")],
                    stack=True),
-        timeseries("Messages per minute", "Messages sent per minute, by type.", "short",
+        timeseries("Messages per minute",
+                   "Messages sent per minute, by type (voice messages are audio), from a "
+                   "counter the cleanup's deletes do not lower.", "short",
                    [(f"sum by (message_type) ({rate('qatoolbox_chat_messages_total')}) * 60",
                      "{{message_type}}")], stack=True),
+        timeseries("Messages stored",
+                   "Messages in the table now, by type: the cleanup deletes idle rooms' "
+                   "messages, so this goes down as well as up.", "short",
+                   [(f"sum by (message_type) ({sel('qatoolbox_chat_messages_stored')})",
+                     "{{message_type}}")], w=12, stack=True),
         stat("Messages in the last hour", "Messages created in the last hour.", "short",
              [(f"sum({sel('qatoolbox_chat_messages_last_hour')})", "last hour")], w=12),
         Row("Time capsules"),
-        timeseries("Time capsules", "Capsules by type and state.", "short",
+        stat("Time capsules here",
+             "Whether this deployment has time capsules: QAToolBox's tools migration 0070 "
+             "dropped them, so at HEAD the capsule queries do not apply and the panels on the "
+             "right stay empty.", "short",
+             [(f"max({sel('qatoolbox_business_query_applicable', capsules)})", "capsules")],
+             w=6, h=8, mappings=APPLICABLE_MAPPING, graph=False, no_value="not known yet"),
+        timeseries("Time capsules", "Capsules by type and state (state from is_unlocked).",
+                   "short",
                    [(f"sum by (capsule_type, state) ({sel('qatoolbox_time_capsules')})",
-                     "{{capsule_type}} {{state}}")], w=12, stack=True),
-        Row("Stalled jobs"),
-        timeseries("Stalled-job indicators",
-                   "Rooms still active 24 h after creation (cleanup task) and capsules overdue "
-                   "for unlock by over an hour (unlock job); both should stay at 0.", "short",
-                   [(f"sum({sel('qatoolbox_chat_rooms_stale')})", "stale chat rooms"),
-                    (f"sum({sel('qatoolbox_time_capsules_overdue')})",
-                     "overdue time capsules")], w=12),
+                     "{{capsule_type}} {{state}}")], w=12, stack=True, no_value=NO_CAPSULES),
+        stat("Overdue time capsules",
+             "Capsules past their unlock time by over an hour, not unlocked (unlock stalled).",
+             "short", [(f"sum({sel('qatoolbox_time_capsules_overdue')})", "overdue")],
+             w=6, h=8, thresholds=_thresholds((None, "green"), (1, "orange")),
+             no_value=NO_CAPSULES),
+        Row("Stalled jobs and queries"),
+        timeseries("Chat rooms past cleanup", CLEANUP_HELP, "short",
+                   [(f"sum({sel('qatoolbox_chat_rooms_cleanup_overdue')})", "past cleanup")],
+                   w=12, alert_lines=(1,)),
+        table("Business queries that apply here",
+              "1: the tables and columns a query reads exist and it runs; 0: they do not "
+              "(not run, not failing).", "short",
+              [(f"max by (query) ({sel('qatoolbox_business_query_applicable')})", "")],
+              w=12, columns={"A": "applicable"}),
         timeseries("Business queries failing", "Business queries whose last run failed.",
                    "short",
                    [(f"count({sel('qatoolbox_business_query_success')} == 0) or vector(0)",

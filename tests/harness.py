@@ -111,6 +111,9 @@ def _statements(sql: str) -> list[str]:
 
 
 _TABLE_GRANT = re.compile(r"\bON\s+(?:TABLE\s+)?([A-Za-z_][A-Za-z0-9_]*)\s+TO\b", re.I)
+# psql's \gexec: the statement's result cells are run as statements (the doc's grant on a
+# table that only some databases have).
+GEXEC = "\\gexec"
 
 
 def _grant_table(statement: str) -> str | None:
@@ -128,6 +131,7 @@ class RoleSql:
     cluster: tuple[str, ...]
     database: tuple[str, ...]
     tables: tuple[str, ...]  # the business tables the grants of `database` are on
+    optional: tuple[str, ...] = ()  # those granted only where they exist (psql \gexec)
 
 
 def documented_role_sql(password: str = EXPORTER_PASSWORD) -> RoleSql:
@@ -146,7 +150,8 @@ def documented_role_sql(password: str = EXPORTER_PASSWORD) -> RoleSql:
     if not cluster[0].upper().startswith(f"CREATE ROLE {EXPORTER_ROLE.upper()} "):
         raise AssertionError(f"the documented role SQL must start by creating {EXPORTER_ROLE}")
     tables = tuple(t for t in map(_grant_table, database) if t)
-    return RoleSql(cluster, database, tables)
+    optional = tuple(t for s in database if s.endswith(GEXEC) and (t := _grant_table(s)))
+    return RoleSql(cluster, database, tables, optional)
 
 
 def documented_acl_rules(password: str = EXPORTER_PASSWORD) -> list[str]:
@@ -339,9 +344,11 @@ class PostgresServer(_Process):
         connecting to dbname: the role (once per cluster: skipped when it exists), pg_monitor,
         its settings and CONNECT on dbname (the doc's `qatoolbox` database), then, connected
         to dbname, the schema grant and the column grants on the business tables when dbname
-        has them. Run again for each database the role should reach. Returns the tables
-        granted: all of the doc's or, in a database without them, none (some but not all is
-        an error, as the doc would then be out of step with the schema)."""
+        has them (a `\\gexec` statement run as psql runs it: its result cells as statements).
+        Run again for each database the role should reach. Returns the tables granted: all of
+        the doc's that the database has or, in a database without them, none (some but not
+        all of those the doc always grants is an error, as the doc would then be out of step
+        with the schema)."""
         role = documented_role_sql(password)
         connect_grants = [s for s in role.cluster
                           if re.search(rf"\bON DATABASE {DOC_DATABASE}\b", s)]
@@ -358,12 +365,17 @@ class PostgresServer(_Process):
                                         f'ON DATABASE "{dbname}"', statement))
             present = {t for t in role.tables
                        if conn.execute("SELECT to_regclass(%s) IS NOT NULL", (t,)).fetchone()[0]}
-            if present and present != set(role.tables):
+            required = set(role.tables) - set(role.optional)
+            if present and not required <= present:
                 raise AssertionError(f"database {dbname} has only some of the documented "
-                                     f"business tables: missing "
-                                     f"{sorted(set(role.tables) - present)}")
+                                     f"business tables: missing {sorted(required - present)}")
             for statement in role.database:
-                if _grant_table(statement) is None or present:
+                if statement.endswith(GEXEC):
+                    if present:
+                        rows = conn.execute(statement.removesuffix(GEXEC)).fetchall()
+                        for cell in (c for row in rows for c in row if c is not None):
+                            conn.execute(cell)
+                elif _grant_table(statement) is None or present:
                     conn.execute(statement)
         return sorted(present)
 

@@ -87,20 +87,25 @@ class ServerProcess:
 # --- the demo application --------------------------------------------------------------------
 
 
-def demo_env(pg: PostgresServer, redis: RedisServer, dbname: str = "qatoolbox") -> dict[str, str]:
-    """The environment QAToolBox (and so the demo and the exporter) reads."""
-    return {**pg.env(dbname), "REDIS_URL": redis.url}
+def demo_env(pg: PostgresServer, redis: RedisServer, dbname: str = "qatoolbox",
+             legacy_capsules: bool = False) -> dict[str, str]:
+    """The environment QAToolBox (and so the demo and the exporter) reads; legacy_capsules
+    turns on the demo's time capsule module (QAToolBox before its tools migration 0070)."""
+    return {**pg.env(dbname), "REDIS_URL": redis.url,
+            "QATOOLBOX_DEMO_LEGACY_CAPSULES": "1" if legacy_capsules else "0"}
 
 
 def prepare_demo_database(pg: PostgresServer, redis: RedisServer, base: Path,
                           seed_args: Sequence[str] = ("--users", "300", "--rooms", "60",
                                                       "--messages", "2000",
-                                                      "--capsules", "150")) -> None:
-    """Create the qatoolbox database, pg_stat_statements, the demo's tables and data."""
+                                                      "--capsules", "150"),
+                          legacy_capsules: bool = False) -> None:
+    """Create the qatoolbox database, pg_stat_statements, the demo's tables and data (and its
+    sessions and cache keys in Redis)."""
     pg.execute("CREATE DATABASE qatoolbox")
     pg.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements", dbname="qatoolbox")
-    env = {**os.environ, **demo_env(pg, redis), "DJANGO_SETTINGS_MODULE": "demo.settings",
-           "PYTHONPATH": str(DEMO_DIR)}
+    env = {**os.environ, **demo_env(pg, redis, legacy_capsules=legacy_capsules),
+           "DJANGO_SETTINGS_MODULE": "demo.settings", "PYTHONPATH": str(DEMO_DIR)}
     for argv in (["migrate", "--noinput"], ["seed_demo", *seed_args]):
         result = subprocess.run([sys.executable, "manage.py", *argv], cwd=DEMO_DIR, env=env,
                                 capture_output=True, text=True, timeout=120, check=False)
@@ -164,13 +169,15 @@ class DemoApp:
         return self.worker is not None and self.worker.proc.poll() is None
 
     def send_task(self, name: str, count: int = 1) -> None:
-        """Queue a task by name on the demo's broker (the worker may run it or not)."""
+        """Queue a task by name on the demo's broker, routed as the demo routes it (the tools
+        app's tasks to "tools", the others to "default"); the worker may run it or not."""
         from celery import Celery  # type: ignore[import-untyped]
 
         client = Celery("stack-client", broker=self.env["REDIS_URL"])
+        queue = "tools" if name.startswith("tools.") else "default"
         try:
             for _ in range(count):
-                client.send_task(name)
+                client.send_task(name, queue=queue)
         finally:
             client.close()
 
@@ -193,6 +200,8 @@ class Stack:
 
     base: Path
     demo: bool = False
+    # The demo's time capsule module: off as at QAToolBox's HEAD, on for an older deployment.
+    legacy_capsules: bool = False
     alertmanager: bool = True
     scrape_interval: str | None = None
     exporter_config: Mapping[str, Any] = field(default_factory=dict)
@@ -229,11 +238,13 @@ class Stack:
                 "shared_preload_libraries": "pg_stat_statements",
                 **self.postgres_settings}).start()
             self.redis = RedisServer(self.base, extra_args=self.redis_args).start()
-            prepare_demo_database(self.postgres, self.redis, self.base)
+            prepare_demo_database(self.postgres, self.redis, self.base,
+                                  legacy_capsules=self.legacy_capsules)
             self.postgres.create_exporter_role("qatoolbox")
             env.update({**self.postgres.exporter_env("qatoolbox"),
                         "REDIS_URL": self.redis.create_exporter_user()})
-            self.app = DemoApp(self.base, demo_env(self.postgres, self.redis)).start()
+            self.app = DemoApp(self.base, demo_env(self.postgres, self.redis,
+                                                   legacy_capsules=self.legacy_capsules)).start()
             app_section = dict(config.get("app", {}))
             app_section["multiprocess_dirs"] = [str(p) for p in self.app.metrics_dirs]
             config["app"] = app_section
@@ -341,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true",
                         help="also start throwaway PostgreSQL and Redis, the demo app under "
                              "gunicorn with a Celery worker, and a load generator")
+    parser.add_argument("--legacy-capsules", action="store_true",
+                        help="with --demo: the time capsule module QAToolBox dropped in its tools "
+                             "migration 0070 (an older deployment's schema)")
     parser.add_argument("--no-alertmanager", action="store_true", help="skip Alertmanager")
     parser.add_argument("--exporter-port", type=int, default=9786)
     parser.add_argument("--prometheus-port", type=int, default=9090)
@@ -358,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="qatb-stack-"))
     os.chmod(base, 0o755)
     env = {k: v for k, v in os.environ.items() if k.startswith(("DB_", "REDIS_"))}
-    stack = Stack(base, demo=args.demo, alertmanager=not args.no_alertmanager,
+    stack = Stack(base, demo=args.demo, legacy_capsules=args.legacy_capsules,
+                  alertmanager=not args.no_alertmanager,
                   exporter_env=env, exporter_port=args.exporter_port,
                   prometheus_port=args.prometheus_port,
                   alertmanager_port=args.alertmanager_port)

@@ -32,7 +32,8 @@ OTHER_COLLECTORS = {"host": False, "process": False, "postgres": False, "busines
 
 def demo_env(postgres: PostgresServer, redis: RedisServer, metrics: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PROMETHEUS_MULTIPROC", "DB_", "REDIS_", "DJANGO_"))}
+           if not k.startswith(("PROMETHEUS_MULTIPROC", "DB_", "REDIS_", "DJANGO_",
+                                "QATOOLBOX_DEMO_"))}
     env.update(postgres.env(dbname="qatoolbox"))
     env.update({"REDIS_URL": redis.url, "PROMETHEUS_MULTIPROC_DIR": str(metrics),
                 "DJANGO_SETTINGS_MODULE": "demo.settings", "PYTHONPATH": str(ROOT)})
@@ -55,12 +56,12 @@ def test_demo_under_gunicorn_and_celery_with_loadgen(
     manage(env, "migrate", "--verbosity", "0")
     manage(env, "seed_demo", "--users", "20", "--rooms", "10", "--messages", "30",
            "--capsules", "5")
-    # Two active rooms: one opened two days ago (expired), one an hour ago.
+    # Two active rooms: one not updated for two days (to expire), one updated an hour ago.
     postgres.execute(
         "UPDATE tools_chatroom SET status = 'inactive';"
-        "UPDATE tools_chatroom SET status = 'active', created_at = now() - interval '2 days' "
+        "UPDATE tools_chatroom SET status = 'active', updated_at = now() - interval '2 days' "
         "WHERE id = (SELECT min(id) FROM tools_chatroom);"
-        "UPDATE tools_chatroom SET status = 'active', created_at = now() - interval '1 hour' "
+        "UPDATE tools_chatroom SET status = 'active', updated_at = now() - interval '1 hour' "
         "WHERE id = (SELECT max(id) FROM tools_chatroom);", dbname="qatoolbox")
 
     port = free_port()
@@ -89,6 +90,9 @@ def test_demo_under_gunicorn_and_celery_with_loadgen(
                 return bool(r.status == 200)
 
         wait_for(up, 30, "demo gunicorn")
+        # The site root, path("", home) as in QAToolBox: route "/", not "<unmatched>".
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert r.status == 200
         load = subprocess.run(
             [sys.executable, str(LOADGEN), "--url", f"http://127.0.0.1:{port}", "--rate", "40",
              "--duration", "3", "--seed", "7", "--weights",
@@ -108,13 +112,15 @@ def test_demo_under_gunicorn_and_celery_with_loadgen(
                     by_status[status] = by_status.get(status, 0) + value
             return by_status
 
-        # loadgen's room discovery is one more GET /rooms/ (200).
-        want = {str(k): float(v + (1 if k == 200 else 0)) for k, v in statuses.items()}
+        # loadgen's room discovery is one more GET /rooms/ (200), and GET / one more.
+        want = {str(k): float(v + (2 if k == 200 else 0)) for k, v in statuses.items()}
         wait_for(lambda: requests(exporter.scrape()) == want, 20, f"request totals {want}")
         scrape = exporter.scrape()
         routes = {dict(lbl).get("route") for (n, lbl) in scrape.samples
                   if n == "qatoolbox_http_requests_total"}
-        assert {"rooms/", "rooms/<str:room_id>/messages/", "fail/", "<unmatched>"} <= routes
+        assert {"/", "rooms/", "rooms/<str:room_id>/messages/", "fail/", "<unmatched>"} <= routes
+        assert scrape.value("qatoolbox_http_requests_total", route="/", method="GET",
+                            status="200") == 1
         assert scrape.value("qatoolbox_http_request_exceptions_total", route="fail/",
                             method="GET") == statuses.get(500, 0)
         assert scrape.value("qatoolbox_http_requests_in_flight") == 0
@@ -123,14 +129,19 @@ def test_demo_under_gunicorn_and_celery_with_loadgen(
 
         from celery import Celery  # type: ignore[import-untyped]
 
-        Celery("client", broker=redis_server.url).send_task("tools.cleanup_expired_chat_rooms")
+        # The load wrote to the active rooms (updated_at now): age the first one again.
+        postgres.execute("UPDATE tools_chatroom SET updated_at = now() - interval '2 days' "
+                         "WHERE id = (SELECT min(id) FROM tools_chatroom)", dbname="qatoolbox")
+        # Routed as the demo routes the tools app's tasks (QAToolBox's task_routes).
+        Celery("client", broker=redis_server.url).send_task(
+            "tools.cleanup_expired_chat_rooms", queue="tools")
         wait_for(lambda: exporter.scrape().value(
             "qatoolbox_celery_tasks_total", task="tools.cleanup_expired_chat_rooms",
             state="succeeded") == 1, 60, f"cleanup task run (log {workdir}/demo-celery.log)")
         rows = postgres.execute("SELECT status, count(*) FROM tools_chatroom "
-                                "WHERE status IN ('active', 'ended') GROUP BY status ORDER BY 1",
-                                dbname="qatoolbox")
-        assert rows == [("active", 1), ("ended", 1)]
+                                "WHERE status IN ('active', 'expired') GROUP BY status "
+                                "ORDER BY 1", dbname="qatoolbox")
+        assert rows == [("active", 1), ("expired", 1)]
     finally:
         for proc in procs:
             if proc.poll() is None:

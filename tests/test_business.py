@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -14,12 +15,20 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
-from exporter.collectors.business import BusinessCollector, QueryError, result_samples
+from exporter.collectors.business import (
+    BusinessCollector,
+    LabelFolder,
+    QueryError,
+    missing_requirements,
+    next_range,
+    result_samples,
+)
 from exporter.collectors.business_sql import sql_problem
 from exporter.config import (
     BusinessConfig,
     BusinessQuery,
     ConfigError,
+    LabelValues,
     business_defaults,
     load_config,
 )
@@ -148,12 +157,23 @@ def test_defaults_load_validate_and_are_overridable(workdir: Path) -> None:
     names = [q.metric for q in defaults]
     assert names == [
         "qatoolbox_users", "qatoolbox_users_active", "qatoolbox_users_online",
-        "qatoolbox_users_by_status", "qatoolbox_chat_rooms", "qatoolbox_chat_rooms_stale",
-        "qatoolbox_chat_messages_total", "qatoolbox_chat_messages_last_hour",
+        "qatoolbox_users_by_status", "qatoolbox_chat_rooms",
+        "qatoolbox_chat_rooms_cleanup_overdue", "qatoolbox_chat_messages_total",
+        "qatoolbox_chat_messages_stored", "qatoolbox_chat_messages_last_hour",
         "qatoolbox_time_capsules", "qatoolbox_time_capsules_overdue",
     ]
     assert all(sql_problem(q.sql) is None and q.help.endswith(".") for q in defaults)
-    assert load(workdir, {}).business.all_queries() == defaults
+    # Every default declares what it reads, so a schema without it skips it.
+    assert all(q.requires for q in defaults)
+    filled = load(workdir, {"business": {"presence_window": "2m",
+                                         "chat_cleanup_age": "6h"}}).business.all_queries()
+    assert [q.metric for q in filled] == names
+    online = next(q for q in filled if q.metric == "qatoolbox_users_online").sql
+    assert "now() - interval '120.000000 seconds'" in online and "{" not in online
+    idle = next(q for q in filled if q.metric == "qatoolbox_chat_rooms_cleanup_overdue").sql
+    assert "interval '25200.000000 seconds'" in idle  # 6 h + the 1 h grace
+    counter = next(q for q in filled if q.metric == "qatoolbox_chat_messages_total")
+    assert "{after}" in counter.sql and "{upto}" in counter.sql  # filled per run
     assert load(workdir, {"business": {"defaults": False}}).business.all_queries() == ()
 
     mine = query("qatoolbox_users", "SELECT 1 AS value")
@@ -212,6 +232,53 @@ def test_every_kind_of_bad_query_is_a_config_error_naming_it(workdir: Path) -> N
     assert len(found) == len(expected), found
 
 
+def test_requires_label_values_and_watermark_are_checked(workdir: Path) -> None:
+    found = problems(workdir, {
+        "defaults": False, "presence_window": "0s", "chat_cleanup_age": "1s",
+        "chat_cleanup_grace": "2d", "applicability_interval": "0s",
+        "queries": [
+            query("needs", "SELECT 1 AS value", requires=["ok_table(a, b)", "bad table",
+                                                           "t(a,", "s.t"]),
+            query("bounded", "SELECT 'x' AS k, 1 AS value", labels=["k"], label_values=[
+                {"label": "nope", "known": ["a"]},
+                {"label": "k", "known": ["a", "a"], "limit": 1},
+                {"label": "k", "known": ["b"]}]),
+            query("small", "SELECT 'x' AS k, 1 AS value", labels=["k"], max_rows=2,
+                  label_values=[{"label": "k", "known": ["a", "b", "c"], "limit": 5}]),
+            query("marked_total", "SELECT 1 AS value WHERE {after} < 1", type="counter",
+                  watermark="not a column"),
+            query("gauge_mark", "SELECT 1 AS value", watermark="t.id"),
+            query("stray", "SELECT 1 AS value WHERE 1 > {upto}"),
+        ]})
+    expected = [
+        "business.presence_window: must be between 1s and 86400s, got 0s",
+        "business.chat_cleanup_age: must be between 60s and",
+        "business.chat_cleanup_grace: must be between 0s and 86400s, got 172800s",
+        "business.applicability_interval: must be between 1s and 86400s, got 0s",
+        'business.queries[0] (needs).requires[1]: expected "table" or "table(column, ...)", '
+        'got "bad table"',
+        'business.queries[0] (needs).requires[2]: expected "table" or',
+        'business.queries[1] (bounded).label_values[0].label: "nope" is not one of the '
+        "query's labels (k)",
+        "business.queries[1] (bounded).label_values[1].known: values must be distinct",
+        "business.queries[1] (bounded).label_values[1].limit: must be between the number of "
+        "known values",
+        'business.queries[1] (bounded).label_values[2].label: "k" is bounded twice',
+        "business.queries[2] (small).max_rows: 2 is fewer than the 3 label sets",
+        'business.queries[3] (marked_total).watermark: expected "table.column", '
+        'got "not a column"',
+        "business.queries[3] (marked_total).sql: a watermark query must count the rows with "
+        "{after} < column <= {upto}; {upto} missing",
+        "business.queries[4] (gauge_mark).watermark: only a counter adds up new rows",
+        "business.queries[4] (gauge_mark).sql: a watermark query must count the rows",
+        "business.queries[5] (stray).sql: {after} and {upto} are filled only for a query "
+        "with a watermark",
+    ]
+    for line in expected:
+        assert any(p.startswith(line) for p in found), (line, found)
+    assert len(found) == len(expected), found
+
+
 def test_counter_and_gauge_of_one_family_collide(workdir: Path) -> None:
     found = problems(workdir, {"defaults": False, "queries": [
         query("orders", "SELECT 1 AS value"),
@@ -254,6 +321,54 @@ def test_result_samples_converts_and_rejects() -> None:
     for columns, rows, message in cases:
         with pytest.raises(QueryError, match=message.replace("{", r"\{")):
             result_samples(q, columns, rows)
+
+
+def test_label_values_fold_zero_fill_and_keep_sums() -> None:
+    q = BusinessQuery(metric="m", help="h.", sql="SELECT", labels=("kind", "state"),
+                      max_rows=50, label_values=(
+                          LabelValues("kind", ("a", "b"), limit=3),
+                          LabelValues("state", ("on", "off"), limit=2)))
+    rows = [("x", "on", 7), ("a", "on", 5), ("y", "on", 4), ("b", "gone", 3), ("z", "off", 2),
+            ("", "on", 1), ("k" * 300, "off", 1), ("other", "on", 1)]
+    got = dict(result_samples(q, ["kind", "state", "value"], rows))
+    # Known values zero-filled; x admitted (3rd value); y, z, "", over-long, "other" folded;
+    # the state "gone" past the limit of 2 folded too.
+    assert got == {("a", "on"): 5.0, ("a", "off"): 0.0, ("b", "on"): 0.0, ("b", "off"): 0.0,
+                   ("x", "on"): 7.0, ("other", "on"): 4.0 + 1 + 1, ("b", "other"): 3.0,
+                   ("other", "off"): 2.0 + 1}
+    assert sum(got.values()) == sum(r[2] for r in rows)
+    # Duplicate raw label sets are summed, not refused, once folding is on; max_rows bounds
+    # the folded series.
+    dup = dict(result_samples(q, ["kind", "state", "value"], [("a", "on", 1), ("a", "on", 2)]))
+    assert dup[("a", "on")] == 3.0
+    tight = dataclasses.replace(q, max_rows=4)
+    with pytest.raises(QueryError, match="too many label sets after folding"):
+        result_samples(tight, ["kind", "state", "value"], [("x", "on", 1)])
+
+
+def test_a_counters_folder_keeps_what_it_admitted() -> None:
+    q = BusinessQuery(metric="m_total", help="h.", sql="SELECT", type="counter",
+                      labels=("kind",), max_rows=10,
+                      label_values=(LabelValues("kind", ("a",), limit=2),))
+    folder = LabelFolder(q)
+    first = dict(result_samples(q, ["kind", "value"], [("x", 3), ("y", 1)], folder))
+    assert first == {("a",): 0.0, ("x",): 3.0, ("other",): 1.0}
+    # y now outnumbers x, but x keeps its series and y stays under "other" (a counter's
+    # series never moves, so none goes down).
+    second = dict(result_samples(q, ["kind", "value"], [("y", 9), ("x", 1)], folder))
+    assert second == {("a",): 0.0, ("other",): 9.0, ("x",): 1.0}
+
+
+def test_watermark_ranges_and_missing_requirements() -> None:
+    assert next_range(None, 100) == (100, 100)  # first run: counting starts now
+    assert next_range((100, 100), 130) == (100, 100)  # one run late: nothing yet
+    assert next_range((100, 130), 170) == (100, 130)
+    assert next_range((130, 170), 150) == (130, 150)  # newest rows deleted
+    assert next_range((130, 170), 20) == (20, 20)  # emptied and restarted
+    catalog = {"t": {"a", "b"}, "u": {"c"}}
+    assert missing_requirements([("t", ("a",)), ("u", ())], catalog) == []
+    assert missing_requirements([("t", ("a", "z")), ("v", ("q",))], catalog) == [
+        "column t.z", "table v"]
 
 
 # --- against a real PostgreSQL ------------------------------------------------------------------
@@ -475,7 +590,10 @@ def test_collect_with_no_queries(make_collector: Callable[..., BusinessCollector
 def test_business_config_defaults() -> None:
     config = BusinessConfig()
     assert config.defaults and config.concurrency == 2 and config.queries == ()
-    assert len(config.all_queries()) == 10
+    assert len(config.all_queries()) == 11
+    assert float(config.applicability_interval) == 300 == float(config.presence_window)
+    assert float(config.chat_cleanup_age) == 12 * 3600
+    assert float(config.chat_cleanup_grace) == 3600
 
 
 def test_slow_query_never_holds_up_the_scrape(

@@ -151,7 +151,7 @@ def test_series_within_budget_and_flat_as_database_and_cache_grow(
     client.eval(FILL, 0, 1000, 50_999)
     grown = settled(start_exporter(exporter_factory, pg, redis_server, app_dir))
     assert len(grown.samples) <= SERIES_BUDGET, by_collector(grown)
-    assert grown.value("qatoolbox_redis_key_group_keys", group="user") is not None
+    assert grown.value("qatoolbox_redis_key_group_keys", group="user:{id}") is not None
 
     add_tables(pg, 2001, 1000)
     client.eval(FILL, 0, 51_000, 100_999)

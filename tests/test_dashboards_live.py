@@ -59,6 +59,11 @@ NO_DATA_EXPECTED = {
     "http.json / Request rate, baseline and last week / C":
         "last week's traffic needs a week of history",
     "http.json / Traffic z-score / A": "the z-score needs the baseline (two weeks of history)",
+    # The demo runs as QAToolBox does today: time capsules are gone (its tools migration
+    # 0070); "Time capsules here" says so on the business dashboard.
+    "overview.json / Overdue time capsules / A": "no time capsule table at QAToolBox's HEAD",
+    "business.json / Time capsules / A": "no time capsule table at QAToolBox's HEAD",
+    "business.json / Overdue time capsules / A": "no time capsule table at QAToolBox's HEAD",
 }
 # Metric names the exporter only exposes in situations the test does not create.
 ABSENT_METRICS = {
@@ -67,6 +72,8 @@ ABSENT_METRICS = {
     "qatoolbox_redis_master_link_up": "only on a Redis replica",
     "instance:qatoolbox_http_requests:rate5m_prediction": "needs two weeks of history",
     "instance:qatoolbox_http_requests:rate5m_zscore": "needs two weeks of history",
+    "qatoolbox_time_capsules": "only where tools_timecapsule exists (before QAToolBox's 0070)",
+    "qatoolbox_time_capsules_overdue": "only where tools_timecapsule exists",
 }
 # Shares that may leave [0, 1] by definition, by "dashboard / panel / ref".
 SIGNED_SHARES = {

@@ -27,7 +27,7 @@ import yaml
 
 from exporter.collectors import COLLECTORS
 from exporter.collectors.app import DIR_LOCK
-from exporter.config import business_defaults
+from exporter.config import BusinessConfig, business_defaults
 from exporter.instrument import Recorder
 from tests.harness import (
     EXPORTER_ROLE,
@@ -266,16 +266,16 @@ DEMO_TABLES = """
 CREATE TABLE auth_user (id serial PRIMARY KEY, password text NOT NULL DEFAULT 'x',
                         email text, is_active boolean NOT NULL, last_login timestamptz);
 CREATE TABLE tools_useronlinestatus (id serial PRIMARY KEY, is_online boolean NOT NULL,
-                                     status text NOT NULL);
+                                     status text NOT NULL, last_seen timestamptz NOT NULL);
 CREATE TABLE tools_chatroom (id serial PRIMARY KEY, room_type text NOT NULL,
-                             status text NOT NULL, created_at timestamptz NOT NULL);
-CREATE TABLE tools_chatmessage (id serial PRIMARY KEY, message_type text NOT NULL,
+                             status text NOT NULL, last_activity timestamptz NOT NULL);
+CREATE TABLE tools_chatmessage (id serial PRIMARY KEY, room_id int, message_type text NOT NULL,
                                 content text, created_at timestamptz NOT NULL);
 CREATE TABLE tools_timecapsule (id serial PRIMARY KEY, capsule_type text NOT NULL,
-                                is_locked boolean NOT NULL, unlock_time timestamptz,
+                                is_unlocked boolean NOT NULL, unlock_time timestamptz,
                                 unlock_condition text NOT NULL);
 INSERT INTO auth_user (is_active, last_login) VALUES (true, now()), (false, NULL);
-INSERT INTO tools_chatroom (room_type, status, created_at) VALUES ('group', 'active', now());
+INSERT INTO tools_chatroom (room_type, status, last_activity) VALUES ('group', 'active', now());
 CREATE TABLE fault_delay (seconds float8);
 INSERT INTO fault_delay VALUES (0);
 """
@@ -304,8 +304,11 @@ def postgres_config() -> dict[str, Any]:
     queries: list[dict[str, Any]] = [
         {"metric": q.metric, "help": q.help, "type": q.type, "sql": q.sql,
          "labels": list(q.labels), "value": q.value, "max_rows": q.max_rows,
+         "requires": list(q.requires), "watermark": q.watermark,
+         "label_values": [{"label": v.label, "known": list(v.known), "limit": v.limit}
+                          for v in q.label_values],
          "interval": "1s", "timeout": "1s"}
-        for q in business_defaults()]
+        for q in BusinessConfig().all_queries()]
     queries.append({"metric": PROBE, "help": "A query the test can slow down.",
                     "interval": "1s", "timeout": "1s",
                     "sql": "SELECT 1 AS value FROM fault_delay, pg_sleep(fault_delay.seconds)"})
@@ -536,7 +539,7 @@ def redis_exporter(server: RedisServer, start: Callable[..., ExporterProcess]) -
 
 def healthy_redis_baseline(watched: Watched, server: RedisServer) -> set[Key]:
     baseline = steady(watched, redis_healthy, *REDIS_PREFIXES)
-    assert ("qatoolbox_celery_queue_length", (("queue", "celery"),)) in baseline
+    assert ("qatoolbox_celery_queue_length", (("queue", "default"),)) in baseline
     assert any(k[0] == "qatoolbox_redis_key_group_keys" for k in baseline)
     # The collector's connection and the key scanner's are open before the baseline.
     wait_for(lambda: redis_sessions(server) == 2, 20, "the collector's and the scanner's client")
@@ -626,7 +629,7 @@ def test_redis_refused_at_start(redis_factory: Callable[..., RedisServer],
 def seed(server: RedisServer) -> None:
     """The keys whose series the baseline has (nothing is kept across a restart)."""
     with server.client() as client:
-        client.lpush("celery", "m1", "m2")
+        client.lpush("default", "m1", "m2")  # QAToolBox's default queue
         client.set("qatoolbox:cache:a", "1")
 
 

@@ -171,7 +171,7 @@ def _wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
     path = environ["PATH_INFO"]
     if path == "/boom":
         raise RuntimeError("boom")
-    if path.startswith("/items/"):
+    if path.startswith("/items/") or path == "/":
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"item"]
     start_response("404 Not Found", [("Content-Type", "text/plain")])
@@ -180,6 +180,8 @@ def _wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
 
 def _route(environ: Any) -> str | None:
     path = environ.get("PATH_INFO") or environ.get("path", "")
+    if path == "/":
+        return ""  # a router's template for the site root, as Django's path("", view) has it
     return "/items/{id}" if path.startswith("/items/") else ("/boom" if path == "/boom" else None)
 
 
@@ -200,9 +202,13 @@ def test_wsgi_middleware(fresh: Recorder) -> None:
     assert call("/items/2", "PROPFIND") == 200
     assert call("/nope") == 404
     assert call("/healthz") == 404
+    assert call("/") == 200
     with pytest.raises(RuntimeError):
         call("/boom")
     found = samples(fresh)
+    # The root's empty template is "/", never merged with the requests no route matched.
+    assert value(found, "qatoolbox_http_requests_total", route="/", method="GET",
+                 status="200") == 1
     assert value(found, "qatoolbox_http_requests_total", route="/items/{id}", method="GET",
                  status="200") == 1
     assert value(found, "qatoolbox_http_requests_total", route="/items/{id}", method="other",
@@ -215,7 +221,7 @@ def test_wsgi_middleware(fresh: Recorder) -> None:
                  method="GET") == 1
     assert value(found, "qatoolbox_http_requests_in_flight") == 0
     total = sum(v for (n, _), v in found.items() if n == "qatoolbox_http_requests_total")
-    assert total == 4  # /healthz skipped
+    assert total == 5  # /healthz skipped
 
 
 def test_asgi_middleware(fresh: Recorder) -> None:
@@ -224,7 +230,7 @@ def test_asgi_middleware(fresh: Recorder) -> None:
             return
         if scope["path"] == "/boom":
             raise RuntimeError("boom")
-        status = 200 if scope["path"].startswith("/items/") else 404
+        status = 200 if scope["path"].startswith("/items/") or scope["path"] == "/" else 404
         await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b"x"})
 
@@ -242,6 +248,7 @@ def test_asgi_middleware(fresh: Recorder) -> None:
     async def main() -> None:
         await call("/items/7")
         await call("/elsewhere")
+        await call("/")
         with pytest.raises(RuntimeError):
             await call("/boom")
         await wrapped({"type": "lifespan"}, receive_nothing, send_nothing)
@@ -258,6 +265,8 @@ def test_asgi_middleware(fresh: Recorder) -> None:
                  status="200") == 1
     assert value(found, "qatoolbox_http_requests_total", route="<unmatched>", method="POST",
                  status="404") == 1
+    assert value(found, "qatoolbox_http_requests_total", route="/", method="POST",
+                 status="200") == 1
     assert value(found, "qatoolbox_http_requests_total", route="/boom", method="POST",
                  status="500") == 1
     assert value(found, "qatoolbox_http_request_exceptions_total", route="/boom",
@@ -352,6 +361,37 @@ def test_django_middleware_counts_only_each_requests_own_queries() -> None:
     assert value(found, "qatoolbox_http_request_db_queries_sum", route="fast/") == 0
     assert result["seen"] == 3  # the view's wrapper still saw its queries
     assert result["wrappers"] == 1  # ours, once for the thread; the view's one is gone
+
+
+def test_django_site_root_is_labelled_slash() -> None:
+    """QAToolBox routes its home page as path("", home_view): the empty template is "/" in the
+    middleware's series and in route_of(), and never "<unmatched>" (which stays the 404s')."""
+    out = run_python("""
+        import json, django
+        django.setup()
+        from django.test import Client, RequestFactory
+        from prometheus_client import CollectorRegistry, generate_latest
+        from exporter import instrument
+        from exporter.instrument.django import route_of
+        c = Client(raise_request_exception=False)
+        home, missing = c.get("/"), c.get("/no/such/path")
+        unresolved = RequestFactory().get("/no/such/path")  # resolver_match None
+        reg = CollectorRegistry()
+        reg.register(instrument.collector())
+        print(json.dumps({"codes": [home.status_code, missing.status_code],
+                          "route_of": [route_of(home), route_of(unresolved)],
+                          "text": generate_latest(reg).decode()}))
+    """, {"DJANGO_SETTINGS_MODULE": "tests.django_app.settings"})
+    result = json.loads(out)
+    assert result["codes"] == [200, 404]
+    assert result["route_of"] == ["/", "<unmatched>"]
+    found = parse_metrics(result["text"])
+    assert value(found, "qatoolbox_http_requests_total", route="/", method="GET",
+                 status="200") == 1
+    assert value(found, "qatoolbox_http_requests_total", route="<unmatched>", method="GET",
+                 status="200") is None
+    assert value(found, "qatoolbox_http_requests_total", route="<unmatched>", method="GET",
+                 status="404") == 1
 
 
 def test_fork_gives_the_child_its_own_files(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -137,17 +138,113 @@ def test_classifier_first_group_wins_and_other() -> None:
     assert counts == [2]
 
 
-@given(st.lists(st.sampled_from(["user", "chat_room", "stats", "api", "nope"]), max_size=50),
-       st.lists(st.text(alphabet="ab:1", max_size=6), max_size=20))
-def test_default_groups_count_every_key_once(groups: list[str], noise: list[str]) -> None:
-    keys = [f"qatoolbox:1:{g}:{i}".encode() for i, g in enumerate(groups)]
+SESSION_KEY = "x7k2m9q1w3e5r7t9y1u3i5o7p9a1s3d5"  # Django's 32 characters of [a-z0-9]
+
+
+@pytest.mark.parametrize(("key", "group"), [
+    # QAToolBox's Django cache: KEY_PREFIX "qatoolbox", version 1, what the code passed.
+    (f"qatoolbox:1:django.contrib.sessions.cached_db{SESSION_KEY}", "session"),
+    (f"qatoolbox:1:django.contrib.sessions.cache{SESSION_KEY}", "session"),
+    (f"session:1:django.contrib.sessions.cache{SESSION_KEY}", "session"),
+    ("qatoolbox:1:shard_stats", "shard_stats"),
+    ("qatoolbox:1:monitoring_data", "monitoring_data"),
+    ("qatoolbox:1:user:42", "user:{id}"),
+    ("qatoolbox:1:user:42:profile", "user:{id}:profile"),
+    ("qatoolbox:1:chat_room:0acada4a-4dd4-45a9-b27b-4ab2b8f3b05d:messages",
+     "chat_room:{id}:messages"),
+    ("qatoolbox:1:tool_usage_5_pdf_30", "tool_usage_{id}_pdf_{id}"),
+    ("qatoolbox:1:boss_login_12", "boss_login_{id}"),
+    ("qatoolbox:1:slow_query_log:20250101123000", "slow_query_log:{id}"),
+    ("qatoolbox:1:md5:d41d8cd98f00b204e9800998ecf8427e", "md5:{id}"),
+    ("qatoolbox:1:available_features_v2_7", "available_features_v2_{id}"),
+    # Celery's keys (no cache prefix): results, queues with their priority lists, kombu's.
+    ("celery-task-meta-0acada4a-4dd4-45a9-b27b-4ab2b8f3b05d", "celery-task-meta-{id}"),
+    ("default", "default"),
+    ("default\x06\x163", "default"),
+    ("_kombu.binding.tools", "_kombu.binding.tools"),
+    ("unacked_index", "unacked_index"),
+    ("user123456", "user{id}"),
+])
+def test_key_shape_replaces_ids(key: str, group: str) -> None:
+    assert rc.key_shape(key.encode()) == group
+
+
+def test_key_shape_is_a_bounded_printable_label() -> None:
+    assert rc.key_shape(b"\xff\xfe\x00x") == "\ufffd\ufffd?x"
+    long = rc.key_shape(b"qatoolbox:1:" + b"word-" * 100)
+    assert len(long) == rc.MAX_GROUP_NAME and long.endswith("...")
+
+
+@given(st.lists(st.tuples(st.sampled_from(["user:{}", "chat_room:{}:messages", "shard_stats",
+                                           "django.contrib.sessions.cached_db{}",
+                                           "boss_login_{}"]),
+                          st.integers(min_value=0, max_value=10**12)), max_size=60),
+       st.lists(st.text(alphabet="ab:_1.", max_size=8), max_size=30),
+       st.integers(min_value=0, max_value=6))
+def test_every_key_counted_once_each_family_in_one_group(
+        family_keys: list[tuple[str, int]], noise: list[str], limit: int) -> None:
+    keys = [("qatoolbox:1:" + f.format(f"{n:032d}" if "sessions" in f else n)).encode()
+            for f, n in family_keys]
     keys += [n.encode() for n in noise]
-    classifier = rc.KeyClassifier(DEFAULT_KEY_GROUPS)
-    counts = [0] * (len(DEFAULT_KEY_GROUPS) + 1)
-    classifier.count(keys, counts)
-    assert sum(counts) == len(keys)
-    for i, group in enumerate(classifier.names):
-        assert counts[i] == groups.count(group)
+    tally = rc.KeyTally.empty(1)
+    rc.KeyClassifier([KeyGroup("mine", ("qatoolbox:1:boss_login_*",))]).tally(keys, tally)
+    counts = tally.counts(["mine"], limit)
+    assert sum(counts.values()) == len(keys)
+    assert len(counts) <= 1 + limit + 1  # configured, the largest structures, other
+    assert counts["mine"] == sum(1 for f, _ in family_keys if f.startswith("boss"))
+    # Without a bound, every family is exactly one group.
+    every = tally.counts(["mine"], 10**6)
+    for family, name in (("user:{}", "user:{id}"), ("shard_stats", "shard_stats"),
+                         ("chat_room:{}:messages", "chat_room:{id}:messages"),
+                         ("django.contrib.sessions.cached_db{}", "session")):
+        assert every.get(name, 0) == sum(1 for f, _ in family_keys if f == family)
+
+
+@given(st.lists(st.text(alphabet="ab0123456789:_-fF.x", max_size=40), max_size=40),
+       st.lists(st.uuids(), max_size=5))
+def test_skeleton_cache_gives_what_key_shape_gives(texts: list[str], ids: list[Any]) -> None:
+    keys = [t.encode() for t in texts]
+    keys += [f"qatoolbox:1:room:{u}:{t}".encode() for u in ids for t in texts[:3]]
+    classifier = rc.KeyClassifier([])
+    for _ in range(2):  # filled, then read from the cache
+        tally = rc.KeyTally.empty(0)
+        classifier.tally(keys, tally)
+        expected: dict[str, int] = {}
+        for key in keys:
+            expected[rc.key_shape(key)] = expected.get(rc.key_shape(key), 0) + 1
+        assert tally.shapes == expected
+
+
+def test_largest_structures_named_the_rest_other() -> None:
+    tally = rc.KeyTally([5], {"a": 3, "b": 9, "c": 3, "other": 1, "mine": 2}, untracked=4)
+    # A structure named like a configured group (or "other") adds to it and takes no place
+    # among the largest; a tie goes by name.
+    assert tally.counts(["mine"], 2) == {"mine": 7.0, "b": 9.0, "a": 3.0, "other": 8.0}
+    assert sum(tally.counts(["mine"], 0).values()) == 5 + 3 + 9 + 3 + 1 + 2 + 4
+
+
+def test_structures_past_the_tracking_bound_go_to_other(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rc, "MAX_TRACKED_SHAPES", 3)
+    tally = rc.KeyTally.empty(0)
+    rc.KeyClassifier([]).tally([f"k{c}".encode() for c in "abcdef"] + [b"ka"], tally)
+    assert tally.shapes == {"ka": 2, "kb": 1, "kc": 1} and tally.untracked == 3
+
+
+def test_binding_members_and_skipped_exchanges() -> None:
+    prefix = rc.KOMBU_BINDING.encode()
+    assert rc.binding_exchange(b"_kombu.binding.default", prefix) == "default"
+    for control in (b"_kombu.binding.celery.pidbox", b"_kombu.binding.reply.celery.pidbox",
+                    b"_kombu.binding.celeryev"):
+        assert rc.binding_exchange(control, prefix) is None
+    assert rc.binding_queue(b"tools\x06\x16\x06\x16tools") == "tools"
+    assert rc.binding_queue(b"\x06\x16\x06\x16chat_cleanup") == "chat_cleanup"
+    for bad in (b"tools", b"a\x06\x16b", b"a\x06\x16b\x06\x16", b"a\x06\x16b\x06\x16\xff",
+                b"a\x06\x16b\x06\x16" + b"q" * 101, b"a\x06\x16b\x06\x16bad\nname"):
+        assert rc.binding_queue(bad) is None
+    tally = rc.KeyTally.empty(0)
+    rc.KeyClassifier([]).tally([b"_kombu.binding.tools", b"default", b"_kombu.bindingx"],
+                               tally, prefix)
+    assert tally.bindings == {b"_kombu.binding.tools"}
 
 
 def test_celery_keys_follow_kombu_naming() -> None:
@@ -224,13 +321,13 @@ def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None):
 def test_config_defaults_and_yaml(tmp_path: Path) -> None:
     config = load_config(None, {"REDIS_URL": "redis://u:p@h:7/2"}, {"redis": True})
     assert config.redis.url == "redis://u:p@h:7/2"
-    assert [g.name for g in config.redis.key_groups] == [
-        "user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api",
-        "session"]
+    assert config.redis.key_groups == DEFAULT_KEY_GROUPS == ()
+    assert config.redis.max_key_groups == 20
     assert config.redis.key_scan_budget == 1_000_000
     assert config.redis.key_scan_time_budget == 1.0
     assert config.redis.key_scan_interval == 60.0
-    assert config.redis.celery_queues == ("celery",)
+    assert config.redis.celery_queues == ("default", "tools")
+    assert config.redis.discover_celery_queues and config.redis.max_celery_queues == 50
     config = _load(tmp_path, """
 redis:
   key_groups:

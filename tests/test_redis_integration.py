@@ -30,8 +30,8 @@ pytestmark = pytest.mark.integration
 
 GROUPS = ("user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api")
 
-# Fills QAToolBox-style keys server-side: i % 9 picks one of the 7 cache groups, a session or a
-# key of no group; every third cache key has a ":suffix" as django-redis callers add.
+# Fills QAToolBox-style keys server-side: i % 9 picks one of the 7 cache families, a session or
+# a Celery result; every third cache key has a ":suffix" as callers add.
 FILL_SCRIPT = """
 local groups = {'user','chat_room','chat_message','time_capsule','heart_link','stats','api'}
 local n = tonumber(ARGV[1])
@@ -70,10 +70,15 @@ def connect() -> Iterator[Callable[..., Any]]:
 
 
 def expected_groups(n: int) -> dict[str, int]:
-    counts = dict.fromkeys([*GROUPS, "session", "other"], 0)
+    """The groups FILL_SCRIPT's keys fall in by structure: 16, all named (the bound is 20)."""
+    counts: dict[str, int] = {"other": 0}
     for i in range(n):
         slot = i % 9
-        counts[GROUPS[slot] if slot < 7 else "session" if slot == 7 else "other"] += 1
+        if slot < 7:
+            group = f"{GROUPS[slot]}:{{id}}" + (":detail" if i % 3 == 0 else "")
+        else:
+            group = "session" if slot == 7 else "celery-task-meta-{id}"
+        counts[group] = counts.get(group, 0) + 1
     return counts
 
 
@@ -302,25 +307,28 @@ def test_key_groups_200k_keys(redis_server: RedisServer,
     scrape = slow.scrape()
     assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
     assert scrape.value("qatoolbox_redis_key_group_scan_complete") == 0
-    assert scrape.value("qatoolbox_redis_key_group_keys", group="user") is None
+    assert scrape.value("qatoolbox_redis_key_group_keys", group="other") is None
 
     def counted(exporter: ExporterProcess) -> Scrape | None:
         result = exporter.scrape()
-        return result if result.value("qatoolbox_redis_key_group_keys", group="other") else None
+        return result if result.value("qatoolbox_redis_key_group_keys", group="other") \
+            is not None else None
 
-    wait_for(lambda: counted(full), 60, "the full key group count")
+    wait_for(lambda: full.scrape().value("qatoolbox_redis_key_group_scan_complete") == 1, 60,
+             "the full key group count")
     scrape = full.scrape()
     assert scrape.value("qatoolbox_redis_key_group_scan_complete") == 1
-    for group, count in expected.items():
-        assert scrape.value("qatoolbox_redis_key_group_keys", group=group) == count, group
+    groups = {labels["group"]: scrape.value(name, **labels)
+              for name, labels in scrape.series("qatoolbox_redis_key_group_keys")}
+    assert groups == expected
     assert (scrape.value("qatoolbox_redis_key_group_scan_duration_seconds") or 0) > 0
 
     wait_for(lambda: counted(tiny), 30, "the partial key group count")
     scrape = tiny.scrape()
     assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
     assert scrape.value("qatoolbox_redis_key_group_scan_complete") == 0
-    partial = sum(scrape.value("qatoolbox_redis_key_group_keys", group=g) or 0
-                  for g in expected)
+    partial = sum(scrape.value(name, **labels) or 0
+                  for name, labels in scrape.series("qatoolbox_redis_key_group_keys"))
     assert 1000 <= partial <= 1100 + 100  # stops at the first batch past the budget
     duration = scrape.value("qatoolbox_exporter_collector_duration_seconds", collector="redis")
     assert duration is not None and duration < 2
@@ -382,6 +390,113 @@ def test_key_group_globs_agree_with_redis_match(redis_server: RedisServer,
             if counts[0]:
                 matched.add(key.encode())
         assert matched == found, pattern
+
+
+# QAToolBox's keys as its code writes them (Django cache "qatoolbox:1:<key>", sessions of the
+# cached_db engine, the cache service's "user:<id>" and "chat_room:<id>:messages", single
+# figures), 30 one-off structures past the bound, and Celery's keys.
+def real_shaped_keys(client: Any, n: int) -> None:
+    import random
+    import uuid
+
+    rng = random.Random(5)
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pipe = client.pipeline(transaction=False)
+    for i in range(n):
+        session = "".join(rng.choice(alphabet) for _ in range(32))
+        pipe.set(f"qatoolbox:1:django.contrib.sessions.cached_db{session}", "s", ex=3600)
+        pipe.set(f"qatoolbox:1:user:{1000 + i}", "u")
+        pipe.set(f"qatoolbox:1:chat_room:{uuid.UUID(int=rng.getrandbits(128))}:messages", "[]")
+    for word in ("shard_stats", "monitoring_data"):
+        pipe.set(f"qatoolbox:1:{word}", "{}")
+    for k in range(30):  # feature flags by name: one key each, 30 structures
+        pipe.set(f"qatoolbox:1:feature_flag_{chr(97 + k // 26)}{chr(97 + k % 26)}", "1")
+    pipe.execute()
+
+
+def test_real_shaped_keys_bounded_groups_and_declared_queues(
+        redis_server: RedisServer, connect: Callable[..., Any]) -> None:
+    client = connect(redis_server)
+    n = 150
+    real_shaped_keys(client, n)
+    from celery import Celery  # type: ignore[import-untyped]
+    from kombu import Queue  # type: ignore[attr-defined]
+
+    # QAToolBox's Celery: default queue "default", the tools app routed to "tools"; the
+    # other config's "chat_cleanup"; a worker's remote-control queue (not a task queue).
+    app = Celery("qa", broker=redis_server.url)
+    app.conf.update(task_default_queue="default", task_default_exchange="default",
+                    task_default_routing_key="default",
+                    task_queues=[Queue("default", routing_key="default"),
+                                 Queue("tools", routing_key="tools")],
+                    task_routes={"apps.tools.tasks.*": {"queue": "tools"}})
+    try:
+        for _ in range(3):
+            app.send_task("health_check_task")
+        app.send_task("health_check_task", priority=6)  # kombu's list "default\x06\x166"
+        for _ in range(2):
+            app.send_task("apps.tools.tasks.cleanup_inactive_chat_rooms")
+        app.send_task("apps.tools.tasks.cleanup_expired_heart_links", queue="chat_cleanup")
+    finally:
+        app.close()
+    client.sadd("_kombu.binding.celery.pidbox", "\x06\x16\x06\x16celery@web1.celery.pidbox")
+    keys = client.dbsize()
+
+    def counted(cfg: RedisConfig) -> Scrape:
+        collector = RedisCollector(cfg, 4.0)
+        found: list[Scrape] = []
+        try:
+            def ready() -> bool:
+                found[:] = [collect(collector)]
+                return found[0].value("qatoolbox_redis_key_group_scan_complete") == 1
+
+            wait_for(ready, 30, "a complete key count")
+            return collect(collector)  # the queues the count found are in the next round trip
+        finally:
+            collector.close()
+
+    def groups_of(scrape: Scrape) -> dict[str, float]:
+        return {labels["group"]: scrape.value(name, **labels) or 0.0
+                for name, labels in scrape.series("qatoolbox_redis_key_group_keys")}
+
+    # Every structure named (a bound above their number): each family is one group.
+    groups = groups_of(counted(as_exporter_user(redis_server, max_key_groups=100)))
+    assert sum(groups.values()) == keys
+    assert groups["session"] == n
+    assert groups["user:{id}"] == n
+    assert groups["chat_room:{id}:messages"] == n
+    assert groups["shard_stats"] == 1 and groups["monitoring_data"] == 1
+    assert groups["default"] == 2  # the queue's list and its priority list
+    assert groups["other"] == 0
+    assert len(groups) == 3 + 2 + 30 + 8 + 1  # Celery's and kombu's keys: 8 structures
+
+    # The default bound: the 20 largest named, the rest under other.
+    scrape = counted(as_exporter_user(redis_server))
+    bounded = groups_of(scrape)
+    assert sum(bounded.values()) == keys
+    assert len(bounded) == 20 + 1
+    for family in ("session", "user:{id}", "chat_room:{id}:messages", "default"):
+        assert bounded[family] == groups[family]
+    assert bounded["other"] == sum(v for g, v in groups.items() if g not in bounded)
+    # The queues kombu declared, with their depths (priority lists included); not the
+    # worker's remote-control queue.
+    queues = {labels["queue"]: scrape.value(name, **labels)
+              for name, labels in scrape.series("qatoolbox_celery_queue_length")}
+    assert queues == {"default": 4, "tools": 2, "chat_cleanup": 1}
+
+    # Configured groups take precedence; the bound is configurable; queues from config only
+    # when discovery is off.
+    scrape = counted(as_exporter_user(
+        redis_server, key_groups=(KeyGroup("sessions", ("qatoolbox:1:django.contrib.sessions*",)),),
+        max_key_groups=3, discover_celery_queues=False))
+    groups = groups_of(scrape)
+    assert groups["sessions"] == n and "session" not in groups
+    assert set(groups) == {"sessions", "user:{id}", "chat_room:{id}:messages", "default",
+                           "other"}
+    assert sum(groups.values()) == keys
+    configured = {labels["queue"] for _, labels in scrape.series("qatoolbox_celery_queue_length")}
+    assert configured == {"default", "tools"}
+    assert_nothing_refused(redis_server)
 
 
 # --- Celery ---------------------------------------------------------------------------------
@@ -515,7 +630,8 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
 
     good = start_exporter(exporter_factory, None, env={"REDIS_URL": f"redis://:{PASSWORD}@{base}"})
     wrong = start_exporter(exporter_factory, None, env={"REDIS_URL": f"redis://:{WRONG}@{base}"})
-    acl = start_exporter(exporter_factory, None, {"key_scan_interval": "1s"}, env={
+    acl = start_exporter(exporter_factory, None, {"key_scan_interval": "1s",
+                                                  "celery_queues": ["celery"]}, env={
         "REDIS_URL": f"redis://{EXPORTER_ROLE}@{base}", "REDIS_PASSWORD_FILE": str(secret_file)})
     # redis.config_get on, but neither CONFIG GET nor LATENCY allowed: both probes refused.
     limited = start_exporter(exporter_factory, None, {"config_get": True}, env={
@@ -536,7 +652,7 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
         assert "exp-Secret-789" not in exporter.logs()
 
     # Everything the ACL allows is there, and the count of refused commands stays at 0.
-    wait_for(lambda: acl.scrape().value("qatoolbox_redis_key_group_keys", group="other") == 1,
+    wait_for(lambda: acl.scrape().value("qatoolbox_redis_key_group_keys", group="celery") == 1,
              10, "key groups as the ACL user")
     scrape = acl.scrape()
     assert scrape.value("qatoolbox_redis_command_duration_seconds_count", cmd="get") is None

@@ -174,6 +174,8 @@ def test_redis_wrong_password_acl_user_and_down(
     secret_file = workdir / "redis-password"
     secret_file.write_text("acl-user-pw\n")
     with server.client(password="right-default-pw") as admin:
+        # A queue kombu has declared, as every Celery deployment has: the exporter reads it.
+        admin.sadd("_kombu.binding.default", "default\x06\x16\x06\x16default")
         # From here on, the exporter's commands and refusals only.
         admin.config_resetstat()
         admin.acl_log_reset()
@@ -295,8 +297,9 @@ def assert_acl_is_what_the_exporter_uses(server: RedisServer, process: ExporterP
                 if name not in ("cmdstat_auth", "cmdstat_hello", "cmdstat_config|resetstat",
                                 "cmdstat_acl|log")}
 
-    # The key-group count (SCAN) runs in the background, after the first scrapes.
-    wait_for(lambda: "scan" in used(), 20, "the exporter's first key-group count")
+    # The key-group count (SCAN, then SSCAN of kombu's binding sets) runs in the background,
+    # after the first scrapes.
+    wait_for(lambda: {"scan", "sscan"} <= set(used()), 20, "the exporter's first key-group count")
     for _ in range(2):
         process.scrape()
     stats = used()
@@ -371,7 +374,8 @@ def test_documented_postgres_grants_are_enough_and_no_more(
                    if name == "qatoolbox_business_query_success"]
         return (scrape.value("qatoolbox_postgres_up") == 1
                 and scrape.value("qatoolbox_business_up") == 1
-                and len(results) >= 10 and all(v == 1 for v in results))
+                # The 9 defaults that apply to QAToolBox at HEAD (no time capsule table).
+                and len(results) >= 9 and all(v == 1 for v in results))
 
     wait_for(all_queries_succeed, 30, "every business query succeeding as qatoolbox_exporter")
     assert "permission denied" not in process.logs()
@@ -389,7 +393,7 @@ def test_documented_postgres_grants_are_enough_and_no_more(
         for forbidden in ("INSERT INTO tools_chatroom (id) VALUES (1)",
                           "UPDATE auth_user SET is_active = false",
                           "DELETE FROM tools_chatmessage",
-                          "TRUNCATE tools_timecapsule",
+                          "TRUNCATE tools_useronlinestatus",
                           "SELECT nextval(pg_get_serial_sequence('auth_user', 'id'))",
                           "CREATE TABLE sneaky (id int)",
                           "CREATE SCHEMA sneaky"):

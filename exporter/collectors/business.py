@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -10,16 +11,24 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from exporter.config import BusinessConfig, BusinessQuery, PostgresConfig
+from exporter.config import (
+    BusinessConfig,
+    BusinessQuery,
+    PostgresConfig,
+    fill_placeholders,
+    parse_requirement,
+    parse_watermark,
+)
 
 log = logging.getLogger("exporter.business")
 
@@ -34,9 +43,14 @@ CONNECT_BACKOFF = 1.0
 # Rows are read this many at a time (FETCH FORWARD), and at most max_rows + 1 in all: what a
 # query's result costs in memory is bounded by its widest row times this, plus what is kept.
 FETCH_BATCH = 500
+# A query with label_values is folded as it is read (what is kept is bounded by its limits),
+# so its rows are not bounded by max_rows; this many rows fail it.
+MAX_FOLDED_ROWS = 1_000_000
 # A label value longer than this fails the query: what is kept of a result is bounded by
 # max_rows x labels x this, and a series with a label of kilobytes is a query bug.
 MAX_LABEL_LENGTH = 256
+# The label value bounded label values are summed under past their limit.
+OTHER = "other"
 # Each session is read-only from its start packet, not only from psycopg's BEGIN READ ONLY, so
 # nothing in a query's text can leave a read-only transaction for a writable one. Standard
 # conforming strings are what the load-time check (business_sql) assumes of '' literals.
@@ -61,6 +75,10 @@ class RefusedError(QueryError):
     """Business queries are not run on this server at all (the role is a superuser)."""
 
 
+class NotApplicableError(Exception):
+    """What the query reads is not in this database (listed in the message): it is not run."""
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, (bool, int, float, Decimal)):
         try:
@@ -80,13 +98,57 @@ def _label(value: object) -> str:
     return str(value)
 
 
+class LabelFolder:
+    """Bounds the label values of a query that declares label_values: a label's known values
+    are always kept, other values are admitted in the order the rows bring them (the defaults
+    order their rows by count, largest first) until the label has `limit` values, and any
+    further value, an over-long one and an empty one are summed under OTHER. A counter keeps
+    one folder for its life (what was admitted stays admitted, so no series moves into
+    "other" and goes down); a gauge gets a new one per run (the largest values of the day)."""
+
+    def __init__(self, query: BusinessQuery) -> None:
+        positions = {name: i for i, name in enumerate(query.labels)}
+        self._bounds = [(positions[v.label], v.limit, set(v.known)) for v in query.label_values
+                        if v.label in positions]
+        known = {positions[v.label]: v.known for v in query.label_values if v.label in positions}
+        # Zero-filled label sets: every combination of known values, when every label has some.
+        self.zero_filled: list[tuple[str, ...]] = []
+        if query.labels and all(known.get(i) for i in range(len(query.labels))):
+            self.zero_filled = [tuple(c) for c in itertools.product(
+                *(known[i] for i in range(len(query.labels))))]
+
+    @property
+    def active(self) -> bool:
+        """Whether any label is bounded."""
+        return bool(self._bounds)
+
+    def fold(self, labels: tuple[str, ...]) -> tuple[str, ...]:
+        """labels with each bounded value kept or replaced by OTHER."""
+        out = list(labels)
+        for position, limit, admitted in self._bounds:
+            value = labels[position]
+            if value in admitted:
+                continue
+            if (value and value != OTHER and len(value) <= MAX_LABEL_LENGTH
+                    and len(admitted) < limit):
+                admitted.add(value)
+            else:
+                out[position] = OTHER
+        return tuple(out)
+
+
 def result_samples(
-    query: BusinessQuery, columns: Sequence[str], rows: Iterable[Sequence[object]]
+    query: BusinessQuery, columns: Sequence[str], rows: Iterable[Sequence[object]],
+    folder: LabelFolder | None = None,
 ) -> list[Sample]:
     """Turn a query's result into (label values, value) samples; raise QueryError when the
     result does not fit the query's declaration (missing column, too many rows, NULL,
     non-numeric or invalid value, a label value too long, the same label values twice).
-    rows is read one row at a time, and not past the row after max_rows."""
+    rows is read one row at a time, and not past the row after max_rows.
+
+    A query with label_values is folded instead (folder, or a new one): its known label sets
+    come first with 0, rows whose bounded labels fold to the same values are summed, and
+    max_rows bounds the series that result rather than the rows read."""
     index: dict[str, int] = {}
     for i, column in enumerate(columns):
         index.setdefault(column, i)
@@ -96,10 +158,15 @@ def result_samples(
                          f"(columns: {', '.join(columns) or 'none'})")
     value_at = index[query.value]
     label_at = [index[name] for name in query.labels]
+    if folder is None and query.label_values:
+        folder = LabelFolder(query)
+    folded: dict[tuple[str, ...], float] | None = None
+    if folder is not None and folder.active:
+        folded = dict.fromkeys(folder.zero_filled, 0.0)
     samples: list[Sample] = []
     seen: set[tuple[str, ...]] = set()
     for row in rows:
-        if len(samples) == query.max_rows:
+        if folded is None and len(samples) == query.max_rows:
             raise QueryError(f"too many rows: more than max_rows ({query.max_rows})")
         raw = row[value_at]
         if raw is None:
@@ -114,16 +181,24 @@ def result_samples(
             raise QueryError(f'counter value {_shown(value)} in value column "{query.value}": '
                              f"a counter must be a finite number, 0 or more")
         labels = tuple(_label(row[i]) for i in label_at)
+        if folded is not None and folder is not None:
+            labels = folder.fold(labels)
         for name, text in zip(query.labels, labels, strict=True):
             if len(text) > MAX_LABEL_LENGTH:
                 raise QueryError(f'label "{name}": a value of {len(text)} characters, more '
                                  f"than {MAX_LABEL_LENGTH}")
+        if folded is not None:
+            if labels not in folded and len(folded) == query.max_rows:
+                raise QueryError(f"too many label sets after folding: more than max_rows "
+                                 f"({query.max_rows})")
+            folded[labels] = folded.get(labels, 0.0) + value
+            continue
         if labels in seen:
             pairs = ", ".join(f'{k}="{v}"' for k, v in zip(query.labels, labels, strict=True))
             raise QueryError(f"two rows with the same labels {{{pairs}}}")
         seen.add(labels)
         samples.append((labels, value))
-    return samples
+    return samples if folded is None else list(folded.items())
 
 
 def _shown(value: float) -> str:
@@ -152,6 +227,69 @@ def _rows(conn: Connection, cursor: psycopg.ServerCursor[tuple[Any, ...]], limit
             return
 
 
+def _capped(rows: Iterator[tuple[Any, ...]], cap: int) -> Iterator[tuple[Any, ...]]:
+    """rows, failing the query at the row past cap."""
+    for count, row in enumerate(rows, 1):
+        if count > cap:
+            raise QueryError(f"too many rows: more than {cap}")
+        yield row
+
+
+# The columns of every required table that exists (a missing one has no row), resolved by the
+# session's search_path as the queries' own table names are. pg_attribute is readable by
+# every role: the least-privilege role needs no grant for it.
+CATALOG_SQL = """
+SELECT t.name, a.attname
+FROM unnest(%s::text[]) AS t(name)
+JOIN pg_catalog.pg_attribute AS a
+  ON a.attrelid = to_regclass(t.name) AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+def read_catalog(conn: Connection, tables: Sequence[str], timeout: float) -> dict[str, set[str]]:
+    """{table: its columns} for each of tables that exists, in a read-only transaction that is
+    rolled back."""
+    try:
+        conn.execute("SELECT set_config('statement_timeout', %s, true)",
+                     [f"{max(1, round(timeout * 1000))}ms"])
+        catalog: dict[str, set[str]] = {}
+        for table, column in conn.execute(CATALOG_SQL, [list(tables)]).fetchall():
+            catalog.setdefault(table, set()).add(column)
+        return catalog
+    finally:
+        if not conn.broken:
+            conn.rollback()
+
+
+def missing_requirements(needs: Sequence[tuple[str, tuple[str, ...]]],
+                         catalog: Mapping[str, set[str]]) -> list[str]:
+    """What of needs (table, columns) the catalog lacks, as "table x" and "column x.y"."""
+    gaps: list[str] = []
+    for table, columns in needs:
+        found = catalog.get(table)
+        if found is None:
+            gaps.append(f"table {table}")
+        else:
+            gaps.extend(f"column {table}.{c}" for c in columns if c not in found)
+    return gaps
+
+
+def next_range(previous: tuple[int, int] | None, highest: int) -> tuple[int, int]:
+    """(after, upto): the ids a watermark query counts this run. previous is (counted up to,
+    highest id seen at the previous run), highest the highest id now.
+
+    Rows are counted one run late: the ids up to the previous run's highest, which every
+    transaction that was writing then has committed since (an id is taken when a row is
+    inserted, the row is seen when its transaction commits, and a later id may commit first).
+    The first run counts nothing (the counter starts at 0 with the exporter, like any
+    process's counter); ids that went back below what was counted (a table emptied and its
+    sequence reset) restart the range there."""
+    if previous is None or highest < previous[0]:
+        return highest, highest
+    counted, seen = previous
+    return counted, min(seen, highest)
+
+
 @dataclass
 class _State:
     """What the collector knows of one query, guarded by the collector's lock."""
@@ -164,6 +302,23 @@ class _State:
     queued: bool = False  # waiting for a worker or running
     error: str | None = None
     logged_at: float = 0.0
+    # True, or False while a table or column it requires is missing; None until the
+    # catalog was first read for a query that requires something.
+    applicable: bool | None = True
+    # A watermark query: (counted up to, highest id seen), the folder of its labels and the
+    # counter values it serves (never lower than before).
+    watermark: tuple[int, int] | None = None
+    folder: LabelFolder | None = None
+    totals: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Result:
+    """What one run of a query produced: its samples and, for a watermark query, the new
+    (counted up to, highest id seen)."""
+
+    samples: list[Sample]
+    watermark: tuple[int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -189,6 +344,7 @@ class BusinessCollector:
     qatoolbox_business_query_success{query="qatoolbox_users"} 1
     qatoolbox_business_query_duration_seconds{query="qatoolbox_users"} 0.0021
     qatoolbox_business_query_last_success_timestamp_seconds{query="qatoolbox_users"} 1.7e+09
+    qatoolbox_business_query_applicable{query="qatoolbox_time_capsules"} 0
     """
 
     name = "business"
@@ -204,7 +360,22 @@ class BusinessCollector:
         self._repeat = repeat_interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._states = [_State(q) for q in cfg.all_queries()]
+        self._states = [_State(q, applicable=None if q.requires else True)
+                        for q in cfg.all_queries()]
+        for state in self._states:
+            if state.query.watermark:
+                state.folder = LabelFolder(state.query)
+                state.totals = dict.fromkeys(state.folder.zero_filled, 0.0)
+        # Tables and columns that exist, of those the queries require: {table: columns}, read
+        # at most every applicability_interval (a migration may add or drop one meanwhile).
+        self._requirements = {q.metric: [r for r in map(parse_requirement, q.requires) if r]
+                              for q in cfg.all_queries()}
+        self._tables = sorted({table for needs in self._requirements.values()
+                               for table, _ in needs})
+        self._applicability_interval = cfg.applicability_interval
+        self._catalog: dict[str, set[str]] | None = None
+        self._catalog_at = -math.inf
+        self._catalog_lock = threading.Lock()
         self._queue: queue.Queue[_State | None] = queue.Queue()
         self._idle: list[Connection] = []
         self._runs: set[_Run] = set()
@@ -236,7 +407,8 @@ class BusinessCollector:
         """Serve the latest results and queue the queries whose interval has passed."""
         with self._lock:
             self._schedule(self._clock())
-            snapshot = [(s.query, s.samples, s.duration, s.last_success) for s in self._states]
+            snapshot = [(s.query, s.samples, s.duration, s.last_success, s.applicable)
+                        for s in self._states]
             up, refused = self._up, self._refused
         success = GaugeMetricFamily(
             "qatoolbox_business_query_success",
@@ -253,7 +425,17 @@ class BusinessCollector:
             "Unix time of the query's last successful run (0 before the first).",
             labels=["query"],
         )
-        for query, samples, took, last_success in snapshot:
+        applicable = GaugeMetricFamily(
+            "qatoolbox_business_query_applicable",
+            "Whether the tables and columns the query requires exist (1) or not (0), when "
+            "the query requires any and the catalog has been read.",
+            labels=["query"],
+        )
+        for query, samples, took, last_success, fits in snapshot:
+            if fits is not None:
+                applicable.add_metric([query.metric], 1.0 if fits else 0.0)
+            if fits is False:
+                continue  # not run here: neither a success nor a failure
             success.add_metric([query.metric], 0.0 if samples is None else 1.0)
             duration.add_metric([query.metric], took)
             last.add_metric([query.metric], last_success)
@@ -274,6 +456,7 @@ class BusinessCollector:
         yield success
         yield duration
         yield last
+        yield applicable
 
     def _schedule(self, now: float) -> None:
         """Queue every due query that is not queued already (caller holds the lock)."""
@@ -303,14 +486,17 @@ class BusinessCollector:
     def _run(self, state: _State) -> None:
         query = state.query
         started = self._clock()
-        samples: list[Sample] | None = None
+        result: _Result | None = None
         error: str | None = "internal error (traceback on stderr)"
         quiet = False
+        missing: str | None = None
         try:
-            samples = self._execute(query)
+            result = self._execute(state)
             error = None
         except RefusedError:
             quiet = True  # logged once for the collector, not once per query
+        except NotApplicableError as exc:
+            missing, error = str(exc), None
         except (psycopg.Error, QueryError) as exc:
             error = self._redact(_describe(exc))
         finally:
@@ -318,14 +504,39 @@ class BusinessCollector:
             with self._lock:
                 state.queued = False
                 state.duration = finished - started
-                state.samples = samples
-                if samples is not None:
-                    state.last_success = time.time()
-                    state.due = finished + query.interval
+                if missing is not None:
+                    if state.applicable is not False:
+                        log.info("business query not applicable: not run while what it reads "
+                                 "is missing", extra={"query": query.metric, "missing": missing})
+                    state.applicable, state.samples, state.error = False, None, None
+                    state.due = finished + self._applicability_interval
                 else:
-                    state.due = finished + min(query.interval, RETRY_AFTER)
-                if not quiet:
-                    self._log_outcome(state, error, finished)
+                    if result is not None and state.applicable is False:
+                        log.info("business query applicable again",
+                                 extra={"query": query.metric})
+                    if result is not None:
+                        state.applicable = True
+                    state.samples = self._served(state, result)
+                    if result is not None:
+                        state.last_success = time.time()
+                        state.due = finished + query.interval
+                    else:
+                        state.due = finished + min(query.interval, RETRY_AFTER)
+                    if not quiet:
+                        self._log_outcome(state, error, finished)
+
+    @staticmethod
+    def _served(state: _State, result: _Result | None) -> list[Sample] | None:
+        """What a run leaves to serve (caller holds the lock): its samples, or for a watermark
+        query the counters with this run's counts added."""
+        if result is None:
+            return None
+        if not state.query.watermark:
+            return result.samples
+        for labels, count in result.samples:
+            state.totals[labels] = state.totals.get(labels, 0.0) + count
+        state.watermark = result.watermark
+        return list(state.totals.items())
 
     def _log_outcome(self, state: _State, error: str | None, now: float) -> None:
         """One log line when a query starts failing, changes error or keeps failing for
@@ -341,19 +552,50 @@ class BusinessCollector:
             state.logged_at = now
         state.error = error
 
-    def _execute(self, query: BusinessQuery) -> list[Sample]:
+    def _execute(self, state: _State) -> _Result:
         conn, reused = self._connection()
         try:
-            return self._execute_on(conn, query)
+            return self._execute_on(conn, state)
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+            # A migration may have dropped what the query reads since the catalog was read:
+            # read it again now, so a query that no longer applies does not count as failing.
+            if not state.query.requires:
+                raise
+            with self._catalog_lock:
+                self._catalog_at = -math.inf
+            conn, _ = self._connection()
         except psycopg.OperationalError:
             # A pooled connection may have died while idle (a database restart): that says
             # nothing about the query, so it gets one try on a fresh connection.
             if not (reused and conn.broken):
                 raise
-        conn, _ = self._connection(fresh=True)
-        return self._execute_on(conn, query)
+            conn, _ = self._connection(fresh=True)
+        return self._execute_on(conn, state)
 
-    def _execute_on(self, conn: Connection, query: BusinessQuery) -> list[Sample]:
+    def _check_applicable(self, conn: Connection, query: BusinessQuery) -> None:
+        """Raise NotApplicableError when a table or column the query requires is missing,
+        reading the catalog first when the last reading is older than applicability_interval."""
+        with self._catalog_lock:
+            if self._catalog is None or \
+                    self._clock() - self._catalog_at >= self._applicability_interval:
+                self._catalog = read_catalog(conn, self._tables, query.timeout)
+                self._catalog_at = self._clock()
+            catalog = self._catalog
+        gaps = missing_requirements(self._requirements[query.metric], catalog)
+        if gaps:
+            raise NotApplicableError(", ".join(gaps))
+
+    def _execute_on(self, conn: Connection, state: _State) -> _Result:
+        query = state.query
+        if query.requires:
+            try:
+                self._check_applicable(conn, query)
+            except NotApplicableError:
+                self._release(conn, not conn.broken)
+                raise
+            except psycopg.Error:
+                self._release(conn, False)
+                raise
         run = _Run(conn)
         run.timer = threading.Timer(query.timeout + ABORT_GRACE, self._abort, (run,))
         run.timer.daemon = True
@@ -367,14 +609,25 @@ class BusinessCollector:
         # then come FETCH_BATCH at a time instead of all at once.
         cursor = conn.cursor(name=CURSOR_NAME)
         deadline = time.monotonic() + query.timeout
+        watermark: tuple[int, int] | None = None
         try:
             conn.execute(SET_LOCALS, [f"{max(1, round(query.timeout * 1000))}ms"])
-            cursor.execute(query.sql.encode("utf-8"))
+            text = query.sql
+            if query.watermark:
+                highest = self._highest(conn, query.watermark)
+                after, upto = next_range(state.watermark, highest)
+                text = fill_placeholders(text, {"after": str(after), "upto": str(upto)})
+                watermark = (upto, highest)
+            cursor.execute(text.encode("utf-8"))
             if cursor.description is None:
                 raise QueryError("the statement returned no result set")
             columns = [column.name for column in cursor.description]
-            rows = _rows(conn, cursor, query.max_rows + 1, deadline)
-            samples = result_samples(query, columns, rows)
+            if query.label_values:
+                rows = _capped(_rows(conn, cursor, MAX_FOLDED_ROWS + 1, deadline),
+                               MAX_FOLDED_ROWS)
+            else:
+                rows = _rows(conn, cursor, query.max_rows + 1, deadline)
+            samples = result_samples(query, columns, rows, state.folder)
             reusable = self._end_run(conn)
         except QueryError:  # the server answered; the result does not fit the declaration
             self._set_up(True)
@@ -402,7 +655,24 @@ class BusinessCollector:
                 reusable = False
             self._release(conn, reusable)
         self._set_up(True)
-        return samples
+        return _Result(samples, watermark)
+
+    @staticmethod
+    def _highest(conn: Connection, watermark: str) -> int:
+        """The highest value of the watermark column now (0 for an empty table)."""
+        parsed = parse_watermark(watermark)
+        assert parsed is not None  # checked when the config was loaded
+        table, column = parsed
+        statement = sql.SQL("SELECT max({}) FROM {}").format(
+            sql.Identifier(column), sql.Identifier(*table.split(".")))
+        row = conn.execute(statement).fetchone()
+        value = row[0] if row else None
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QueryError(f"watermark {watermark}: {type(value).__name__} values, not "
+                             f"whole numbers")
+        return value
 
     @staticmethod
     def _end_run(conn: Connection) -> bool:

@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -35,6 +35,18 @@ INFO_SECTIONS = ("server", "clients", "memory", "persistence", "stats", "replica
                  "keyspace", "commandstats")
 KOMBU_SEP = "\x06\x16"
 KOMBU_UNACKED = "unacked"
+# kombu's Redis transport records each binding of a queue to an exchange as a member
+# "<routing key>\x06\x16<pattern>\x06\x16<queue>" of the set "_kombu.binding.<exchange>".
+KOMBU_BINDING = "_kombu.binding."
+# Celery's own exchanges for remote control and events: their queues belong to one worker or
+# one monitor each (celery@host.celery.pidbox, celeryev.<uuid>), they come and go, and kombu
+# delivers to them by PUBLISH, not through a list. They are not task queues.
+KOMBU_EXCHANGES_SKIPPED = ("celeryev",)
+KOMBU_EXCHANGE_SUFFIXES_SKIPPED = (".pidbox",)
+# Binding sets read per count, members read per set (SSCAN, 100 at a time): what a key that
+# only looks like a binding set can cost.
+MAX_BINDING_SETS = 100
+MAX_BINDING_MEMBERS = 1000
 # Databases db0 to db15 (Redis's default `databases 16`) get their own qatoolbox_redis_db_keys
 # series; any higher-numbered one is summed under db="other", so a server configured with
 # thousands of databases adds at most one series more.
@@ -245,6 +257,104 @@ def glob_to_regex(pattern: str) -> str:
     return "".join(out)
 
 
+# --- key structure ------------------------------------------------------------------------
+
+# Django's cache key: KEY_PREFIX, version, then what the code passed ("qatoolbox:1:<key>").
+_CACHE_KEY = re.compile(r"[^:]{1,100}:\d{1,9}:(.*)", re.DOTALL)
+# Django's session backends store a session under this prefix and the session key, with no
+# separator (cache: "django.contrib.sessions.cache<key>", cached_db: "...cached_db<key>").
+_SESSION_PREFIX = "django.contrib.sessions.cache"
+SESSION_GROUP = "session"
+ID = "{id}"
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+# Tokens are runs of letters and digits (an underscore separates, as in "boss_login_12"). Each
+# pattern below is one C-level substitution: no Python call per token, so a million keys cost
+# about a second. An id is a token with a digit that is a hex string of 8 or more characters
+# or any run of 16 or more (hashes, random tokens, session keys), a number, or the number
+# that ends a word ("user123456": 4 digits or more).
+_EDGE_BEFORE, _EDGE_AFTER = r"(?<![^\W_])", r"(?![^\W_])"
+_RANDOM = re.compile(_EDGE_BEFORE + r"(?=[^\W_]*\d)(?:[0-9A-Fa-f]{8,}|[^\W_]{16,})"
+                     + _EDGE_AFTER)
+_WORD_NUMBER = re.compile(_EDGE_BEFORE + r"([^\W\d_]+)\d{4,}" + _EDGE_AFTER)
+_NUMBER = re.compile(_EDGE_BEFORE + r"\d+" + _EDGE_AFTER)
+_PRIORITY_LIST = re.compile(KOMBU_SEP + r"\d{1,3}\Z")
+# A group name is a label value: at most this long, printable characters only.
+MAX_GROUP_NAME = 100
+# Structures counted in one pass before further new ones go straight to "other": memory stays
+# bounded whatever the keyspace holds.
+MAX_TRACKED_SHAPES = 10_000
+# key_shape() decides where ids are from where the digits are and how many, not from their
+# values: two keys that differ only in digit values (UUIDs replaced first) get the same
+# structure, unless it keeps some of those digits ("v2_{id}"). Such structures are looked up by
+# that skeleton, which costs a fraction of computing them. At most this many are kept.
+MAX_CACHED_SKELETONS = 50_000
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+_UUID_BYTES = re.compile(_UUID.pattern.encode())
+_ID_BYTES = ID.encode()
+_HAS_DIGIT = re.compile(r"[0-9]").search
+
+
+def key_shape(key: bytes) -> str:
+    """The structure a key belongs to: the part after a Django cache prefix and version, with
+    each id in it (digits, UUIDs, hex strings, long random tokens) replaced by {id}. Every
+    session key is "session"; "qatoolbox:1:user:42" is "user:{id}",
+    "qatoolbox:1:chat_room:<uuid>:messages" is "chat_room:{id}:messages",
+    "qatoolbox:1:shard_stats" is "shard_stats"."""
+    text = key.decode("utf-8", "replace")
+    cached = _CACHE_KEY.fullmatch(text)
+    if cached is not None:
+        text = cached.group(1)
+    if text.startswith(_SESSION_PREFIX):
+        return SESSION_GROUP
+    # A queue's priority lists ("<queue>\x06\x16<step>") go with the queue's own list.
+    text = _PRIORITY_LIST.sub("", text)
+    text = _NUMBER.sub(ID, _WORD_NUMBER.sub(r"\1" + ID, _RANDOM.sub(ID, _UUID.sub(ID, text))))
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text[:MAX_GROUP_NAME + 1])
+    return text if len(text) <= MAX_GROUP_NAME else text[:MAX_GROUP_NAME - 3] + "..."
+
+
+@dataclass
+class KeyTally:
+    """One pass's counts: keys by configured group, the other keys by structure, keys of
+    structures past MAX_TRACKED_SHAPES, and the kombu binding sets seen."""
+
+    groups: list[int]
+    shapes: dict[str, int] = field(default_factory=dict)
+    untracked: int = 0
+    bindings: set[bytes] = field(default_factory=set)
+
+    @classmethod
+    def empty(cls, groups: int) -> KeyTally:
+        """Zero counts for that many configured groups."""
+        return cls([0] * groups)
+
+    def copy(self) -> KeyTally:
+        """An independent copy."""
+        return KeyTally(list(self.groups), dict(self.shapes), self.untracked,
+                        set(self.bindings))
+
+    def counts(self, names: Sequence[str], limit: int) -> dict[str, float]:
+        """Keys by group: the configured ones, the `limit` structures with the most keys (ties
+        by name), and "other" for the rest. A structure named like a configured group (or
+        "other") adds to it. The values add up to the keys counted."""
+        counts = {name: float(n) for name, n in zip(names, self.groups, strict=True)}
+        other = float(self.untracked)
+        ranked: list[tuple[str, int]] = []
+        for shape, n in self.shapes.items():
+            if shape == "other":
+                other += n
+            elif shape in counts:
+                counts[shape] += n
+            else:
+                ranked.append((shape, n))
+        ranked.sort(key=lambda item: (-item[1], item[0]))
+        for shape, n in ranked[:limit]:
+            counts[shape] = float(n)
+        counts["other"] = counts.get("other", 0.0) + other + sum(n for _, n in ranked[limit:])
+        return counts
+
+
 class KeyClassifier:
     """Assigns keys to groups: the first group with a matching pattern, else "other"."""
 
@@ -256,6 +366,7 @@ class KeyClassifier:
         # One alternation of capturing groups: lastindex names the first group that matched.
         source = "(?:" + "|".join(alternatives) + ")"
         self._regex = re.compile(source.encode(), re.DOTALL) if groups else None
+        self._skeletons: dict[bytes, str] = {}
 
     def count(self, keys: Iterable[bytes], into: list[int]) -> None:
         """Add each key to into[group index], into[-1] being "other"."""
@@ -267,6 +378,57 @@ class KeyClassifier:
         for key in keys:
             match = fullmatch(key)
             into[match.lastindex - 1 if match and match.lastindex else -1] += 1
+
+    def tally(self, keys: Iterable[bytes], into: KeyTally, binding_prefix: bytes = b"") -> None:
+        """Add each key to its configured group, or by structure (key_shape) when none
+        matches; note the keys that start with binding_prefix (when given)."""
+        fullmatch = self._regex.fullmatch if self._regex is not None else None
+        shapes, cache = into.shapes, self._skeletons
+        for key in keys:
+            match = fullmatch(key) if fullmatch is not None else None
+            if match is not None and match.lastindex:
+                into.groups[match.lastindex - 1] += 1
+            else:
+                skeleton = (_UUID_BYTES.sub(_ID_BYTES, key) if b"-" in key else key).translate(
+                    _DIGITS_TO_ZERO)
+                shape = cache.get(skeleton)
+                if shape is None:
+                    shape = key_shape(key)
+                    if not _HAS_DIGIT(shape):
+                        if len(cache) >= MAX_CACHED_SKELETONS:
+                            cache.clear()
+                        cache[skeleton] = shape
+                if shape in shapes:
+                    shapes[shape] += 1
+                elif len(shapes) < MAX_TRACKED_SHAPES:
+                    shapes[shape] = 1
+                else:
+                    into.untracked += 1
+            if binding_prefix and key.startswith(binding_prefix) and \
+                    len(into.bindings) < MAX_BINDING_SETS:
+                into.bindings.add(key)
+
+
+def binding_exchange(key: bytes, prefix: bytes) -> str | None:
+    """The exchange of a binding set's key, None for Celery's control and event exchanges."""
+    exchange = key[len(prefix):].decode("utf-8", "replace")
+    if exchange in KOMBU_EXCHANGES_SKIPPED or exchange.endswith(KOMBU_EXCHANGE_SUFFIXES_SKIPPED):
+        return None
+    return exchange
+
+
+def binding_queue(member: bytes) -> str | None:
+    """The queue of a binding set's member, None when it is not a usable queue name."""
+    parts = member.split(KOMBU_SEP.encode())
+    if len(parts) != 3:
+        return None
+    try:
+        queue = parts[2].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not queue or len(queue) > MAX_GROUP_NAME or not queue.isprintable():
+        return None
+    return queue
 
 
 def celery_keys(queues: Sequence[str], prefix: str, steps: Sequence[int]) -> list[tuple[str, str]]:
@@ -401,11 +563,13 @@ def _describe(exc: Exception, secrets: list[str]) -> str:
 
 @dataclass(frozen=True)
 class KeyGroupCounts:
-    """What the last key-group count found."""
+    """What the last key-group count found: keys by group, and the Celery queues kombu has
+    declared (from the last complete count)."""
 
     counts: Mapping[str, float]
     complete: bool
     duration: float
+    queues: tuple[str, ...] = ()
 
 
 class KeyGroupScanner:
@@ -423,7 +587,10 @@ class KeyGroupScanner:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._classifier = KeyClassifier(cfg.key_groups)
-        self._labels = [*self._classifier.names, "other"]
+        self._names = self._classifier.names
+        self._max_groups = cfg.max_key_groups
+        self._binding_prefix = (f"{cfg.celery_key_prefix}{KOMBU_BINDING}".encode()
+                                if cfg.discover_celery_queues else b"")
         self._budget = cfg.key_scan_budget
         self._time_budget = cfg.key_scan_time_budget
         self._interval = cfg.key_scan_interval
@@ -440,9 +607,11 @@ class KeyGroupScanner:
         self._last_start: float | None = None
         self._generation = 0
         self._cursor = 0
-        self._partial = [0] * len(self._labels)
+        self._partial = KeyTally.empty(len(self._names))
         self._published: KeyGroupCounts | None = None
         self._error: str | None = None
+        # SSCAN refused (an ACL without it): queues are then the configured ones only.
+        self._sscan_refused = False
 
     def poke(self) -> None:
         """Start a run in the background if one is due; never waits for it."""
@@ -465,7 +634,7 @@ class KeyGroupScanner:
         with self._lock:
             self._generation += 1
             self._cursor = 0
-            self._partial = [0] * len(self._labels)
+            self._partial = KeyTally.empty(len(self._names))
             self._published = None
             self._last_start = None
 
@@ -500,20 +669,24 @@ class KeyGroupScanner:
 
     def _run(self) -> None:
         with self._lock:
-            generation, cursor, counts = self._generation, self._cursor, list(self._partial)
+            generation, cursor, tally = self._generation, self._cursor, self._partial.copy()
+            previous = self._published
         started = self._clock()
         examined = 0
+        queues = previous.queues if previous else ()
         try:
             if self._client is None:
                 self._client = self._client_factory()
             while True:
                 cursor, keys = self._client.scan(cursor, count=self._batch)
-                self._classifier.count(cast(list[bytes], keys), counts)
+                self._classifier.tally(cast(list[bytes], keys), tally, self._binding_prefix)
                 examined += len(keys)
                 if cursor == 0 or self._stopping:
                     break
                 if examined >= self._budget or self._clock() - started >= self._time_budget:
                     break
+            if cursor == 0 and self._binding_prefix:
+                queues = self._declared_queues(self._client, tally.bindings, queues)
         except (RedisError, ValueError, TypeError) as exc:  # see RedisCollector.collect
             if self._client is not None:
                 self._client.connection_pool.disconnect()
@@ -523,7 +696,7 @@ class KeyGroupScanner:
             self._error = error
             with self._lock:
                 if generation == self._generation:
-                    self._cursor, self._partial = 0, [0] * len(self._labels)
+                    self._cursor, self._partial = 0, KeyTally.empty(len(self._names))
             return
         self._error = None
         duration = self._clock() - started
@@ -531,17 +704,50 @@ class KeyGroupScanner:
         with self._lock:
             if generation != self._generation:
                 return
-            values = dict(zip(self._labels, map(float, counts), strict=True))
+            values = tally.counts(self._names, self._max_groups)
             if complete:
-                self._published = KeyGroupCounts(values, True, duration)
-                self._cursor, self._partial = 0, [0] * len(self._labels)
+                self._published = KeyGroupCounts(values, True, duration, queues)
+                self._cursor, self._partial = 0, KeyTally.empty(len(self._names))
             else:
-                self._cursor, self._partial = cursor, counts
+                self._cursor, self._partial = cursor, tally
                 previous = self._published
                 if previous is None or not previous.complete:
-                    self._published = KeyGroupCounts(values, False, duration)
+                    self._published = KeyGroupCounts(values, False, duration, queues)
                 else:
-                    self._published = KeyGroupCounts(previous.counts, True, duration)
+                    self._published = KeyGroupCounts(previous.counts, True, duration, queues)
+
+    def _declared_queues(self, client: redis.Redis, bindings: Iterable[bytes],
+                         previous: tuple[str, ...]) -> tuple[str, ...]:
+        """The queues bound in kombu's binding sets (SSCAN, bounded), sorted; previous when
+        the server refuses SSCAN (logged once)."""
+        if self._sscan_refused:
+            return previous
+        queues: set[str] = set()
+        for key in sorted(bindings):
+            if binding_exchange(key, self._binding_prefix) is None:
+                continue
+            read, cursor = 0, 0
+            try:
+                while True:
+                    cursor, members = client.sscan(key, cursor, count=100)
+                    for member in cast(list[bytes], members):
+                        queue = binding_queue(member)
+                        if queue is not None:
+                            queues.add(queue)
+                    read += len(members)
+                    if cursor == 0 or read >= MAX_BINDING_MEMBERS:
+                        break
+            except ResponseError as exc:
+                if str(exc).startswith("WRONGTYPE"):
+                    continue  # a key that only looks like a binding set
+                if str(exc).startswith("NOPERM"):
+                    self._sscan_refused = True
+                    log.warning("optional Redis command refused; Celery queues are the "
+                                "configured ones only", extra={
+                                    "part": "sscan", "err": scrub(str(exc), self._secrets)})
+                    return previous
+                raise
+        return tuple(sorted(queues))
 
 
 # --- the collector ------------------------------------------------------------------------------
@@ -549,8 +755,8 @@ class KeyGroupScanner:
 
 class RedisCollector:
     """Reads INFO, SLOWLOG LEN, LATENCY HISTOGRAM, CONFIG GET and the Celery queue lengths in
-    one pipelined round trip on one persistent connection; key groups come from a cache filled
-    by a background SCAN.
+    one pipelined round trip on one persistent connection; key groups, and the Celery queues
+    kombu has declared, come from a cache filled by a background SCAN.
 
     qatoolbox_redis_up 1
     qatoolbox_redis_version_info{mode="standalone",role="master",version="7.0.15"} 1
@@ -558,9 +764,9 @@ class RedisCollector:
     qatoolbox_redis_db_keys{db="db0"} 200004
     qatoolbox_redis_commands_total{cmd="get"} 1002
     qatoolbox_redis_command_duration_seconds_bucket{cmd="get",le="8.192e-06"} 1001
-    qatoolbox_redis_key_group_keys{group="user"} 28572
+    qatoolbox_redis_key_group_keys{group="user:{id}"} 28572
     qatoolbox_redis_key_group_scan_complete 1
-    qatoolbox_celery_queue_length{queue="celery"} 12
+    qatoolbox_celery_queue_length{queue="default"} 12
     qatoolbox_celery_unacked_messages 3
     """
 
@@ -581,7 +787,8 @@ class RedisCollector:
         self._factory = client_factory or (lambda: connect(cfg.url, socket_timeout))
         self._client: redis.Redis | None = None
         self._scanner = KeyGroupScanner(cfg, self._factory, clock)
-        self._celery = celery_keys(cfg.celery_queues, cfg.celery_key_prefix,
+        self._queues = tuple(cfg.celery_queues)
+        self._celery = celery_keys(self._queues, cfg.celery_key_prefix,
                                    cfg.celery_priority_steps)
         self._unacked_key = f"{cfg.celery_key_prefix}{KOMBU_UNACKED}"
         self._account = LookupAccount()
@@ -594,9 +801,22 @@ class RedisCollector:
 
     # -- I/O
 
+    def _follow_queues(self) -> None:
+        """Add the queues the last key count found declared to the configured ones (at most
+        max_celery_queues in all, configured first)."""
+        result = self._scanner.result()
+        found = [q for q in (result.queues if result else ()) if q not in self._cfg.celery_queues]
+        room = max(0, self._cfg.max_celery_queues - len(self._cfg.celery_queues))
+        queues = (*self._cfg.celery_queues, *found[:room])
+        if queues != self._queues:
+            self._queues = queues
+            self._celery = celery_keys(queues, self._cfg.celery_key_prefix,
+                                       self._cfg.celery_priority_steps)
+
     def _round_trip(self) -> tuple[dict[str, str], dict[str, Any]]:
         if self._client is None:
             self._client = self._factory()
+        self._follow_queues()
         pipe = self._client.pipeline(transaction=False)
         # redis-py leaves Pipeline.execute_command unannotated.
         send: Callable[..., Any] = pipe.execute_command
@@ -807,7 +1027,8 @@ class RedisCollector:
         if result is None:
             return [complete]
         keys = GaugeMetricFamily("qatoolbox_redis_key_group_keys",
-                                 "Keys in the database by configured key group.",
+                                 "Keys in the database by key group: configured groups, then the "
+                                 "largest key structures, the rest under other.",
                                  labels=["group"])
         for group, count in result.counts.items():
             keys.add_metric([group], count)

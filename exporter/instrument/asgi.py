@@ -61,8 +61,15 @@ class PrometheusASGIMiddleware:
             failed = True
             raise
         finally:
-            route = self.route(scope) or UNMATCHED
+            route = _label(self.route(scope))
             if failed:
                 rec.request_exception(route, method)
                 status = 500
             rec.request_finished(route, method, status, time.perf_counter() - start)
+
+
+def _label(route: str | None) -> str:
+    """The route function's answer as a label: None is no match, "" the site root ("/")."""
+    if route is None:
+        return UNMATCHED
+    return route or "/"

@@ -50,13 +50,18 @@ class _QueryCounter:
             self.count += 1
 
 
+# The site root's template is empty (path("", home_view)): labelled "/", as the WSGI and ASGI
+# helpers label a route function's "".
+ROOT_ROUTE = "/"
+
+
 def route_of(request: Any) -> str:
     """The route label: the matched URL pattern template, never the raw path."""
     match = getattr(request, "resolver_match", None)
     if match is None:
         return UNMATCHED
     route = match.route
-    return route if route is not None else UNMATCHED
+    return UNMATCHED if route is None else (route or ROOT_ROUTE)
 
 
 class PrometheusMiddleware:
@@ -110,7 +115,8 @@ class PrometheusMiddleware:
         finally:
             seconds = perf_counter() - start
             match = request.resolver_match
-            route = UNMATCHED if match is None else (match.route or UNMATCHED)
+            route = UNMATCHED if match is None or match.route is None else (
+                match.route or ROOT_ROUTE)
             if counter is None:
                 rec.request_finished(route, method, status, seconds)
             else:

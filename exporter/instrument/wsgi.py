@@ -79,7 +79,7 @@ class PrometheusWSGIMiddleware:
         start = time.perf_counter()
 
         def done(failed: bool) -> None:
-            route = self.route(environ) or UNMATCHED
+            route = _label(self.route(environ))
             if failed:
                 rec.request_exception(route, method)
             rec.request_finished(route, method, 500 if failed else status[0],
@@ -91,3 +91,10 @@ class PrometheusWSGIMiddleware:
             done(True)
             raise
         return _Body(body, done)
+
+
+def _label(route: str | None) -> str:
+    """The route function's answer as a label: None is no match, "" the site root ("/")."""
+    if route is None:
+        return UNMATCHED
+    return route or "/"

@@ -10,6 +10,7 @@ api = [
 ]
 
 urlpatterns = [
+    path("", views.home),  # the site root, as QAToolBox routes its home page
     path("fast/", views.fast),
     path("slow/", views.slow),
     path("queries/", views.queries),

@@ -9,6 +9,10 @@ from django.db import connection  # type: ignore[import-untyped]
 from django.http import HttpResponse, JsonResponse  # type: ignore[import-untyped]
 
 
+def home(request: Any) -> Any:
+    return HttpResponse("home")
+
+
 def fast(request: Any) -> Any:
     return HttpResponse("ok")
 

@@ -16,6 +16,11 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "tools",
 ]
+# Time capsules are gone from QAToolBox since its tools migration 0070; an older deployment
+# still has their table. Off by default, as at HEAD; "1" adds tools_timecapsule back.
+LEGACY_CAPSULES = os.environ.get("QATOOLBOX_DEMO_LEGACY_CAPSULES", "") == "1"
+if LEGACY_CAPSULES:
+    INSTALLED_APPS.append("legacy_capsules")
 
 # No CsrfViewMiddleware: the views are a JSON API driven by load generators, not forms.
 MIDDLEWARE = [
@@ -47,6 +52,26 @@ DATABASES = {
 }
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# QAToolBox's production cache: Redis at REDIS_URL, KEY_PREFIX "qatoolbox" (keys are
+# "qatoolbox:1:<key>"), sessions in it and in the database (cached_db). QAToolBox uses
+# django-redis; Django's own Redis backend names keys the same way (prefix:version:key) and
+# needs no extra package. Without REDIS_URL (manage.py migrate in tests) a local-memory cache
+# keeps the demo off any Redis it was not pointed at.
+if os.environ.get("REDIS_URL"):
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": os.environ["REDIS_URL"],
+            "KEY_PREFIX": "qatoolbox",
+            "TIMEOUT": 300,
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                          "KEY_PREFIX": "qatoolbox"}}
+SESSION_ENGINE = "django.contrib.sessions.backends.cached_db"
+SESSION_CACHE_ALIAS = "default"
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

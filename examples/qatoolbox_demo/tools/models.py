@@ -1,7 +1,12 @@
 """Models giving the tables QAToolBox's business metrics read, with QAToolBox's columns and indexes.
 
-Timestamps QAToolBox fills with auto_now_add default to timezone.now here instead: the columns
-are the same (Django sets no database default either way), and seed_demo can write the past.
+As at QAToolBox's HEAD (apps/tools/models/chat_models.py): the tools app's migration 0070
+deleted TimeCapsule, which lives on only in the optional legacy_capsules app here.
+Timestamps QAToolBox fills with auto_now_add or auto_now default to timezone.now here instead:
+the columns are the same (Django sets no database default either way), and seed_demo can
+write the past. The choices are the models' own: the application stores other values too
+(message_type "audio" from the send-audio view, "emoji" in older rows, whatever a WebSocket
+client sends; status "expired" from a cleanup task, any status a heartbeat sends).
 """
 
 from django.contrib.auth.models import User
@@ -56,7 +61,7 @@ class ChatRoom(models.Model):
 
 
 class ChatMessage(models.Model):
-    """One message in a room; deletion only sets is_deleted."""
+    """One message in a room; deleted with its room by the cleanup."""
 
     MESSAGE_TYPES = [
         ("text", "Text"),
@@ -119,65 +124,3 @@ class UserOnlineStatus(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user_id}: {self.status}"
-
-
-class TimeCapsule(models.Model):
-    """A message to the future, unlocked by time, place or event."""
-
-    CAPSULE_TYPES = [
-        ("memory", "Memory"),
-        ("wish", "Wish"),
-        ("secret", "Secret"),
-    ]
-    UNLOCK_CONDITIONS = [
-        ("time", "At a time"),
-        ("location", "At a place"),
-        ("event", "On an event"),
-    ]
-    VISIBILITIES = [
-        ("private", "Only me"),
-        ("public", "Public"),
-        ("anonymous", "Anonymous"),
-    ]
-
-    user = models.ForeignKey(User, on_delete=models.CASCADE, related_name="time_capsules")
-    title = models.CharField(max_length=200, blank=True)
-    content = models.TextField()
-    emotions = models.JSONField(default=list)
-    location = models.JSONField(null=True, blank=True)
-    weather = models.JSONField(null=True, blank=True)
-    keywords = models.JSONField(default=list, blank=True)
-    capsule_type = models.CharField(max_length=20, choices=CAPSULE_TYPES, default="memory")
-    unlock_condition = models.CharField(max_length=20, choices=UNLOCK_CONDITIONS, default="time")
-    unlock_time = models.DateTimeField(null=True, blank=True, db_index=True)
-    unlock_location = models.JSONField(null=True, blank=True)
-    unlock_event = models.CharField(max_length=200, blank=True)
-    visibility = models.CharField(
-        max_length=20, choices=VISIBILITIES, default="private", db_index=True
-    )
-    is_anonymous = models.BooleanField(default=False)
-    images = models.JSONField(default=list, blank=True)
-    audio = models.URLField(blank=True)
-    is_locked = models.BooleanField(default=True)
-    is_unlocked = models.BooleanField(default=False)
-    unlock_count = models.IntegerField(default=0)
-    created_at = models.DateTimeField(default=timezone.now, db_index=True)
-    updated_at = models.DateTimeField(auto_now=True)
-
-    class Meta:
-        ordering = ["-created_at"]
-        indexes = [
-            models.Index(fields=["user", "created_at"]),
-            models.Index(fields=["visibility", "created_at"]),
-            models.Index(fields=["unlock_time", "unlock_condition"]),
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.capsule_type} capsule of {self.user_id}"
-
-    def unlock(self) -> None:
-        """Open the capsule (both flags: QAToolBox keeps is_locked and is_unlocked)."""
-        self.is_locked = False
-        self.is_unlocked = True
-        self.unlock_count += 1
-        self.save(update_fields=["is_locked", "is_unlocked", "unlock_count", "updated_at"])
