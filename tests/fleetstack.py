@@ -1,0 +1,160 @@
+"""Fleet topologies for tests and scripts/stack: several exporters of one cluster against one
+PostgreSQL and Redis, Prometheus replicas and an Alertmanager cluster, sharded scrapers writing
+to VictoriaMetrics. Every process listens on 127.0.0.1 and is stopped by whoever started it."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.harness import ROOT, ExporterProcess, free_port, wait_for
+from tests.promstack import (
+    ALERTMANAGER_BIN,
+    PROMETHEUS_BIN,
+    AlertmanagerServer,
+    PrometheusServer,
+    _Daemon,
+    _get_ok,
+    prometheus_test_config,
+)
+
+HA_DIR = ROOT / "deploy" / "ha"
+VICTORIA_METRICS_BIN = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
+
+
+def target_groups(groups: Sequence[tuple[Sequence[str], Mapping[str, str]]]) -> list[Any]:
+    """file_sd target groups from (addresses, labels) pairs."""
+    return [{"targets": list(addresses), "labels": dict(labels)} for addresses, labels in groups]
+
+
+def fleet_prometheus_config(
+    base: Path,
+    groups: Sequence[tuple[Sequence[str], Mapping[str, str]]],
+    *,
+    alertmanagers: Sequence[str] = (),
+    for_: str | None = "2s",
+    external_labels: Mapping[str, str] | None = None,
+    alert_relabel_configs: Sequence[Mapping[str, Any]] | None = None,
+    name: str = "prometheus",
+) -> Path:
+    """The repository's prometheus/ for a test (prometheus_test_config), with the given
+    target groups of job qatoolbox instead of one, every Alertmanager of a cluster, and the HA
+    settings (external labels, alert relabelling) when given."""
+    config_file = prometheus_test_config(base / name, ["127.0.0.1:1"],
+                                         alertmanager=alertmanagers[0] if alertmanagers else None,
+                                         for_=for_)
+    (config_file.parent / "targets" / "test.yml").write_text(yaml.safe_dump(target_groups(groups)))
+    config = yaml.safe_load(config_file.read_text())
+    if alertmanagers:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [
+            {"targets": list(alertmanagers)}]}]}
+        if alert_relabel_configs is not None:
+            config["alerting"]["alert_relabel_configs"] = list(alert_relabel_configs)
+        for scrape in config["scrape_configs"]:
+            if scrape["job_name"] == "alertmanager":
+                scrape["static_configs"] = [{"targets": list(alertmanagers)}]
+    if external_labels is not None:
+        config["global"]["external_labels"] = dict(external_labels)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config_file
+
+
+@dataclass
+class ClusteredAlertmanager(AlertmanagerServer):
+    """Debian's Alertmanager as one peer of a gossip cluster (--cluster.* flags)."""
+
+    cluster_port: int = field(default_factory=free_port)
+    peers: Sequence[int] = ()
+    name: str = "alertmanager-peer"
+
+    def start(self, timeout: float = 30) -> ClusteredAlertmanager:
+        """Start with the cluster listener on loopback and the other peers' addresses."""
+        data = self.base / f"alertmanager-data-{self.port}"
+        data.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.base / f"alertmanager-{self.port}.log"
+        peers = [f"--cluster.peer=127.0.0.1:{p}" for p in self.peers if p != self.cluster_port]
+        self._spawn([ALERTMANAGER_BIN, f"--config.file={self.config_file}",
+                     f"--storage.path={data}", f"--web.listen-address=127.0.0.1:{self.port}",
+                     f"--cluster.listen-address=127.0.0.1:{self.cluster_port}",
+                     f"--cluster.advertise-address=127.0.0.1:{self.cluster_port}",
+                     # Loopback peers settle at once; the defaults suit real networks.
+                     "--cluster.settle-timeout=2s", "--cluster.gossip-interval=100ms",
+                     "--cluster.pushpull-interval=2s", "--cluster.peer-timeout=1s",
+                     *peers, "--log.level=warn"])
+        wait_for(lambda: self._alive() and _get_ok(f"{self.url}/-/ready"), timeout,
+                 f"Alertmanager peer on port {self.port}", interval=0.2)
+        return self
+
+    def members(self) -> int:
+        """Cluster members this peer sees (its /api/v2/status)."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/api/v2/status", timeout=5) as response:
+            status = json.loads(response.read())
+        return len(status["cluster"]["peers"])
+
+
+def alertmanager_cluster(base: Path, config_file: Path, size: int = 3
+                         ) -> list[ClusteredAlertmanager]:
+    """size Alertmanager peers (not started) that all know each other."""
+    ports = [free_port() for _ in range(size)]
+    return [ClusteredAlertmanager(base, config_file, cluster_port=p, peers=ports)
+            for p in ports]
+
+
+@dataclass
+class VictoriaMetrics(_Daemon):
+    """Debian's single-node VictoriaMetrics on a free loopback port: a remote_write target
+    and a Prometheus-compatible query API, deduplicating samples within dedup_interval."""
+
+    base: Path
+    port: int = field(default_factory=free_port)
+    dedup_interval: str = "1s"
+    name: str = "victoria-metrics"
+
+    def start(self, timeout: float = 30) -> VictoriaMetrics:
+        """Start and wait until /health answers."""
+        data = self.base / f"vm-data-{self.port}"
+        data.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.base / f"vm-{self.port}.log"
+        self._spawn([VICTORIA_METRICS_BIN, f"-storageDataPath={data}",
+                     f"-httpListenAddr=127.0.0.1:{self.port}",
+                     f"-dedup.minScrapeInterval={self.dedup_interval}",
+                     "-retentionPeriod=1d", "-loggerLevel=ERROR",
+                     # Answer right after the write, not 30 s later (the default cache lag).
+                     "-search.latencyOffset=0s", "-search.cacheTimestampOffset=0s"])
+        wait_for(lambda: self._alive() and _get_ok(f"{self.url}/health"), timeout,
+                 f"VictoriaMetrics on port {self.port}", interval=0.2)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def started(stack: contextlib.ExitStack, daemon: Any) -> Any:
+    """daemon.start(), stopped when stack closes (even if the start fails half-way)."""
+    stack.callback(daemon.stop)
+    return daemon.start()
+
+
+@contextlib.contextmanager
+def exporters(base: Path, specs: Sequence[Mapping[str, Any]]) -> Iterator[list[ExporterProcess]]:
+    """Start exporters from ExporterProcess keyword arguments; stop them all on the way out."""
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for spec in specs:
+            proc = ExporterProcess(base, **spec)
+            stack.callback(proc.stop)
+            procs.append(proc.start())
+        yield procs
+
+
+__all__ = ["PROMETHEUS_BIN", "PrometheusServer"]
