@@ -5,6 +5,7 @@ to VictoriaMetrics. Every process listens on 127.0.0.1 and is stopped by whoever
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from tests.promstack import (
     PrometheusServer,
     _Daemon,
     _get_ok,
+    alertmanager_test_config,
     prometheus_test_config,
 )
 
@@ -42,13 +44,15 @@ def fleet_prometheus_config(
     external_labels: Mapping[str, str] | None = None,
     alert_relabel_configs: Sequence[Mapping[str, Any]] | None = None,
     name: str = "prometheus",
+    scrape_interval: str = "1s",
 ) -> Path:
     """The repository's prometheus/ for a test (prometheus_test_config), with the given
     target groups of job qatoolbox instead of one, every Alertmanager of a cluster, and the HA
     settings (external labels, alert relabelling) when given."""
     config_file = prometheus_test_config(base / name, ["127.0.0.1:1"],
                                          alertmanager=alertmanagers[0] if alertmanagers else None,
-                                         for_=for_)
+                                         for_=for_, scrape_interval=scrape_interval,
+                                         evaluation_interval=scrape_interval)
     (config_file.parent / "targets" / "test.yml").write_text(yaml.safe_dump(target_groups(groups)))
     config = yaml.safe_load(config_file.read_text())
     if alertmanagers:
@@ -139,6 +143,13 @@ class VictoriaMetrics(_Daemon):
         return f"http://127.0.0.1:{self.port}"
 
 
+def kill(daemon: _Daemon) -> None:
+    """SIGKILL a started daemon, as a crash would end it, and reap it."""
+    assert daemon.proc is not None
+    daemon.proc.kill()
+    daemon.proc.wait(10)
+
+
 def started(stack: contextlib.ExitStack, daemon: Any) -> Any:
     """daemon.start(), stopped when stack closes (even if the start fails half-way)."""
     stack.callback(daemon.stop)
@@ -155,6 +166,82 @@ def exporters(base: Path, specs: Sequence[Mapping[str, Any]]) -> Iterator[list[E
             stack.callback(proc.stop)
             procs.append(proc.start())
         yield procs
+
+
+# --- high availability: two Prometheus replicas, three clustered Alertmanagers ----------------
+
+def ha_settings() -> dict[str, Any]:
+    """deploy/ha/prometheus.yml's external labels and alert relabelling."""
+    config = yaml.safe_load((HA_DIR / "prometheus.yml").read_text())
+    return {"external_labels": config["global"]["external_labels"],
+            "alert_relabel_configs": config["alerting"]["alert_relabel_configs"]}
+
+
+@dataclass
+class ReplicaPrometheus(PrometheusServer):
+    """A Prometheus replica as deploy/ha/prometheus.default runs it: PROMETHEUS_REPLICA in its
+    environment, expanded into the external labels by --enable-feature=expand-external-labels."""
+
+    replica: str = "a"
+    name: str = "prometheus-replica"
+
+    def start(self, timeout: float = 30) -> ReplicaPrometheus:
+        old = os.environ.get("PROMETHEUS_REPLICA")
+        os.environ["PROMETHEUS_REPLICA"] = self.replica  # the child inherits it at spawn
+        try:
+            self.extra_args = [*self.extra_args, "--enable-feature=expand-external-labels"]
+            super().start(timeout)
+        finally:
+            if old is None:
+                del os.environ["PROMETHEUS_REPLICA"]
+            else:
+                os.environ["PROMETHEUS_REPLICA"] = old
+        return self
+
+
+@dataclass
+class HAStack:
+    """Alerting made highly available from Debian's binaries: 3 clustered Alertmanagers with
+    the repository's alertmanager.yml (receivers pointed at webhook_url, or none), 2 Prometheus
+    replicas with the repository's rules and deploy/ha/prometheus.yml's settings, scraping the
+    given target groups."""
+
+    base: Path
+    groups: Sequence[tuple[Sequence[str], Mapping[str, str]]]
+    webhook_url: str | None = None
+    for_: str | None = "2s"
+    scrape_interval: str = "1s"
+    alertmanager_ports: Sequence[int] = ()
+    prometheus_ports: Sequence[int] = ()
+    alertmanagers: list[ClusteredAlertmanager] = field(default_factory=list)
+    replicas: list[ReplicaPrometheus] = field(default_factory=list)
+
+    def start(self, stack: contextlib.ExitStack) -> HAStack:
+        """Start the Alertmanager peers, wait until each sees all three, then the replicas;
+        everything started is stopped when stack closes."""
+        am_config = alertmanager_test_config(self.base, self.webhook_url)
+        peers = alertmanager_cluster(self.base, am_config)
+        for peer, port in zip(peers, self.alertmanager_ports, strict=False):
+            peer.port = port
+        for peer in peers:
+            self.alertmanagers.append(started(stack, peer))
+        wait_for(lambda: all(p.members() == len(peers) for p in self.alertmanagers), 30,
+                 "every Alertmanager peer sees the others", interval=0.2)
+        addresses = [p.address for p in self.alertmanagers]
+        ha = ha_settings()
+        for index, replica in enumerate("ab"):
+            config = fleet_prometheus_config(
+                self.base, self.groups, alertmanagers=addresses, for_=self.for_,
+                external_labels=ha["external_labels"],
+                alert_relabel_configs=ha["alert_relabel_configs"], name=f"replica-{replica}",
+                scrape_interval=self.scrape_interval)
+            kwargs: dict[str, Any] = {"replica": replica,
+                                      "extra_args": ["--rules.alert.resend-delay=1s"]}
+            if index < len(self.prometheus_ports):
+                kwargs["port"] = self.prometheus_ports[index]
+            self.replicas.append(started(stack, ReplicaPrometheus(
+                self.base / f"replica-{replica}", config, **kwargs)))
+        return self
 
 
 __all__ = ["PROMETHEUS_BIN", "PrometheusServer"]
