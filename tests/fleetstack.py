@@ -121,6 +121,7 @@ class VictoriaMetrics(_Daemon):
     base: Path
     port: int = field(default_factory=free_port)
     dedup_interval: str = "1s"
+    relabel_config: Path | None = None
     name: str = "victoria-metrics"
 
     def start(self, timeout: float = 30) -> VictoriaMetrics:
@@ -133,7 +134,9 @@ class VictoriaMetrics(_Daemon):
                      f"-dedup.minScrapeInterval={self.dedup_interval}",
                      "-retentionPeriod=1d", "-loggerLevel=ERROR",
                      # Answer right after the write, not 30 s later (the default cache lag).
-                     "-search.latencyOffset=0s", "-search.cacheTimestampOffset=0s"])
+                     "-search.latencyOffset=0s", "-search.cacheTimestampOffset=0s",
+                     *([f"-relabelConfig={self.relabel_config}"] if self.relabel_config
+                       else [])])
         wait_for(lambda: self._alive() and _get_ok(f"{self.url}/health"), timeout,
                  f"VictoriaMetrics on port {self.port}", interval=0.2)
         return self
