@@ -142,6 +142,9 @@ class HostConfig:
 
     proc_path: str = "/proc"
     sys_path: str = "/sys"
+    # Where the host's root file system is mounted: a container sees the host's mount table
+    # through proc_path, and their sizes under this prefix (node_exporter's --path.rootfs).
+    root_path: str = "/"
     filesystem: FilesystemConfig = FilesystemConfig()
     disk: DeviceFilterConfig = DeviceFilterConfig(exclude=Regex(r"^(ram|loop|fd|zram)\d+$"))
     network: DeviceFilterConfig = DeviceFilterConfig(

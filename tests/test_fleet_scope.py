@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -171,3 +172,33 @@ def test_running_exporter_labels_service_samples_only(
     for prefix in ("host", "process", "exporter"):
         assert {s for p, s in servers if p == prefix} == {None}, prefix
     assert "pw-9f2" not in scrape.text
+
+
+def test_host_root_path_sizes_the_host_file_systems(tmp_path: Path) -> None:
+    """In a DaemonSet the host's mount table is read through host.proc_path and each file
+    system is measured under host.root_path; the labels keep the host's mount points."""
+    from exporter.collectors.host import HostCollector
+    from exporter.config import HostConfig
+
+    asked: list[str] = []
+
+    def statvfs(path: str) -> os.statvfs_result:
+        asked.append(path)
+        return os.statvfs_result((4096, 1024, 1000, 400, 300, 500, 200, 200, 0, 255))
+
+    mounts = ("/dev/sda1 / ext4 rw 0 0\n/dev/sdb1 /var/lib/postgresql xfs rw 0 0\n"
+              "proc /proc proc rw 0 0\n")
+
+    def read(path: str) -> str:
+        if path == "/host/proc/1/mounts":
+            return mounts
+        raise FileNotFoundError(path)
+
+    collector = HostCollector(HostConfig(proc_path="/host/proc", sys_path=str(tmp_path),
+                                         root_path="/host/root"),
+                              read=read, statvfs=statvfs, ticks_per_second=100.0,
+                              timex=lambda: None)
+    families = {f.name: f for f in collector._filesystems()}
+    sizes = families["qatoolbox_host_filesystem_size_bytes"].samples
+    assert sorted(s.labels["mountpoint"] for s in sizes) == ["/", "/var/lib/postgresql"]
+    assert sorted(asked) == ["/host/root/", "/host/root/var/lib/postgresql"]
