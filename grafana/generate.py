@@ -905,11 +905,11 @@ def redis() -> Dashboard:
              [(sel("qatoolbox_redis_uptime_seconds"), "{{server}}")], graph=False),
         stat("Hit ratio", "Share of key lookups that found the key.", "percentunit",
              [(hit_ratio("qatoolbox_redis_keyspace_hits_total",
-                         "qatoolbox_redis_keyspace_misses_total"), "{{server}}")]),
+                         "qatoolbox_redis_keyspace_misses_total", "server"), "{{server}}")]),
         stat("Memory of limit",
              "Used memory against maxmemory, or against host memory when no limit is set "
              "(so the panel never shows N/A).", "percentunit",
-             [(f"{sel('qatoolbox_redis_memory_used_bytes')}\n/ on (job, instance)\n"
+             [(f"{sel('qatoolbox_redis_memory_used_bytes')}\n/ on (job, instance) group_left ()\n"
                f"({sel('qatoolbox_redis_memory_max_bytes')} > 0\n or on (job, instance)\n"
                f"{sel('qatoolbox_host_memory_total_bytes')})", "{{server}}")],
              thresholds=_thresholds((None, "green"), (0.8, "orange"), (0.9, "red"))),
@@ -918,7 +918,7 @@ def redis() -> Dashboard:
         Row("Cache"),
         timeseries("Hit ratio", "Share of key lookups that found the key.", "percentunit",
                    [(hit_ratio("qatoolbox_redis_keyspace_hits_total",
-                               "qatoolbox_redis_keyspace_misses_total"), "{{server}}")],
+                               "qatoolbox_redis_keyspace_misses_total", "server"), "{{server}}")],
                    max_=1),
         timeseries("Evicted and expired keys", "Keys evicted for lack of memory and keys "
                    "expired, per second.", "ops",

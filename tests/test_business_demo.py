@@ -87,8 +87,10 @@ def scrape_all(collector: BusinessCollector) -> Scrape:
 
 
 def serve(scrape: Scrape) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """The default metrics' samples only (no self metrics)."""
-    return {key: value for key, value in scrape.samples.items() if key[0] in DEFAULT_NAMES}
+    """The default metrics' samples only (no self metrics), keyed without the `server` label
+    the exporter adds to every business sample (exporter/fleet.py)."""
+    return {(name, tuple(kv for kv in labels if kv[0] != "server")): value
+            for (name, labels), value in scrape.samples.items() if name in DEFAULT_NAMES}
 
 
 def expected_series(values: dict[str, Any]) -> dict[tuple[str, tuple[tuple[str, str], ...]],
