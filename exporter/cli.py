@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from exporter import __version__, logs
-from exporter.collectors import COLLECTORS, DEFAULTS, build
+from exporter.collectors import COLLECTORS, DEFAULTS, SCOPES, build
 from exporter.config import Config, ConfigError, load_config, summary
 from exporter.redact import redact_url
 from exporter.scrape import ScrapeRunner
@@ -34,6 +34,9 @@ VALUE_FLAGS = {
     "--log.level": ("log.level", "debug, info, warning or error (default info)"),
     "--log.format": ("log.format", "logfmt or json (default logfmt)"),
     "--scrape.timeout": ("scrape.timeout", "time budget of each collector (default 4s)"),
+    "--collectors.scope": ("collectors.scope", "which collectors run by default: all, host "
+                           "(host, process, app) or service (postgres, business, redis); "
+                           "--collector.* still win (default all)"),
 }
 
 
@@ -104,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return report_main(words)
     args, overrides, switches = parse(argv)
     try:
-        config = load_config(args.config_file, os.environ, DEFAULTS, overrides, switches)
+        config = load_config(args.config_file, os.environ, DEFAULTS, overrides, switches,
+                             collector_scopes=SCOPES)
     except ConfigError as exc:
         return _invalid("configuration", exc)
     security = None

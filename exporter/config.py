@@ -75,6 +75,10 @@ def format_duration(seconds: float) -> str:
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["logfmt", "json"]
+# Which collectors run by default (docs/scaling.md): every one, those about the machine the
+# exporter runs on (one exporter per host), or those about shared services (one per database).
+CollectorScope = Literal["all", "host", "service"]
+SCOPES: tuple[CollectorScope, ...] = ("all", "host", "service")
 
 # node_exporter's defaults: kernel and container-internal file systems carry no capacity signal.
 DEFAULT_FS_TYPES_EXCLUDE = (
@@ -142,6 +146,9 @@ class HostConfig:
 
     proc_path: str = "/proc"
     sys_path: str = "/sys"
+    # Where the host's root file system is mounted: a container sees the host's mount table
+    # through proc_path, and their sizes under this prefix (node_exporter's --path.rootfs).
+    root_path: str = "/"
     filesystem: FilesystemConfig = FilesystemConfig()
     disk: DeviceFilterConfig = DeviceFilterConfig(exclude=Regex(r"^(ram|loop|fd|zram)\d+$"))
     network: DeviceFilterConfig = DeviceFilterConfig(
@@ -531,6 +538,9 @@ class Config:
     log: LogConfig = LogConfig()
     scrape: ScrapeConfig = ScrapeConfig()
     collectors: Mapping[str, bool] = field(default_factory=dict)
+    # collectors.scope: the collectors' defaults before collectors.<name> and the flags. Set
+    # from the collectors section, never a key of its own.
+    scope: CollectorScope = field(default="all", metadata={"derived": True})
     host: HostConfig = HostConfig()
     process: ProcessConfig = ProcessConfig()
     postgres: PostgresConfig = PostgresConfig()
@@ -641,7 +651,7 @@ def _build(cls: type[Any], data: Any, path: str, errors: list[str]) -> Any:
         errors.append(f"{path or 'config'}: expected a mapping, got {describe(data)}")
         return cls()
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     for key in data:
         if key not in known:
             errors.append(f"{prefix}{key}: unknown key")
@@ -855,8 +865,9 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def _collectors(
-    raw: Any, known: Mapping[str, bool], flags: Mapping[str, bool], errors: list[str]
-) -> dict[str, bool]:
+    raw: Any, known: Mapping[str, bool], flags: Mapping[str, bool], errors: list[str],
+    scopes: Mapping[str, str] | None = None,
+) -> tuple[dict[str, bool], CollectorScope]:
     enabled = dict(known)
     if raw is None:
         raw = {}
@@ -864,7 +875,20 @@ def _collectors(
         errors.append(f"collectors: expected a mapping of collector names to true/false, got "
                       f"{describe(raw)}")
         raw = {}
+    scope: CollectorScope = "all"
+    if "scope" in raw:
+        if isinstance(raw["scope"], str) and raw["scope"] in SCOPES:
+            scope = raw["scope"]
+        else:
+            errors.append(f"collectors.scope: expected one of {', '.join(SCOPES)}, got "
+                          f"{describe(raw['scope'])}")
+    if scope != "all":
+        # A collector outside the scope is off unless named below or by a flag.
+        enabled = {name: on and (scopes or {}).get(name) == scope
+                   for name, on in enabled.items()}
     for name, value in raw.items():
+        if name == "scope":
+            continue
         if name not in known:
             errors.append(f"collectors.{name}: unknown collector (known: {', '.join(known)})")
         elif not isinstance(value, bool):
@@ -872,7 +896,7 @@ def _collectors(
         else:
             enabled[name] = value
     enabled.update(flags)
-    return enabled
+    return enabled, scope
 
 
 def load_config(
@@ -881,11 +905,15 @@ def load_config(
     known_collectors: Mapping[str, bool],
     overrides: Mapping[str, Any] | None = None,
     collector_flags: Mapping[str, bool] | None = None,
+    *,
+    collector_scopes: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the Config from a YAML file (optional), the environment and flag overrides.
 
     overrides maps dotted keys ("web.listen_address") to raw values from flags; flags win
     over the file, the file wins over the environment, the environment over defaults.
+    collector_scopes maps each collector to its scope ("host" or "service") for
+    collectors.scope.
     """
     raw: Any = read_yaml(path) if path else {}
     if raw is None:
@@ -911,8 +939,9 @@ def load_config(
         raw[section] = {**(current if isinstance(current, Mapping) else {}), key: value}
 
     config: Config = _build(Config, raw, "", errors)
-    enabled = _collectors(raw.get("collectors"), known_collectors, collector_flags or {}, errors)
-    config = dataclasses.replace(config, collectors=types.MappingProxyType(enabled))
+    enabled, scope = _collectors(raw.get("collectors"), known_collectors, collector_flags or {},
+                                 errors, collector_scopes)
+    config = dataclasses.replace(config, collectors=types.MappingProxyType(enabled), scope=scope)
     config = _resolve_secrets(config, errors)
     # A value that failed to convert was replaced by a placeholder: don't also report the
     # placeholder as out of range under the same key.
@@ -1078,6 +1107,8 @@ def summary(config: Config) -> list[str]:
     """A short description of what would run, with secrets left out."""
     lines = [f"listen on {config.web.listen_address}, metrics at {config.web.telemetry_path}",
              f"collector timeout {format_duration(config.scrape.timeout)}"]
+    if config.scope != "all":
+        lines.append(f"collectors scope: {config.scope}")
     for name, on in config.collectors.items():
         lines.append(f"collector {name}: {'enabled' if on else 'disabled'}")
     if config.enabled("postgres"):

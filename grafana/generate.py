@@ -19,7 +19,12 @@ OUT_DIR = Path(__file__).resolve().parent / "dashboards"
 SCHEMA_VERSION = 42
 TAG = "qatoolbox"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-SEL = 'job=~"$job",instance=~"$instance"'
+SEL = 'cluster=~"$cluster",job=~"$job",instance=~"$instance"'
+# Shared services on the Overview: every exporter of the cluster, whatever host is selected.
+SVC = 'cluster=~"$cluster",job=~"$job"'
+# On a fleet, several exporters may read one PostgreSQL or Redis (docs/scaling.md); their
+# samples differ only by instance. ONCE keeps one reading per server before any sum.
+ONCE = "cluster, server"
 RI = "$__rate_interval"
 IDLE = 'mode="idle"'
 DAY = 'window="24h"'
@@ -69,6 +74,12 @@ def mean(histogram: str, by: str, labels: str = "") -> str:
     """Mean observation of a histogram over the rate window."""
     return (f"sum by ({by}) ({rate(histogram + '_sum', labels)})\n/\n"
             f"sum by ({by}) ({rate(histogram + '_count', labels)})")
+
+
+def once(expr: str, by: str = "") -> str:
+    """One series per (cluster, server[, by]) of a service family, however many exporters
+    read that server: max, since their readings agree but for scrape timing."""
+    return f"max by ({ONCE}{', ' + by if by else ''}) ({expr})"
 
 
 def with_query_text(counter: str) -> str:
@@ -352,7 +363,8 @@ class Dashboard:
             "refresh": "30s",
             "schemaVersion": SCHEMA_VERSION,
             "tags": [TAG],
-            "templating": {"list": [*common_variables(), *self.variables]},
+            "templating": {"list": [*common_variables(SERVICE_DASHBOARDS.get(self.uid)),
+                                    *self.variables]},
             "time": {"from": "now-1h", "to": "now"},
             "timepicker": {},
             "timezone": "browser",
@@ -363,15 +375,17 @@ class Dashboard:
         }
 
 
-def query_variable(name: str, label: str, query: str, multi: bool = True) -> Json:
-    """A Prometheus label_values variable (multi-select, include all, All matches any)."""
+def query_variable(name: str, label: str, query: str, multi: bool = True,
+                   all_value: str = ".+") -> Json:
+    """A Prometheus label_values variable: multi-select with All (All matches all_value), or
+    with multi False a single choice without All (Grafana selects the first value)."""
     return {
-        "allValue": ".+",
-        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        **({"allValue": all_value} if multi else {}),
+        "current": ({"selected": True, "text": ["All"], "value": ["$__all"]} if multi else {}),
         "datasource": DS,
         "definition": query,
         "hide": 0,
-        "includeAll": True,
+        "includeAll": multi,
         "label": label,
         "multi": multi,
         "name": name,
@@ -385,17 +399,45 @@ def query_variable(name: str, label: str, query: str, multi: bool = True) -> Jso
     }
 
 
-def common_variables() -> list[Json]:
-    """datasource, job and instance: on every dashboard."""
-    return [
+# Dashboards about one shared server, by uid: the family whose `server` label lists them.
+SERVICE_DASHBOARDS = {
+    "qatoolbox-postgres": "qatoolbox_postgres_up",
+    "qatoolbox-redis": "qatoolbox_redis_up",
+    "qatoolbox-business": "qatoolbox_business_up",
+}
+
+
+def common_variables(service_family: str | None = None) -> list[Json]:
+    """datasource, cluster, job and instance on every dashboard. Host dashboards select any
+    hosts (instance, All by default: every line names its host). A dashboard about a shared
+    server selects one server and one exporter reading it (instance, single): N exporters
+    reading one database show it once, not N times."""
+    cluster_job = 'cluster=~"$cluster",job=~"$job"'
+    variables = [
         {"current": {"selected": False, "text": "Prometheus", "value": "prometheus"},
          "hide": 0, "includeAll": False, "label": "Data source", "multi": False,
          "name": "datasource", "options": [], "query": "prometheus", "refresh": 1,
          "regex": "", "skipUrlSync": False, "type": "datasource"},
-        query_variable("job", "Job", "label_values(qatoolbox_exporter_build_info, job)"),
-        query_variable("instance", "Instance",
-                       'label_values(qatoolbox_exporter_build_info{job=~"$job"}, instance)'),
+        # ".*": targets without a cluster label (a single host) still match All.
+        query_variable("cluster", "Cluster",
+                       "label_values(qatoolbox_exporter_build_info, cluster)", all_value=".*"),
+        query_variable("job", "Job",
+                       'label_values(qatoolbox_exporter_build_info{cluster=~"$cluster"}, job)'),
     ]
+    if service_family is None:
+        variables.append(query_variable(
+            "instance", "Instance",
+            f"label_values(qatoolbox_exporter_build_info{{{cluster_job}}}, instance)"))
+    else:
+        variables += [
+            query_variable("server", "Server",
+                           f"label_values({service_family}{{{cluster_job}}}, server)",
+                           multi=False),
+            query_variable("instance", "Exporter",
+                           f'label_values({service_family}{{{cluster_job},server=~"$server"}}, '
+                           f'instance)', multi=False),
+        ]
+    return variables
 
 
 def interval_variable(name: str, label: str, options: Sequence[str], default: str) -> Json:
@@ -413,36 +455,74 @@ def link(uid: str, title: str) -> Json:
     """A panel link to another dashboard, keeping time range and variables."""
     return {"targetBlank": False, "title": title,
             "url": f"/d/{uid}?${{__url_time_range}}&${{datasource:queryparam}}"
-                   f"&${{job:queryparam}}&${{instance:queryparam}}"}
+                   f"&${{cluster:queryparam}}&${{job:queryparam}}"
+                   + ("" if uid in SERVICE_DASHBOARDS else "&${instance:queryparam}")}
 
 
 # --- the dashboards ---------------------------------------------------------------------------
 
 
 def overview() -> Dashboard:
-    """The design's monitoring dashboard: one screen for administrators."""
+    """The design's monitoring dashboard: one screen for administrators, fleet-wide."""
     alerts = [(f'count(ALERTS{{alertstate="firing",severity="{s}"}}) or vector(0)', s)
               for s in ("critical", "warning", "info")]
+    hosts = 'qatoolbox_host_boot_time_seconds'
+
+    def per_host(expr: str) -> str:
+        return f"max by (cluster, instance) ({expr})"
+
+    def fleet(metric: str, labels: str = "", by: str = "") -> str:
+        """A business figure once per database, summed per cluster."""
+        inner = f"{SVC},{labels}" if labels else SVC
+        return f"sum by (cluster) ({once(f'{metric}{{{inner}}}', by)})"
+
+    def pg_blocks(kind: str) -> str:
+        counter = f"rate(qatoolbox_postgres_blocks_{kind}_total{{{SVC}}}[{RI}])"
+        return f"sum by ({ONCE}) ({once(counter, 'datname')})"
+
+    pg_hits, pg_reads = pg_blocks("hit"), pg_blocks("read")
+    rd_hits = once(f"rate(qatoolbox_redis_keyspace_hits_total{{{SVC}}}[{RI}])")
+    rd_misses = once(f"rate(qatoolbox_redis_keyspace_misses_total{{{SVC}}}[{RI}])")
     return Dashboard("qatoolbox-overview", "QAToolBox / Overview",
-                     "Health, alerts, host, database, cache, requests and business figures.", [
+                     "The fleet at a glance: alerts, every host with its state, each shared "
+                     "database and cache once, requests and business figures.", [
         Row("Health and alerts"),
-        stat("Exporter", "1 while Prometheus can scrape the exporter (the `up` series).", "none",
-             [(sel("up"), "{{instance}}")], mappings=UP_MAPPING, graph=False,
-             thresholds=_thresholds((None, "red"), (1, "green"))),
-        stat("PostgreSQL", "1 when the exporter's last PostgreSQL query succeeded.", "none",
-             [(sel("qatoolbox_postgres_up"), "{{instance}}")], mappings=UP_MAPPING, graph=False,
-             thresholds=_thresholds((None, "red"), (1, "green")),
+        stat("Exporters up", "Exporter targets Prometheus scrapes successfully, of all "
+             "targets (the `up` series).", "short",
+             [(f"count({sel('up')} == 1) or vector(0)", "up"),
+              (f"count({sel('up')})", "targets")], graph=False,
+             thresholds=_thresholds((None, "green"))),
+        stat("PostgreSQL", "1 when an exporter's last query of the server succeeded; each "
+             "server once, however many exporters read it.", "none",
+             [(once(f"qatoolbox_postgres_up{{{SVC}}}"), "{{server}}")], mappings=UP_MAPPING,
+             graph=False, thresholds=_thresholds((None, "red"), (1, "green")),
              links=[link("qatoolbox-postgres", "PostgreSQL dashboard")]),
-        stat("Redis", "1 when the exporter's last Redis command succeeded.", "none",
-             [(sel("qatoolbox_redis_up"), "{{instance}}")], mappings=UP_MAPPING, graph=False,
-             thresholds=_thresholds((None, "red"), (1, "green")),
+        stat("Redis", "1 when an exporter's last command to the server succeeded; each "
+             "server once.", "none",
+             [(once(f"qatoolbox_redis_up{{{SVC}}}"), "{{server}}")], mappings=UP_MAPPING,
+             graph=False, thresholds=_thresholds((None, "red"), (1, "green")),
              links=[link("qatoolbox-redis", "Redis dashboard")]),
-        stat("Failing collectors", "Collectors whose last run failed or timed out.", "short",
+        stat("Failing collectors", "Collectors whose last run failed or timed out, on every "
+             "exporter.", "short",
              [(f"count({sel('qatoolbox_exporter_collector_success')} == 0) or vector(0)",
                "failing")], graph=False,
              thresholds=_thresholds((None, "green"), (1, "red"))),
         stat("Firing alerts", "Alerts firing now, by severity (from ALERTS).", "short", alerts,
              w=8, graph=False, thresholds=_thresholds((None, "green"), (1, "orange"))),
+        table("Hosts", "Every host (exporter with the host collector) seen in the time range, "
+              "with its state now: exporter up, CPU and memory utilisation, fullest file "
+              "system, load per CPU and uptime. A host whose exporter is down stays listed "
+              "with up 0.", "percentunit",
+              [(per_host(f"{sel('up')} and on (job, instance) "
+                         f"present_over_time({sel(hosts)}[$__range])"), ""),
+               (per_host(sel("instance:qatoolbox_host_cpu_utilisation:ratio")), ""),
+               (per_host(sel("instance:qatoolbox_host_memory_utilisation:ratio")), ""),
+               (per_host(sel("instance_mountpoint:qatoolbox_host_filesystem_usage:ratio")), ""),
+               (per_host(sel("instance:qatoolbox_host_load5_per_cpu:ratio")), ""),
+               (per_host(f"time() - {sel(hosts)}"), "")],
+              h=8, columns={"A": "up", "B": "CPU", "C": "memory", "D": "fullest file system",
+                            "E": "load per CPU", "F": "uptime"},
+              units={"up": "bool", "load per CPU": "short", "uptime": "s"}, sort_by="CPU"),
         table("Firing alerts", "Every alert firing now with its labels.", "none",
               [('ALERTS{alertstate="firing"}', "")], h=6),
         Row("Host"),
@@ -461,39 +541,45 @@ def overview() -> Dashboard:
                      f"({sel('instance_mountpoint:qatoolbox_host_filesystem_usage:ratio')})",
                      "{{instance}}")], min_=0, max_=1, alert_lines=(0.90, 0.95)),
         Row("Database and cache"),
-        timeseries("PostgreSQL connections", "Client connections against max_connections.",
-                   "short",
-                   [(f"sum by (instance) ({sel('qatoolbox_postgres_connections')})", "connections"),
-                    (sel("qatoolbox_postgres_max_connections"), "max_connections")], w=6),
+        timeseries("PostgreSQL connections", "Client connections against max_connections, "
+                   "per server.", "short",
+                   [(f"sum by ({ONCE}) "
+                     f"({once(f'qatoolbox_postgres_connections{{{SVC}}}', 'datname, state')})",
+                     "{{server}} connections"),
+                    (once(f"qatoolbox_postgres_max_connections{{{SVC}}}"),
+                     "{{server}} max_connections")], w=6),
         timeseries("Slow queries and lock waits",
                    "Active queries older than the slow threshold, and backends waiting on a "
-                   "lock.", "short",
-                   [(f"sum by (instance) ({sel('qatoolbox_postgres_slow_queries')})",
-                     "slow queries"),
-                    (f"sum by (instance) ({sel('qatoolbox_postgres_lock_waits')})",
-                     "lock waits")], w=6),
+                   "lock, per server.", "short",
+                   [(f"sum by ({ONCE}) "
+                     f"({once(f'qatoolbox_postgres_slow_queries{{{SVC}}}', 'datname')})",
+                     "{{server}} slow queries"),
+                    (f"sum by ({ONCE}) "
+                     f"({once(f'qatoolbox_postgres_lock_waits{{{SVC}}}', 'datname')})",
+                     "{{server}} lock waits")], w=6),
         timeseries("PostgreSQL cache hit ratio",
-                   "Share of block reads served from shared buffers.", "percentunit",
-                   [(hit_ratio("qatoolbox_postgres_blocks_hit_total",
-                               "qatoolbox_postgres_blocks_read_total"), "{{instance}}")],
+                   "Share of block reads served from shared buffers, per server.",
+                   "percentunit", [(f"{pg_hits}\n/\n({pg_hits} + {pg_reads})", "{{server}}")],
                    w=6, max_=1),
-        timeseries("Redis hit ratio", "Share of key lookups that found the key.",
-                   "percentunit",
-                   [(hit_ratio("qatoolbox_redis_keyspace_hits_total",
-                               "qatoolbox_redis_keyspace_misses_total"), "{{instance}}")],
+        timeseries("Redis hit ratio", "Share of key lookups that found the key, per server.",
+                   "percentunit", [(f"{rd_hits}\n/\n({rd_hits} + {rd_misses})", "{{server}}")],
                    w=6, max_=1),
         timeseries("Redis memory", "Memory Redis uses for data, and its limit when set.",
                    "bytes",
-                   [(sel("qatoolbox_redis_memory_used_bytes"), "used"),
-                    (f"{sel('qatoolbox_redis_memory_max_bytes')} > 0", "maxmemory")], w=6),
+                   [(once(f"qatoolbox_redis_memory_used_bytes{{{SVC}}}"), "{{server}} used"),
+                    (f"{once(f'qatoolbox_redis_memory_max_bytes{{{SVC}}}')} > 0",
+                     "{{server}} maxmemory")], w=6),
         timeseries("Redis clients", "Connected and blocked clients.", "short",
-                   [(sel("qatoolbox_redis_connected_clients"), "connected"),
-                    (sel("qatoolbox_redis_blocked_clients"), "blocked")], w=6),
-        timeseries("Celery backlog", "Messages waiting in each Celery queue.", "short",
-                   [(f"sum by (queue) ({sel('qatoolbox_celery_queue_length')})", "{{queue}}")],
-                   w=12),
+                   [(once(f"qatoolbox_redis_connected_clients{{{SVC}}}"), "{{server}} connected"),
+                    (once(f"qatoolbox_redis_blocked_clients{{{SVC}}}"), "{{server}} blocked")],
+                   w=6),
+        timeseries("Celery backlog", "Messages waiting in each Celery queue of each broker.",
+                   "short",
+                   [(once(f"qatoolbox_celery_queue_length{{{SVC}}}", "queue"),
+                     "{{server}} {{queue}}")], w=12),
         Row("Application"),
-        timeseries("Request rate", "HTTP requests per second by status class.", "reqps",
+        timeseries("Request rate", "HTTP requests per second by status class, all hosts "
+                   "together.", "reqps",
                    [(f"sum by (status) ({rate('qatoolbox_http_requests_total')})",
                      "{{status}}")], w=8, stack=True),
         timeseries("5xx ratio", "Share of requests answered with a server error over 5 "
@@ -507,23 +593,24 @@ def overview() -> Dashboard:
                     (sel("instance:qatoolbox_http_request_duration_seconds:p99_rate5m"),
                      "{{instance}} p99")], w=8, alert_lines=(2.0,)),
         Row("Business"),
-        stat("Registered users", "Accounts in auth_user (active and inactive).", "short",
-             [(f"sum({sel('qatoolbox_users')})", "users")],
+        stat("Registered users", "Accounts in auth_user (active and inactive), each database "
+             "once, per cluster.", "short", [(fleet("qatoolbox_users", by="state"), "{{cluster}}")],
              links=[link("qatoolbox-business", "Business dashboard")]),
         stat("Active users (24 h)", "Users who logged in within the last 24 hours.", "short",
-             [(f"sum({sel('qatoolbox_users_active', DAY)})", "active 24h")]),
+             [(fleet("qatoolbox_users_active", DAY, "window"), "{{cluster}}")]),
         stat("Online users", ONLINE_HELP, "short",
-             [(f"sum({sel('qatoolbox_users_online')})", "online")]),
+             [(fleet("qatoolbox_users_online"), "{{cluster}}")]),
         stat("Messages per minute", "Chat messages sent per minute.", "short",
-             [(f"sum({rate('qatoolbox_chat_messages_total')}) * 60", "messages/min")]),
+             [(f"sum by (cluster) "
+               f"({once(f'rate(qatoolbox_chat_messages_total{{{SVC}}}[{RI}])', 'message_type')})"
+               f" * 60", "{{cluster}}")]),
         stat("Chat rooms past cleanup", CLEANUP_HELP, "short",
-             [(f"sum({sel('qatoolbox_chat_rooms_cleanup_overdue')})", "past cleanup")],
+             [(fleet("qatoolbox_chat_rooms_cleanup_overdue"), "{{cluster}}")],
              thresholds=_thresholds((None, "green"), (1, "orange"))),
         stat("Overdue time capsules",
              "Capsules past their unlock time by over an hour, still locked (unlock stalled). "
              "Only where the time capsule table exists (QAToolBox before its tools migration "
-             "0070).", "short",
-             [(f"sum({sel('qatoolbox_time_capsules_overdue')})", "overdue")],
+             "0070).", "short", [(fleet("qatoolbox_time_capsules_overdue"), "{{cluster}}")],
              thresholds=_thresholds((None, "green"), (1, "orange")), no_value=NO_CAPSULES),
     ])
 
@@ -531,23 +618,25 @@ def overview() -> Dashboard:
 def host() -> Dashboard:
     """Machine resources and process groups."""
     fs = 'fstype!=""'
+    i = "{{instance}} "  # All hosts by default: every line names its host
     return Dashboard("qatoolbox-host", "QAToolBox / Host",
                      "CPU, load, memory, file systems, disks, network and process groups.", [
         Row("CPU and load"),
         timeseries("CPU by mode", "Share of CPU time in each mode, averaged over CPUs.",
                    "percentunit",
                    [(f"avg by (instance, mode) ({rate('qatoolbox_host_cpu_seconds_total')})",
-                     "{{mode}}")], w=12, stack=True, max_=1),
+                     i + "{{mode}}")], w=12, stack=True, max_=1),
         timeseries("Load", "Load averages against the number of CPUs.", "short",
-                   [(sel("qatoolbox_host_load1"), "load1"), (sel("qatoolbox_host_load5"), "load5"),
-                    (sel("qatoolbox_host_load15"), "load15"),
+                   [(sel("qatoolbox_host_load1"), i + "load1"),
+                    (sel("qatoolbox_host_load5"), i + "load5"),
+                    (sel("qatoolbox_host_load15"), i + "load15"),
                     (f"count by (instance) ({rate('qatoolbox_host_cpu_seconds_total', IDLE)})",
-                     "CPUs")], w=12),
+                     i + "CPUs")], w=12),
         timeseries("Pressure", "Share of time some task waited for CPU, memory or I/O "
                    "(PSI, where the kernel has it).", "percentunit",
-                   [(rate("qatoolbox_host_pressure_cpu_waiting_seconds_total"), "cpu"),
-                    (rate("qatoolbox_host_pressure_memory_waiting_seconds_total"), "memory"),
-                    (rate("qatoolbox_host_pressure_io_waiting_seconds_total"), "io")], w=12),
+                   [(rate("qatoolbox_host_pressure_cpu_waiting_seconds_total"), i + "cpu"),
+                    (rate("qatoolbox_host_pressure_memory_waiting_seconds_total"), i + "memory"),
+                    (rate("qatoolbox_host_pressure_io_waiting_seconds_total"), i + "io")], w=12),
         timeseries("Load per CPU", "5-minute load average per CPU (HostHighLoad at 2).", "short",
                    [(sel("instance:qatoolbox_host_load5_per_cpu:ratio"), "{{instance}}")],
                    w=12, alert_lines=(2.0,)),
@@ -568,27 +657,27 @@ def host() -> Dashboard:
         timeseries("Memory", "Used (total minus available), cached, buffers and free memory.",
                    "bytes",
                    [(f"{sel('qatoolbox_host_memory_total_bytes')} - "
-                     f"{sel('qatoolbox_host_memory_available_bytes')}", "used"),
-                    (sel("qatoolbox_host_memory_cached_bytes"), "cached"),
-                    (sel("qatoolbox_host_memory_buffers_bytes"), "buffers"),
-                    (sel("qatoolbox_host_memory_free_bytes"), "free"),
-                    (sel("qatoolbox_host_memory_total_bytes"), "total")], w=12),
+                     f"{sel('qatoolbox_host_memory_available_bytes')}", i + "used"),
+                    (sel("qatoolbox_host_memory_cached_bytes"), i + "cached"),
+                    (sel("qatoolbox_host_memory_buffers_bytes"), i + "buffers"),
+                    (sel("qatoolbox_host_memory_free_bytes"), i + "free"),
+                    (sel("qatoolbox_host_memory_total_bytes"), i + "total")], w=12),
         timeseries("Swap", "Swap in use and swap size.", "bytes",
                    [(f"{sel('qatoolbox_host_swap_total_bytes')} - "
-                     f"{sel('qatoolbox_host_swap_free_bytes')}", "used"),
-                    (sel("qatoolbox_host_swap_total_bytes"), "total")], w=12),
+                     f"{sel('qatoolbox_host_swap_free_bytes')}", i + "used"),
+                    (sel("qatoolbox_host_swap_total_bytes"), i + "total")], w=12),
         Row("File systems"),
         bargauge("File system usage", "Used share of each file system, coloured at the "
                  "HostDiskUsage* lines (90% warning, 95% critical).", "percentunit",
                  [(sel("instance_mountpoint:qatoolbox_host_filesystem_usage:ratio", fs),
-                   "{{mountpoint}}")],
+                   i + "{{mountpoint}}")],
                  w=8, max_=1, thresholds=_thresholds((None, "green"), (0.90, "orange"),
                                                      (0.95, "red"))),
         timeseries("Free space predicted in 24 h",
                    "Linear prediction of available bytes 24 h ahead from the trend window; "
                    "below zero means the file system fills within a day.", "bytes",
                    [(f"predict_linear({sel('qatoolbox_host_filesystem_avail_bytes', fs)}"
-                     f"[$trend_window], 86400)", "{{mountpoint}}")], w=8),
+                     f"[$trend_window], 86400)", i + "{{mountpoint}}")], w=8),
         table("File systems", "Size, free space and inodes per file system.", "bytes",
               [(sel("qatoolbox_host_filesystem_size_bytes", fs), ""),
                (sel("qatoolbox_host_filesystem_avail_bytes", fs), ""),
@@ -600,54 +689,56 @@ def host() -> Dashboard:
         Row("Disks and network"),
         timeseries("Disk throughput", "Bytes read (negative) and written per second by disk.",
                    "Bps",
-                   [(f"-{rate('qatoolbox_host_disk_read_bytes_total')}", "{{device}} read"),
-                    (rate("qatoolbox_host_disk_written_bytes_total"), "{{device}} written")],
+                   [(f"-{rate('qatoolbox_host_disk_read_bytes_total')}", i + "{{device}} read"),
+                    (rate("qatoolbox_host_disk_written_bytes_total"), i + "{{device}} written")],
                    w=8),
         timeseries("Disk utilisation", "Share of time each disk was busy with I/O.",
                    "percentunit",
-                   [(rate("qatoolbox_host_disk_io_time_seconds_total"), "{{device}}")], w=8),
+                   [(rate("qatoolbox_host_disk_io_time_seconds_total"), i + "{{device}}")], w=8),
         timeseries("Disk IOPS", "Reads and writes completed per second.", "iops",
-                   [(rate("qatoolbox_host_disk_reads_completed_total"), "{{device}} reads"),
-                    (rate("qatoolbox_host_disk_writes_completed_total"), "{{device}} writes")],
+                   [(rate("qatoolbox_host_disk_reads_completed_total"), i + "{{device}} reads"),
+                    (rate("qatoolbox_host_disk_writes_completed_total"), i + "{{device}} writes")],
                    w=8),
         timeseries("Network throughput",
                    "Bytes received (negative) and transmitted per second by interface.", "Bps",
                    [(f"-{rate('qatoolbox_host_network_receive_bytes_total')}",
-                     "{{device}} in"),
-                    (rate("qatoolbox_host_network_transmit_bytes_total"), "{{device}} out")],
+                     i + "{{device}} in"),
+                    (rate("qatoolbox_host_network_transmit_bytes_total"), i + "{{device}} out")],
                    w=12),
         timeseries("Network errors and drops", "Errors and dropped packets per second.", "pps",
-                   [(f"sum by (device) ({rate('qatoolbox_host_network_receive_errors_total')}"
+                   [(f"sum by (instance, device) "
+                     f"({rate('qatoolbox_host_network_receive_errors_total')}"
                      f" + {rate('qatoolbox_host_network_transmit_errors_total')})",
-                     "{{device}} errors"),
-                    (f"sum by (device) ({rate('qatoolbox_host_network_receive_drop_total')}"
+                     i + "{{device}} errors"),
+                    (f"sum by (instance, device) "
+                     f"({rate('qatoolbox_host_network_receive_drop_total')}"
                      f" + {rate('qatoolbox_host_network_transmit_drop_total')})",
-                     "{{device}} drops")], w=12),
+                     i + "{{device}} drops")], w=12),
         Row("Process groups"),
         timeseries("Processes", "Processes per group; 0 means the group is down.", "short",
-                   [(sel("qatoolbox_process_num_procs"), "{{group}}")], w=8),
+                   [(sel("qatoolbox_process_num_procs"), i + "{{group}}")], w=8),
         timeseries("Process CPU", "CPU seconds per second used by each group (1 = one core).",
                    "short",
-                   [(f"sum by (group) ({rate('qatoolbox_process_cpu_seconds_total')})",
-                     "{{group}}")], w=8),
+                   [(f"sum by (instance, group) ({rate('qatoolbox_process_cpu_seconds_total')})",
+                     i + "{{group}}")], w=8),
         timeseries("Process memory", "Resident memory of each group.", "bytes",
-                   [(sel("qatoolbox_process_resident_memory_bytes"), "{{group}}")], w=8),
+                   [(sel("qatoolbox_process_resident_memory_bytes"), i + "{{group}}")], w=8),
         timeseries("Open files", "Open file descriptors of each group.", "short",
-                   [(sel("qatoolbox_process_open_fds"), "{{group}}")], w=8),
+                   [(sel("qatoolbox_process_open_fds"), i + "{{group}}")], w=8),
         timeseries("Threads", "Threads of each group.", "short",
-                   [(sel("qatoolbox_process_threads"), "{{group}}")], w=8),
+                   [(sel("qatoolbox_process_threads"), i + "{{group}}")], w=8),
         timeseries("Oldest process age", "Time since the oldest process of each group started; "
                    "a drop means the group restarted.", "s",
                    [(f"time() - {sel('qatoolbox_process_oldest_start_time_seconds')}",
-                     "{{group}}")], w=8),
+                     i + "{{group}}")], w=8),
         Row("Exporter"),
         timeseries("Collector duration", "Time each collector took in the last scrape "
                    "(each runs under the scrape.timeout budget).", "s",
-                   [(sel("qatoolbox_exporter_collector_duration_seconds"), "{{collector}}")],
+                   [(sel("qatoolbox_exporter_collector_duration_seconds"), i + "{{collector}}")],
                    w=12),
         timeseries("Collector success", "1 when the collector's last run succeeded, 0 when it "
                    "failed or ran out of time.", "none",
-                   [(sel("qatoolbox_exporter_collector_success"), "{{collector}}")], w=12,
+                   [(sel("qatoolbox_exporter_collector_success"), i + "{{collector}}")], w=12,
                    min_=0, max_=1),
     ], [interval_variable("trend_window", "Trend window", ["1h", "6h", "24h"], "6h")])
 
@@ -660,20 +751,20 @@ def postgres() -> Dashboard:
                      "checkpoints, replication, statements and table health.", [
         Row("Server"),
         stat("Up", "1 when the exporter's last PostgreSQL query succeeded.", "none",
-             [(sel("qatoolbox_postgres_up"), "{{instance}}")], mappings=UP_MAPPING,
+             [(sel("qatoolbox_postgres_up"), "{{server}}")], mappings=UP_MAPPING,
              graph=False, thresholds=_thresholds((None, "red"), (1, "green"))),
         stat("Version", "Server version.", "none",
              [(sel("qatoolbox_postgres_version_info"), "{{version}}")], text_mode="name",
              graph=False),
         stat("Uptime", "Time since the server started.", "s",
-             [(f"time() - {sel('qatoolbox_postgres_start_time_seconds')}", "{{instance}}")],
+             [(f"time() - {sel('qatoolbox_postgres_start_time_seconds')}", "{{server}}")],
              graph=False),
         stat("In recovery", "1 on a replica (or while recovering), 0 on a primary.", "none",
-             [(sel("qatoolbox_postgres_in_recovery"), "{{instance}}")], graph=False,
+             [(sel("qatoolbox_postgres_in_recovery"), "{{server}}")], graph=False,
              mappings=[{"type": "value", "options": {"0": {"text": "primary", "index": 0},
                                                      "1": {"text": "replica", "index": 1}}}]),
         stat("Tables", "User tables in the connected database.", "short",
-             [(sel("qatoolbox_postgres_tables"), "{{instance}}")], graph=False),
+             [(sel("qatoolbox_postgres_tables"), "{{server}}")], graph=False),
         stat("Databases size", "Sum of the selected databases' sizes.", "bytes",
              [(f"sum({sel('qatoolbox_postgres_database_size_bytes', db)})", "size")]),
         Row("Activity"),
@@ -692,7 +783,7 @@ def postgres() -> Dashboard:
                    "the reserved slots (PostgresTooManyConnections at 80%, "
                    "PostgresConnectionsExhausted at 95%).", "percentunit",
                    [(sel("instance:qatoolbox_postgres_connections_used:ratio"),
-                     "{{instance}}")], w=12, min_=0, max_=1, alert_lines=(0.80, 0.95)),
+                     "{{server}}")], w=12, min_=0, max_=1, alert_lines=(0.80, 0.95)),
         timeseries("Slow queries and lock waits",
                    "Active queries older than the slow threshold, backends waiting on a lock.",
                    "short",
@@ -811,29 +902,29 @@ def redis() -> Dashboard:
                      "and Celery queues.", [
         Row("Server"),
         stat("Up", "1 when the exporter's last Redis command succeeded.", "none",
-             [(sel("qatoolbox_redis_up"), "{{instance}}")], mappings=UP_MAPPING, graph=False,
+             [(sel("qatoolbox_redis_up"), "{{server}}")], mappings=UP_MAPPING, graph=False,
              thresholds=_thresholds((None, "red"), (1, "green"))),
         stat("Version", "Server version, mode and role.", "none",
              [(sel("qatoolbox_redis_version_info"), "{{version}} {{mode}} {{role}}")],
              text_mode="name", graph=False),
         stat("Uptime", "Time since the server started.", "s",
-             [(sel("qatoolbox_redis_uptime_seconds"), "{{instance}}")], graph=False),
+             [(sel("qatoolbox_redis_uptime_seconds"), "{{server}}")], graph=False),
         stat("Hit ratio", "Share of key lookups that found the key.", "percentunit",
              [(hit_ratio("qatoolbox_redis_keyspace_hits_total",
-                         "qatoolbox_redis_keyspace_misses_total"), "{{instance}}")]),
+                         "qatoolbox_redis_keyspace_misses_total", "server"), "{{server}}")]),
         stat("Memory of limit",
              "Used memory against maxmemory, or against host memory when no limit is set "
              "(so the panel never shows N/A).", "percentunit",
-             [(f"{sel('qatoolbox_redis_memory_used_bytes')}\n/ on (job, instance)\n"
+             [(f"{sel('qatoolbox_redis_memory_used_bytes')}\n/ on (job, instance) group_left ()\n"
                f"({sel('qatoolbox_redis_memory_max_bytes')} > 0\n or on (job, instance)\n"
-               f"{sel('qatoolbox_host_memory_total_bytes')})", "{{instance}}")],
+               f"{sel('qatoolbox_host_memory_total_bytes')})", "{{server}}")],
              thresholds=_thresholds((None, "green"), (0.8, "orange"), (0.9, "red"))),
         stat("Slow log", "Entries in the slow log.", "short",
-             [(sel("qatoolbox_redis_slowlog_length"), "{{instance}}")]),
+             [(sel("qatoolbox_redis_slowlog_length"), "{{server}}")]),
         Row("Cache"),
         timeseries("Hit ratio", "Share of key lookups that found the key.", "percentunit",
                    [(hit_ratio("qatoolbox_redis_keyspace_hits_total",
-                               "qatoolbox_redis_keyspace_misses_total"), "{{instance}}")],
+                               "qatoolbox_redis_keyspace_misses_total", "server"), "{{server}}")],
                    max_=1),
         timeseries("Evicted and expired keys", "Keys evicted for lack of memory and keys "
                    "expired, per second.", "ops",
@@ -847,12 +938,12 @@ def redis() -> Dashboard:
                  "short", [(sel("qatoolbox_redis_key_group_keys"), "{{group}}")], w=12),
         stat("Key count complete", "1 when the last count covered the whole keyspace "
              "within its budget.", "none",
-             [(sel("qatoolbox_redis_key_group_scan_complete"), "{{instance}}")], w=6, h=8,
+             [(sel("qatoolbox_redis_key_group_scan_complete"), "{{server}}")], w=6, h=8,
              graph=False, mappings=[{"type": "value", "options": {
                  "0": {"text": "partial", "color": "orange", "index": 0},
                  "1": {"text": "complete", "color": "green", "index": 1}}}]),
         stat("Key count duration", "Time the last key-group count took.", "s",
-             [(sel("qatoolbox_redis_key_group_scan_duration_seconds"), "{{instance}}")],
+             [(sel("qatoolbox_redis_key_group_scan_duration_seconds"), "{{server}}")],
              w=6, h=8),
         Row("Memory and clients"),
         timeseries("Memory", "Used, resident and peak memory, and maxmemory when set.", "bytes",
@@ -861,7 +952,7 @@ def redis() -> Dashboard:
                     (sel("qatoolbox_redis_memory_peak_bytes"), "peak"),
                     (f"{sel('qatoolbox_redis_memory_max_bytes')} > 0", "maxmemory")]),
         timeseries("Fragmentation", "RSS divided by used memory.", "none",
-                   [(sel("qatoolbox_redis_memory_fragmentation_ratio"), "{{instance}}")]),
+                   [(sel("qatoolbox_redis_memory_fragmentation_ratio"), "{{server}}")]),
         timeseries("Clients", "Connected and blocked clients against maxclients.", "short",
                    [(sel("qatoolbox_redis_connected_clients"), "connected"),
                     (sel("qatoolbox_redis_blocked_clients"), "blocked"),
@@ -906,7 +997,7 @@ def redis() -> Dashboard:
                    w=12),
         timeseries("Unacknowledged messages", "Messages delivered to workers and not yet "
                    "acknowledged.", "short",
-                   [(sel("qatoolbox_celery_unacked_messages"), "{{instance}}")], w=12),
+                   [(sel("qatoolbox_celery_unacked_messages"), "{{server}}")], w=12),
     ])
 
 

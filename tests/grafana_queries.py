@@ -20,6 +20,9 @@ RATE_FUNCTIONS = {"rate", "irate", "increase"}
 # Functions whose range argument is a trend window, not a rate window.
 TREND_FUNCTIONS = {"predict_linear", "deriv"}
 TREND_VARIABLES = {"$trend_window"}
+# Functions asking whether a series existed in the dashboard's time range ([$__range]): the
+# Overview's hosts table keeps a host whose exporter is down.
+RANGE_FUNCTIONS = {"present_over_time"}
 KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring",
             "group_left", "group_right", "inf", "nan", "topk", "bottomk", "sum", "min", "max",
             "avg", "count", "quantile", "stddev", "stdvar", "count_values", "group"}
@@ -153,7 +156,10 @@ def problems(expr: str) -> list[str]:
         found.append("unbalanced parentheses")
     _, metrics, ranges = analyse(expr)
     for window, func in ranges:
-        if func in TREND_FUNCTIONS:
+        if func in RANGE_FUNCTIONS:
+            if window != "$__range":
+                found.append(f"{func} range [{window}] must be [$__range]")
+        elif func in TREND_FUNCTIONS:
             if window not in TREND_VARIABLES:
                 found.append(f"{func} range [{window}] must be one of {sorted(TREND_VARIABLES)}")
         elif window != "$__rate_interval":

@@ -483,8 +483,17 @@ class Scrape:
         self.samples = parse_metrics(text)
 
     def value(self, name: str, **labels: str) -> float | None:
-        """The sample's value, or None when absent."""
-        return self.samples.get((name, tuple(sorted(labels.items()))))
+        """The sample's value, or None when absent. The `server` label the exporter puts on
+        service collectors' samples (exporter/fleet.py) need not be given: labels without it
+        match the one sample that has exactly labels plus a server."""
+        found = self.samples.get((name, tuple(sorted(labels.items()))))
+        if found is not None or "server" in labels:
+            return found
+        matches = [v for (n, lbl), v in self.samples.items()
+                   if n == name and "server" in dict(lbl)
+                   and {k: v for k, v in lbl if k != "server"} == labels]
+        assert len(matches) <= 1, f"{name} {labels}: one sample per server, {len(matches)}"
+        return matches[0] if matches else None
 
     def names(self) -> set[str]:
         """Every sample name present."""

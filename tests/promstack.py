@@ -136,7 +136,7 @@ def prometheus_test_config(
     for old in (dest / "targets").glob("*.yml"):
         old.unlink()
     (dest / "targets" / "test.yml").write_text(
-        yaml.safe_dump([{"targets": list(targets), "labels": {"env": "test"}}]))
+        yaml.safe_dump([{"targets": list(targets), "labels": {"env": "test", "cluster": "test"}}]))
     assert any(s["job_name"] == job for s in config["scrape_configs"]), job
     (dest / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
     for rule_file in (dest / "rules").glob("*.yml"):

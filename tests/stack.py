@@ -356,6 +356,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="with --demo: the time capsule module QAToolBox dropped in its tools "
                              "migration 0070 (an older deployment's schema)")
     parser.add_argument("--no-alertmanager", action="store_true", help="skip Alertmanager")
+    parser.add_argument("--ha", action="store_true",
+                        help="highly available alerting (deploy/ha/): two Prometheus replicas "
+                             "on --prometheus-port and the next port, three clustered "
+                             "Alertmanagers on --alertmanager-port and the next two")
     parser.add_argument("--exporter-port", type=int, default=9786)
     parser.add_argument("--prometheus-port", type=int, default=9090)
     parser.add_argument("--alertmanager-port", type=int, default=9093)
@@ -372,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="qatb-stack-"))
     os.chmod(base, 0o755)
     env = {k: v for k, v in os.environ.items() if k.startswith(("DB_", "REDIS_"))}
+    if args.ha:
+        return _run_ha(args, base, env)
     stack = Stack(base, demo=args.demo, legacy_capsules=args.legacy_capsules,
                   alertmanager=not args.no_alertmanager,
                   exporter_env=env, exporter_port=args.exporter_port,
@@ -409,6 +415,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
         print("stopping...")
         stack.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+def _run_ha(args: argparse.Namespace, base: Path, env: Mapping[str, str]) -> int:
+    """scripts/stack --ha: the exporter, two Prometheus replicas and three clustered
+    Alertmanagers (tests/fleetstack.py's HAStack, which tests/test_ha.py proves)."""
+    from tests.fleetstack import HAStack
+
+    prometheus_ports = [args.prometheus_port, args.prometheus_port + 1]
+    alertmanager_ports = [args.alertmanager_port + i for i in range(3)]
+    busy = [p for p in (args.exporter_port, *prometheus_ports, *alertmanager_ports)
+            if not port_free(p)]
+    if busy:
+        print(f"scripts/stack: port {', '.join(map(str, busy))} already in use on 127.0.0.1",
+              file=sys.stderr)
+        shutil.rmtree(base, ignore_errors=True)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        with contextlib.ExitStack() as running_parts:
+            exporter = ExporterProcess(base, env=env, port=args.exporter_port)
+            running_parts.callback(exporter.stop)
+            exporter.start()
+            ha = HAStack(base, [([f"127.0.0.1:{args.exporter_port}"],
+                                 {"env": "local", "cluster": "local"})],
+                         for_=None, scrape_interval="15s",
+                         alertmanager_ports=alertmanager_ports,
+                         prometheus_ports=prometheus_ports).start(running_parts)
+            print("qatoolbox HA stack is up (Ctrl-C stops everything):")
+            print(f"  {'exporter':<13} {exporter.url}")
+            for replica in ha.replicas:
+                print(f"  {'prometheus ' + replica.replica:<13} {replica.url}")
+            for index, peer in enumerate(ha.alertmanagers, 1):
+                print(f"  {f'alertmanager{index}':<13} {peer.url}")
+            print(f"  logs          {base}", flush=True)
+            deadline = time.monotonic() + args.duration if args.duration else None
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                stop.wait(1)
+            print("stopping...", flush=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,10 +102,13 @@ def run_the_chain(postgres: PostgresServer, redis_server: RedisServer, workdir: 
                                                   path="/oncall")
                 assert note.path == "/oncall" and note.receiver == "oncall", note.payload
                 assert alert["labels"]["severity"] == "critical"
-                assert alert["labels"]["instance"] == instance
-                assert alert["labels"]["job"] == "qatoolbox"
+                # About the server, not the exporter (docs/scaling.md): one alert however many
+                # exporters read it.
+                server = f"{socket.gethostname()}:{postgres.port}"
+                assert alert["labels"]["server"] == server and "instance" not in alert["labels"]
+                assert alert["labels"]["cluster"] == "test"
                 assert alert["annotations"]["runbook_url"] == RUNBOOK
-                assert instance in alert["annotations"]["description"]
+                assert server in alert["annotations"]["description"]
                 assert "qatoolbox_postgres_up = 0" in alert["annotations"]["description"]
                 # Routed by severity alone: paged, and shown in the team's DingTalk group
                 # (chat); nothing critical went to the team's mail or the digest.
@@ -117,7 +121,7 @@ def run_the_chain(postgres: PostgresServer, redis_server: RedisServer, workdir: 
                 note, alert = hook.wait_for_alert("PostgresDown", "resolved", timeout=60,
                                                   path="/oncall")
                 assert note.path == "/oncall"
-                assert alert["labels"]["instance"] == instance
+                assert alert["labels"]["server"] == server
                 assert alert["annotations"]["runbook_url"] == RUNBOOK
 
                 # The app's metrics folder disappears (a redeploy that forgot it): every HTTP

@@ -130,7 +130,10 @@ def settled(collector: BusinessCollector, legacy: bool, runs_after: float = 0.0)
 
 
 def family(scrape: Scrape, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    return {labels: v for (n, labels), v in scrape.samples.items() if n == name}
+    """One family's samples, keyed without the `server` label the exporter adds to every
+    business sample (exporter/fleet.py)."""
+    return {tuple(kv for kv in labels if kv[0] != "server"): v
+            for (n, labels), v in scrape.samples.items() if n == name}
 
 
 def total(scrape: Scrape, name: str) -> float:

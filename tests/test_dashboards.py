@@ -87,14 +87,26 @@ def test_variables(name: str) -> None:
     variables = {v["name"]: v for v in DASHBOARDS[name]["templating"]["list"]}
     ds = variables["datasource"]
     assert ds["type"] == "datasource" and ds["query"] == "prometheus"
-    for var in ("job", "instance"):
+    # A dashboard about one shared server (docs/scaling.md) selects one server and one
+    # exporter reading it; the others select any hosts, all by default.
+    service = name in ("postgres.json", "redis.json", "business.json")
+    multi = ["cluster", "job"] + ([] if service else ["instance"])
+    single = ["server", "instance"] if service else []
+    for var in multi + single:
         v = variables[var]
         assert v["type"] == "query"
-        assert v["multi"] is True and v["includeAll"] is True
         assert v["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert v["refresh"] == 2, "options must follow the time range"
-        assert v["allValue"] == ".+"
+        if var in multi:
+            assert v["multi"] is True and v["includeAll"] is True
+            # Targets without a cluster label (one host, no fleet) still match All.
+            assert v["allValue"] == (".*" if var == "cluster" else ".+")
+        else:
+            assert v["multi"] is False and v["includeAll"] is False, var
     assert "$job" in variables["instance"]["definition"], "instance must follow job"
+    assert "$cluster" in variables["job"]["definition"], "job must follow cluster"
+    if service:
+        assert "$server" in variables["instance"]["definition"], "exporters of the server"
     for v in variables.values():
         if v["type"] == "query":
             assert v["definition"] == v["query"]["query"]
@@ -211,7 +223,7 @@ def alert_thresholds() -> dict[str, float]:
     for path in sorted((ROOT / "prometheus" / "rules").glob("*.yml")):
         for group in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("groups", []):
             for rule in group["rules"]:
-                match = re.search(r"[\w:]+(?:\{[^}]*\})?\s*[<>]\s*(-?[\d.e]+)",
+                match = re.search(r"[\w:]+(?:\{[^}]*\})?\)?\s*[<>]\s*(-?[\d.e]+)",
                                   rule.get("expr", ""))
                 if "alert" in rule and match:
                     found[rule["alert"]] = float(match.group(1))
@@ -337,3 +349,50 @@ def test_alert_rules_link_to_existing_dashboards() -> None:
                     linked.add(uid)
     variables = {v["name"] for d in DASHBOARDS.values() for v in d["templating"]["list"]}
     assert "instance" in variables
+
+
+# --- fleets (docs/scaling.md) -------------------------------------------------------------------
+
+SERVICE_FAMILIES = ("qatoolbox_postgres_", "qatoolbox_redis_", "qatoolbox_celery_queue_",
+                    "qatoolbox_celery_unacked_", "qatoolbox_users", "qatoolbox_chat_",
+                    "qatoolbox_time_capsules", "qatoolbox_business_")
+
+
+def test_host_dashboard_names_every_line_with_its_host() -> None:
+    """With All hosts selected (the default), a line without its host is ambiguous and a sum
+    over hosts mixes machines."""
+    problems = []
+    for panel in panels_of(DASHBOARDS["host.json"]):
+        for target in panel["targets"]:
+            where = f"{panel['title']} / {target['refId']}"
+            if panel["type"] != "table" and "{{instance}}" not in target["legendFormat"]:
+                problems.append(f"{where}: legend {target['legendFormat']!r} lacks the host")
+            for by in re.findall(r"\b(?:sum|avg|count|min|max|topk)\s+by\s*\(([^)]*)\)",
+                                 target["expr"]):
+                if "instance" not in by:
+                    problems.append(f"{where}: aggregates over hosts (by ({by}))")
+    assert not problems, "\n".join(problems)
+
+
+def test_overview_counts_each_shared_service_once() -> None:
+    """N exporters reading one database must not show it N times nor multiply its figures."""
+    problems = []
+    for panel in panels_of(DASHBOARDS["overview.json"]):
+        for target in panel["targets"]:
+            names = [n for n in metric_names(target["expr"]) if n.startswith(SERVICE_FAMILIES)]
+            if names and "max by (cluster, server" not in target["expr"]:
+                problems.append(f"{panel['title']} / {target['refId']}: {names} not once per "
+                                f"server")
+    assert not problems, "\n".join(problems)
+    titles = {p["title"] for p in panels_of(DASHBOARDS["overview.json"])}
+    assert "Hosts" in titles
+
+
+def test_dashboards_select_a_cluster() -> None:
+    for name, dash in DASHBOARDS.items():
+        names = [v["name"] for v in dash["templating"]["list"]]
+        assert names[:3] == ["datasource", "cluster", "job"], (name, names)
+        for panel in panels_of(dash):
+            for target in panel["targets"]:
+                for selector in re.findall(r"qatoolbox_[\w:]*\{([^}]*)\}", target["expr"]):
+                    assert 'cluster=~"$cluster"' in selector, (name, panel["title"], selector)

@@ -116,6 +116,9 @@ def _config_keys(cls: type, prefix: str = "") -> Iterator[str]:
     `section.list[].key`."""
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
+        if field.metadata.get("derived"):
+            # Set from another key (Config.scope from collectors.scope), not a key itself.
+            continue
         path = f"{prefix}{field.name}"
         yield path
         kind = hints[field.name]

@@ -73,7 +73,10 @@ def only(*names: str) -> list[str]:
 
 
 def series(scrape: Scrape, *prefixes: str) -> set[Key]:
-    return {key for key in scrape.samples if key[0].startswith(prefixes)}
+    """The series of scrape whose names start with prefixes, keyed without the `server` label
+    (the same on every service sample of one exporter, exporter/fleet.py)."""
+    return {(name, tuple(kv for kv in labels if kv[0] != "server"))
+            for name, labels in scrape.samples if name.startswith(prefixes)}
 
 
 def open_fds(pid: int) -> list[str]:

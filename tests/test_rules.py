@@ -292,9 +292,13 @@ def test_every_alert_has_severity_and_annotations() -> None:
         description = notes.get("description", "")
         if "$value" not in description:
             problems.append(f"{name}: description does not show the value")
-        if ("$labels.instance" not in description and not rule["expr"].startswith("absent(")
+        # Host alerts name the exporter's instance; PostgreSQL and Redis alerts, aggregated
+        # over the exporters reading one server (docs/scaling.md), name the server.
+        names_where = ("$labels.instance" in description
+                       or ("$labels.server" in description and "server" in rule["expr"]))
+        if (not names_where and not rule["expr"].startswith("absent(")
                 and name not in INSTANCELESS):
-            problems.append(f"{name}: description does not name the instance")
+            problems.append(f"{name}: description does not name the instance (or server)")
         url = notes.get("runbook_url", "")
         if not url.startswith(RUNBOOK_PREFIX):
             problems.append(f"{name}: runbook_url {url!r} is not a docs/runbooks.md link")
@@ -521,7 +525,7 @@ def test_every_rule_severity_routes_and_unlabelled_alerts_reach_the_team() -> No
 
 def test_alertmanager_grouping_and_receivers() -> None:
     config = yaml.safe_load(AM_CONFIG.read_text())
-    assert config["route"]["group_by"] == ["alertname", "instance"]
+    assert config["route"]["group_by"] == ["alertname", "cluster", "instance", "server"]
     routes = config["route"]["routes"]
     info = next(r for r in routes if r["matchers"] == ['severity="info"'])
     assert info["group_interval"] == "1h" and info["repeat_interval"] == "24h"
@@ -641,24 +645,42 @@ INHIBITION_CASES: list[tuple[str, list[dict[str, Any]], set[str], set[str]]] = [
      [alert("ProcessGroupDown", "critical", "i4", group="web"),
       alert("HostHighLoad", "warning", "i4")],
      set(), {"ProcessGroupDown@i4", "HostHighLoad@i4"}),
-    ("PostgresDown silences the other Postgres alerts of its instance",
-     [alert("PostgresDown", "critical", "i5"),
-      alert("PostgresLockWaits", "warning", "i5"),
-      alert("PostgresConnectionsExhausted", "critical", "i5", family="PostgresConnections"),
-      alert("PostgresRestarted", "info", "i5"),
-      alert("ExporterCollectorFailing", "warning", "i5", collector="postgres"),
-      alert("ExporterCollectorFailing", "warning", "i5", collector="host"),
-      alert("RedisLowHitRatio", "warning", "i5"),
-      alert("BusinessQueryFailing", "warning", "i5", query="qatoolbox_users"),
-      alert("PostgresLockWaits", "warning", "i5b")],
-     {"PostgresLockWaits@i5", "PostgresConnectionsExhausted@i5", "PostgresRestarted@i5",
+    # PostgreSQL and Redis alerts name their server, not an exporter (docs/scaling.md).
+    ("PostgresDown silences the other Postgres alerts of its server",
+     [alert("PostgresDown", "critical", "", cluster="c5", server="db5"),
+      alert("PostgresLockWaits", "warning", "", cluster="c5", server="db5"),
+      alert("PostgresConnectionsExhausted", "critical", "", cluster="c5", server="db5",
+            family="PostgresConnections"),
+      alert("PostgresConnectionsExhausted", "critical", "", cluster="c5b", server="db5",
+            family="PostgresConnections"),
+      alert("PostgresRestarted", "info", "", cluster="c5", server="db5"),
+      alert("ExporterCollectorFailing", "warning", "i5", cluster="c5", collector="postgres"),
+      alert("ExporterCollectorFailing", "warning", "i5", cluster="c5", collector="host"),
+      alert("RedisLowHitRatio", "warning", "", cluster="c5", server="r5"),
+      alert("BusinessQueryFailing", "warning", "i5", cluster="c5", server="db5",
+            query="qatoolbox_users"),
+      alert("PostgresLockWaits", "warning", "", cluster="c5", server="db5b")],
+     {"PostgresLockWaits@db5", "PostgresConnectionsExhausted@db5/c5", "PostgresRestarted@db5",
       "ExporterCollectorFailing@i5:postgres", "BusinessQueryFailing@i5"},
-     {"PostgresDown@i5", "ExporterCollectorFailing@i5:host", "RedisLowHitRatio@i5",
-      "PostgresLockWaits@i5b"}),
-    ("RedisDown silences the other Redis alerts of its instance",
-     [alert("RedisDown", "critical", "i6"), alert("RedisLowHitRatio", "warning", "i6"),
-      alert("RedisMemoryHigh", "warning", "i6b"), alert("PostgresLockWaits", "warning", "i6")],
-     {"RedisLowHitRatio@i6"}, {"RedisDown@i6", "RedisMemoryHigh@i6b", "PostgresLockWaits@i6"}),
+     {"PostgresDown@db5", "ExporterCollectorFailing@i5:host", "RedisLowHitRatio@r5",
+      "PostgresLockWaits@db5b", "PostgresConnectionsExhausted@db5/c5b"}),
+    ("RedisDown silences the other Redis alerts of its server",
+     [alert("RedisDown", "critical", "", cluster="c6", server="r6"),
+      alert("RedisLowHitRatio", "warning", "", cluster="c6", server="r6"),
+      alert("RedisMemoryHigh", "warning", "", cluster="c6", server="r6b"),
+      alert("PostgresLockWaits", "warning", "", cluster="c6", server="r6"),
+      alert("ExporterCollectorFailing", "warning", "i6", cluster="c6", collector="redis")],
+     {"RedisLowHitRatio@r6", "ExporterCollectorFailing@i6"},
+     {"RedisDown@r6", "RedisMemoryHigh@r6b", "PostgresLockWaits@r6"}),
+    ("a critical PostgreSQL alert silences its warning twin on that server only",
+     [alert("PostgresConnectionsExhausted", "critical", "", cluster="c12", server="db12",
+            family="PostgresConnections"),
+      alert("PostgresTooManyConnections", "warning", "", cluster="c12", server="db12",
+            family="PostgresConnections"),
+      alert("PostgresTooManyConnections", "warning", "", cluster="c12", server="db12b",
+            family="PostgresConnections")],
+     {"PostgresTooManyConnections@db12"},
+     {"PostgresConnectionsExhausted@db12", "PostgresTooManyConnections@db12b"}),
     ("ExporterDown silences everything from its instance",
      [alert("ExporterDown", "critical", "i7"), alert("PostgresDown", "critical", "i7"),
       alert("HostDiskUsageHigh", "warning", "i7", family="HostDiskUsage", mountpoint="/"),
@@ -691,8 +713,8 @@ INHIBITION_CASES: list[tuple[str, list[dict[str, Any]], set[str], set[str]]] = [
 
 def key(labels: dict[str, str], keys: set[str]) -> str:
     """A readable id for an alert that matches the ids used in INHIBITION_CASES."""
-    base = f"{labels['alertname']}@{labels.get('instance', '')}"
-    for candidate in (base, f"{base}/{labels['severity']}",
+    base = f"{labels['alertname']}@{labels.get('instance') or labels.get('server', '')}"
+    for candidate in (base, f"{base}/{labels['severity']}", f"{base}/{labels.get('cluster')}",
                       f"{base}:{labels.get('mountpoint', '')}",
                       f"{base}:{labels.get('collector', '')}",
                       f"{base}:{labels.get('slo', '')}", f"{base}:{labels.get('group', '')}"):
@@ -707,12 +729,14 @@ def test_inhibitions(alertmanager: AlertmanagerServer, case: str, alerts: list[d
                      inhibited: set[str], active: set[str]) -> None:
     alertmanager.post_alerts(alerts)
     names = {a["labels"]["alertname"] for a in alerts}
-    instances = {a["labels"].get("instance", "") for a in alerts}
+    where = {(a["labels"].get("instance", ""), a["labels"].get("server", "")) for a in alerts}
     ids = inhibited | active
 
     def read() -> tuple[list[dict[str, Any]], dict[str, bool]]:
-        got = [a for a in alertmanager.alerts() if a["labels"].get("instance", "") in instances
-               and (a["labels"].get("instance") or a["labels"]["alertname"] in names)]
+        got = [a for a in alertmanager.alerts()
+               if (a["labels"].get("instance", ""), a["labels"].get("server", "")) in where
+               and (a["labels"].get("instance") or a["labels"].get("server")
+                    or a["labels"]["alertname"] in names)]
         return got, {key(a["labels"], ids): bool(a["status"]["inhibitedBy"]) for a in got}
 
     # Alertmanager learns of a new source alert through an asynchronous subscription, so a read

@@ -1,4 +1,4 @@
-"""The collector table: every collector's name, factory and whether it runs by default."""
+"""The collector table: every collector's name, factory, scope and whether it runs by default."""
 
 from __future__ import annotations
 
@@ -82,7 +82,18 @@ COLLECTORS: dict[str, CollectorSpec] = {
 
 DEFAULTS: dict[str, bool] = {name: spec.default_enabled for name, spec in COLLECTORS.items()}
 
+# The scope of each collector (collectors.scope, docs/scaling.md): "host" reads the machine the
+# exporter runs on, "service" a server that many hosts share (one exporter per server).
+SCOPES: dict[str, str] = {
+    "host": "host", "process": "host", "app": "host",
+    "postgres": "service", "business": "service", "redis": "service",
+}
+
 
 def build(config: Config) -> list[Collector]:
-    """Instantiate the enabled collectors, in table order."""
-    return [spec.factory(config) for name, spec in COLLECTORS.items() if config.enabled(name)]
+    """Instantiate the enabled collectors, in table order; service collectors' samples carry
+    the `server` label (exporter/fleet.py)."""
+    from exporter.fleet import with_server_label
+
+    return [with_server_label(name, spec.factory(config), config)
+            for name, spec in COLLECTORS.items() if config.enabled(name)]

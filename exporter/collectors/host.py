@@ -376,7 +376,8 @@ class HostCollector:
         }
         for mount in select_mounts(parse_mounts(text), self._cfg.filesystem):
             try:
-                st = self._statvfs(mount.mountpoint)
+                st = self._statvfs(os.path.join(self._cfg.root_path,
+                                                mount.mountpoint.lstrip("/")))
             except OSError:
                 continue  # unmounted since the table was read, or not ours to see
             key = [mount.device, mount.mountpoint, mount.fstype]
