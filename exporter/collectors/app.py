@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.config import AppConfig
-from exporter.instrument._merge import MARKER_PREFIX, FileMerger, FileValues
+from exporter.instrument._merge import MARKER_PREFIX, FileInfo, FileMerger, MergePart
 from exporter.instrument._store import (
     FILE_TYPES,
     FOLDABLE_TYPES,
@@ -227,8 +227,8 @@ class _Folder:
                 names.append(entry.name)
         return _listing(names)
 
-    def read(self, name: str) -> tuple[bytes, int] | None:
-        """The used bytes and inode of a data file; None when it is refused as something the
+    def read(self, name: str) -> tuple[bytes, os.stat_result] | None:
+        """The used bytes and fstat of a data file; None when it is refused as something the
         app never writes; RefusedEntryError when it is refused as a file that could be the app's;
         FileNotFoundError when it is gone."""
         try:
@@ -239,7 +239,7 @@ class _Folder:
                 raise
             return None
         try:
-            return read_used(fd, info, name), info.st_ino
+            return read_used(fd, info, name), info
         except RefusedEntryError as exc:
             self.refuse(name, exc.reason, str(exc))
             raise
@@ -466,7 +466,7 @@ class _DirResult:
     up: bool = False
     workers: int = 0
     files: int = 0
-    files_read: list[FileValues] = field(default_factory=list)
+    part: MergePart | None = None
     paths: set[str] = field(default_factory=set)
     refused: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -590,8 +590,8 @@ class AppCollector:
         if not self._dirs:
             return
         results = {d: self._read_dir(d) for d in self._dirs}
-        read = [f for r in results.values() if r.up for f in r.files_read]
-        yield from self._merger.families(read)
+        yield from self._merger.families(
+            [r.part for r in results.values() if r.up and r.part is not None])
         self._merger.forget(set().union(*(r.paths for r in results.values())))
         up = GaugeMetricFamily("qatoolbox_app_multiprocess_dir_up",
                                "Whether the app's metrics folder could be read in full.",
@@ -656,12 +656,12 @@ class AppCollector:
             self._read_files(folder, listing, alive, result)
         except _UnusableFolderError as exc:
             self._problem(directory, str(exc))
-            result.files_read = []
+            result.part = None
             return result
         except (OSError, ValueError, RefusedEntryError):
             # A file we cannot read or parse: serve nothing from this folder rather than
             # totals that are too low (Prometheus would take the drop for a counter reset).
-            result.files_read = []
+            result.part = None
             return result
         finally:
             if lock_fd is not None:
@@ -689,12 +689,13 @@ class AppCollector:
 
     def _read_files(self, folder: _Folder, listing: _Listing, alive: dict[str, bool],
                     result: _DirResult) -> None:
+        result.part = self._merger.part()
         folded: dict[str, set[str]] = {}
         for prefix in FOLDABLE_TYPES:
-            values = self._read(folder, _accumulator(prefix), prefix, FOLDED_IDENT, result,
-                                rewritten=True)
-            folded[prefix] = set() if values is None else {
-                i for i in map(marker_ident, values.markers) if i}
+            info = self._read(folder, _accumulator(prefix), prefix, FOLDED_IDENT, result,
+                              rewritten=True)
+            folded[prefix] = set() if info is None else {
+                i for i in map(marker_ident, info.markers) if i}
         self._read(folder, _accumulator(LIVE_GAUGES), LIVE_GAUGES, FOLDED_IDENT, result,
                    rewritten=True)
         for ident, names in listing.workers.items():
@@ -715,34 +716,37 @@ class AppCollector:
         for name in listing.foreign:
             prefix, _, ident = name[:-3].rpartition("_")
             self._read(folder, name, prefix, ident, result)
+        # The routes first seen in this folder are kept or folded now that all its files
+        # are read (the busiest kept first).
+        self._merger.settle(result.part)
 
     def _read(self, folder: _Folder, name: str, prefix: str, ident: str, result: _DirResult, *,
-              rewritten: bool = False, zero: bool = False) -> FileValues | None:
-        """One file's values; None when it is gone or skipped. Raises RefusedEntryError when the
-        folder cannot be served this scrape."""
+              rewritten: bool = False, zero: bool = False) -> FileInfo | None:
+        """Add one file's values to the folder's part; None when it is gone or skipped. Raises
+        RefusedEntryError when the folder cannot be served this scrape."""
+        assert result.part is not None
         path = os.path.join(folder.path, name)
         try:
             read = folder.read(name)
             if read is None:
                 return None
+            data, stat_info = read
             try:
-                values = self._merger.values(path, read[0], read[1], prefix, ident=ident,
-                                             rewritten=rewritten)
+                info = self._merger.add(result.part, path, data, stat_info.st_ino, prefix,
+                                        ident=ident, mtime=stat_info.st_mtime_ns,
+                                        rewritten=rewritten, zero=zero)
             except ValueError as exc:
                 raise folder.malformed(name, exc) from None
+            del data, read  # one file's bytes in memory at a time
         except FileNotFoundError:
             # Removed since the listing: a dead worker's gauges (gunicorn child_exit), an app
             # restart emptying the folder, or no accumulator yet.
             return None
-        for reason, offender in values.refused:
+        for reason, offender in info.refused:
             folder.refuse(name, reason, f"declares {offender}")
-        if zero:
-            values = FileValues(values.slots, (0.0,) * len(values.values), values.simple,
-                                values.markers)
         result.files += 1
-        result.files_read.append(values)
         result.paths.add(path)
-        return values
+        return info
 
 
 def _try_lock(fd: int, kind: int, wait: float = 0.0) -> bool:

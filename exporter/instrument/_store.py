@@ -208,14 +208,24 @@ def parse_entries(data: bytes, name: str = "buffer") -> Iterator[tuple[str, floa
 
 def entry_at(data: bytes, pos: int, used: int, name: str) -> tuple[str, int]:
     """The key of the entry at pos and where its value is (the next entry starts 16 bytes
-    after that); ValueError naming the file when the entry runs past the used part."""
+    after that); ValueError naming the file when the entry runs past the used part or its key
+    is not UTF-8."""
+    key, value_at = key_at(data, pos, used, name)
+    try:
+        return key.decode("utf-8"), value_at
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: a key is not UTF-8") from None
+
+
+def key_at(data: bytes, pos: int, used: int, name: str) -> tuple[bytes, int]:
+    """entry_at() with the key's bytes, not decoded."""
     if pos + 4 > used:
         raise ValueError(f"{name}: truncated entry")
     length = _INT.unpack_from(data, pos)[0]
     value_at = pos + 4 + length + (8 - (length + 4) % 8)
     if length <= 0 or value_at + 16 > used:
         raise ValueError(f"{name}: truncated entry")
-    return data[pos + 4:pos + 4 + length].decode("utf-8"), value_at
+    return data[pos + 4:pos + 4 + length], value_at
 
 
 def tmp_name(name: str) -> str:
@@ -237,7 +247,12 @@ def write_file_at(dir_fd: int, name: str, entries: Sequence[tuple[str, float]]) 
     rename() replaces whatever name was (a symlink included) instead of following it.
     """
     body = b"".join(encode_entry(k, v) for k, v in entries)
-    data = memoryview(_INT.pack(_HEADER + len(body)) + b"\0" * 4 + body)
+    write_bytes_at(dir_fd, name, _INT.pack(_HEADER + len(body)) + b"\0" * 4 + body)
+
+
+def write_bytes_at(dir_fd: int, name: str, content: bytes) -> None:
+    """Replace name with a file holding content, as write_file_at() does."""
+    data = memoryview(content)
     tmp = tmp_name(name)
     fd = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
     try:
