@@ -9,7 +9,7 @@ import operator
 import re
 import struct
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
@@ -215,6 +215,7 @@ _MARKER_BYTES = f'["{MARKER_PREFIX}'.encode()
 # Appended chunks of a file are compiled on their own; past this many they are compiled into
 # one again (so a file that grows scrape after scrape costs a few struct calls, not dozens).
 _MAX_CHUNKS = 8
+_SPREAD_MIN = 64
 # Values are native doubles (the writers' byte order), at 8-byte aligned offsets.
 _DOUBLE = struct.Struct("=d")
 
@@ -258,7 +259,7 @@ class _Chunk:
     """Compiled entries of (part of) a file: the values of series with a single entry in it,
     unpacked in one call, and one struct per series that several entries add up to."""
 
-    __slots__ = ("groups", "single_slots", "singles")
+    __slots__ = ("groups", "single_slots", "singles", "spread")
 
     def __init__(self, offsets: Iterable[int], slots: Iterable[int]) -> None:
         by_slot: dict[int, list[int]] = {}
@@ -269,6 +270,16 @@ class _Chunk:
         self.single_slots = [slot for _, slot in singles]
         self.groups = [(_struct(found), slot) for slot, found in by_slot.items()
                        if len(found) > 1]
+        # Many single series close together (a worker's file): the values are spread into
+        # series order in C (an itemgetter over the unpacked values and a trailing 0.0),
+        # then added to the series with map(), instead of one Python addition each.
+        self.spread: Callable[[tuple[float, ...]], tuple[float, ...]] | None = None
+        span = max(self.single_slots, default=-1) + 1
+        if len(singles) >= _SPREAD_MIN and span <= 4 * len(singles):
+            where = dict.fromkeys(range(span), len(singles))
+            for index, slot in enumerate(self.single_slots):
+                where[slot] = index
+            self.spread = operator.itemgetter(*where.values())
 
 
 def _struct(offsets: list[int]) -> struct.Struct:
@@ -618,18 +629,22 @@ class FileMerger:
             return
         if layout.simple:
             for chunk in layout.chunks:
-                for slot, value in zip(chunk.single_slots, chunk.singles.unpack_from(data),
-                                       strict=True):
-                    acc[slot] += value
+                values = chunk.singles.unpack_from(data)
+                if chunk.spread is not None:
+                    spread = chunk.spread((*values, 0.0))
+                    acc[:len(spread)] = map(operator.add, acc, spread)
+                else:
+                    for slot, value in zip(chunk.single_slots, values, strict=True):
+                        acc[slot] += value
                 for group, slot in chunk.groups:
                     acc[slot] += sum(group.unpack_from(data))
             return
         special = part.special
         for chunk in layout.chunks:
-            values = list(zip(chunk.single_slots, chunk.singles.unpack_from(data), strict=True))
+            found = list(zip(chunk.single_slots, chunk.singles.unpack_from(data), strict=True))
             for group, slot in chunk.groups:
-                values.append((slot, _combine(self._series[slot].mode, group.unpack_from(data))))
-            for slot, value in values:
+                found.append((slot, _combine(self._series[slot].mode, group.unpack_from(data))))
+            for slot, value in found:
                 old = special.get(slot)
                 special[slot] = value if old is None else _combine(
                     self._series[slot].mode, (old, value))
@@ -730,7 +745,8 @@ def _parse_key(key: bytes) -> _ParsedKey | None:
 
 class _Plan:
     """How to build the families from the values of a set of present series: sorted, label
-    dicts made once (prometheus_client's encoders only read them)."""
+    dicts made once (prometheus_client's encoders only read them), and each sample kept for
+    the next scrape, which reuses it while its value stays the same."""
 
     def __init__(self, present: frozenset[int], series: list[_Series]) -> None:
         self.present = present
@@ -739,6 +755,7 @@ class _Plan:
             by_family.setdefault(series[slot].family, []).append(slot)
         self.families: list[tuple[str, str, str, list[tuple[str, dict[str, str], list[int], str]],
                                   list[_HistogramRow]]] = []
+        count = 0
         for name in sorted(by_family):
             slots = by_family[name]
             first = series[slots[0]]
@@ -746,33 +763,54 @@ class _Plan:
             histogram_rows: list[_HistogramRow] = []
             if first.typ == "histogram":
                 histogram_rows = _histogram_rows(name, slots, series)
+                count += sum(len(row.buckets) + 2 + (row.inf is not None)
+                             for row in histogram_rows)
             else:
                 samples: dict[tuple[str, _Labels], list[int]] = {}
                 for slot in slots:
                     samples.setdefault((series[slot].sample, series[slot].labels), []).append(slot)
                 rows = [(sample, dict(labels), group, series[group[0]].mode)
                         for (sample, labels), group in sorted(samples.items())]
+                count += len(rows)
             self.families.append((name, first.help, first.typ, rows, histogram_rows))
+        self.last: list[Sample | None] = [None] * count
 
     def build(self, values: list[float]) -> list[Metric]:
         out: list[Metric] = []
+        last = self.last
+        i = 0
         for name, help_text, typ, rows, histogram_rows in self.families:
             metric = Metric(name, help_text, typ)
             samples = metric.samples
-            for sample, labels, slots, mode in rows:
+            for sample_name, labels, slots, mode in rows:
                 value = values[slots[0]] if len(slots) == 1 else _combine(
                     mode, [values[s] for s in slots])
-                samples.append(Sample(sample, labels, value))
+                sample = last[i]
+                if sample is None or sample.value != value:
+                    sample = last[i] = Sample(sample_name, labels, value)
+                samples.append(sample)
+                i += 1
             for row in histogram_rows:
                 total = 0.0
+                bucket = row.bucket
                 for bucket_labels, slots in row.buckets:
                     for slot in slots:
                         total += values[slot]
-                    samples.append(Sample(row.bucket, bucket_labels, total))
+                    sample = last[i]
+                    if sample is None or sample.value != total:
+                        sample = last[i] = Sample(bucket, bucket_labels, total)
+                    samples.append(sample)
+                    i += 1
+                tail = [(row.count, row.labels, total),
+                        (row.sum, row.labels, sum(values[s] for s in row.sums))]
                 if row.inf is not None:
-                    samples.append(Sample(row.bucket, row.inf, total))
-                samples.append(Sample(row.count, row.labels, total))
-                samples.append(Sample(row.sum, row.labels, sum(values[s] for s in row.sums)))
+                    tail.insert(0, (bucket, row.inf, total))
+                for sample_name, labels, value in tail:
+                    sample = last[i]
+                    if sample is None or sample.value != value:
+                        sample = last[i] = Sample(sample_name, labels, value)
+                    samples.append(sample)
+                    i += 1
             out.append(metric)
         return out
 
