@@ -24,13 +24,19 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.config import AppConfig
-from exporter.instrument._merge import MARKER_PREFIX, FileInfo, FileMerger, MergePart
+from exporter.instrument._merge import (
+    MARKER_PREFIX,
+    ROUTE_OVERFLOW,
+    FileInfo,
+    FileMerger,
+    MergePart,
+)
 from exporter.instrument._store import (
     FILE_TYPES,
     FOLDABLE_TYPES,
@@ -50,6 +56,7 @@ from exporter.instrument._store import (
     parse_name,
     read_used,
     tmp_target,
+    write_bytes_at,
     write_file_at,
 )
 
@@ -71,6 +78,16 @@ MAX_DIR_ENTRIES = 100_000
 LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
+# The kept routes, saved so that a restarted exporter keeps the same ones (docs/app.md, "The
+# route cap"): in each folder (when the exporter may write there: app.compact), or in
+# app.state_dir when that is set.
+ROUTES_FILE = ".qatoolbox-exporter-routes.json"
+STATE_ROUTES_FILE = "app-routes.json"
+ROUTES_VERSION = 1
+# A saved set is read only up to this size, and a route longer than this is not saved (a
+# route template is a few dozen characters; 50 at the limit, as UTF-8, fit well within).
+MAX_ROUTES_BYTES = 1 << 20
+MAX_ROUTE_CHARS = 2048
 
 # Families the exporter's other collectors serve (and this collector's own): a file in the
 # folder may not declare them, as a family or a sample name, or it could pass off values as
@@ -105,6 +122,46 @@ def _accumulator(prefix: str) -> str:
 
 
 _ACCUMULATORS = frozenset(_accumulator(p) for p in (*FOLDABLE_TYPES, LIVE_GAUGES))
+# Files the exporter writes into a folder (as a temporary file, then renamed).
+_OURS = _ACCUMULATORS | {ROUTES_FILE}
+
+
+def encode_routes(routes: Sequence[str]) -> bytes:
+    """The saved form of a kept route set."""
+    return (json.dumps({"version": ROUTES_VERSION, "routes": list(routes)},
+                       ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def decode_routes(data: bytes) -> list[str]:
+    """The routes of a saved set; ValueError saying what is wrong with it. The file may have
+    been written by anyone who can write the folder: it is taken whole or not at all."""
+    if len(data) > MAX_ROUTES_BYTES:
+        raise ValueError(f"over {MAX_ROUTES_BYTES} bytes")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError("not UTF-8 JSON") from None
+    if not isinstance(doc, dict) or doc.get("version") != ROUTES_VERSION or set(doc) != {
+            "version", "routes"}:
+        raise ValueError(f'not {{"version": {ROUTES_VERSION}, "routes": [...]}}')
+    routes = doc["routes"]
+    if not isinstance(routes, list) or len(routes) > MAX_ROUTES:
+        raise ValueError(f"routes: not a list of at most {MAX_ROUTES}")
+    for route in routes:
+        if not isinstance(route, str) or not 0 < len(route) <= MAX_ROUTE_CHARS or \
+                route == ROUTE_OVERFLOW or not _encodable(route):
+            raise ValueError(f"routes: not a route label: {_shown(repr(route))}")
+    if len(set(routes)) != len(routes):
+        raise ValueError("routes: a route is listed twice")
+    return routes
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (\ud800 in the JSON)
+        return False
+    return True
 
 
 def marker_key(ident: str) -> str:
@@ -186,7 +243,7 @@ def _listing(names: Iterable[str]) -> _Listing:
             ident = name.removeprefix(".").removesuffix(".tmp").removesuffix(".lock")
             if name.endswith((".lock", ".lock.tmp")) and is_writer_ident(ident):
                 locks[name] = ident
-            elif tmp_target(name) in _ACCUMULATORS:
+            elif tmp_target(name) in _OURS:
                 listing.tmps.append(name)
             continue
         prefix, ident = parsed
@@ -537,8 +594,15 @@ class AppCollector:
         self._refusal_log = _RefusalLog()
         self._problems: dict[str, str | None] = {}
         self._fold_errors: dict[str, str | None] = {}
+        # The kept routes are saved in app.state_dir when it is set, else in each folder.
+        self._state_dir = config.state_dir or None
+        self._routes_saved: dict[str, int] = {}  # where -> kept_generation last written there
+        self._routes_errors: dict[str, str | None] = {}
+        self._routes_full_logged = False
         for directory in self._dirs:
             self._check_at_start(directory)
+        if self._state_dir is not None:
+            self._merger.adopt(self._load_state_dir(self._state_dir))
 
     def _check_at_start(self, directory: str) -> None:
         """Log what is wrong with a folder's ownership and mode (docs/app.md)."""
@@ -590,6 +654,9 @@ class AppCollector:
         if not self._dirs:
             return
         results = {d: self._read_dir(d) for d in self._dirs}
+        if self._state_dir is not None:
+            self._save_state_dir(self._state_dir)
+        self._note_routes_full()
         yield from self._merger.families(
             [r.part for r in results.values() if r.up and r.part is not None])
         self._merger.forget(set().union(*(r.paths for r in results.values())))
@@ -622,6 +689,117 @@ class AppCollector:
             self._refusal_log.report(directory, result.refused)
         yield from (up, workers, files, folded, rejected)
 
+    # --- the kept routes, saved ---
+
+    def _load_routes(self, folder: _Folder) -> list[str]:
+        """The route set saved in a folder; none when there is none or it is refused (counted
+        and logged like any refused entry, but the folder stays up: it holds no counts)."""
+        try:
+            fd, info = open_entry(folder.fd, ROUTES_FILE, folder.owners)
+        except FileNotFoundError:
+            return []
+        except RefusedEntryError as exc:
+            folder.refuse(ROUTES_FILE, exc.reason, str(exc))
+            return []
+        try:
+            data = _read_small(fd, info)
+        except RefusedEntryError as exc:
+            folder.refuse(ROUTES_FILE, exc.reason, str(exc))
+            return []
+        finally:
+            os.close(fd)
+        try:
+            return decode_routes(data)
+        except ValueError as exc:
+            folder.refuse(ROUTES_FILE, MALFORMED, str(exc))
+            return []
+
+    def _save_routes(self, folder: _Folder, listing: _Listing) -> None:
+        """Write the kept set into the folder when it changed since last written there, or
+        when the file is gone (gunicorn empties the folder when it starts)."""
+        generation = self._merger.kept_generation
+        if not self._merger.kept_routes or (
+                self._routes_saved.get(folder.path) == generation
+                and ROUTES_FILE in listing.names):
+            return
+        try:
+            write_bytes_at(folder.fd, ROUTES_FILE, self._routes_to_save(folder.path))
+        except OSError as exc:
+            self._routes_error(folder.path, exc.strerror or str(exc))
+            return
+        self._routes_saved[folder.path] = generation
+        self._routes_error(folder.path, None)
+
+    def _routes_to_save(self, where: str) -> bytes:
+        routes = self._merger.kept_routes
+        saved = [r for r in routes if len(r) <= MAX_ROUTE_CHARS]
+        if len(saved) != len(routes):
+            self._routes_error(where, f"routes over {MAX_ROUTE_CHARS} characters are not "
+                                      "saved")
+        return encode_routes(saved)
+
+    def _routes_error(self, where: str, error: str | None) -> None:
+        if self._routes_errors.get(where) == error:
+            return
+        if error is not None:
+            log.warning("app kept routes cannot be saved; a restart may choose other routes "
+                        "to keep", extra={"dir": where, "err": error})
+        self._routes_errors[where] = error
+
+    def _load_state_dir(self, directory: str) -> list[str]:
+        """The route set saved in app.state_dir (a folder of the exporter's own)."""
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("app.state_dir cannot be opened; the kept routes are not saved",
+                        extra={"dir": directory, "err": exc.strerror or str(exc)})
+            return []
+        try:
+            fd, info = open_entry(dir_fd, STATE_ROUTES_FILE, frozenset((os.geteuid(), 0)))
+            try:
+                return decode_routes(_read_small(fd, info))
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return []
+        except (RefusedEntryError, ValueError) as exc:
+            log.warning("app saved routes refused; routes are chosen again",
+                        extra={"dir": directory, "file": STATE_ROUTES_FILE,
+                               "detail": _shown(str(exc))})
+            return []
+        finally:
+            os.close(dir_fd)
+
+    def _save_state_dir(self, directory: str) -> None:
+        generation = self._merger.kept_generation
+        if not self._merger.kept_routes or self._routes_saved.get(directory) == generation:
+            return
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                write_bytes_at(dir_fd, STATE_ROUTES_FILE, self._routes_to_save(directory))
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            self._routes_error(directory, exc.strerror or str(exc))
+            return
+        self._routes_saved[directory] = generation
+        self._routes_error(directory, None)
+
+    def _note_routes_full(self) -> None:
+        """Say once that routes are now being folded, and where the kept set is saved."""
+        if self._routes_full_logged or not self._merger.routes_full():
+            return
+        self._routes_full_logged = True
+        where = self._state_dir or ("each app folder" if self._compact else None)
+        if where is None:
+            log.warning(f"app routes past the first {MAX_ROUTES} are summed under "
+                        f'route="{ROUTE_OVERFLOW}"; the kept set is not saved (app.compact is '
+                        "off): set app.state_dir so that a restart keeps the same routes")
+        else:
+            log.info(f"app routes past the first {MAX_ROUTES} are summed under "
+                     f'route="{ROUTE_OVERFLOW}"', extra={"saved_in": where})
+
     def _accept(self, prefix: str, key: str) -> bool:
         return self._merger.refusal(prefix, key) is None
 
@@ -653,7 +831,13 @@ class AppCollector:
                 # Another exporter holds the folder (a fold, or it is stuck): skip this
                 # folder for this scrape rather than read it halfway through a fold.
                 return result
+            if self._state_dir is None and not self._merger.routes_full():
+                # Before any route of this folder is decided: the set saved here (by this
+                # exporter before a restart, or by another one reading the same folder).
+                self._merger.adopt(self._load_routes(folder))
             self._read_files(folder, listing, alive, result)
+            if self._state_dir is None and self._compact and lock_fd is not None:
+                self._save_routes(folder, listing)
         except _UnusableFolderError as exc:
             self._problem(directory, str(exc))
             result.part = None
@@ -747,6 +931,20 @@ class AppCollector:
         result.files += 1
         result.paths.add(path)
         return info
+
+
+def _read_small(fd: int, info: os.stat_result) -> bytes:
+    """A saved route set's bytes: RefusedEntryError when over MAX_ROUTES_BYTES or unreadable."""
+    if info.st_size > MAX_ROUTES_BYTES:
+        raise RefusedEntryError(TOO_LARGE, f"{info.st_size} bytes, over the "
+                                           f"{MAX_ROUTES_BYTES}-byte limit")
+    try:
+        data = os.pread(fd, MAX_ROUTES_BYTES + 1, 0)
+    except OSError as exc:
+        raise RefusedEntryError(UNREADABLE, f"cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_ROUTES_BYTES:
+        raise RefusedEntryError(TOO_LARGE, f"over the {MAX_ROUTES_BYTES}-byte limit")
+    return data
 
 
 def _try_lock(fd: int, kind: int, wait: float = 0.0) -> bool:
