@@ -23,7 +23,9 @@ import logging
 import math
 import os
 import stat
+import struct
 import time
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +38,7 @@ from exporter.instrument._merge import (
     FileInfo,
     FileMerger,
     MergePart,
+    key_digest,
 )
 from exporter.instrument._store import (
     FILE_TYPES,
@@ -48,16 +51,19 @@ from exporter.instrument._store import (
     TOO_LARGE,
     UNREADABLE,
     RefusedEntryError,
+    encode_entry_bytes,
+    entry_size,
+    file_header,
     flock_held,
     is_writer_ident,
+    key_at,
     mmap_key,
     open_entry,
-    parse_entries,
     parse_name,
     read_used,
     tmp_target,
     write_bytes_at,
-    write_file_at,
+    write_stream_at,
 )
 
 log = logging.getLogger("exporter.collectors.app")
@@ -78,6 +84,8 @@ MAX_DIR_ENTRIES = 100_000
 LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
+_MARKER_BYTES = f'["{_MARKER}"'.encode()
+_DOUBLE = struct.Struct("=d")
 # The kept routes, saved so that a restarted exporter keeps the same ones (docs/app.md, "The
 # route cap"): in each folder (when the exporter may write there: app.compact), or in
 # app.state_dir when that is set.
@@ -315,16 +323,6 @@ class _Folder:
         self.refuse(name, MALFORMED, detail)
         return RefusedEntryError(MALFORMED, detail)
 
-    def entries(self, name: str, keep: Callable[[str], bool]) -> list[tuple[str, float]] | None:
-        """The entries of a data file that keep() accepts; None when refused and skipped."""
-        read = self.read(name)
-        if read is None:
-            return None
-        try:
-            return [(key, value) for key, value in parse_entries(read[0], name) if keep(key)]
-        except ValueError as exc:
-            raise self.malformed(name, exc) from None
-
     def writer_alive(self, ident: str) -> bool:
         """Whether the process that wrote ident's files still holds its lock.
 
@@ -370,9 +368,6 @@ class _Folder:
                 return None
         return None
 
-    def write(self, name: str, entries: list[tuple[str, float]]) -> None:
-        write_file_at(self.fd, name, entries)
-
     def unlink(self, name: str) -> None:
         # Removes the entry itself, whatever it is; never anything it points to.
         with contextlib.suppress(FileNotFoundError):
@@ -405,17 +400,21 @@ def fold(directory: str, dead: list[str]) -> int:
     fd, info = _open_folder(directory)
     try:
         folder = _Folder(fd, directory, info.st_uid)
-        return fold_folder(folder, dead, folder.listing().names, lambda prefix, key: True)
+        return fold_folder(folder, dead, folder.listing().names,
+                           lambda prefix, digest, key: True)
     finally:
         os.close(fd)
 
 
-def fold_folder(folder: _Folder, dead: list[str], names: set[str],
-                accept: Callable[[str, str], bool]) -> int:
+# accept(prefix, key_digest(key), key): whether an entry of a file of that type may be kept.
+_Accept = Callable[[str, bytes, bytes], bool]
+
+
+def fold_folder(folder: _Folder, dead: list[str], names: set[str], accept: _Accept) -> int:
     """Fold dead workers' counters and histograms into the accumulators, then delete their files.
 
     Caller holds the folder lock exclusively; names is the folder's listing taken under it;
-    accept(prefix, key) says which entries may be kept. Returns how many workers were folded.
+    accept says which entries may be kept. Returns how many workers were folded.
     Safe to interrupt anywhere: each accumulator is replaced atomically together with its
     record of which workers' files it contains, and files are deleted only after that.
     Entries refused as never the app's (a symlink, FIFO, ...) are neither folded nor deleted;
@@ -425,42 +424,31 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str],
         return 0
     kept: set[str] = set()
     for prefix in FOLDABLE_TYPES:
-        acc = _accumulator(prefix)
+        name = _accumulator(prefix)
         # Markers come only from the accumulator, never from a worker's file: a worker's
         # file cannot declare another worker's file as already folded.
-
-        def keep(key: str, prefix: str = prefix) -> bool:
-            return accept(prefix, key)
-
-        def keep_markers(key: str, prefix: str = prefix) -> bool:
-            return marker_ident(key) is not None or accept(prefix, key)
-
-        values = _accumulated(folder, acc, keep_markers)
-        folded = {ident: key for key in values if (ident := marker_ident(key)) is not None}
+        acc = _Accumulation(prefix, accept)
+        acc.load(folder, name)
         changed = False
         for ident in dead:
-            name = f"{prefix}_{ident}.db"
-            if name not in names or ident in folded:
+            source = f"{prefix}_{ident}.db"
+            if source not in names or ident in acc.markers:
                 continue
             try:
-                entries = folder.entries(name, keep)
+                if not acc.add_file(folder, source):
+                    kept.add(source)
+                    continue
             except FileNotFoundError:
                 continue
-            if entries is None:
-                kept.add(name)
-                continue
-            for key, value in entries:
-                values[key] = values.get(key, 0.0) + value
-            values[marker_key(ident)] = 1.0
+            acc.markers[ident] = marker_key(ident).encode()
             changed = True
         # A marker is only needed while its source file exists (a fold interrupted between
         # replacing the accumulator and deleting the sources); drop the others.
-        for ident, key in folded.items():
-            if f"{prefix}_{ident}.db" not in names:
-                del values[key]
-                changed = True
+        for ident in [i for i in acc.markers if f"{prefix}_{i}.db" not in names]:
+            del acc.markers[ident]
+            changed = True
         if changed:
-            folder.write(acc, list(values.items()))
+            write_stream_at(folder.fd, name, acc.encoded())
     kept |= _fold_gauge_names(folder, dead, names, accept)
     count = 0
     for ident in dead:
@@ -476,17 +464,80 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str],
     return count
 
 
-def _accumulated(folder: _Folder, name: str, keep: Callable[[str], bool]) -> dict[str, float]:
-    """An accumulator's entries; none when there is none yet, or when what is there is refused
-    as never a file of ours (the new accumulator is then renamed over it)."""
-    try:
-        return dict(folder.entries(name, keep) or ())
-    except FileNotFoundError:
-        return {}
+class _Accumulation:
+    """An accumulator being rebuilt: its entries in order (the old file's, then new keys) with
+    their summed values, and its markers. Keys stay the bytes read (decoded only to be
+    judged, once, by the merger's cache) and the new file is written as it is encoded, so
+    a fold holds the accumulator's keys once, not as strings, tuples and a second copy."""
+
+    def __init__(self, prefix: str, accept: _Accept, *, zero: bool = False) -> None:
+        self.prefix, self.accept, self.zero = prefix, accept, zero
+        self.index: dict[bytes, int] = {}  # key_digest -> position
+        self.keys: list[bytes] = []
+        self.values = array("d")
+        self.markers: dict[str, bytes] = {}  # ident -> its marker's key
+
+    def load(self, folder: _Folder, name: str) -> None:
+        """Start from the accumulator there is; from nothing when there is none yet, or when
+        what is there is refused as never a file of ours (the new one is renamed over it)."""
+        with contextlib.suppress(FileNotFoundError):
+            self._read(folder, name, markers=True)
+
+    def add_file(self, folder: _Folder, name: str) -> bool:
+        """Add a dead worker's file; False when it is refused and left in place."""
+        return self._read(folder, name, markers=False)
+
+    def _read(self, folder: _Folder, name: str, *, markers: bool) -> bool:
+        read = folder.read(name)
+        if read is None:
+            return False
+        data = read[0]
+        if len(data) < 8:
+            return True  # a file whose header was never written
+        used = len(data)
+        pos = 8
+        try:
+            while pos < used:
+                key, value_at = key_at(data, pos, used, name)
+                pos = value_at + 16
+                if key.startswith(_MARKER_BYTES):
+                    ident = marker_ident(key.decode("utf-8", "replace"))
+                    if markers and ident:
+                        self.markers[ident] = key
+                    continue
+                digest = key_digest(key)
+                if self.accept(self.prefix, digest, key):
+                    value = 0.0 if self.zero else _DOUBLE.unpack_from(data, value_at)[0]
+                    self._add(digest, key, value)
+        except ValueError as exc:
+            raise folder.malformed(name, exc) from None
+        return True
+
+    def _add(self, digest: bytes, key: bytes, value: float) -> None:
+        at = self.index.get(digest)
+        if at is None:
+            self.index[digest] = len(self.keys)
+            self.keys.append(key)
+            self.values.append(value)
+        else:
+            self.values[at] += value
+
+    def encoded(self) -> Iterator[bytes]:
+        """The new file: header, the entries, the markers last."""
+        entries = [*zip(self.keys, self.values, strict=True),
+                   *((key, 1.0) for key in self.markers.values())]
+        yield file_header(sum(entry_size(key) for key, _ in entries))
+        chunk: list[bytes] = []
+        for key, value in entries:
+            chunk.append(encode_entry_bytes(key, value))
+            if len(chunk) >= 1024:
+                yield b"".join(chunk)
+                chunk = []
+        yield b"".join(chunk)
 
 
 def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
-                      accept: Callable[[str, str], bool]) -> set[str]:
+                      accept: _Accept) -> set[str]:
     """Keep the dead workers' gauge series, at 0, in a gauge accumulator; return the names
     of refused files left in place.
 
@@ -494,27 +545,22 @@ def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
     stay: `qatoolbox_http_requests_in_flight 0` rather than no series when no worker lives.
     Adding zeros twice changes nothing, so this needs no markers.
     """
-    acc = _accumulator(LIVE_GAUGES)
-
-    def keep(key: str) -> bool:
-        return accept(LIVE_GAUGES, key)
-
-    values = _accumulated(folder, acc, keep)
-    known = len(values)
+    name = _accumulator(LIVE_GAUGES)
+    acc = _Accumulation(LIVE_GAUGES, accept, zero=True)
+    acc.load(folder, name)
+    known = len(acc.keys)
     kept: set[str] = set()
     for ident in dead:
-        name = f"{LIVE_GAUGES}_{ident}.db"
-        if name in names:
+        source = f"{LIVE_GAUGES}_{ident}.db"
+        if source in names:
             try:
-                entries = folder.entries(name, keep)
+                if not acc.add_file(folder, source):
+                    kept.add(source)
             except FileNotFoundError:
                 continue
-            if entries is None:
-                kept.add(name)
-                continue
-            values.update((key, 0.0) for key, _ in entries)
-    if len(values) != known:
-        folder.write(acc, [(key, 0.0) for key in values])
+    if len(acc.keys) != known:
+        acc.markers.clear()
+        write_stream_at(folder.fd, name, acc.encoded())
     return kept
 
 
@@ -800,8 +846,8 @@ class AppCollector:
             log.info(f"app routes past the first {MAX_ROUTES} are summed under "
                      f'route="{ROUTE_OVERFLOW}"', extra={"saved_in": where})
 
-    def _accept(self, prefix: str, key: str) -> bool:
-        return self._merger.refusal(prefix, key) is None
+    def _accept(self, prefix: str, digest: bytes, key: bytes) -> bool:
+        return self._merger.accepts(prefix, digest, key)
 
     def _read_dir(self, directory: str) -> _DirResult:
         result = _DirResult()

@@ -368,7 +368,8 @@ class FileMerger:
         self._allowed_prefixes = allowed_prefixes
         self._reserved_names = frozenset(reserved_names)
         self._route_limit = route_limit
-        self._keys: dict[bytes, int | _Routed] = {}
+        self._keys: dict[tuple[str, str], dict[bytes, int | _Routed]] = {}
+        self._key_count = 0
         self._types: dict[str, str] = {}
         self._series: list[_Series] = []
         self._series_index: dict[tuple[str, str, _Labels, str, float | None, str], int] = {}
@@ -415,22 +416,38 @@ class FileMerger:
     def refusal(self, prefix: str, key: str) -> str | None:
         """Why an entry of a file of type prefix is not served (BAD_ENTRY, RESERVED_NAME), or
         None. Markers (the compaction's bookkeeping) are not entries: BAD_ENTRY."""
-        code = self._lookup(prefix, "", key.encode("utf-8"))
+        encoded = key.encode("utf-8")
+        code = self._find(prefix, "", key_digest(encoded), encoded)
         return _REASONS.get(code) if isinstance(code, int) else None
 
-    def _lookup(self, prefix: str, ident: str, key: bytes) -> int | _Routed:
-        typ, _, mode = prefix.partition("_")
-        pid = ident if typ == "gauge" and mode in _PID_MODES else ""
-        digest = hashlib.blake2b(f"{prefix}\0{pid}\0".encode() + key, digest_size=16).digest()
-        found = self._keys.get(digest)
+    def accepts(self, prefix: str, digest: bytes, key: bytes) -> bool:
+        """Whether an entry (key_digest(key), key) of a file of type prefix may be kept: not
+        refused (a type conflict is not a refusal). Raises ValueError when key is not UTF-8."""
+        code = self._find(prefix, "", digest, key)
+        return not isinstance(code, int) or code not in _REASONS
+
+    def _cache(self, prefix: str, pid: str) -> dict[bytes, int | _Routed]:
+        """The verdicts on the keys of one file type (and pid, for gauges with one series
+        per process), by key_digest()."""
+        cache = self._keys.get((prefix, pid))
+        if cache is None:
+            cache = self._keys[(prefix, pid)] = {}
+        return cache
+
+    def _find(self, prefix: str, pid: str, digest: bytes, key: bytes) -> int | _Routed:
+        cache = self._cache(prefix, pid)
+        found = cache.get(digest)
         if found is None:
-            if len(self._keys) >= _KEY_CACHE_LIMIT:
-                self._keys = {}
-            found = self._keys[digest] = self._classify(typ, mode, pid, key)
+            if self._key_count >= _KEY_CACHE_LIMIT:
+                self._keys, self._key_count = {}, 0
+                cache = self._cache(prefix, pid)
+            typ, _, mode = prefix.partition("_")
+            found = cache[digest] = self._classify(typ, mode, pid, key)
+            self._key_count += 1
         elif type(found) is _Routed:
             decided = self._decide(found)
             if decided >= 0:
-                self._keys[digest] = found = decided
+                cache[digest] = found = decided
         return found
 
     def _classify(self, typ: str, mode: str, pid: str, key: bytes) -> int | _Routed:
@@ -495,11 +512,12 @@ class FileMerger:
 
     def _resolve_keys(self) -> None:
         """Replace cached undecided keys whose route is now decided by their series."""
-        for digest, found in self._keys.items():
-            if type(found) is _Routed:
-                decided = self._decide(found)
-                if decided >= 0:
-                    self._keys[digest] = decided
+        for cache in self._keys.values():
+            for digest, found in cache.items():
+                if type(found) is _Routed:
+                    decided = self._decide(found)
+                    if decided >= 0:
+                        cache[digest] = decided
         self._route_names.clear()
 
     def _reserved(self, name: str) -> bool:
@@ -564,6 +582,10 @@ class FileMerger:
         carry markers (only the accumulators the exporter writes may). The layout changes
         only once the whole new part is read: a malformed entry leaves it as it was."""
         name = f"{prefix}_{ident}.db"
+        typ, _, mode = prefix.partition("_")
+        pid = ident if typ == "gauge" and mode in _PID_MODES else ""
+        cache = self._cache(prefix, pid)
+        blake2b = hashlib.blake2b
         offsets, slots = array("I"), array("I")
         waiting: list[_Routed] = []
         waiting_at = array("I")
@@ -577,7 +599,11 @@ class FileMerger:
             if markers and key.startswith(_MARKER_BYTES):
                 found_markers.append(key.decode("utf-8"))
             else:
-                found = self._lookup(prefix, ident, key)
+                digest = blake2b(key, digest_size=16).digest()
+                found = cache.get(digest)
+                if found is None or found.__class__ is _Routed:
+                    found = self._find(prefix, pid, digest, key)
+                    cache = self._cache(prefix, pid)  # (a new one when the cache was full)
                 if isinstance(found, _Routed):
                     waiting.append(found)
                     waiting_at.append(value_at)
@@ -596,7 +622,6 @@ class FileMerger:
             layout.refused.setdefault(reason, offender)
         layout.waiting.extend(waiting)
         layout.waiting_at.extend(waiting_at)
-        typ, _, mode = prefix.partition("_")
         layout.simple = typ != "gauge" or mode in _SUM_MODES
         layout.add(offsets, slots)
 
@@ -712,6 +737,11 @@ class FileMerger:
         if plan is None or plan.present != frozen:
             plan = self._plan = _Plan(frozen, self._series)
         return plan.build(values)
+
+
+def key_digest(key: bytes) -> bytes:
+    """What the caches know a key by: 16 bytes, however long the key."""
+    return hashlib.blake2b(key, digest_size=16).digest()
 
 
 def _combine(mode: str, values: Iterable[float]) -> float:

@@ -31,7 +31,7 @@ import secrets
 import stat
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -93,9 +93,23 @@ def mmap_key(metric: str, sample: str, labels: dict[str, str], help_text: str) -
 
 def encode_entry(key: str, value: float) -> bytes:
     """One entry in the file layout: length, key padded to 8-byte alignment, value, timestamp."""
-    encoded = key.encode("utf-8")
-    padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
-    return _INT.pack(len(encoded)) + padded + _ENTRY_TAIL.pack(value, 0.0)
+    return encode_entry_bytes(key.encode("utf-8"), value)
+
+
+def encode_entry_bytes(key: bytes, value: float) -> bytes:
+    """encode_entry() of a key already encoded."""
+    return (_INT.pack(len(key)) + key + b" " * (8 - (len(key) + 4) % 8)
+            + _ENTRY_TAIL.pack(value, 0.0))
+
+
+def entry_size(key: bytes) -> int:
+    """The bytes encode_entry_bytes() makes of key."""
+    return 4 + len(key) + (8 - (len(key) + 4) % 8) + 16
+
+
+def file_header(body: int) -> bytes:
+    """The header of a file whose entries take body bytes."""
+    return _INT.pack(_HEADER + body) + b"\0" * 4
 
 
 def open_entry(dir_fd: int, name: str,
@@ -247,17 +261,24 @@ def write_file_at(dir_fd: int, name: str, entries: Sequence[tuple[str, float]]) 
     rename() replaces whatever name was (a symlink included) instead of following it.
     """
     body = b"".join(encode_entry(k, v) for k, v in entries)
-    write_bytes_at(dir_fd, name, _INT.pack(_HEADER + len(body)) + b"\0" * 4 + body)
+    write_bytes_at(dir_fd, name, file_header(len(body)) + body)
 
 
 def write_bytes_at(dir_fd: int, name: str, content: bytes) -> None:
     """Replace name with a file holding content, as write_file_at() does."""
-    data = memoryview(content)
+    write_stream_at(dir_fd, name, (content,))
+
+
+def write_stream_at(dir_fd: int, name: str, chunks: Iterable[bytes]) -> None:
+    """Replace name with a file holding the chunks, as write_file_at() does, writing each as
+    it comes (a large file is never all in memory)."""
     tmp = tmp_name(name)
     fd = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
     try:
-        while data:
-            data = data[os.write(fd, data):]
+        for chunk in chunks:
+            data = memoryview(chunk)
+            while data:
+                data = data[os.write(fd, data):]
         os.fsync(fd)
         os.close(fd)
         fd = -1
