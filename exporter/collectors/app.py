@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -50,18 +51,20 @@ from exporter.instrument._store import (
     REFUSAL_REASONS,
     TOO_LARGE,
     UNREADABLE,
+    FileWindows,
+    ReadBuffer,
+    ReadFailedError,
     RefusedEntryError,
     encode_entry_bytes,
     entry_size,
     file_header,
     flock_held,
     is_writer_ident,
-    key_at,
     mmap_key,
     open_entry,
     parse_name,
-    read_used,
     tmp_target,
+    used_size,
     write_bytes_at,
     write_stream_at,
 )
@@ -270,9 +273,10 @@ class _Folder:
     of it (so renaming the folder or a parent mid-scrape changes nothing), opened without
     following symlinks or blocking, and checked after opening. Refusals are recorded."""
 
-    def __init__(self, fd: int, path: str, owner: int) -> None:
+    def __init__(self, fd: int, path: str, owner: int, buffer: ReadBuffer | None = None) -> None:
         self.fd = fd
         self.path = path
+        self.buffer = buffer or ReadBuffer()
         # Who may own an entry: the app (the folder's owner), this exporter, root.
         self.owners = frozenset((owner, os.geteuid(), 0))
         self.refused: dict[tuple[str, str], str] = {}  # (name, reason) -> detail
@@ -292,31 +296,44 @@ class _Folder:
                 names.append(entry.name)
         return _listing(names)
 
-    def read(self, name: str) -> tuple[bytes, os.stat_result] | None:
-        """The used bytes and fstat of a data file; None when it is refused as something the
-        app never writes; RefusedEntryError when it is refused as a file that could be the app's;
-        FileNotFoundError when it is gone."""
+    @contextlib.contextmanager
+    def data(self, name: str) -> Iterator[tuple[FileWindows, os.stat_result] | None]:
+        """A data file's used part (read through the scrape's buffer while the block runs) and
+        its fstat; None when it is refused as something the app never writes. Raises
+        RefusedEntryError when it is refused as a file that could be the app's, including
+        for what the block reads of it (malformed, unreadable); FileNotFoundError when it is
+        gone."""
         try:
             fd, info = open_entry(self.fd, name, self.owners)
         except RefusedEntryError as exc:
             self.refuse(name, exc.reason, str(exc))
             if exc.reason in _DOWN_REASONS:
                 raise
-            return None
+            yield None
+            return
         try:
-            return read_used(fd, info, name), info
-        except RefusedEntryError as exc:
-            self.refuse(name, exc.reason, str(exc))
-            raise
+            try:
+                used = used_size(fd, info, name)
+            except RefusedEntryError as exc:
+                self.refuse(name, exc.reason, str(exc))
+                raise
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise self._unreadable(name, exc.strerror or str(exc)) from None
+            yield FileWindows(fd, used, name, self.buffer), info
         except ValueError as exc:
+            # What the block found malformed in this file (a file read in a nested block
+            # raises its own RefusedEntryError, which passes through).
             raise self.malformed(name, exc) from None
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            self.refuse(name, UNREADABLE, f"cannot be read: {exc.strerror}")
-            raise RefusedEntryError(UNREADABLE, str(exc)) from None
+        except ReadFailedError as exc:
+            raise self._unreadable(name, str(exc)) from None
         finally:
             os.close(fd)
+
+    def _unreadable(self, name: str, detail: str) -> RefusedEntryError:
+        self.refuse(name, UNREADABLE, f"cannot be read: {detail}")
+        return RefusedEntryError(UNREADABLE, f"cannot be read: {detail}")
 
     def malformed(self, name: str, exc: ValueError) -> RefusedEntryError:
         detail = str(exc).removeprefix(f"{name}: ")
@@ -424,31 +441,9 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str], accept: _Acce
         return 0
     kept: set[str] = set()
     for prefix in FOLDABLE_TYPES:
-        name = _accumulator(prefix)
         # Markers come only from the accumulator, never from a worker's file: a worker's
         # file cannot declare another worker's file as already folded.
-        acc = _Accumulation(prefix, accept)
-        acc.load(folder, name)
-        changed = False
-        for ident in dead:
-            source = f"{prefix}_{ident}.db"
-            if source not in names or ident in acc.markers:
-                continue
-            try:
-                if not acc.add_file(folder, source):
-                    kept.add(source)
-                    continue
-            except FileNotFoundError:
-                continue
-            acc.markers[ident] = marker_key(ident).encode()
-            changed = True
-        # A marker is only needed while its source file exists (a fold interrupted between
-        # replacing the accumulator and deleting the sources); drop the others.
-        for ident in [i for i in acc.markers if f"{prefix}_{i}.db" not in names]:
-            del acc.markers[ident]
-            changed = True
-        if changed:
-            write_stream_at(folder.fd, name, acc.encoded())
+        kept |= _fold_type(folder, prefix, dead, names, accept)
     kept |= _fold_gauge_names(folder, dead, names, accept)
     count = 0
     for ident in dead:
@@ -464,75 +459,118 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str], accept: _Acce
     return count
 
 
+def _fold_type(folder: _Folder, prefix: str, dead: list[str], names: set[str],
+               accept: _Accept) -> set[str]:
+    """Fold one type's files; the names of refused files left in place."""
+    name = _accumulator(prefix)
+    acc = _Accumulation(prefix, accept)
+    kept: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        # The accumulator stays open for the whole fold: its keys are read again (not kept
+        # in memory) to write the new one.
+        try:
+            old = stack.enter_context(folder.data(name))
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            acc.load(old[0])
+        changed = False
+        for ident in dead:
+            source = f"{prefix}_{ident}.db"
+            if source not in names or ident in acc.markers:
+                continue
+            try:
+                with folder.data(source) as opened:
+                    if opened is None:
+                        kept.add(source)
+                        continue
+                    acc.add_file(opened[0])
+            except FileNotFoundError:
+                continue
+            acc.markers[ident] = marker_key(ident).encode()
+            changed = True
+        # A marker is only needed while its source file exists (a fold interrupted between
+        # replacing the accumulator and deleting the sources); drop the others.
+        for ident in [i for i in acc.markers if f"{prefix}_{i}.db" not in names]:
+            del acc.markers[ident]
+            changed = True
+        if changed:
+            write_stream_at(folder.fd, name, acc.encoded(None if old is None else old[0]))
+    return kept
+
+
 class _Accumulation:
-    """An accumulator being rebuilt: its entries in order (the old file's, then new keys) with
-    their summed values, and its markers. Keys stay the bytes read (decoded only to be
-    judged, once, by the merger's cache) and the new file is written as it is encoded, so
-    a fold holds the accumulator's keys once, not as strings, tuples and a second copy."""
+    """An accumulator being rebuilt: where each key's sum is (by key digest), the sums, and
+    the markers. The old accumulator's keys are not kept: the new file is written by reading
+    them again, in order, then the keys new to it, then the markers, as it is encoded. So a
+    fold holds one window of a file, a digest and a double per key, and the new keys."""
 
     def __init__(self, prefix: str, accept: _Accept, *, zero: bool = False) -> None:
         self.prefix, self.accept, self.zero = prefix, accept, zero
-        self.index: dict[bytes, int] = {}  # key_digest -> position
-        self.keys: list[bytes] = []
+        self.index: dict[bytes, int] = {}  # key_digest -> position in values
         self.values = array("d")
+        self.size = 0  # bytes of the entries (markers apart)
+        self.old = array("i")  # per entry of the old accumulator: its position, or -1
+        self.old_keys = hashlib.blake2b(digest_size=16)  # to check a second read is the same
+        self.new: list[tuple[bytes, int]] = []  # keys not in the old accumulator, positions
         self.markers: dict[str, bytes] = {}  # ident -> its marker's key
 
-    def load(self, folder: _Folder, name: str) -> None:
-        """Start from the accumulator there is; from nothing when there is none yet, or when
-        what is there is refused as never a file of ours (the new one is renamed over it)."""
-        with contextlib.suppress(FileNotFoundError):
-            self._read(folder, name, markers=True)
+    def load(self, data: FileWindows) -> None:
+        """Start from the old accumulator."""
+        for _, key, _, value in data.entries(8):
+            self.old_keys.update(key)
+            self.old.append(self._add(key, value, markers=True, new=False))
 
-    def add_file(self, folder: _Folder, name: str) -> bool:
-        """Add a dead worker's file; False when it is refused and left in place."""
-        return self._read(folder, name, markers=False)
+    def add_file(self, data: FileWindows) -> None:
+        """Add a dead worker's file."""
+        for _, key, _, value in data.entries(8):
+            self._add(key, value, markers=False, new=True)
 
-    def _read(self, folder: _Folder, name: str, *, markers: bool) -> bool:
-        read = folder.read(name)
-        if read is None:
-            return False
-        data = read[0]
-        if len(data) < 8:
-            return True  # a file whose header was never written
-        used = len(data)
-        pos = 8
-        try:
-            while pos < used:
-                key, value_at = key_at(data, pos, used, name)
-                pos = value_at + 16
-                if key.startswith(_MARKER_BYTES):
-                    ident = marker_ident(key.decode("utf-8", "replace"))
-                    if markers and ident:
-                        self.markers[ident] = key
-                    continue
-                digest = key_digest(key)
-                if self.accept(self.prefix, digest, key):
-                    value = 0.0 if self.zero else _DOUBLE.unpack_from(data, value_at)[0]
-                    self._add(digest, key, value)
-        except ValueError as exc:
-            raise folder.malformed(name, exc) from None
-        return True
-
-    def _add(self, digest: bytes, key: bytes, value: float) -> None:
+    def _add(self, key: bytes, value: float, *, markers: bool, new: bool) -> int:
+        if key.startswith(_MARKER_BYTES):
+            ident = marker_ident(key.decode("utf-8", "replace"))
+            if markers and ident:
+                self.markers[ident] = key
+            return -1
+        digest = key_digest(key)
+        if not self.accept(self.prefix, digest, key):
+            return -1
+        value = 0.0 if self.zero else value
         at = self.index.get(digest)
-        if at is None:
-            self.index[digest] = len(self.keys)
-            self.keys.append(key)
-            self.values.append(value)
-        else:
+        if at is not None:
             self.values[at] += value
+            return at
+        at = self.index[digest] = len(self.values)
+        self.values.append(value)
+        self.size += entry_size(key)
+        if new:
+            self.new.append((key, at))
+        return at
 
-    def encoded(self) -> Iterator[bytes]:
-        """The new file: header, the entries, the markers last."""
-        entries = [*zip(self.keys, self.values, strict=True),
-                   *((key, 1.0) for key in self.markers.values())]
-        yield file_header(sum(entry_size(key) for key, _ in entries))
+    def encoded(self, old: FileWindows | None) -> Iterator[bytes]:
+        """The new file: header, the old accumulator's entries, the new ones, the markers.
+        ValueError when the old accumulator no longer holds what load() read."""
+        markers = list(self.markers.values())
+        yield file_header(self.size + sum(entry_size(key) for key in markers))
         chunk: list[bytes] = []
-        for key, value in entries:
-            chunk.append(encode_entry_bytes(key, value))
-            if len(chunk) >= 1024:
-                yield b"".join(chunk)
-                chunk = []
+        if old is not None:
+            done = bytearray(len(self.values))  # a key the old file held twice goes once
+            again = hashlib.blake2b(digest_size=16)
+            count = 0
+            for _, key, _, _ in old.entries(8):
+                again.update(key)
+                at = self.old[count] if count < len(self.old) else -1
+                count += 1
+                if at >= 0 and not done[at]:
+                    done[at] = 1
+                    chunk.append(encode_entry_bytes(key, self.values[at]))
+                    if len(chunk) >= 1024:
+                        yield b"".join(chunk)
+                        chunk = []
+            if count != len(self.old) or again.digest() != self.old_keys.digest():
+                raise ValueError(f"{old.name}: changed while it was folded")
+        chunk.extend(encode_entry_bytes(key, self.values[at]) for key, at in self.new)
+        chunk.extend(encode_entry_bytes(key, 1.0) for key in markers)
         yield b"".join(chunk)
 
 
@@ -547,20 +585,30 @@ def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
     """
     name = _accumulator(LIVE_GAUGES)
     acc = _Accumulation(LIVE_GAUGES, accept, zero=True)
-    acc.load(folder, name)
-    known = len(acc.keys)
     kept: set[str] = set()
-    for ident in dead:
-        source = f"{LIVE_GAUGES}_{ident}.db"
-        if source in names:
+    with contextlib.ExitStack() as stack:
+        try:
+            old = stack.enter_context(folder.data(name))
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            acc.load(old[0])
+        known = len(acc.values)
+        for ident in dead:
+            source = f"{LIVE_GAUGES}_{ident}.db"
+            if source not in names:
+                continue
             try:
-                if not acc.add_file(folder, source):
-                    kept.add(source)
+                with folder.data(source) as opened:
+                    if opened is None:
+                        kept.add(source)
+                        continue
+                    acc.add_file(opened[0])
             except FileNotFoundError:
                 continue
-    if len(acc.keys) != known:
-        acc.markers.clear()
-        write_stream_at(folder.fd, name, acc.encoded())
+        if len(acc.values) != known:
+            acc.markers.clear()
+            write_stream_at(folder.fd, name, acc.encoded(None if old is None else old[0]))
     return kept
 
 
@@ -638,6 +686,9 @@ class AppCollector:
         self._folded = dict.fromkeys(self._dirs, 0)
         self._rejected = {d: dict.fromkeys(REFUSAL_REASONS, 0) for d in self._dirs}
         self._refusal_log = _RefusalLog()
+        # Files are read through this, a window at a time (scrapes of one collector never
+        # overlap: the scrape runner runs one collection at a time).
+        self._buffer = ReadBuffer()
         self._problems: dict[str, str | None] = {}
         self._fold_errors: dict[str, str | None] = {}
         # The kept routes are saved in app.state_dir when it is set, else in each folder.
@@ -856,7 +907,7 @@ class AppCollector:
         except _UnusableFolderError as exc:
             self._problem(directory, str(exc))
             return result
-        folder = _Folder(fd, directory, info.st_uid)
+        folder = _Folder(fd, directory, info.st_uid, self._buffer)
         lock_fd = None
         try:
             listing = folder.listing()
@@ -957,17 +1008,13 @@ class AppCollector:
         assert result.part is not None
         path = os.path.join(folder.path, name)
         try:
-            read = folder.read(name)
-            if read is None:
-                return None
-            data, stat_info = read
-            try:
+            with folder.data(name) as opened:
+                if opened is None:
+                    return None
+                data, stat_info = opened
                 info = self._merger.add(result.part, path, data, stat_info.st_ino, prefix,
                                         ident=ident, mtime=stat_info.st_mtime_ns,
                                         rewritten=rewritten, zero=zero)
-            except ValueError as exc:
-                raise folder.malformed(name, exc) from None
-            del data, read  # one file's bytes in memory at a time
         except FileNotFoundError:
             # Removed since the listing: a dead worker's gauges (gunicorn child_exit), an app
             # restart emptying the folder, or no accumulator yet.

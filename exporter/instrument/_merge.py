@@ -9,13 +9,13 @@ import operator
 import re
 import struct
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, key_at
+from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, WINDOW, FileWindows
 
 _Labels = tuple[tuple[str, str], ...]
 _ParsedKey = tuple[str, str, _Labels, str, float | None]
@@ -256,20 +256,28 @@ class _Template:
 
 
 class _Chunk:
-    """Compiled entries of (part of) a file: the values of series with a single entry in it,
-    unpacked in one call, and one struct per series that several entries add up to."""
+    """Compiled entries of (part of) a file, by window of the file (WINDOW bytes each): the
+    values of series with a single entry in it, unpacked in one call per window, and one
+    struct per window and series that several entries add up to."""
 
-    __slots__ = ("groups", "single_slots", "singles", "spread")
+    __slots__ = ("groups", "reach", "single_slots", "singles", "spread")
 
     def __init__(self, offsets: Iterable[int], slots: Iterable[int]) -> None:
         by_slot: dict[int, list[int]] = {}
         for offset, slot in zip(offsets, slots, strict=True):
             by_slot.setdefault(slot, []).append(offset)
         singles = sorted((found[0], slot) for slot, found in by_slot.items() if len(found) == 1)
-        self.singles = _struct([offset for offset, _ in singles])
         self.single_slots = [slot for _, slot in singles]
-        self.groups = [(_struct(found), slot) for slot, found in by_slot.items()
-                       if len(found) > 1]
+        self.singles = {window: _struct(found)
+                        for window, found in _by_window([offset for offset, _ in singles])}
+        self.groups: dict[int, list[tuple[struct.Struct, int]]] = {}
+        # How far into each window its values go.
+        self.reach = {window: max(found) + 8
+                      for window, found in _by_window(sorted(by_slot_offsets(by_slot)))}
+        for slot, found in by_slot.items():
+            if len(found) > 1:
+                for window, inside in _by_window(sorted(found)):
+                    self.groups.setdefault(window, []).append((_struct(inside), slot))
         # Many single series close together (a worker's file): the values are spread into
         # series order in C (an itemgetter over the unpacked values and a trailing 0.0),
         # then added to the series with map(), instead of one Python addition each.
@@ -280,6 +288,24 @@ class _Chunk:
             for index, slot in enumerate(self.single_slots):
                 where[slot] = index
             self.spread = operator.itemgetter(*where.values())
+
+
+def by_slot_offsets(by_slot: dict[int, list[int]]) -> Iterator[int]:
+    for found in by_slot.values():
+        yield from found
+
+
+def _by_window(offsets: list[int]) -> Iterator[tuple[int, list[int]]]:
+    """(window, offsets within it, relative to its start) of ascending offsets."""
+    window, inside = -1, list[int]()
+    for offset in offsets:
+        if offset // WINDOW != window:
+            if inside:
+                yield window, inside
+            window, inside = offset // WINDOW, []
+        inside.append(offset - window * WINDOW)
+    if inside:
+        yield window, inside
 
 
 def _struct(offsets: list[int]) -> struct.Struct:
@@ -296,7 +322,7 @@ class _Layout:
     """What a file's entries are, as far as they were read (files only grow by appending)."""
 
     __slots__ = ("check", "check_at", "chunks", "ino", "markers", "mtime", "offsets", "present",
-                 "refused", "simple", "slots", "used", "waiting", "waiting_at")
+                 "reads", "refused", "simple", "slots", "used", "waiting", "waiting_at")
 
     def __init__(self, ino: int, mtime: int) -> None:
         self.ino, self.mtime = ino, mtime
@@ -305,6 +331,7 @@ class _Layout:
         self.offsets = array("I")  # where each served entry's value is
         self.slots = array("I")  # and which series it adds to
         self.chunks: list[_Chunk] = []
+        self.reads: list[tuple[int, int]] = []  # (window, bytes of it to read)
         self.present: set[int] = set()
         # Entries of routes not decided yet (first seen in this read): their keys and offsets.
         self.waiting: list[_Routed] = []
@@ -323,6 +350,11 @@ class _Layout:
             self.chunks = [_Chunk(self.offsets, self.slots)]
         else:
             self.chunks.append(_Chunk(offsets, slots))
+        reach: dict[int, int] = {}
+        for chunk in self.chunks:
+            for window, length in chunk.reach.items():
+                reach[window] = max(length, reach.get(window, 0))
+        self.reads = sorted(reach.items())
 
 
 @dataclass(frozen=True)
@@ -547,24 +579,24 @@ class FileMerger:
         for path in [p for p in self._layouts if p not in keep]:
             del self._layouts[path]
 
-    def add(self, part: MergePart, path: str, data: bytes, ino: int, prefix: str, *,
+    def add(self, part: MergePart, path: str, data: FileWindows, ino: int, prefix: str, *,
             ident: str, mtime: int = 0, rewritten: bool = False, zero: bool = False
             ) -> FileInfo:
-        """Add one file's values (its used bytes, store.read_used(): b"" for a file whose header
-        is not written yet) to part; raises ValueError when an entry is malformed.
+        """Add one file's values (its used part; data.used is 0 for a file whose header is not
+        written yet) to part; raises ValueError when an entry is malformed.
 
         path: the cache key of the file's layout. rewritten: the file is replaced whole
         rather than appended to (an accumulator), so its layout holds only while its inode,
         mtime and size stay the same. zero: serve the file's series at 0 (a dead worker's
         gauges).
         """
-        used = len(data)
+        used = data.used
         if used < 8:
             return _NOTHING
         layout = self._layouts.get(path)
         if (layout is None or layout.ino != ino or used < layout.used
                 or (rewritten and (layout.mtime != mtime or used != layout.used))
-                or data[layout.check_at:layout.check_at + len(layout.check)] != layout.check):
+                or data.read(layout.check_at, len(layout.check)) != layout.check):
             layout = _Layout(ino, mtime)
         if used > layout.used:
             self._extend(layout, data, used, prefix, ident, markers=rewritten)
@@ -576,12 +608,11 @@ class FileMerger:
             return _NOTHING
         return FileInfo(tuple(layout.markers), tuple(layout.refused.items()))
 
-    def _extend(self, layout: _Layout, data: bytes, used: int, prefix: str, ident: str, *,
+    def _extend(self, layout: _Layout, data: FileWindows, used: int, prefix: str, ident: str, *,
                 markers: bool) -> None:
         """Classify the entries appended since layout was made; markers: whether the file may
         carry markers (only the accumulators the exporter writes may). The layout changes
         only once the whole new part is read: a malformed entry leaves it as it was."""
-        name = f"{prefix}_{ident}.db"
         typ, _, mode = prefix.partition("_")
         pid = ident if typ == "gauge" and mode in _PID_MODES else ""
         cache = self._cache(prefix, pid)
@@ -591,11 +622,9 @@ class FileMerger:
         waiting_at = array("I")
         found_markers: list[str] = []
         refused: dict[str, str] = {}
-        pos = check_at = layout.used
-        value_at = 0
-        while pos < used:
-            key, value_at = key_at(data, pos, used, name)
-            check_at = pos
+        check_at = value_at = layout.used
+        for position, key, value_at, _ in data.entries(layout.used):
+            check_at = position
             if markers and key.startswith(_MARKER_BYTES):
                 found_markers.append(key.decode("utf-8"))
             else:
@@ -614,8 +643,7 @@ class FileMerger:
                     reason = _REASONS[found]
                     if reason not in refused and reason not in layout.refused:
                         refused[reason] = self._offender(key)
-            pos = value_at + 16
-        layout.check_at, layout.check = check_at, data[check_at:value_at]
+        layout.check_at, layout.check = check_at, bytes(data.read(check_at, value_at - check_at))
         layout.used = used
         layout.markers.extend(found_markers)
         for reason, offender in refused.items():
@@ -641,38 +669,48 @@ class FileMerger:
         layout.waiting, layout.waiting_at = still, still_at
         layout.add(offsets, slots)
 
-    def _gather(self, part: MergePart, layout: _Layout, data: bytes, zero: bool) -> None:
+    def _gather(self, part: MergePart, layout: _Layout, data: FileWindows, zero: bool) -> None:
         acc = part.acc
         if len(acc) < len(self._series):
             acc.extend([0.0] * (len(self._series) - len(acc)))
         part.present |= layout.present
         if layout.waiting:
-            part.pending.append((layout, array("d", (
-                0.0 if zero else _DOUBLE.unpack_from(data, offset)[0]
-                for offset in layout.waiting_at))))
+            part.pending.append((layout, array("d", [0.0] * len(layout.waiting) if zero
+                                                else data.values_at(layout.waiting_at))))
         if zero:
             return
-        if layout.simple:
-            for chunk in layout.chunks:
-                values = chunk.singles.unpack_from(data)
+        chunks = layout.chunks
+        singles: list[tuple[float, ...]] = [()] * len(chunks)
+        grouped: list[tuple[int, float]] = []
+        simple = layout.simple
+        for window, length in layout.reads:
+            view = data.read(window * WINDOW, length)
+            for i, chunk in enumerate(chunks):
+                found = chunk.singles.get(window)
+                if found is not None:
+                    singles[i] += found.unpack_from(view)
+                for group, slot in chunk.groups.get(window, ()):
+                    if simple:
+                        acc[slot] += sum(group.unpack_from(view))
+                    else:
+                        grouped.append((slot, _combine(self._series[slot].mode,
+                                                       group.unpack_from(view))))
+        if simple:
+            for chunk, values in zip(chunks, singles, strict=True):
                 if chunk.spread is not None:
                     spread = chunk.spread((*values, 0.0))
                     acc[:len(spread)] = map(operator.add, acc, spread)
                 else:
                     for slot, value in zip(chunk.single_slots, values, strict=True):
                         acc[slot] += value
-                for group, slot in chunk.groups:
-                    acc[slot] += sum(group.unpack_from(data))
             return
         special = part.special
-        for chunk in layout.chunks:
-            found = list(zip(chunk.single_slots, chunk.singles.unpack_from(data), strict=True))
-            for group, slot in chunk.groups:
-                found.append((slot, _combine(self._series[slot].mode, group.unpack_from(data))))
-            for slot, value in found:
-                old = special.get(slot)
-                special[slot] = value if old is None else _combine(
-                    self._series[slot].mode, (old, value))
+        for chunk, values in zip(chunks, singles, strict=True):
+            grouped.extend(zip(chunk.single_slots, values, strict=True))
+        for slot, value in grouped:
+            old = special.get(slot)
+            special[slot] = value if old is None else _combine(
+                self._series[slot].mode, (old, value))
 
     def settle(self, part: MergePart) -> None:
         """Decide the routes first seen in this part (the busiest first while there is room,
