@@ -39,7 +39,10 @@ from exporter.instrument._merge import (
     FileInfo,
     FileMerger,
     MergePart,
+    Verdict,
+    Written,
     key_digest,
+    refused,
 )
 from exporter.instrument._store import (
     FILE_TYPES,
@@ -413,25 +416,21 @@ def _remove_dead_locks(folder: _Folder, names: list[str], now: float) -> None:
 
 
 def fold(directory: str, dead: list[str]) -> int:
-    """fold_folder() by path, every entry accepted (tests and tools)."""
+    """fold_folder() by path, with a merger of its own (tests and tools)."""
     fd, info = _open_folder(directory)
     try:
         folder = _Folder(fd, directory, info.st_uid)
-        return fold_folder(folder, dead, folder.listing().names,
-                           lambda prefix, digest, key: True)
+        return fold_folder(folder, dead, folder.listing().names, FileMerger())
     finally:
         os.close(fd)
 
 
-# accept(prefix, key_digest(key), key): whether an entry of a file of that type may be kept.
-_Accept = Callable[[str, bytes, bytes], bool]
-
-
-def fold_folder(folder: _Folder, dead: list[str], names: set[str], accept: _Accept) -> int:
+def fold_folder(folder: _Folder, dead: list[str], names: set[str], merger: FileMerger) -> int:
     """Fold dead workers' counters and histograms into the accumulators, then delete their files.
 
     Caller holds the folder lock exclusively; names is the folder's listing taken under it;
-    accept says which entries may be kept. Returns how many workers were folded.
+    the merger judges which entries may be kept (and is told the new accumulators' layouts,
+    so that reading them parses nothing). Returns how many workers were folded.
     Safe to interrupt anywhere: each accumulator is replaced atomically together with its
     record of which workers' files it contains, and files are deleted only after that.
     Entries refused as never the app's (a symlink, FIFO, ...) are neither folded nor deleted;
@@ -443,8 +442,8 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str], accept: _Acce
     for prefix in FOLDABLE_TYPES:
         # Markers come only from the accumulator, never from a worker's file: a worker's
         # file cannot declare another worker's file as already folded.
-        kept |= _fold_type(folder, prefix, dead, names, accept)
-    kept |= _fold_gauge_names(folder, dead, names, accept)
+        kept |= _fold_type(folder, prefix, dead, names, merger)
+    kept |= _fold_gauge_names(folder, dead, names, merger)
     count = 0
     for ident in dead:
         own = [name for name in names if (parsed := parse_name(name)) and parsed[1] == ident]
@@ -460,10 +459,10 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str], accept: _Acce
 
 
 def _fold_type(folder: _Folder, prefix: str, dead: list[str], names: set[str],
-               accept: _Accept) -> set[str]:
+               merger: FileMerger) -> set[str]:
     """Fold one type's files; the names of refused files left in place."""
     name = _accumulator(prefix)
-    acc = _Accumulation(prefix, accept)
+    acc = _Accumulation(prefix, merger)
     kept: set[str] = set()
     with contextlib.ExitStack() as stack:
         # The accumulator stays open for the whole fold: its keys are read again (not kept
@@ -495,87 +494,168 @@ def _fold_type(folder: _Folder, prefix: str, dead: list[str], names: set[str],
             del acc.markers[ident]
             changed = True
         if changed:
-            write_stream_at(folder.fd, name, acc.encoded(None if old is None else old[0]))
+            acc.write(folder, name, None if old is None else old[0])
     return kept
 
 
 class _Accumulation:
     """An accumulator being rebuilt: where each key's sum is (by key digest), the sums, and
-    the markers. The old accumulator's keys are not kept: the new file is written by reading
-    them again, in order, then the keys new to it, then the markers, as it is encoded. So a
-    fold holds one window of a file, a digest and a double per key, and the new keys."""
+    the markers. No key is kept: the new file is written by reading the keys again, in
+    order (the old accumulator's, then those new to it from the dead workers' files, then
+    the markers), as it is encoded, and each file read again is checked to hold the keys it
+    held. So a fold holds a window of one file, and a digest and a double per key."""
 
-    def __init__(self, prefix: str, accept: _Accept, *, zero: bool = False) -> None:
-        self.prefix, self.accept, self.zero = prefix, accept, zero
+    def __init__(self, prefix: str, merger: FileMerger, *, zero: bool = False) -> None:
+        self.prefix, self.merger, self.zero = prefix, merger, zero
+        self.known = merger.verdicts(prefix)
         self.index: dict[bytes, int] = {}  # key_digest -> position in values
         self.values = array("d")
+        self.verdicts: list[Verdict] = []  # per position
         self.size = 0  # bytes of the entries (markers apart)
-        self.old = array("i")  # per entry of the old accumulator: its position, or -1
-        self.old_keys = hashlib.blake2b(digest_size=16)  # to check a second read is the same
-        self.new: list[tuple[bytes, int]] = []  # keys not in the old accumulator, positions
+        self.old: _Reading | None = None
+        # Dead workers' files with keys new to the accumulator.
+        self.sources: list[_Reading] = []
         self.markers: dict[str, bytes] = {}  # ident -> its marker's key
 
     def load(self, data: FileWindows) -> None:
         """Start from the old accumulator."""
-        for _, key, _, value in data.entries(8):
-            self.old_keys.update(key)
-            self.old.append(self._add(key, value, markers=True, new=False))
+        self.old = self._read(data, markers=True)
 
     def add_file(self, data: FileWindows) -> None:
         """Add a dead worker's file."""
-        for _, key, _, value in data.entries(8):
-            self._add(key, value, markers=False, new=True)
+        reading = self._read(data, markers=False)
+        if reading.written:
+            self.sources.append(reading)
 
-    def _add(self, key: bytes, value: float, *, markers: bool, new: bool) -> int:
+    def _read(self, data: FileWindows, *, markers: bool) -> _Reading:
+        reading = _Reading(data.name)
+        for _, key, _, value in data.entries(8):
+            reading.keys.update(key)
+            reading.count += 1
+            at = self._add(key, value, markers=markers)
+            if at >= 0:
+                reading.written.append(reading.count - 1)
+                reading.positions.append(at)
+        return reading
+
+    def _add(self, key: bytes, value: float, *, markers: bool) -> int:
+        """Add an entry; the position of its key when the key is new, else -1."""
         if key.startswith(_MARKER_BYTES):
-            ident = marker_ident(key.decode("utf-8", "replace"))
+            try:
+                ident = marker_ident(key.decode("utf-8"))
+            except UnicodeDecodeError:
+                return -1
             if markers and ident:
                 self.markers[ident] = key
             return -1
         digest = key_digest(key)
-        if not self.accept(self.prefix, digest, key):
+        verdict = self.known.get(digest)
+        if verdict is None:
+            verdict = self.merger.verdict(self.prefix, digest, key)
+            self.known = self.merger.verdicts(self.prefix)  # (a new one if it was full)
+        if refused(verdict):
             return -1
         value = 0.0 if self.zero else value
         at = self.index.get(digest)
         if at is not None:
             self.values[at] += value
-            return at
+            return -1
         at = self.index[digest] = len(self.values)
         self.values.append(value)
+        self.verdicts.append(verdict)
         self.size += entry_size(key)
-        if new:
-            self.new.append((key, at))
         return at
 
-    def encoded(self, old: FileWindows | None) -> Iterator[bytes]:
-        """The new file: header, the old accumulator's entries, the new ones, the markers.
-        ValueError when the old accumulator no longer holds what load() read."""
+    def write(self, folder: _Folder, name: str, old: FileWindows | None) -> None:
+        """Write the new accumulator and tell the merger its layout."""
+        written = Written()
+        stat_info = write_stream_at(folder.fd, name, self.encoded(old, folder.data, written))
+        self.merger.seed(os.path.join(folder.path, name), stat_info, self.prefix, written)
+
+    def encoded(self, old: FileWindows | None,
+                reopen: Callable[[str], contextlib.AbstractContextManager[
+                    tuple[FileWindows, os.stat_result] | None]],
+                written: Written) -> Iterator[bytes]:
+        """The new file: header, the entries, the markers; written is told its layout.
+        ValueError when a file read again no longer holds the keys it held; OSError when it
+        is gone."""
         markers = list(self.markers.values())
-        yield file_header(self.size + sum(entry_size(key) for key in markers))
-        chunk: list[bytes] = []
-        if old is not None:
-            done = bytearray(len(self.values))  # a key the old file held twice goes once
-            again = hashlib.blake2b(digest_size=16)
-            count = 0
-            for _, key, _, _ in old.entries(8):
-                again.update(key)
-                at = self.old[count] if count < len(self.old) else -1
-                count += 1
-                if at >= 0 and not done[at]:
-                    done[at] = 1
-                    chunk.append(encode_entry_bytes(key, self.values[at]))
-                    if len(chunk) >= 1024:
-                        yield b"".join(chunk)
-                        chunk = []
-            if count != len(self.old) or again.digest() != self.old_keys.digest():
-                raise ValueError(f"{old.name}: changed while it was folded")
-        chunk.extend(encode_entry_bytes(key, self.values[at]) for key, at in self.new)
-        chunk.extend(encode_entry_bytes(key, 1.0) for key in markers)
-        yield b"".join(chunk)
+        written.used = 8 + self.size + sum(entry_size(key) for key in markers)
+        yield file_header(written.used - 8)
+        out = _Encoder(self.values, self.verdicts, written)
+        if old is not None and self.old is not None:
+            yield from self.old.encode(old, out)
+        for source in self.sources:
+            with reopen(source.name) as opened:
+                if opened is None:
+                    raise ValueError(f"{source.name}: refused while it was folded")
+                yield from source.encode(opened[0], out)
+        for key in markers:
+            out.marker(key)
+        yield out.flush()
+
+
+class _Encoder:
+    """Entries of a new accumulator as they are written: encoded into chunks, and their
+    places noted for the merger."""
+
+    def __init__(self, values: array[float], verdicts: list[Verdict], written: Written) -> None:
+        self.values, self.verdicts, self.written = values, verdicts, written
+        self.chunk: list[bytes] = []
+        self.pos = 8
+
+    def entry(self, key: bytes, at: int) -> bytes | None:
+        """Add the entry of key (at its position); a chunk to write when one is full."""
+        self._add(encode_entry_bytes(key, self.values[at]))
+        self.written.offsets.append(self.pos - 16)
+        self.written.verdicts.append(self.verdicts[at])
+        return self.flush() if len(self.chunk) >= 1024 else None
+
+    def marker(self, key: bytes) -> None:
+        self._add(encode_entry_bytes(key, 1.0))
+        self.written.markers.append(key.decode("utf-8"))
+
+    def _add(self, entry: bytes) -> None:
+        self.written.check_at, self.written.check = self.pos, entry[:-16]
+        self.chunk.append(entry)
+        self.pos += len(entry)
+
+    def flush(self) -> bytes:
+        chunk = b"".join(self.chunk)
+        self.chunk.clear()
+        return chunk
+
+
+class _Reading:
+    """What a fold read of one file: which of its entries (by ordinal) hold the keys it gave
+    the accumulator first, their positions, and a digest of all its keys."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.keys = hashlib.blake2b(digest_size=16)
+        self.count = 0
+        self.written = array("i")
+        self.positions = array("i")
+
+    def encode(self, data: FileWindows, out: _Encoder) -> Iterator[bytes]:
+        """Encode this file's written entries with their sums (chunks yielded when full)."""
+        again = hashlib.blake2b(digest_size=16)
+        count = 0
+        step = 0
+        for _, key, _, _ in data.entries(8):
+            again.update(key)
+            if step < len(self.written) and self.written[step] == count:
+                full = out.entry(key, self.positions[step])
+                step += 1
+                if full is not None:
+                    yield full
+            count += 1
+        if count != self.count or again.digest() != self.keys.digest():
+            raise ValueError(f"{self.name}: changed while it was folded")
 
 
 def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
-                      accept: _Accept) -> set[str]:
+                      merger: FileMerger) -> set[str]:
     """Keep the dead workers' gauge series, at 0, in a gauge accumulator; return the names
     of refused files left in place.
 
@@ -584,7 +664,7 @@ def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
     Adding zeros twice changes nothing, so this needs no markers.
     """
     name = _accumulator(LIVE_GAUGES)
-    acc = _Accumulation(LIVE_GAUGES, accept, zero=True)
+    acc = _Accumulation(LIVE_GAUGES, merger, zero=True)
     kept: set[str] = set()
     with contextlib.ExitStack() as stack:
         try:
@@ -608,7 +688,7 @@ def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
                 continue
         if len(acc.values) != known:
             acc.markers.clear()
-            write_stream_at(folder.fd, name, acc.encoded(None if old is None else old[0]))
+            acc.write(folder, name, None if old is None else old[0])
     return kept
 
 
@@ -897,9 +977,6 @@ class AppCollector:
             log.info(f"app routes past the first {MAX_ROUTES} are summed under "
                      f'route="{ROUTE_OVERFLOW}"', extra={"saved_in": where})
 
-    def _accept(self, prefix: str, digest: bytes, key: bytes) -> bool:
-        return self._merger.accepts(prefix, digest, key)
-
     def _read_dir(self, directory: str) -> _DirResult:
         result = _DirResult()
         try:
@@ -957,7 +1034,7 @@ class AppCollector:
         this scrape, logged once until a fold succeeds again."""
         directory = folder.path
         try:
-            self._folded[directory] += fold_folder(folder, dead, listing.names, self._accept)
+            self._folded[directory] += fold_folder(folder, dead, listing.names, self._merger)
             _remove_dead_locks(folder, listing.bare_locks, time.time())
             for name in listing.tmps:
                 # Under the exclusive lock nobody is writing one: a dead exporter's leftover.

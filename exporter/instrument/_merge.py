@@ -6,11 +6,13 @@ import hashlib
 import json
 import math
 import operator
+import os
 import re
 import struct
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Union
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
@@ -357,6 +359,26 @@ class _Layout:
         self.reads = sorted(reach.items())
 
 
+Verdict = Union[int, _Routed]  # noqa: UP007 (a runtime alias)
+
+
+def refused(verdict: Verdict) -> bool:
+    """Whether an entry with this verdict is refused (never served, never folded)."""
+    return verdict.__class__ is int and verdict in _REASONS
+
+
+@dataclass
+class Written:
+    """What the writer of a file in the layout knows of it: what FileMerger.seed() needs."""
+
+    used: int = 8
+    check_at: int = 0
+    check: bytes = b""
+    offsets: array[int] = field(default_factory=lambda: array("I"))
+    verdicts: list[Verdict] = field(default_factory=list)
+    markers: list[str] = field(default_factory=list)
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """What the caller needs of a file besides its values: markers, entries refused."""
@@ -452,11 +474,37 @@ class FileMerger:
         code = self._find(prefix, "", key_digest(encoded), encoded)
         return _REASONS.get(code) if isinstance(code, int) else None
 
-    def accepts(self, prefix: str, digest: bytes, key: bytes) -> bool:
-        """Whether an entry (key_digest(key), key) of a file of type prefix may be kept: not
-        refused (a type conflict is not a refusal). Raises ValueError when key is not UTF-8."""
-        code = self._find(prefix, "", digest, key)
-        return not isinstance(code, int) or code not in _REASONS
+    def verdicts(self, prefix: str) -> dict[bytes, Verdict]:
+        """The verdicts known on keys of files of type prefix (not a gauge with one series
+        per process), by key_digest(); verdict() for the others."""
+        return self._cache(prefix, "")
+
+    def verdict(self, prefix: str, digest: bytes, key: bytes) -> Verdict:
+        """What an entry (key_digest(key), key) of a file of type prefix is: refused() tells
+        whether it may be kept (a type conflict is not a refusal). Raises ValueError when key
+        is not UTF-8."""
+        return self._find(prefix, "", digest, key)
+
+    def seed(self, path: str, stat: os.stat_result, prefix: str, written: Written) -> None:
+        """The layout of a file the caller just wrote (an accumulator), so that reading it
+        parses nothing: written holds its used size, last entry and each entry's verdict."""
+        layout = _Layout(stat.st_ino, stat.st_mtime_ns)
+        layout.used = written.used
+        layout.check_at, layout.check = written.check_at, written.check
+        layout.markers = written.markers
+        typ, _, mode = prefix.partition("_")
+        layout.simple = typ != "gauge" or mode in _SUM_MODES
+        offsets, slots = array("I"), array("I")
+        for offset, found in zip(written.offsets, written.verdicts, strict=True):
+            slot = self._decide(found) if isinstance(found, _Routed) else found
+            if isinstance(found, _Routed) and slot < 0:
+                layout.waiting.append(found)
+                layout.waiting_at.append(offset)
+            elif slot >= 0:
+                offsets.append(offset)
+                slots.append(slot)
+        layout.add(offsets, slots)
+        self._layouts[path] = layout
 
     def _cache(self, prefix: str, pid: str) -> dict[bytes, int | _Routed]:
         """The verdicts on the keys of one file type (and pid, for gauges with one series

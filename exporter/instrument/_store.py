@@ -359,9 +359,9 @@ def write_bytes_at(dir_fd: int, name: str, content: bytes) -> None:
     write_stream_at(dir_fd, name, (content,))
 
 
-def write_stream_at(dir_fd: int, name: str, chunks: Iterable[bytes]) -> None:
+def write_stream_at(dir_fd: int, name: str, chunks: Iterable[bytes]) -> os.stat_result:
     """Replace name with a file holding the chunks, as write_file_at() does, writing each as
-    it comes (a large file is never all in memory)."""
+    it comes (a large file is never all in memory); the new file's fstat."""
     tmp = tmp_name(name)
     fd = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
     try:
@@ -370,9 +370,11 @@ def write_stream_at(dir_fd: int, name: str, chunks: Iterable[bytes]) -> None:
             while data:
                 data = data[os.write(fd, data):]
         os.fsync(fd)
+        info = os.fstat(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return info
     except BaseException:
         if fd >= 0:
             os.close(fd)
