@@ -31,6 +31,7 @@ import contextlib
 import gzip
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -275,6 +276,7 @@ ANCHOR_SERVER = textwrap.dedent("""
 """)
 OTHER_COLLECTORS = ("host", "process", "postgres", "business", "redis")
 RESTARTS = 8
+TRAFFIC = 25
 
 
 def fill_routes(recorder: object, routes: int) -> None:
@@ -289,6 +291,20 @@ def fill_routes(recorder: object, routes: int) -> None:
             recorder.request_finished(f"/bench/r{r}/", "GET", status, 0.003 * (r % 7 + 1),
                                       db_queries=r % 5, db_seconds=0.001)
     recorder.task_finished("tools.tasks.bench", "succeeded", 0.2)
+
+
+def traffic(recorders: Sequence[object], routes: int, rng: random.Random) -> None:
+    """Between two scrapes, each worker serves TRAFFIC requests on routes drawn at random (a
+    live app: a few series change at every scrape, the others not)."""
+    from exporter.instrument import Recorder
+
+    for recorder in recorders:
+        assert isinstance(recorder, Recorder)
+        for _ in range(TRAFFIC):
+            r = rng.randrange(routes)
+            recorder.request_started()
+            recorder.request_finished(f"/bench/r{r}/", "GET", 200, rng.random() / 2,
+                                      db_queries=rng.randrange(8), db_seconds=0.002)
 
 
 def _free_port() -> int:
@@ -392,7 +408,9 @@ def routes_bench(route_counts: Sequence[int], workers: int, scrapes: int
                 anchor = MultiProcessCollector(None, folder)
                 drain(ours)  # file layouts parsed, as after an exporter's first scrape
                 inproc: dict[str, list[float]] = {"ours": [], "anchor": []}
+                rng = random.Random(1)
                 for _ in range(scrapes):  # interleaved
+                    traffic(live, routes, rng)
                     inproc["ours"].append(best_of(partial(drain, ours), 1))
                     inproc["anchor"].append(best_of(partial(drain, anchor), 1))
                 config = os.path.join(base, "exporter.yml")
@@ -414,6 +432,7 @@ def routes_bench(route_counts: Sequence[int], workers: int, scrapes: int
                     for target in served:
                         target.scrape(record=False)
                 for _ in range(scrapes):
+                    traffic(live, routes, rng)
                     for target in served:
                         target.scrape(record=True)
                 steady = {t.name: (_proc_kb(t.proc.pid, "VmRSS"), _proc_kb(t.proc.pid, "VmHWM"))
@@ -456,7 +475,8 @@ def routes_part(route_counts: Sequence[int], workers: int, scrapes: int) -> None
     print(f"## App collector at {workers} live workers, by routes, next to the anchor\n")
     print("Workers shaped as bench/compare.py's (every route GET 200, 404 on every tenth, DB "
           "histograms: ~57 series per route), in this process, writing to a folder on "
-          "/dev/shm (tmpfs).\n")
+          f"/dev/shm (tmpfs); before each scrape each worker serves {TRAFFIC} more requests on "
+          "routes drawn at random.\n")
     print(f"In process: median thread CPU ms of one collection (all families built), "
           f"{scrapes} collections each, interleaved, after a first one.\n")
     print("| routes | app collector | prometheus_client MultiProcessCollector | ratio |")

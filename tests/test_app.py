@@ -662,3 +662,31 @@ def samples(families: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], floa
     """{(sample name, sorted labels): value} of families, without encoding them."""
     return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
             for family in families for sample in family.samples}
+
+
+@pytest.mark.integration
+def test_kept_routes_survive_an_exporter_process_restart(
+        workdir: Path, exporter_factory: Any) -> None:
+    """The real exporter, stopped (SIGTERM) and started again after the ranking changed:
+    every http sample it serves is the same as before the restart."""
+    from exporter.collectors.app import ROUTES_FILE
+
+    folder = workdir / "web"
+    folder.mkdir()
+    config = {"app": {"multiprocess_dirs": [str(folder)]},
+              "collectors": {"host": False, "process": False, "postgres": False,
+                             "business": False, "redis": False}}
+    rec = ranked_folder(folder)
+    try:
+        first = exporter_factory(config=config)
+        kept = {labels["route"] for _, labels in first.scrape().series(
+            "qatoolbox_http_requests_total")} - {"<other>"}
+        assert len(kept) == 50 and "r0/" not in kept
+        shift(rec)
+        before = http(first.scrape().samples)
+        assert (folder / ROUTES_FILE).exists()
+        assert first.stop() == 0
+        second = exporter_factory(config=config)
+        assert http(second.scrape().samples) == before
+    finally:
+        rec.close()

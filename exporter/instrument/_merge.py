@@ -467,13 +467,6 @@ class FileMerger:
 
     # --- classifying keys ---
 
-    def refusal(self, prefix: str, key: str) -> str | None:
-        """Why an entry of a file of type prefix is not served (BAD_ENTRY, RESERVED_NAME), or
-        None. Markers (the compaction's bookkeeping) are not entries: BAD_ENTRY."""
-        encoded = key.encode("utf-8")
-        code = self._find(prefix, "", key_digest(encoded), encoded)
-        return _REASONS.get(code) if isinstance(code, int) else None
-
     def verdicts(self, prefix: str) -> dict[bytes, Verdict]:
         """The verdicts known on keys of files of type prefix (not a gauge with one series
         per process), by key_digest(); verdict() for the others."""
@@ -647,7 +640,7 @@ class FileMerger:
                 or data.read(layout.check_at, len(layout.check)) != layout.check):
             layout = _Layout(ino, mtime)
         if used > layout.used:
-            self._extend(layout, data, used, prefix, ident, markers=rewritten)
+            self._extend(layout, data, prefix, ident, markers=rewritten)
         self._layouts[path] = layout
         if layout.waiting:
             self._retry(layout)
@@ -656,7 +649,7 @@ class FileMerger:
             return _NOTHING
         return FileInfo(tuple(layout.markers), tuple(layout.refused.items()))
 
-    def _extend(self, layout: _Layout, data: FileWindows, used: int, prefix: str, ident: str, *,
+    def _extend(self, layout: _Layout, data: FileWindows, prefix: str, ident: str, *,
                 markers: bool) -> None:
         """Classify the entries appended since layout was made; markers: whether the file may
         carry markers (only the accumulators the exporter writes may). The layout changes
@@ -692,7 +685,7 @@ class FileMerger:
                     if reason not in refused and reason not in layout.refused:
                         refused[reason] = self._offender(key)
         layout.check_at, layout.check = check_at, bytes(data.read(check_at, value_at - check_at))
-        layout.used = used
+        layout.used = data.used
         layout.markers.extend(found_markers)
         for reason, offender in refused.items():
             layout.refused.setdefault(reason, offender)
