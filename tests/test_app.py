@@ -307,13 +307,18 @@ def test_config_keys(tmp_path: Path) -> None:
     config = load_config(str(path), {}, DEFAULTS)
     assert config.app.multiprocess_dirs == ("/run/qatb/web", "/run/qatb/celery")
     assert config.app.compact is True and config.enabled("app")
-    path.write_text("app:\n  multiprocess_dirs: [relative, /a, /a/]\n  compact: maybe\n")
+    assert config.app.state_dir == ""
+    path.write_text("app:\n  multiprocess_dirs: [relative, /a, /a/]\n  compact: maybe\n"
+                    "  state_dir: var/lib/x\n")
     with pytest.raises(ConfigError) as err:
         load_config(str(path), {}, DEFAULTS)
     text = str(err.value)
     assert "app.multiprocess_dirs[0]: expected an absolute path" in text
     assert "app.multiprocess_dirs[2]: duplicate folder" in text
     assert "app.compact: expected true or false" in text
+    assert 'app.state_dir: expected an absolute path, got "var/lib/x"' in text
+    path.write_text("app:\n  state_dir: /var/lib/qatoolbox-exporter\n")
+    assert load_config(str(path), {}, DEFAULTS).app.state_dir == "/var/lib/qatoolbox-exporter"
 
 
 @pytest.fixture(params=[None, 64, 1000])

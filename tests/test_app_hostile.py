@@ -751,3 +751,39 @@ def test_a_folder_at_the_route_set_name_only_stops_saving(
         assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
     finally:
         live.close()
+
+
+def test_a_bad_or_missing_state_dir_only_stops_saving(
+        tmp_path: Path, folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A garbled app-routes.json in app.state_dir is refused (the routes are ranked afresh
+    and a valid set written over it); a state_dir that does not exist means no saving, one
+    warning, and every scrape still served."""
+    from exporter.collectors.app import STATE_ROUTES_FILE
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / STATE_ROUTES_FILE).write_bytes(b"[" * 100_000)
+    live = Recorder(str(folder))
+    try:
+        work(live, 12)
+        with caplog.at_level(logging.WARNING, logger="exporter.collectors.app"):
+            col = AppCollector(AppConfig(multiprocess_dirs=(str(folder),),
+                                         state_dir=str(state)))
+            found = scrape(col)
+        assert total(found, "qatoolbox_http_requests_total") == 12
+        assert [r for r in caplog.records if r.getMessage().startswith(
+            "app saved routes refused")]
+        assert len(decode_routes((state / STATE_ROUTES_FILE).read_bytes())) == 12
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="exporter.collectors.app"):
+            col = AppCollector(AppConfig(multiprocess_dirs=(str(folder),),
+                                         state_dir=str(tmp_path / "nowhere")))
+            for _ in range(3):
+                found = scrape(col)
+                assert total(found, "qatoolbox_http_requests_total") == 12
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages.count("app kept routes cannot be saved; a restart may choose other "
+                              "routes to keep") == 1
+        assert not (tmp_path / "nowhere").exists()
+    finally:
+        live.close()

@@ -12,7 +12,6 @@ import struct
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Union
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
@@ -275,7 +274,7 @@ class _Chunk:
         self.groups: dict[int, list[tuple[struct.Struct, int]]] = {}
         # How far into each window its values go.
         self.reach = {window: max(found) + 8
-                      for window, found in _by_window(sorted(by_slot_offsets(by_slot)))}
+                      for window, found in _by_window(sorted(_all_offsets(by_slot)))}
         for slot, found in by_slot.items():
             if len(found) > 1:
                 for window, inside in _by_window(sorted(found)):
@@ -292,7 +291,7 @@ class _Chunk:
             self.spread = operator.itemgetter(*where.values())
 
 
-def by_slot_offsets(by_slot: dict[int, list[int]]) -> Iterator[int]:
+def _all_offsets(by_slot: dict[int, list[int]]) -> Iterator[int]:
     for found in by_slot.values():
         yield from found
 
@@ -359,7 +358,8 @@ class _Layout:
         self.reads = sorted(reach.items())
 
 
-Verdict = Union[int, _Routed]  # noqa: UP007 (a runtime alias)
+# What a key is: a served series' index, a code (_BAD, _RESERVED, _CONFLICT), or _Routed.
+Verdict = int | _Routed
 
 
 def refused(verdict: Verdict) -> bool:
