@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import stat
-import struct
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -91,7 +90,6 @@ LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
 _MARKER_BYTES = f'["{_MARKER}"'.encode()
-_DOUBLE = struct.Struct("=d")
 # The kept routes, saved so that a restarted exporter keeps the same ones (docs/app.md, "The
 # route cap"): in each folder (when the exporter may write there: app.compact), or in
 # app.state_dir when that is set.
