@@ -528,6 +528,9 @@ class AppConfig:
     # Fold the files of exited workers into one accumulator per metric type (needs write
     # access to the folders); off, dead workers' files are read as they are, forever.
     compact: bool = True
+    # A folder of the exporter's own where the kept routes are saved; empty: in each folder
+    # above (when compact is on).
+    state_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -1031,6 +1034,9 @@ def _check(config: Config) -> list[str]:
                             f"got {describe(directory)}")
         elif app_dirs.index(directory) != i:
             problems.append(f"app.multiprocess_dirs[{i}]: duplicate folder {describe(directory)}")
+    if config.app.state_dir and not config.app.state_dir.startswith("/"):
+        problems.append(f"app.state_dir: expected an absolute path, "
+                        f"got {describe(config.app.state_dir)}")
     seen: set[str] = set()
     for i, group in enumerate(config.process.groups):
         where = f"process.groups[{i}]"

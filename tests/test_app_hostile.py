@@ -20,7 +20,15 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import COLLECTORS
-from exporter.collectors.app import DIR_LOCK, AppCollector, accumulator_path
+from exporter.collectors.app import (
+    DIR_LOCK,
+    MAX_ROUTES,
+    ROUTES_FILE,
+    AppCollector,
+    accumulator_path,
+    decode_routes,
+    encode_routes,
+)
 from exporter.config import AppConfig, Config
 from exporter.instrument import Recorder
 from exporter.instrument._store import MAX_FILE_BYTES, REFUSAL_REASONS, mmap_key, write_file
@@ -99,6 +107,7 @@ SYMLINKS: dict[str, tuple[Callable[[Path, Path], str], bool, int]] = {
     "dead worker's data file": (lambda f, t: _link(f, f"counter_{WORKER}.db", t), True, 0),
     "bare lock": (lambda f, t: _link(f, "4243-0123456789abcdef.lock", t), True, 0),
     "dead worker's lock": (_replace_dead_workers_lock, True, 3),
+    "saved routes": (lambda f, t: _link(f, ROUTES_FILE, t), True, 0),
 }
 
 
@@ -149,6 +158,7 @@ FIFO_CASES = {
     "lock files": ["4251-0123456789abcdef.lock", ".4252-0123456789abcdef.lock.tmp"],
     # Without a usable folder lock nothing is folded (so no bare lock is opened either).
     "folder lock": [DIR_LOCK],
+    "saved routes": [ROUTES_FILE],
 }
 
 
@@ -634,3 +644,146 @@ def test_scrape_with_all_attacks_at_once(folder: Path, victim: Path) -> None:
     assert victim.read_bytes() == SECRET
     assert value(found, "qatoolbox_exporter_build_info", version="6.6.6",
                  python_version="0") is None
+
+
+def _routes_json(routes: list[object]) -> bytes:
+    import json
+
+    return json.dumps({"version": 1, "routes": routes}).encode()
+
+
+# (content planted as the saved route set, the reason it is refused for)
+TAMPERED_ROUTES: dict[str, tuple[bytes, str]] = {
+    "not JSON": (b"\xff\xfe not json", "malformed"),
+    "nested 100,000 deep": (b"[" * 100_000, "malformed"),
+    "a list, not the document": (b'["api/"]', "malformed"),
+    "another version": (b'{"version": 2, "routes": []}', "malformed"),
+    "an extra key": (b'{"version": 1, "routes": [], "kept": ["x"]}', "malformed"),
+    "routes not a list": (b'{"version": 1, "routes": "api/"}', "malformed"),
+    "a number for a route": (_routes_json([1]), "malformed"),
+    "an empty route": (_routes_json([""]), "malformed"),
+    "the overflow route": (_routes_json(["<other>"]), "malformed"),
+    "a lone surrogate": (b'{"version": 1, "routes": ["\\ud800"]}', "malformed"),
+    "a route twice": (_routes_json(["a/", "a/"]), "malformed"),
+    "more routes than the cap": (_routes_json([f"x{i}/" for i in range(MAX_ROUTES + 1)]),
+                                 "malformed"),
+    "a route of 3,000 characters": (_routes_json(["a" * 3000]), "malformed"),
+    "over 1 MiB": (_routes_json(["a" * (1 << 20)]), "too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED_ROUTES))
+def test_a_tampered_route_set_is_refused_and_replaced(
+        case: str, folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The saved set is the app user's to spoil: a bad one is refused whole (counted, logged
+    once, the folder stays up and every count is served), the routes are ranked afresh and
+    a valid set is written over it."""
+    content, reason = TAMPERED_ROUTES[case]
+    live = Recorder(str(folder))
+    try:
+        work(live, 36)  # 12 routes
+        (folder / ROUTES_FILE).write_bytes(content)
+        col = collector(folder)
+        with caplog.at_level(logging.WARNING, logger="exporter.collectors.app"):
+            found = scrape(col)
+            again = scrape(col)
+        for result in (found, again):
+            assert value(result, "qatoolbox_app_multiprocess_dir_up", dir=str(folder)) == 1
+            assert total(result, "qatoolbox_http_requests_total") == 36
+            assert rejected(result, folder, reason) == 1  # the file is valid after the first
+        lines = refusal_lines(caplog, ROUTES_FILE)
+        assert len(lines) == 1 and getattr(lines[0], "reason", "") == reason
+        routes = {dict(labels)["route"] for (name, labels) in found
+                  if name == "qatoolbox_http_requests_total"}
+        assert set(decode_routes((folder / ROUTES_FILE).read_bytes())) == routes
+    finally:
+        live.close()
+
+
+def test_a_planted_route_set_only_chooses_among_the_apps_routes(folder: Path) -> None:
+    """A valid set the app user wrote is taken (it may only spoil the app's own metrics):
+    routes of its own invention never become labels, nothing is lost, the cap holds."""
+    bogus = [f"bogus{i}/" for i in range(MAX_ROUTES - 1)] + ["api/r3/<int:id>/"]
+    (folder / ROUTES_FILE).write_bytes(encode_routes(bogus))
+    live = Recorder(str(folder))
+    try:
+        work(live, 36)
+        found = scrape(collector(folder))
+        routes = {dict(labels)["route"] for (name, labels) in found
+                  if name.startswith("qatoolbox_http_") and "route" in dict(labels)}
+        assert routes == {"api/r3/<int:id>/", "<other>"}
+        assert total(found, "qatoolbox_http_requests_total") == 36
+    finally:
+        live.close()
+
+
+def test_a_hard_link_at_the_route_set_is_not_read_nor_written_through(
+        folder: Path, victim: Path) -> None:
+    os.link(victim, folder / ROUTES_FILE)
+    live = Recorder(str(folder))
+    try:
+        work(live, 6)
+        found = scrape(collector(folder))
+        assert value(found, "qatoolbox_app_multiprocess_dir_up", dir=str(folder)) == 1
+        assert rejected(found, folder, "hardlink") == 1
+        assert victim.read_bytes() == SECRET and victim.stat().st_nlink == 1
+        assert decode_routes((folder / ROUTES_FILE).read_bytes())
+    finally:
+        live.close()
+
+
+def test_a_folder_at_the_route_set_name_only_stops_saving(
+        folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (folder / ROUTES_FILE).mkdir()
+    live = Recorder(str(folder))
+    try:
+        work(live, 6)
+        col = collector(folder)
+        with caplog.at_level(logging.WARNING, logger="exporter.collectors.app"):
+            for _ in range(3):
+                found = scrape(col)
+                assert value(found, "qatoolbox_app_multiprocess_dir_up", dir=str(folder)) == 1
+                assert total(found, "qatoolbox_http_requests_total") == 6
+        assert rejected(found, folder, "not_regular") == 3
+        saving = [r for r in caplog.records if r.getMessage().startswith(
+            "app kept routes cannot be saved")]
+        assert len(saving) == 1
+        assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+    finally:
+        live.close()
+
+
+def test_a_bad_or_missing_state_dir_only_stops_saving(
+        tmp_path: Path, folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A garbled app-routes.json in app.state_dir is refused (the routes are ranked afresh
+    and a valid set written over it); a state_dir that does not exist means no saving, one
+    warning, and every scrape still served."""
+    from exporter.collectors.app import STATE_ROUTES_FILE
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / STATE_ROUTES_FILE).write_bytes(b"[" * 100_000)
+    live = Recorder(str(folder))
+    try:
+        work(live, 12)
+        with caplog.at_level(logging.WARNING, logger="exporter.collectors.app"):
+            col = AppCollector(AppConfig(multiprocess_dirs=(str(folder),),
+                                         state_dir=str(state)))
+            found = scrape(col)
+        assert total(found, "qatoolbox_http_requests_total") == 12
+        assert [r for r in caplog.records if r.getMessage().startswith(
+            "app saved routes refused")]
+        assert len(decode_routes((state / STATE_ROUTES_FILE).read_bytes())) == 12
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="exporter.collectors.app"):
+            col = AppCollector(AppConfig(multiprocess_dirs=(str(folder),),
+                                         state_dir=str(tmp_path / "nowhere")))
+            for _ in range(3):
+                found = scrape(col)
+                assert total(found, "qatoolbox_http_requests_total") == 12
+        messages = [r.getMessage() for r in caplog.records]
+        assert messages.count("app kept routes cannot be saved; a restart may choose other "
+                              "routes to keep") == 1
+        assert not (tmp_path / "nowhere").exists()
+    finally:
+        live.close()

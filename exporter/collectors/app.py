@@ -18,19 +18,31 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.config import AppConfig
-from exporter.instrument._merge import MARKER_PREFIX, FileMerger, FileValues
+from exporter.instrument._merge import (
+    MARKER_PREFIX,
+    ROUTE_OVERFLOW,
+    FileInfo,
+    FileMerger,
+    MergePart,
+    Verdict,
+    Written,
+    key_digest,
+    refused,
+)
 from exporter.instrument._store import (
     FILE_TYPES,
     FOLDABLE_TYPES,
@@ -41,16 +53,22 @@ from exporter.instrument._store import (
     REFUSAL_REASONS,
     TOO_LARGE,
     UNREADABLE,
+    FileWindows,
+    ReadBuffer,
+    ReadFailedError,
     RefusedEntryError,
+    encode_entry_bytes,
+    entry_size,
+    file_header,
     flock_held,
     is_writer_ident,
     mmap_key,
     open_entry,
-    parse_entries,
     parse_name,
-    read_used,
     tmp_target,
-    write_file_at,
+    used_size,
+    write_bytes_at,
+    write_stream_at,
 )
 
 log = logging.getLogger("exporter.collectors.app")
@@ -71,6 +89,17 @@ MAX_DIR_ENTRIES = 100_000
 LIVE_GAUGES = f"gauge_{GAUGE_MODE}"
 FOLDED_IDENT = "folded"
 _MARKER = MARKER_PREFIX + "folded__"
+_MARKER_BYTES = f'["{_MARKER}"'.encode()
+# The kept routes, saved so that a restarted exporter keeps the same ones (docs/app.md, "The
+# route cap"): in each folder (when the exporter may write there: app.compact), or in
+# app.state_dir when that is set.
+ROUTES_FILE = ".qatoolbox-exporter-routes.json"
+STATE_ROUTES_FILE = "app-routes.json"
+ROUTES_VERSION = 1
+# A saved set is read only up to this size, and a route longer than this is not saved (a
+# route template is a few dozen characters; 50 at the limit, as UTF-8, fit well within).
+MAX_ROUTES_BYTES = 1 << 20
+MAX_ROUTE_CHARS = 2048
 
 # Families the exporter's other collectors serve (and this collector's own): a file in the
 # folder may not declare them, as a family or a sample name, or it could pass off values as
@@ -105,6 +134,46 @@ def _accumulator(prefix: str) -> str:
 
 
 _ACCUMULATORS = frozenset(_accumulator(p) for p in (*FOLDABLE_TYPES, LIVE_GAUGES))
+# Files the exporter writes into a folder (as a temporary file, then renamed).
+_OURS = _ACCUMULATORS | {ROUTES_FILE}
+
+
+def encode_routes(routes: Sequence[str]) -> bytes:
+    """The saved form of a kept route set."""
+    return (json.dumps({"version": ROUTES_VERSION, "routes": list(routes)},
+                       ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def decode_routes(data: bytes) -> list[str]:
+    """The routes of a saved set; ValueError saying what is wrong with it. The file may have
+    been written by anyone who can write the folder: it is taken whole or not at all."""
+    if len(data) > MAX_ROUTES_BYTES:
+        raise ValueError(f"over {MAX_ROUTES_BYTES} bytes")
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ValueError("not UTF-8 JSON") from None
+    if not isinstance(doc, dict) or doc.get("version") != ROUTES_VERSION or set(doc) != {
+            "version", "routes"}:
+        raise ValueError(f'not {{"version": {ROUTES_VERSION}, "routes": [...]}}')
+    routes = doc["routes"]
+    if not isinstance(routes, list) or len(routes) > MAX_ROUTES:
+        raise ValueError(f"routes: not a list of at most {MAX_ROUTES}")
+    for route in routes:
+        if not isinstance(route, str) or not 0 < len(route) <= MAX_ROUTE_CHARS or \
+                route == ROUTE_OVERFLOW or not _encodable(route):
+            raise ValueError(f"routes: not a route label: {_shown(repr(route))}")
+    if len(set(routes)) != len(routes):
+        raise ValueError("routes: a route is listed twice")
+    return routes
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (\ud800 in the JSON)
+        return False
+    return True
 
 
 def marker_key(ident: str) -> str:
@@ -186,7 +255,7 @@ def _listing(names: Iterable[str]) -> _Listing:
             ident = name.removeprefix(".").removesuffix(".tmp").removesuffix(".lock")
             if name.endswith((".lock", ".lock.tmp")) and is_writer_ident(ident):
                 locks[name] = ident
-            elif tmp_target(name) in _ACCUMULATORS:
+            elif tmp_target(name) in _OURS:
                 listing.tmps.append(name)
             continue
         prefix, ident = parsed
@@ -205,9 +274,10 @@ class _Folder:
     of it (so renaming the folder or a parent mid-scrape changes nothing), opened without
     following symlinks or blocking, and checked after opening. Refusals are recorded."""
 
-    def __init__(self, fd: int, path: str, owner: int) -> None:
+    def __init__(self, fd: int, path: str, owner: int, buffer: ReadBuffer | None = None) -> None:
         self.fd = fd
         self.path = path
+        self.buffer = buffer or ReadBuffer()
         # Who may own an entry: the app (the folder's owner), this exporter, root.
         self.owners = frozenset((owner, os.geteuid(), 0))
         self.refused: dict[tuple[str, str], str] = {}  # (name, reason) -> detail
@@ -227,46 +297,49 @@ class _Folder:
                 names.append(entry.name)
         return _listing(names)
 
-    def read(self, name: str) -> tuple[bytes, int] | None:
-        """The used bytes and inode of a data file; None when it is refused as something the
-        app never writes; RefusedEntryError when it is refused as a file that could be the app's;
-        FileNotFoundError when it is gone."""
+    @contextlib.contextmanager
+    def data(self, name: str) -> Iterator[tuple[FileWindows, os.stat_result] | None]:
+        """A data file's used part (read through the scrape's buffer while the block runs) and
+        its fstat; None when it is refused as something the app never writes. Raises
+        RefusedEntryError when it is refused as a file that could be the app's, including
+        for what the block reads of it (malformed, unreadable); FileNotFoundError when it is
+        gone."""
         try:
             fd, info = open_entry(self.fd, name, self.owners)
         except RefusedEntryError as exc:
             self.refuse(name, exc.reason, str(exc))
             if exc.reason in _DOWN_REASONS:
                 raise
-            return None
+            yield None
+            return
         try:
-            return read_used(fd, info, name), info.st_ino
-        except RefusedEntryError as exc:
-            self.refuse(name, exc.reason, str(exc))
-            raise
+            try:
+                used = used_size(fd, info, name)
+            except RefusedEntryError as exc:
+                self.refuse(name, exc.reason, str(exc))
+                raise
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                raise self._unreadable(name, exc.strerror or str(exc)) from None
+            yield FileWindows(fd, used, name, self.buffer), info
         except ValueError as exc:
+            # What the block found malformed in this file (a file read in a nested block
+            # raises its own RefusedEntryError, which passes through).
             raise self.malformed(name, exc) from None
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            self.refuse(name, UNREADABLE, f"cannot be read: {exc.strerror}")
-            raise RefusedEntryError(UNREADABLE, str(exc)) from None
+        except ReadFailedError as exc:
+            raise self._unreadable(name, str(exc)) from None
         finally:
             os.close(fd)
+
+    def _unreadable(self, name: str, detail: str) -> RefusedEntryError:
+        self.refuse(name, UNREADABLE, f"cannot be read: {detail}")
+        return RefusedEntryError(UNREADABLE, f"cannot be read: {detail}")
 
     def malformed(self, name: str, exc: ValueError) -> RefusedEntryError:
         detail = str(exc).removeprefix(f"{name}: ")
         self.refuse(name, MALFORMED, detail)
         return RefusedEntryError(MALFORMED, detail)
-
-    def entries(self, name: str, keep: Callable[[str], bool]) -> list[tuple[str, float]] | None:
-        """The entries of a data file that keep() accepts; None when refused and skipped."""
-        read = self.read(name)
-        if read is None:
-            return None
-        try:
-            return [(key, value) for key, value in parse_entries(read[0], name) if keep(key)]
-        except ValueError as exc:
-            raise self.malformed(name, exc) from None
 
     def writer_alive(self, ident: str) -> bool:
         """Whether the process that wrote ident's files still holds its lock.
@@ -313,9 +386,6 @@ class _Folder:
                 return None
         return None
 
-    def write(self, name: str, entries: list[tuple[str, float]]) -> None:
-        write_file_at(self.fd, name, entries)
-
     def unlink(self, name: str) -> None:
         # Removes the entry itself, whatever it is; never anything it points to.
         with contextlib.suppress(FileNotFoundError):
@@ -344,21 +414,21 @@ def _remove_dead_locks(folder: _Folder, names: list[str], now: float) -> None:
 
 
 def fold(directory: str, dead: list[str]) -> int:
-    """fold_folder() by path, every entry accepted (tests and tools)."""
+    """fold_folder() by path, with a merger of its own (tests and tools)."""
     fd, info = _open_folder(directory)
     try:
         folder = _Folder(fd, directory, info.st_uid)
-        return fold_folder(folder, dead, folder.listing().names, lambda prefix, key: True)
+        return fold_folder(folder, dead, folder.listing().names, FileMerger())
     finally:
         os.close(fd)
 
 
-def fold_folder(folder: _Folder, dead: list[str], names: set[str],
-                accept: Callable[[str, str], bool]) -> int:
+def fold_folder(folder: _Folder, dead: list[str], names: set[str], merger: FileMerger) -> int:
     """Fold dead workers' counters and histograms into the accumulators, then delete their files.
 
     Caller holds the folder lock exclusively; names is the folder's listing taken under it;
-    accept(prefix, key) says which entries may be kept. Returns how many workers were folded.
+    the merger judges which entries may be kept (and is told the new accumulators' layouts,
+    so that reading them parses nothing). Returns how many workers were folded.
     Safe to interrupt anywhere: each accumulator is replaced atomically together with its
     record of which workers' files it contains, and files are deleted only after that.
     Entries refused as never the app's (a symlink, FIFO, ...) are neither folded nor deleted;
@@ -368,43 +438,10 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str],
         return 0
     kept: set[str] = set()
     for prefix in FOLDABLE_TYPES:
-        acc = _accumulator(prefix)
         # Markers come only from the accumulator, never from a worker's file: a worker's
         # file cannot declare another worker's file as already folded.
-
-        def keep(key: str, prefix: str = prefix) -> bool:
-            return accept(prefix, key)
-
-        def keep_markers(key: str, prefix: str = prefix) -> bool:
-            return marker_ident(key) is not None or accept(prefix, key)
-
-        values = _accumulated(folder, acc, keep_markers)
-        folded = {ident: key for key in values if (ident := marker_ident(key)) is not None}
-        changed = False
-        for ident in dead:
-            name = f"{prefix}_{ident}.db"
-            if name not in names or ident in folded:
-                continue
-            try:
-                entries = folder.entries(name, keep)
-            except FileNotFoundError:
-                continue
-            if entries is None:
-                kept.add(name)
-                continue
-            for key, value in entries:
-                values[key] = values.get(key, 0.0) + value
-            values[marker_key(ident)] = 1.0
-            changed = True
-        # A marker is only needed while its source file exists (a fold interrupted between
-        # replacing the accumulator and deleting the sources); drop the others.
-        for ident, key in folded.items():
-            if f"{prefix}_{ident}.db" not in names:
-                del values[key]
-                changed = True
-        if changed:
-            folder.write(acc, list(values.items()))
-    kept |= _fold_gauge_names(folder, dead, names, accept)
+        kept |= _fold_type(folder, prefix, dead, names, merger)
+    kept |= _fold_gauge_names(folder, dead, names, merger)
     count = 0
     for ident in dead:
         own = [name for name in names if (parsed := parse_name(name)) and parsed[1] == ident]
@@ -419,17 +456,204 @@ def fold_folder(folder: _Folder, dead: list[str], names: set[str],
     return count
 
 
-def _accumulated(folder: _Folder, name: str, keep: Callable[[str], bool]) -> dict[str, float]:
-    """An accumulator's entries; none when there is none yet, or when what is there is refused
-    as never a file of ours (the new accumulator is then renamed over it)."""
-    try:
-        return dict(folder.entries(name, keep) or ())
-    except FileNotFoundError:
-        return {}
+def _fold_type(folder: _Folder, prefix: str, dead: list[str], names: set[str],
+               merger: FileMerger) -> set[str]:
+    """Fold one type's files; the names of refused files left in place."""
+    name = _accumulator(prefix)
+    acc = _Accumulation(prefix, merger)
+    kept: set[str] = set()
+    with contextlib.ExitStack() as stack:
+        # The accumulator stays open for the whole fold: its keys are read again (not kept
+        # in memory) to write the new one.
+        try:
+            old = stack.enter_context(folder.data(name))
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            acc.load(old[0])
+        changed = False
+        for ident in dead:
+            source = f"{prefix}_{ident}.db"
+            if source not in names or ident in acc.markers:
+                continue
+            try:
+                with folder.data(source) as opened:
+                    if opened is None:
+                        kept.add(source)
+                        continue
+                    acc.add_file(opened[0])
+            except FileNotFoundError:
+                continue
+            acc.markers[ident] = marker_key(ident).encode()
+            changed = True
+        # A marker is only needed while its source file exists (a fold interrupted between
+        # replacing the accumulator and deleting the sources); drop the others.
+        for ident in [i for i in acc.markers if f"{prefix}_{i}.db" not in names]:
+            del acc.markers[ident]
+            changed = True
+        if changed:
+            acc.write(folder, name, None if old is None else old[0])
+    return kept
+
+
+class _Accumulation:
+    """An accumulator being rebuilt: where each key's sum is (by key digest), the sums, and
+    the markers. No key is kept: the new file is written by reading the keys again, in
+    order (the old accumulator's, then those new to it from the dead workers' files, then
+    the markers), as it is encoded, and each file read again is checked to hold the keys it
+    held. So a fold holds a window of one file, and a digest and a double per key."""
+
+    def __init__(self, prefix: str, merger: FileMerger, *, zero: bool = False) -> None:
+        self.prefix, self.merger, self.zero = prefix, merger, zero
+        self.known = merger.verdicts(prefix)
+        self.index: dict[bytes, int] = {}  # key_digest -> position in values
+        self.values = array("d")
+        self.verdicts: list[Verdict] = []  # per position
+        self.size = 0  # bytes of the entries (markers apart)
+        self.old: _Reading | None = None
+        # Dead workers' files with keys new to the accumulator.
+        self.sources: list[_Reading] = []
+        self.markers: dict[str, bytes] = {}  # ident -> its marker's key
+
+    def load(self, data: FileWindows) -> None:
+        """Start from the old accumulator."""
+        self.old = self._read(data, markers=True)
+
+    def add_file(self, data: FileWindows) -> None:
+        """Add a dead worker's file."""
+        reading = self._read(data, markers=False)
+        if reading.written:
+            self.sources.append(reading)
+
+    def _read(self, data: FileWindows, *, markers: bool) -> _Reading:
+        reading = _Reading(data.name)
+        for _, key, _, value in data.entries(8):
+            reading.keys.update(key)
+            reading.count += 1
+            at = self._add(key, value, markers=markers)
+            if at >= 0:
+                reading.written.append(reading.count - 1)
+                reading.positions.append(at)
+        return reading
+
+    def _add(self, key: bytes, value: float, *, markers: bool) -> int:
+        """Add an entry; the position of its key when the key is new, else -1."""
+        if key.startswith(_MARKER_BYTES):
+            try:
+                ident = marker_ident(key.decode("utf-8"))
+            except UnicodeDecodeError:
+                return -1
+            if markers and ident:
+                self.markers[ident] = key
+            return -1
+        digest = key_digest(key)
+        verdict = self.known.get(digest)
+        if verdict is None:
+            verdict = self.merger.verdict(self.prefix, digest, key)
+            self.known = self.merger.verdicts(self.prefix)  # (a new one if it was full)
+        if refused(verdict):
+            return -1
+        value = 0.0 if self.zero else value
+        at = self.index.get(digest)
+        if at is not None:
+            self.values[at] += value
+            return -1
+        at = self.index[digest] = len(self.values)
+        self.values.append(value)
+        self.verdicts.append(verdict)
+        self.size += entry_size(key)
+        return at
+
+    def write(self, folder: _Folder, name: str, old: FileWindows | None) -> None:
+        """Write the new accumulator and tell the merger its layout."""
+        written = Written()
+        stat_info = write_stream_at(folder.fd, name, self.encoded(old, folder.data, written))
+        self.merger.seed(os.path.join(folder.path, name), stat_info, self.prefix, written)
+
+    def encoded(self, old: FileWindows | None,
+                reopen: Callable[[str], contextlib.AbstractContextManager[
+                    tuple[FileWindows, os.stat_result] | None]],
+                written: Written) -> Iterator[bytes]:
+        """The new file: header, the entries, the markers; written is told its layout.
+        ValueError when a file read again no longer holds the keys it held; OSError when it
+        is gone."""
+        markers = list(self.markers.values())
+        written.used = 8 + self.size + sum(entry_size(key) for key in markers)
+        yield file_header(written.used - 8)
+        out = _Encoder(self.values, self.verdicts, written)
+        if old is not None and self.old is not None:
+            yield from self.old.encode(old, out)
+        for source in self.sources:
+            with reopen(source.name) as opened:
+                if opened is None:
+                    raise ValueError(f"{source.name}: refused while it was folded")
+                yield from source.encode(opened[0], out)
+        for key in markers:
+            out.marker(key)
+        yield out.flush()
+
+
+class _Encoder:
+    """Entries of a new accumulator as they are written: encoded into chunks, and their
+    places noted for the merger."""
+
+    def __init__(self, values: array[float], verdicts: list[Verdict], written: Written) -> None:
+        self.values, self.verdicts, self.written = values, verdicts, written
+        self.chunk: list[bytes] = []
+        self.pos = 8
+
+    def entry(self, key: bytes, at: int) -> bytes | None:
+        """Add the entry of key (at its position); a chunk to write when one is full."""
+        self._add(encode_entry_bytes(key, self.values[at]))
+        self.written.offsets.append(self.pos - 16)
+        self.written.verdicts.append(self.verdicts[at])
+        return self.flush() if len(self.chunk) >= 1024 else None
+
+    def marker(self, key: bytes) -> None:
+        self._add(encode_entry_bytes(key, 1.0))
+        self.written.markers.append(key.decode("utf-8"))
+
+    def _add(self, entry: bytes) -> None:
+        self.written.check_at, self.written.check = self.pos, entry[:-16]
+        self.chunk.append(entry)
+        self.pos += len(entry)
+
+    def flush(self) -> bytes:
+        chunk = b"".join(self.chunk)
+        self.chunk.clear()
+        return chunk
+
+
+class _Reading:
+    """What a fold read of one file: which of its entries (by ordinal) hold the keys it gave
+    the accumulator first, their positions, and a digest of all its keys."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.keys = hashlib.blake2b(digest_size=16)
+        self.count = 0
+        self.written = array("i")
+        self.positions = array("i")
+
+    def encode(self, data: FileWindows, out: _Encoder) -> Iterator[bytes]:
+        """Encode this file's written entries with their sums (chunks yielded when full)."""
+        again = hashlib.blake2b(digest_size=16)
+        count = 0
+        step = 0
+        for _, key, _, _ in data.entries(8):
+            again.update(key)
+            if step < len(self.written) and self.written[step] == count:
+                full = out.entry(key, self.positions[step])
+                step += 1
+                if full is not None:
+                    yield full
+            count += 1
+        if count != self.count or again.digest() != self.keys.digest():
+            raise ValueError(f"{self.name}: changed while it was folded")
 
 
 def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
-                      accept: Callable[[str, str], bool]) -> set[str]:
+                      merger: FileMerger) -> set[str]:
     """Keep the dead workers' gauge series, at 0, in a gauge accumulator; return the names
     of refused files left in place.
 
@@ -437,27 +661,32 @@ def _fold_gauge_names(folder: _Folder, dead: list[str], names: set[str],
     stay: `qatoolbox_http_requests_in_flight 0` rather than no series when no worker lives.
     Adding zeros twice changes nothing, so this needs no markers.
     """
-    acc = _accumulator(LIVE_GAUGES)
-
-    def keep(key: str) -> bool:
-        return accept(LIVE_GAUGES, key)
-
-    values = _accumulated(folder, acc, keep)
-    known = len(values)
+    name = _accumulator(LIVE_GAUGES)
+    acc = _Accumulation(LIVE_GAUGES, merger, zero=True)
     kept: set[str] = set()
-    for ident in dead:
-        name = f"{LIVE_GAUGES}_{ident}.db"
-        if name in names:
+    with contextlib.ExitStack() as stack:
+        try:
+            old = stack.enter_context(folder.data(name))
+        except FileNotFoundError:
+            old = None
+        if old is not None:
+            acc.load(old[0])
+        known = len(acc.values)
+        for ident in dead:
+            source = f"{LIVE_GAUGES}_{ident}.db"
+            if source not in names:
+                continue
             try:
-                entries = folder.entries(name, keep)
+                with folder.data(source) as opened:
+                    if opened is None:
+                        kept.add(source)
+                        continue
+                    acc.add_file(opened[0])
             except FileNotFoundError:
                 continue
-            if entries is None:
-                kept.add(name)
-                continue
-            values.update((key, 0.0) for key, _ in entries)
-    if len(values) != known:
-        folder.write(acc, [(key, 0.0) for key in values])
+        if len(acc.values) != known:
+            acc.markers.clear()
+            acc.write(folder, name, None if old is None else old[0])
     return kept
 
 
@@ -466,7 +695,7 @@ class _DirResult:
     up: bool = False
     workers: int = 0
     files: int = 0
-    files_read: list[FileValues] = field(default_factory=list)
+    part: MergePart | None = None
     paths: set[str] = field(default_factory=set)
     refused: dict[tuple[str, str], str] = field(default_factory=dict)
 
@@ -535,10 +764,20 @@ class AppCollector:
         self._folded = dict.fromkeys(self._dirs, 0)
         self._rejected = {d: dict.fromkeys(REFUSAL_REASONS, 0) for d in self._dirs}
         self._refusal_log = _RefusalLog()
+        # Files are read through this, a window at a time (scrapes of one collector never
+        # overlap: the scrape runner runs one collection at a time).
+        self._buffer = ReadBuffer()
         self._problems: dict[str, str | None] = {}
         self._fold_errors: dict[str, str | None] = {}
+        # The kept routes are saved in app.state_dir when it is set, else in each folder.
+        self._state_dir = config.state_dir or None
+        self._routes_saved: dict[str, int] = {}  # where -> kept_generation last written there
+        self._routes_errors: dict[str, str | None] = {}
+        self._routes_full_logged = False
         for directory in self._dirs:
             self._check_at_start(directory)
+        if self._state_dir is not None:
+            self._merger.adopt(self._load_state_dir(self._state_dir))
 
     def _check_at_start(self, directory: str) -> None:
         """Log what is wrong with a folder's ownership and mode (docs/app.md)."""
@@ -590,8 +829,11 @@ class AppCollector:
         if not self._dirs:
             return
         results = {d: self._read_dir(d) for d in self._dirs}
-        read = [f for r in results.values() if r.up for f in r.files_read]
-        yield from self._merger.families(read)
+        if self._state_dir is not None:
+            self._save_state_dir(self._state_dir)
+        self._note_routes_full()
+        yield from self._merger.families(
+            [r.part for r in results.values() if r.up and r.part is not None])
         self._merger.forget(set().union(*(r.paths for r in results.values())))
         up = GaugeMetricFamily("qatoolbox_app_multiprocess_dir_up",
                                "Whether the app's metrics folder could be read in full.",
@@ -622,8 +864,116 @@ class AppCollector:
             self._refusal_log.report(directory, result.refused)
         yield from (up, workers, files, folded, rejected)
 
-    def _accept(self, prefix: str, key: str) -> bool:
-        return self._merger.refusal(prefix, key) is None
+    # --- the kept routes, saved ---
+
+    def _load_routes(self, folder: _Folder) -> list[str]:
+        """The route set saved in a folder; none when there is none or it is refused (counted
+        and logged like any refused entry, but the folder stays up: it holds no counts)."""
+        try:
+            fd, info = open_entry(folder.fd, ROUTES_FILE, folder.owners)
+        except FileNotFoundError:
+            return []
+        except RefusedEntryError as exc:
+            folder.refuse(ROUTES_FILE, exc.reason, str(exc))
+            return []
+        try:
+            data = _read_small(fd, info)
+        except RefusedEntryError as exc:
+            folder.refuse(ROUTES_FILE, exc.reason, str(exc))
+            return []
+        finally:
+            os.close(fd)
+        try:
+            return decode_routes(data)
+        except ValueError as exc:
+            folder.refuse(ROUTES_FILE, MALFORMED, str(exc))
+            return []
+
+    def _save_routes(self, folder: _Folder, listing: _Listing) -> None:
+        """Write the kept set into the folder when it changed since last written there, or
+        when the file is gone (gunicorn empties the folder when it starts)."""
+        generation = self._merger.kept_generation
+        if not self._merger.kept_routes or (
+                self._routes_saved.get(folder.path) == generation
+                and ROUTES_FILE in listing.names):
+            return
+        try:
+            write_bytes_at(folder.fd, ROUTES_FILE, self._routes_to_save(folder.path))
+        except OSError as exc:
+            self._routes_error(folder.path, exc.strerror or str(exc))
+            return
+        self._routes_saved[folder.path] = generation
+        self._routes_error(folder.path, None)
+
+    def _routes_to_save(self, where: str) -> bytes:
+        routes = self._merger.kept_routes
+        saved = [r for r in routes if len(r) <= MAX_ROUTE_CHARS]
+        if len(saved) != len(routes):
+            self._routes_error(where, f"routes over {MAX_ROUTE_CHARS} characters are not "
+                                      "saved")
+        return encode_routes(saved)
+
+    def _routes_error(self, where: str, error: str | None) -> None:
+        if self._routes_errors.get(where) == error:
+            return
+        if error is not None:
+            log.warning("app kept routes cannot be saved; a restart may choose other routes "
+                        "to keep", extra={"dir": where, "err": error})
+        self._routes_errors[where] = error
+
+    def _load_state_dir(self, directory: str) -> list[str]:
+        """The route set saved in app.state_dir (a folder of the exporter's own)."""
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.warning("app.state_dir cannot be opened; the kept routes are not saved",
+                        extra={"dir": directory, "err": exc.strerror or str(exc)})
+            return []
+        try:
+            fd, info = open_entry(dir_fd, STATE_ROUTES_FILE, frozenset((os.geteuid(), 0)))
+            try:
+                return decode_routes(_read_small(fd, info))
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            return []
+        except (RefusedEntryError, ValueError) as exc:
+            log.warning("app saved routes refused; routes are chosen again",
+                        extra={"dir": directory, "file": STATE_ROUTES_FILE,
+                               "detail": _shown(str(exc))})
+            return []
+        finally:
+            os.close(dir_fd)
+
+    def _save_state_dir(self, directory: str) -> None:
+        generation = self._merger.kept_generation
+        if not self._merger.kept_routes or self._routes_saved.get(directory) == generation:
+            return
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                write_bytes_at(dir_fd, STATE_ROUTES_FILE, self._routes_to_save(directory))
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            self._routes_error(directory, exc.strerror or str(exc))
+            return
+        self._routes_saved[directory] = generation
+        self._routes_error(directory, None)
+
+    def _note_routes_full(self) -> None:
+        """Say once that routes are now being folded, and where the kept set is saved."""
+        if self._routes_full_logged or not self._merger.routes_full():
+            return
+        self._routes_full_logged = True
+        where = self._state_dir or ("each app folder" if self._compact else None)
+        if where is None:
+            log.warning(f"app routes past the first {MAX_ROUTES} are summed under "
+                        f'route="{ROUTE_OVERFLOW}"; the kept set is not saved (app.compact is '
+                        "off): set app.state_dir so that a restart keeps the same routes")
+        else:
+            log.info(f"app routes past the first {MAX_ROUTES} are summed under "
+                     f'route="{ROUTE_OVERFLOW}"', extra={"saved_in": where})
 
     def _read_dir(self, directory: str) -> _DirResult:
         result = _DirResult()
@@ -632,7 +982,7 @@ class AppCollector:
         except _UnusableFolderError as exc:
             self._problem(directory, str(exc))
             return result
-        folder = _Folder(fd, directory, info.st_uid)
+        folder = _Folder(fd, directory, info.st_uid, self._buffer)
         lock_fd = None
         try:
             listing = folder.listing()
@@ -653,15 +1003,21 @@ class AppCollector:
                 # Another exporter holds the folder (a fold, or it is stuck): skip this
                 # folder for this scrape rather than read it halfway through a fold.
                 return result
+            if self._state_dir is None and not self._merger.routes_full():
+                # Before any route of this folder is decided: the set saved here (by this
+                # exporter before a restart, or by another one reading the same folder).
+                self._merger.adopt(self._load_routes(folder))
             self._read_files(folder, listing, alive, result)
+            if self._state_dir is None and self._compact and lock_fd is not None:
+                self._save_routes(folder, listing)
         except _UnusableFolderError as exc:
             self._problem(directory, str(exc))
-            result.files_read = []
+            result.part = None
             return result
         except (OSError, ValueError, RefusedEntryError):
             # A file we cannot read or parse: serve nothing from this folder rather than
             # totals that are too low (Prometheus would take the drop for a counter reset).
-            result.files_read = []
+            result.part = None
             return result
         finally:
             if lock_fd is not None:
@@ -676,7 +1032,7 @@ class AppCollector:
         this scrape, logged once until a fold succeeds again."""
         directory = folder.path
         try:
-            self._folded[directory] += fold_folder(folder, dead, listing.names, self._accept)
+            self._folded[directory] += fold_folder(folder, dead, listing.names, self._merger)
             _remove_dead_locks(folder, listing.bare_locks, time.time())
             for name in listing.tmps:
                 # Under the exclusive lock nobody is writing one: a dead exporter's leftover.
@@ -689,12 +1045,13 @@ class AppCollector:
 
     def _read_files(self, folder: _Folder, listing: _Listing, alive: dict[str, bool],
                     result: _DirResult) -> None:
+        result.part = self._merger.part()
         folded: dict[str, set[str]] = {}
         for prefix in FOLDABLE_TYPES:
-            values = self._read(folder, _accumulator(prefix), prefix, FOLDED_IDENT, result,
-                                rewritten=True)
-            folded[prefix] = set() if values is None else {
-                i for i in map(marker_ident, values.markers) if i}
+            info = self._read(folder, _accumulator(prefix), prefix, FOLDED_IDENT, result,
+                              rewritten=True)
+            folded[prefix] = set() if info is None else {
+                i for i in map(marker_ident, info.markers) if i}
         self._read(folder, _accumulator(LIVE_GAUGES), LIVE_GAUGES, FOLDED_IDENT, result,
                    rewritten=True)
         for ident, names in listing.workers.items():
@@ -715,34 +1072,47 @@ class AppCollector:
         for name in listing.foreign:
             prefix, _, ident = name[:-3].rpartition("_")
             self._read(folder, name, prefix, ident, result)
+        # The routes first seen in this folder are kept or folded now that all its files
+        # are read (the busiest kept first).
+        self._merger.settle(result.part)
 
     def _read(self, folder: _Folder, name: str, prefix: str, ident: str, result: _DirResult, *,
-              rewritten: bool = False, zero: bool = False) -> FileValues | None:
-        """One file's values; None when it is gone or skipped. Raises RefusedEntryError when the
-        folder cannot be served this scrape."""
+              rewritten: bool = False, zero: bool = False) -> FileInfo | None:
+        """Add one file's values to the folder's part; None when it is gone or skipped. Raises
+        RefusedEntryError when the folder cannot be served this scrape."""
+        assert result.part is not None
         path = os.path.join(folder.path, name)
         try:
-            read = folder.read(name)
-            if read is None:
-                return None
-            try:
-                values = self._merger.values(path, read[0], read[1], prefix, ident=ident,
-                                             rewritten=rewritten)
-            except ValueError as exc:
-                raise folder.malformed(name, exc) from None
+            with folder.data(name) as opened:
+                if opened is None:
+                    return None
+                data, stat_info = opened
+                info = self._merger.add(result.part, path, data, stat_info.st_ino, prefix,
+                                        ident=ident, mtime=stat_info.st_mtime_ns,
+                                        rewritten=rewritten, zero=zero)
         except FileNotFoundError:
             # Removed since the listing: a dead worker's gauges (gunicorn child_exit), an app
             # restart emptying the folder, or no accumulator yet.
             return None
-        for reason, offender in values.refused:
+        for reason, offender in info.refused:
             folder.refuse(name, reason, f"declares {offender}")
-        if zero:
-            values = FileValues(values.slots, (0.0,) * len(values.values), values.simple,
-                                values.markers)
         result.files += 1
-        result.files_read.append(values)
         result.paths.add(path)
-        return values
+        return info
+
+
+def _read_small(fd: int, info: os.stat_result) -> bytes:
+    """A saved route set's bytes: RefusedEntryError when over MAX_ROUTES_BYTES or unreadable."""
+    if info.st_size > MAX_ROUTES_BYTES:
+        raise RefusedEntryError(TOO_LARGE, f"{info.st_size} bytes, over the "
+                                           f"{MAX_ROUTES_BYTES}-byte limit")
+    try:
+        data = os.pread(fd, MAX_ROUTES_BYTES + 1, 0)
+    except OSError as exc:
+        raise RefusedEntryError(UNREADABLE, f"cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_ROUTES_BYTES:
+        raise RefusedEntryError(TOO_LARGE, f"over the {MAX_ROUTES_BYTES}-byte limit")
+    return data
 
 
 def _try_lock(fd: int, kind: int, wait: float = 0.0) -> bool:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import operator
+import os
 import re
 import struct
-from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, entry_at
+from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, WINDOW, FileWindows
 
 _Labels = tuple[tuple[str, str], ...]
 _ParsedKey = tuple[str, str, _Labels, str, float | None]
@@ -190,51 +194,223 @@ class Merger:
             samples.append(Sample(total_name, plain, sums.get(labels, 0.0)))
 
 
-# --- merging files, fast: layouts cached, values unpacked in one C call per file -------------
+# --- merging files, fast: each entry classified once, values summed per served series ------
+#
+# A file's entries are appended, never moved, so what each entry is (which series it adds to,
+# or why it is refused) is worked out once per file. Entries of many files share their keys,
+# so the verdict on a key is cached too, under a digest of its bytes (a few dozen bytes per
+# key however long the key is). Entries of routes past the route cap are mapped straight to
+# their route="<other>" series: nothing of theirs is kept but that mapping. A scrape then
+# reads each file's used bytes, unpacks its values with precompiled structs and adds them
+# into the served series: one struct per file for the series that have one entry in it, and
+# one per series that several entries add up to (the "<other>" series), summed in C.
 
 _SUM_MODES = frozenset(("", "sum", "livesum", "all", "liveall", "mostrecent", "livemostrecent"))
 _PID_MODES = frozenset(("all", "liveall", "mostrecent", "livemostrecent"))
+_MAX_MODES = frozenset(("max", "livemax"))
+# What a cached key maps to besides a served series' index.
+_BAD, _RESERVED, _CONFLICT = -1, -2, -3
+_CODES = {BAD_ENTRY: _BAD, RESERVED_NAME: _RESERVED}
+_REASONS = {_BAD: BAD_ENTRY, _RESERVED: RESERVED_NAME}
+_MARKER_BYTES = f'["{MARKER_PREFIX}'.encode()
+# Appended chunks of a file are compiled on their own; past this many they are compiled into
+# one again (so a file that grows scrape after scrape costs a few struct calls, not dozens).
+_MAX_CHUNKS = 8
+_SPREAD_MIN = 64
+# Values are native doubles (the writers' byte order), at 8-byte aligned offsets.
+_DOUBLE = struct.Struct("=d")
 
 
-@dataclass
-class _Layout:
-    """What a file's entries mean, cached: files only ever grow by appending entries."""
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """One served series: what a slot index stands for (mode: a gauge's, else "")."""
 
-    ino: int
-    used: int
-    check_at: int
-    check: bytes
-    slots: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    markers: list[str] = field(default_factory=list)
-    unpack: struct.Struct | None = None
-    simple: bool = True
-    snapshot: bytes | None = None
-    # Entries not served: (reason, the first offending name or key) per reason.
-    refused: dict[str, str] = field(default_factory=dict)
+    family: str
+    typ: str
+    mode: str
+    help: str
+    sample: str
+    labels: _Labels
+    le: float | None
+
+
+class _Routed:
+    """A key of a route not yet kept or folded: its series with the route left open."""
+
+    __slots__ = ("route", "template")
+
+    def __init__(self, template: int, route: str) -> None:
+        self.template, self.route = template, route
 
 
 @dataclass(frozen=True)
-class FileValues:
-    """One file's values this scrape, aligned with its layout's slots."""
+class _Template:
+    """A routed series without its route: labels[index] is the route label."""
 
-    slots: list[int]
-    values: tuple[float, ...]
-    simple: bool
-    markers: list[str]
+    family: str
+    typ: str
+    help: str
+    sample: str
+    labels: _Labels
+    index: int
+    le: float | None
+
+
+class _Chunk:
+    """Compiled entries of (part of) a file, by window of the file (WINDOW bytes each): the
+    values of series with a single entry in it, unpacked in one call per window, and one
+    struct per window and series that several entries add up to."""
+
+    __slots__ = ("groups", "reach", "single_slots", "singles", "spread")
+
+    def __init__(self, offsets: Iterable[int], slots: Iterable[int]) -> None:
+        by_slot: dict[int, list[int]] = {}
+        for offset, slot in zip(offsets, slots, strict=True):
+            by_slot.setdefault(slot, []).append(offset)
+        singles = sorted((found[0], slot) for slot, found in by_slot.items() if len(found) == 1)
+        self.single_slots = [slot for _, slot in singles]
+        self.singles = {window: _struct(found)
+                        for window, found in _by_window([offset for offset, _ in singles])}
+        self.groups: dict[int, list[tuple[struct.Struct, int]]] = {}
+        # How far into each window its values go.
+        self.reach = {window: max(found) + 8
+                      for window, found in _by_window(sorted(_all_offsets(by_slot)))}
+        for slot, found in by_slot.items():
+            if len(found) > 1:
+                for window, inside in _by_window(sorted(found)):
+                    self.groups.setdefault(window, []).append((_struct(inside), slot))
+        # Many single series close together (a worker's file): the values are spread into
+        # series order in C (an itemgetter over the unpacked values and a trailing 0.0),
+        # then added to the series with map(), instead of one Python addition each.
+        self.spread: Callable[[tuple[float, ...]], tuple[float, ...]] | None = None
+        span = max(self.single_slots, default=-1) + 1
+        if len(singles) >= _SPREAD_MIN and span <= 4 * len(singles):
+            where = dict.fromkeys(range(span), len(singles))
+            for index, slot in enumerate(self.single_slots):
+                where[slot] = index
+            self.spread = operator.itemgetter(*where.values())
+
+
+def _all_offsets(by_slot: dict[int, list[int]]) -> Iterator[int]:
+    for found in by_slot.values():
+        yield from found
+
+
+def _by_window(offsets: list[int]) -> Iterator[tuple[int, list[int]]]:
+    """(window, offsets within it, relative to its start) of ascending offsets."""
+    window, inside = -1, list[int]()
+    for offset in offsets:
+        if offset // WINDOW != window:
+            if inside:
+                yield window, inside
+            window, inside = offset // WINDOW, []
+        inside.append(offset - window * WINDOW)
+    if inside:
+        yield window, inside
+
+
+def _struct(offsets: list[int]) -> struct.Struct:
+    """A struct reading the doubles at offsets (ascending) of a buffer."""
+    parts = ["="]
+    end = 0
+    for offset in offsets:
+        parts.append(f"{offset - end}xd" if offset > end else "d")
+        end = offset + 8
+    return struct.Struct("".join(parts))
+
+
+class _Layout:
+    """What a file's entries are, as far as they were read (files only grow by appending)."""
+
+    __slots__ = ("check", "check_at", "chunks", "ino", "markers", "mtime", "offsets", "present",
+                 "reads", "refused", "simple", "slots", "used", "waiting", "waiting_at")
+
+    def __init__(self, ino: int, mtime: int) -> None:
+        self.ino, self.mtime = ino, mtime
+        self.used = 8
+        self.check_at, self.check = 0, b""
+        self.offsets = array("I")  # where each served entry's value is
+        self.slots = array("I")  # and which series it adds to
+        self.chunks: list[_Chunk] = []
+        self.reads: list[tuple[int, int]] = []  # (window, bytes of it to read)
+        self.present: set[int] = set()
+        # Entries of routes not decided yet (first seen in this read): their keys and offsets.
+        self.waiting: list[_Routed] = []
+        self.waiting_at = array("I")
+        self.markers: list[str] = []
+        self.refused: dict[str, str] = {}  # reason -> the first offending name or key
+        self.simple = True
+
+    def add(self, offsets: array[int], slots: array[int]) -> None:
+        if not offsets:
+            return
+        self.offsets.extend(offsets)
+        self.slots.extend(slots)
+        self.present.update(slots)
+        if len(self.chunks) >= _MAX_CHUNKS:
+            self.chunks = [_Chunk(self.offsets, self.slots)]
+        else:
+            self.chunks.append(_Chunk(offsets, slots))
+        reach: dict[int, int] = {}
+        for chunk in self.chunks:
+            for window, length in chunk.reach.items():
+                reach[window] = max(length, reach.get(window, 0))
+        self.reads = sorted(reach.items())
+
+
+# What a key is: a served series' index, a code (_BAD, _RESERVED, _CONFLICT), or _Routed.
+Verdict = int | _Routed
+
+
+def refused(verdict: Verdict) -> bool:
+    """Whether an entry with this verdict is refused (never served, never folded)."""
+    return verdict.__class__ is int and verdict in _REASONS
+
+
+@dataclass
+class Written:
+    """What the writer of a file in the layout knows of it: what FileMerger.seed() needs."""
+
+    used: int = 8
+    check_at: int = 0
+    check: bytes = b""
+    offsets: array[int] = field(default_factory=lambda: array("I"))
+    verdicts: list[Verdict] = field(default_factory=list)
+    markers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the caller needs of a file besides its values: markers, entries refused."""
+
+    markers: tuple[str, ...] = ()
     refused: tuple[tuple[str, str], ...] = ()
 
 
-_EMPTY = FileValues([], (), True, [])
+_NOTHING = FileInfo()
+
+
+class MergePart:
+    """The values of one folder's files in one scrape, served only if the folder is read in
+    full (FileMerger.families)."""
+
+    __slots__ = ("acc", "pending", "present", "special")
+
+    def __init__(self) -> None:
+        self.acc: list[float] = []
+        self.present: set[int] = set()
+        self.special: dict[int, float] = {}  # series of min/max gauges
+        self.pending: list[tuple[_Layout, array[float]]] = []  # the waiting entries' values
 
 
 class FileMerger:
     """Reads metrics files into numbered series ("slots") and adds them up.
 
-    Parsing a file's keys is the expensive part and a file's layout never changes once
-    written (entries are only appended), so each layout is parsed once and the values are then
-    read with one precompiled struct per file. A scrape costs a few C calls per file plus one
-    Python addition per entry.
+    Routes past route_limit are summed under route="<other>". The kept routes are those
+    adopted (the collector's saved set), then the busiest (most requests) among those first
+    seen in one read, then any new route while there is room; once kept, a route stays kept
+    and once folded it stays folded, so no series ever moves into or out of "<other>" and
+    "<other>"'s counters never go down.
     """
 
     def __init__(self, route_limit: int | None = None, *,
@@ -242,225 +418,539 @@ class FileMerger:
                  reserved_names: Iterable[str] = ()) -> None:
         """reserved_*: names the files may not declare (other than allowed_prefixes), as a
         family or as a sample name: the exporter's own families."""
-        self._keys = Merger()
         self._reserved_prefixes = reserved_prefixes
         self._allowed_prefixes = allowed_prefixes
         self._reserved_names = frozenset(reserved_names)
-        self._verdicts: dict[tuple[str, str], str | None] = {}
-        self._slots: dict[tuple[str, str, _Labels, str, float | None, str], int] = {}
-        self._meta: list[_Slot] = []
-        self._types: dict[str, str] = {}
-        self._layouts: dict[str, _Layout] = {}
-        self.conflicts = 0
         self._route_limit = route_limit
-        self._kept_routes: set[str] = set()
-        self._slot_routes: dict[int, str | None] = {}
-        self._fold: dict[int, _Slot | None] = {}
-        self._other_series: dict[tuple[str, str, _Labels, float | None], _Slot] = {}
+        self._keys: dict[tuple[str, str], dict[bytes, int | _Routed]] = {}
+        self._key_count = 0
+        self._types: dict[str, str] = {}
+        self._series: list[_Series] = []
+        self._series_index: dict[tuple[str, str, _Labels, str, float | None, str], int] = {}
+        self._templates: list[_Template] = []
+        self._template_index: dict[_Template, int] = {}
+        self._routed_slots: dict[tuple[int, str], int] = {}
+        self._route_names: dict[str, str] = {}  # one string per undecided route
+        self._kept: dict[str, None] = {}  # insertion-ordered set
+        self._layouts: dict[str, _Layout] = {}
+        self._plan: _Plan | None = None
+        self.conflicts = 0
+        self.kept_generation = 0
 
-    def forget(self, keep: set[str]) -> None:
-        """Drop cached layouts of files not in keep (deleted ones)."""
-        for path in [p for p in self._layouts if p not in keep]:
-            del self._layouts[path]
+    # --- the kept routes ---
 
-    def refusal(self, prefix: str, key: str) -> str | None:
-        """Why an entry of a file of type prefix is not served (BAD_ENTRY, RESERVED_NAME), or
-        None. Markers (the compaction's bookkeeping) are not entries: BAD_ENTRY."""
-        verdict = self._verdicts.get((prefix, key), "")
-        if verdict != "":
-            return verdict
-        parsed = self._keys._parse(key)
-        if parsed is None:
-            verdict = BAD_ENTRY
-        else:
+    @property
+    def kept_routes(self) -> list[str]:
+        """The kept routes, in the order they were kept."""
+        return list(self._kept)
+
+    def routes_full(self) -> bool:
+        """Whether no further route can be kept (every new one is folded)."""
+        return self._route_limit is not None and len(self._kept) >= self._route_limit
+
+    def adopt(self, routes: Iterable[str]) -> int:
+        """Keep these routes (a saved set) while there is room; how many were new.
+
+        Safe at any time: while there is room every route ever seen is kept, so a route not
+        kept yet has never been served, under its own label or under "<other>"."""
+        added = 0
+        for route in routes:
+            if self.routes_full():
+                break
+            if route != ROUTE_OVERFLOW and route not in self._kept:
+                self._kept[route] = None
+                added += 1
+        if added:
+            self.kept_generation += 1
+            self._resolve_keys()
+        return added
+
+    # --- classifying keys ---
+
+    def verdicts(self, prefix: str) -> dict[bytes, Verdict]:
+        """The verdicts known on keys of files of type prefix (not a gauge with one series
+        per process), by key_digest(); verdict() for the others."""
+        return self._cache(prefix, "")
+
+    def verdict(self, prefix: str, digest: bytes, key: bytes) -> Verdict:
+        """What an entry (key_digest(key), key) of a file of type prefix is: refused() tells
+        whether it may be kept (a type conflict is not a refusal). Raises ValueError when key
+        is not UTF-8."""
+        return self._find(prefix, "", digest, key)
+
+    def seed(self, path: str, stat: os.stat_result, prefix: str, written: Written) -> None:
+        """The layout of a file the caller just wrote (an accumulator), so that reading it
+        parses nothing: written holds its used size, last entry and each entry's verdict."""
+        layout = _Layout(stat.st_ino, stat.st_mtime_ns)
+        layout.used = written.used
+        layout.check_at, layout.check = written.check_at, written.check
+        layout.markers = written.markers
+        typ, _, mode = prefix.partition("_")
+        layout.simple = typ != "gauge" or mode in _SUM_MODES
+        offsets, slots = array("I"), array("I")
+        for offset, found in zip(written.offsets, written.verdicts, strict=True):
+            slot = self._decide(found) if isinstance(found, _Routed) else found
+            if isinstance(found, _Routed) and slot < 0:
+                layout.waiting.append(found)
+                layout.waiting_at.append(offset)
+            elif slot >= 0:
+                offsets.append(offset)
+                slots.append(slot)
+        layout.add(offsets, slots)
+        self._layouts[path] = layout
+
+    def _cache(self, prefix: str, pid: str) -> dict[bytes, int | _Routed]:
+        """The verdicts on the keys of one file type (and pid, for gauges with one series
+        per process), by key_digest()."""
+        cache = self._keys.get((prefix, pid))
+        if cache is None:
+            cache = self._keys[(prefix, pid)] = {}
+        return cache
+
+    def _find(self, prefix: str, pid: str, digest: bytes, key: bytes) -> int | _Routed:
+        cache = self._cache(prefix, pid)
+        found = cache.get(digest)
+        if found is None:
+            if self._key_count >= _KEY_CACHE_LIMIT:
+                self._keys, self._key_count = {}, 0
+                cache = self._cache(prefix, pid)
             typ, _, mode = prefix.partition("_")
-            verdict = _name_problem(typ, mode, parsed)
-            if verdict is None and (self._reserved(parsed[0]) or self._reserved(parsed[1])):
-                verdict = RESERVED_NAME
-        if len(self._verdicts) >= _KEY_CACHE_LIMIT:
-            self._verdicts = {}
-        self._verdicts[(prefix, key)] = verdict
-        return verdict
+            found = cache[digest] = self._classify(typ, mode, pid, key)
+            self._key_count += 1
+        elif type(found) is _Routed:
+            decided = self._decide(found)
+            if decided >= 0:
+                cache[digest] = found = decided
+        return found
 
-    def _offender(self, key: str) -> str:
-        """What to name in the log for a refused entry: its reserved name, or its key."""
-        parsed = self._keys._parse(key)
-        if parsed is not None:
-            for name in parsed[:2]:
-                if self._reserved(name):
-                    return name
-        return key if len(key) <= 200 else key[:200] + "..."
+    def _classify(self, typ: str, mode: str, pid: str, key: bytes) -> int | _Routed:
+        parsed = _parse_key(key)
+        if parsed is None:
+            return _BAD
+        problem = _name_problem(typ, mode, parsed)
+        if problem is not None:
+            return _CODES[problem]
+        metric, sample, labels, help_text, le = parsed
+        if self._reserved(metric) or self._reserved(sample):
+            return _RESERVED
+        if self._types.setdefault(metric, typ) != typ:
+            self.conflicts += 1
+            return _CONFLICT
+        if pid:
+            labels = (*labels, ("pid", pid))
+        gauge_mode = mode if typ == "gauge" else ""
+        if self._route_limit is not None and typ != "gauge":
+            index = next((i for i, (name, _) in enumerate(labels) if name == "route"), -1)
+            if index >= 0 and labels[index][1] != ROUTE_OVERFLOW:
+                route = labels[index][1]
+                # One template for all the routes of a series (the route left blank): the
+                # keys of folded routes leave nothing of theirs behind but their digest.
+                template = _Template(metric, typ, help_text, sample,
+                                     (*labels[:index], ("route", ""), *labels[index + 1:]),
+                                     index, le)
+                number = self._template_index.get(template)
+                if number is None:
+                    number = self._template_index[template] = len(self._templates)
+                    self._templates.append(template)
+                routed = _Routed(number, self._route_names.setdefault(route, route))
+                decided = self._decide(routed)
+                return routed if decided < 0 else decided
+        return self._slot(_Series(metric, typ, gauge_mode, help_text, sample, labels, le))
+
+    def _slot(self, series: _Series) -> int:
+        """The index of a series (the first one's help text stays)."""
+        key = (series.family, series.sample, series.labels, series.mode, series.le, series.typ)
+        slot = self._series_index.get(key)
+        if slot is None:
+            slot = self._series_index[key] = len(self._series)
+            self._series.append(series)
+        return slot
+
+    def _decide(self, routed: _Routed) -> int:
+        """The series a routed key adds to, or -1 while its route is undecided."""
+        route = routed.route
+        if route in self._kept:
+            target = route
+        elif self.routes_full():
+            target = ROUTE_OVERFLOW
+        else:
+            return -1
+        slot = self._routed_slots.get((routed.template, target))
+        if slot is None:
+            t = self._templates[routed.template]
+            labels = (*t.labels[:t.index], ("route", target), *t.labels[t.index + 1:])
+            slot = self._slot(_Series(t.family, t.typ, "", t.help, t.sample, labels, t.le))
+            self._routed_slots[(routed.template, target)] = slot
+        return slot
+
+    def _resolve_keys(self) -> None:
+        """Replace cached undecided keys whose route is now decided by their series."""
+        for cache in self._keys.values():
+            for digest, found in cache.items():
+                if type(found) is _Routed:
+                    decided = self._decide(found)
+                    if decided >= 0:
+                        cache[digest] = decided
+        self._route_names.clear()
 
     def _reserved(self, name: str) -> bool:
         return name in self._reserved_names or (
             name.startswith(self._reserved_prefixes)
             and not name.startswith(self._allowed_prefixes))
 
-    def _slot(self, prefix: str, key: str, ident: str) -> int:
-        parsed = self._keys._parse(key)
-        if parsed is None:
-            return -1
-        metric, sample, labels, help_text, le = parsed
-        typ, _, mode = prefix.partition("_")
-        known = self._types.setdefault(metric, typ)
-        if known != typ:
-            self.conflicts += 1
-            return -1
-        pid = ident if typ == "gauge" and mode in _PID_MODES else ""
-        if pid:
-            labels = (*labels, ("pid", pid))
-        slot_key = (metric, sample, labels, mode if typ == "gauge" else "", le, pid)
-        slot = self._slots.get(slot_key)
-        if slot is None:
-            slot = self._slots[slot_key] = len(self._meta)
-            self._meta.append(_Slot(metric, typ, mode, help_text, sample, labels, le))
-        return slot
+    def _offender(self, key: bytes) -> str:
+        """What to name in the log for a refused entry: its reserved name, or its key."""
+        parsed = _parse_key(key)
+        if parsed is not None:
+            for name in parsed[:2]:
+                if self._reserved(name):
+                    return name
+        text = key.decode("utf-8", "replace")
+        return text if len(text) <= 200 else text[:200] + "..."
 
-    def values(self, path: str, data: bytes, ino: int, prefix: str, *, ident: str,
-               rewritten: bool = False) -> FileValues:
-        """One file's values from its used bytes (store.read_used(): b"" for a file whose
-        header is not written yet); raises ValueError when an entry is malformed.
-
-        path: the cache key of the file's layout. rewritten: the file is replaced whole
-        rather than appended to (an accumulator), so its cached layout holds only while its
-        bytes are all the same.
-        """
-        used = len(data)
-        if used < 8:
-            return _EMPTY
-        layout = self._layouts.get(path)
-        if layout is not None and rewritten and layout.snapshot == data:
-            return self._file_values(layout, data)
-        if (layout is None or rewritten or layout.ino != ino or used < layout.used
-                or data[layout.check_at:layout.check_at + len(layout.check)] != layout.check):
-            layout = _Layout(ino=ino, used=8, check_at=0, check=b"")
-        if used > layout.used:
-            self._extend(layout, data, used, prefix, ident, markers=rewritten)
-        if rewritten:
-            layout.snapshot = data
-        self._layouts[path] = layout
-        return self._file_values(layout, data)
+    # --- reading files ---
 
     @staticmethod
-    def _file_values(layout: _Layout, data: bytes) -> FileValues:
-        return FileValues(layout.slots,
-                          layout.unpack.unpack_from(data) if layout.unpack is not None else (),
-                          layout.simple, layout.markers, tuple(layout.refused.items()))
+    def part() -> MergePart:
+        """A new, empty part (one folder's files in one scrape)."""
+        return MergePart()
 
-    def _extend(self, layout: _Layout, data: bytes, used: int, prefix: str, ident: str, *,
+    def forget(self, keep: set[str]) -> None:
+        """Drop cached layouts of files not in keep (deleted ones)."""
+        for path in [p for p in self._layouts if p not in keep]:
+            del self._layouts[path]
+
+    def add(self, part: MergePart, path: str, data: FileWindows, ino: int, prefix: str, *,
+            ident: str, mtime: int = 0, rewritten: bool = False, zero: bool = False
+            ) -> FileInfo:
+        """Add one file's values (its used part; data.used is 0 for a file whose header is not
+        written yet) to part; raises ValueError when an entry is malformed.
+
+        path: the cache key of the file's layout. rewritten: the file is replaced whole
+        rather than appended to (an accumulator), so its layout holds only while its inode,
+        mtime and size stay the same. zero: serve the file's series at 0 (a dead worker's
+        gauges).
+        """
+        used = data.used
+        if used < 8:
+            return _NOTHING
+        layout = self._layouts.get(path)
+        if (layout is None or layout.ino != ino or used < layout.used
+                or (rewritten and (layout.mtime != mtime or used != layout.used))
+                or data.read(layout.check_at, len(layout.check)) != layout.check):
+            layout = _Layout(ino, mtime)
+        if used > layout.used:
+            self._extend(layout, data, prefix, ident, markers=rewritten)
+        self._layouts[path] = layout
+        if layout.waiting:
+            self._retry(layout)
+        self._gather(part, layout, data, zero)
+        if not layout.markers and not layout.refused:
+            return _NOTHING
+        return FileInfo(tuple(layout.markers), tuple(layout.refused.items()))
+
+    def _extend(self, layout: _Layout, data: FileWindows, prefix: str, ident: str, *,
                 markers: bool) -> None:
-        """Parse the entries appended since layout was made; markers: whether the file may
-        carry markers (only the accumulators the exporter writes may)."""
-        pos = layout.used
-        mode = prefix.partition("_")[2]
-        name = f"{prefix}_{ident}.db"
-        while pos < used:
-            key, value_at = entry_at(data, pos, used, name)
-            layout.check_at, layout.check = pos, data[pos:value_at]
-            if markers and key.startswith(f'["{MARKER_PREFIX}'):
-                layout.markers.append(key)
-            elif (refusal := self.refusal(prefix, key)) is not None:
-                if refusal not in layout.refused:
-                    layout.refused[refusal] = self._offender(key)
+        """Classify the entries appended since layout was made; markers: whether the file may
+        carry markers (only the accumulators the exporter writes may). The layout changes
+        only once the whole new part is read: a malformed entry leaves it as it was."""
+        typ, _, mode = prefix.partition("_")
+        pid = ident if typ == "gauge" and mode in _PID_MODES else ""
+        cache = self._cache(prefix, pid)
+        blake2b = hashlib.blake2b
+        offsets, slots = array("I"), array("I")
+        waiting: list[_Routed] = []
+        waiting_at = array("I")
+        found_markers: list[str] = []
+        refused: dict[str, str] = {}
+        check_at = value_at = layout.used
+        for position, key, value_at, _ in data.entries(layout.used):
+            check_at = position
+            if markers and key.startswith(_MARKER_BYTES):
+                found_markers.append(key.decode("utf-8"))
             else:
-                slot = self._slot(prefix, key, ident)
-                if slot >= 0:
-                    layout.slots.append(slot)
-                    layout.offsets.append(value_at)
-            pos = value_at + 16
-        layout.used = used
-        layout.simple = prefix.partition("_")[0] != "gauge" or mode in _SUM_MODES
-        parts = ["<"]
-        end = 0
-        for offset in layout.offsets:
-            parts.append(f"{offset - end}xd")
-            end = offset + 8
-        layout.unpack = struct.Struct("".join(parts)) if layout.offsets else None
+                digest = blake2b(key, digest_size=16).digest()
+                found = cache.get(digest)
+                if found is None or found.__class__ is _Routed:
+                    found = self._find(prefix, pid, digest, key)
+                    cache = self._cache(prefix, pid)  # (a new one when the cache was full)
+                if isinstance(found, _Routed):
+                    waiting.append(found)
+                    waiting_at.append(value_at)
+                elif found >= 0:
+                    offsets.append(value_at)
+                    slots.append(found)
+                elif found != _CONFLICT:
+                    reason = _REASONS[found]
+                    if reason not in refused and reason not in layout.refused:
+                        refused[reason] = self._offender(key)
+        layout.check_at, layout.check = check_at, bytes(data.read(check_at, value_at - check_at))
+        layout.used = data.used
+        layout.markers.extend(found_markers)
+        for reason, offender in refused.items():
+            layout.refused.setdefault(reason, offender)
+        layout.waiting.extend(waiting)
+        layout.waiting_at.extend(waiting_at)
+        layout.simple = typ != "gauge" or mode in _SUM_MODES
+        layout.add(offsets, slots)
 
-    def families(self, files: list[FileValues]) -> list[Metric]:
-        """Add the files up and build the families."""
-        acc = [0.0] * len(self._meta)
+    def _retry(self, layout: _Layout) -> None:
+        """Move the layout's undecided entries whose route is now decided into its series."""
+        offsets, slots = array("I"), array("I")
+        still: list[_Routed] = []
+        still_at = array("I")
+        for offset, routed in zip(layout.waiting_at, layout.waiting, strict=True):
+            slot = self._decide(routed)
+            if slot < 0:
+                still.append(routed)
+                still_at.append(offset)
+            else:
+                offsets.append(offset)
+                slots.append(slot)
+        layout.waiting, layout.waiting_at = still, still_at
+        layout.add(offsets, slots)
+
+    def _gather(self, part: MergePart, layout: _Layout, data: FileWindows, zero: bool) -> None:
+        acc = part.acc
+        if len(acc) < len(self._series):
+            acc.extend([0.0] * (len(self._series) - len(acc)))
+        part.present |= layout.present
+        if layout.waiting:
+            part.pending.append((layout, array("d", [0.0] * len(layout.waiting) if zero
+                                                else data.values_at(layout.waiting_at))))
+        if zero:
+            return
+        chunks = layout.chunks
+        singles: list[tuple[float, ...]] = [()] * len(chunks)
+        grouped: list[tuple[int, float]] = []
+        simple = layout.simple
+        for window, length in layout.reads:
+            view = data.read(window * WINDOW, length)
+            for i, chunk in enumerate(chunks):
+                found = chunk.singles.get(window)
+                if found is not None:
+                    singles[i] += found.unpack_from(view)
+                for group, slot in chunk.groups.get(window, ()):
+                    if simple:
+                        acc[slot] += sum(group.unpack_from(view))
+                    else:
+                        grouped.append((slot, _combine(self._series[slot].mode,
+                                                       group.unpack_from(view))))
+        if simple:
+            for chunk, values in zip(chunks, singles, strict=True):
+                if chunk.spread is not None:
+                    spread = chunk.spread((*values, 0.0))
+                    acc[:len(spread)] = map(operator.add, acc, spread)
+                else:
+                    for slot, value in zip(chunk.single_slots, values, strict=True):
+                        acc[slot] += value
+            return
+        special = part.special
+        for chunk, values in zip(chunks, singles, strict=True):
+            grouped.extend(zip(chunk.single_slots, values, strict=True))
+        for slot, value in grouped:
+            old = special.get(slot)
+            special[slot] = value if old is None else _combine(
+                self._series[slot].mode, (old, value))
+
+    def settle(self, part: MergePart) -> None:
+        """Decide the routes first seen in this part (the busiest first while there is room,
+        the others to "<other>") and add their entries' values."""
+        if not part.pending:
+            return
+        counts: dict[str, float] = {}
+        for layout, values in part.pending:
+            for routed, value in zip(layout.waiting, values, strict=True):
+                if self._decide(routed) < 0:
+                    ranked = self._templates[routed.template].family == ROUTE_RANKING
+                    counts[routed.route] = counts.get(routed.route, 0.0) + (
+                        value if ranked else 0.0)
+        before = len(self._kept)
+        for route in sorted(counts, key=lambda r: (-counts[r], r)):
+            if self.routes_full():
+                break
+            self._kept[route] = None
+        if len(self._kept) != before:
+            self.kept_generation += 1
+        self._resolve_keys()
+        acc = part.acc
+        if len(acc) < len(self._series):
+            acc.extend([0.0] * (len(self._series) - len(acc)))
+        for layout, values in part.pending:
+            offsets, slots = array("I"), array("I")
+            for offset, routed, value in zip(layout.waiting_at, layout.waiting, values,
+                                             strict=True):
+                slot = self._decide(routed)
+                offsets.append(offset)
+                slots.append(slot)
+                acc[slot] += value  # routed series are counters and histograms: summed
+                part.present.add(slot)
+            layout.waiting, layout.waiting_at = [], array("I")
+            layout.add(offsets, slots)
+        part.pending = []
+
+    # --- building the families ---
+
+    def families(self, parts: list[MergePart]) -> list[Metric]:
+        """Add the parts up and build the families."""
+        count = len(self._series)
+        values = [0.0] * count
         present: set[int] = set()
         special: dict[int, float] = {}
-        for file in files:
-            present.update(file.slots)
-            if file.simple:
-                for slot, value in zip(file.slots, file.values, strict=True):
-                    acc[slot] += value
-                continue
-            for slot, value in zip(file.slots, file.values, strict=True):
+        for part in parts:
+            acc = part.acc
+            if len(acc) < count:
+                acc.extend([0.0] * (count - len(acc)))
+            values = acc if len(parts) == 1 else list(map(operator.add, values, acc))
+            present |= part.present
+            for slot, value in part.special.items():
                 old = special.get(slot)
-                mode = self._meta[slot].mode
-                if old is None:
-                    special[slot] = value
-                elif mode in ("max", "livemax"):
-                    special[slot] = max(old, value)
-                elif mode in ("min", "livemin"):
-                    special[slot] = min(old, value)
-                else:
-                    special[slot] = old + value
-        merger = Merger()
-        meta = self._meta
-        folded = None if self._route_limit is None else self._route_cap(present, acc, special)
-        others: dict[int, tuple[_Slot, float]] = {}
-        for slot in present:
-            value = special[slot] if slot in special else acc[slot]
-            other = folded[slot] if folded is not None else None
-            if other is None:
-                merger.add_parsed(meta[slot], value)
+                special[slot] = value if old is None else _combine(
+                    self._series[slot].mode, (old, value))
+        if special:
+            values = list(values)
+            for slot, value in special.items():
+                values[slot] = value
+        frozen = frozenset(present)
+        plan = self._plan
+        if plan is None or plan.present != frozen:
+            plan = self._plan = _Plan(frozen, self._series)
+        return plan.build(values)
+
+
+def key_digest(key: bytes) -> bytes:
+    """What the caches know a key by: 16 bytes, however long the key."""
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
+def _combine(mode: str, values: Iterable[float]) -> float:
+    """Values of one gauge series from several places, as its mode adds them up."""
+    if mode in _MAX_MODES:
+        return max(values)
+    if mode in ("min", "livemin"):
+        return min(values)
+    return sum(values)
+
+
+def _parse_key(key: bytes) -> _ParsedKey | None:
+    """(metric, sample, sorted labels without le, help, le) of a key, None when it is not a
+    metric's (not JSON of that shape, or a marker). Raises ValueError when not UTF-8."""
+    try:
+        text = key.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("a key is not UTF-8") from None
+    try:
+        metric, sample, labels, help_text = json.loads(text)
+        le = labels.pop("le", None) if isinstance(labels, dict) else None
+        if (isinstance(metric, str) and isinstance(sample, str) and isinstance(labels, dict)
+                and not metric.startswith(MARKER_PREFIX)):
+            return (metric, sample, tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+                    str(help_text), None if le is None else float(le))
+    except (ValueError, TypeError, RecursionError):
+        # RecursionError: a key of thousands of nested brackets.
+        pass
+    return None
+
+
+class _Plan:
+    """How to build the families from the values of a set of present series: sorted, label
+    dicts made once (prometheus_client's encoders only read them), and each sample kept for
+    the next scrape, which reuses it while its value stays the same."""
+
+    def __init__(self, present: frozenset[int], series: list[_Series]) -> None:
+        self.present = present
+        by_family: dict[str, list[int]] = {}
+        for slot in sorted(present):
+            by_family.setdefault(series[slot].family, []).append(slot)
+        self.families: list[tuple[str, str, str, list[tuple[str, dict[str, str], list[int], str]],
+                                  list[_HistogramRow]]] = []
+        count = 0
+        for name in sorted(by_family):
+            slots = by_family[name]
+            first = series[slots[0]]
+            rows: list[tuple[str, dict[str, str], list[int], str]] = []
+            histogram_rows: list[_HistogramRow] = []
+            if first.typ == "histogram":
+                histogram_rows = _histogram_rows(name, slots, series)
+                count += sum(len(row.buckets) + 2 + (row.inf is not None)
+                             for row in histogram_rows)
             else:
-                # Summed here first: one add_parsed per "<other>" series, not per folded one.
-                previous = others.get(id(other))
-                others[id(other)] = (other, value if previous is None else previous[1] + value)
-        for other, value in others.values():
-            merger.add_parsed(other, value)
-        return merger.families()
+                samples: dict[tuple[str, _Labels], list[int]] = {}
+                for slot in slots:
+                    samples.setdefault((series[slot].sample, series[slot].labels), []).append(slot)
+                rows = [(sample, dict(labels), group, series[group[0]].mode)
+                        for (sample, labels), group in sorted(samples.items())]
+                count += len(rows)
+            self.families.append((name, first.help, first.typ, rows, histogram_rows))
+        self.last: list[Sample | None] = [None] * count
 
-    def _route_cap(self, present: set[int], acc: list[float],
-                   special: dict[int, float]) -> dict[int, _Slot | None]:
-        """Where each present slot goes: None for its own series, or the route="<other>"
-        series it adds up in, for the routes past route_limit. So the app's series stay flat
-        however many routes it has.
+    def build(self, values: list[float]) -> list[Metric]:
+        out: list[Metric] = []
+        last = self.last
+        i = 0
+        for name, help_text, typ, rows, histogram_rows in self.families:
+            metric = Metric(name, help_text, typ)
+            samples = metric.samples
+            for sample_name, labels, slots, mode in rows:
+                value = values[slots[0]] if len(slots) == 1 else _combine(
+                    mode, [values[s] for s in slots])
+                sample = last[i]
+                if sample is None or sample.value != value:
+                    sample = last[i] = Sample(sample_name, labels, value)
+                samples.append(sample)
+                i += 1
+            for row in histogram_rows:
+                total = 0.0
+                bucket = row.bucket
+                for bucket_labels, slots in row.buckets:
+                    for slot in slots:
+                        total += values[slot]
+                    sample = last[i]
+                    if sample is None or sample.value != total:
+                        sample = last[i] = Sample(bucket, bucket_labels, total)
+                    samples.append(sample)
+                    i += 1
+                tail = [(row.count, row.labels, total),
+                        (row.sum, row.labels, sum(values[s] for s in row.sums))]
+                if row.inf is not None:
+                    tail.insert(0, (bucket, row.inf, total))
+                for sample_name, labels, value in tail:
+                    sample = last[i]
+                    if sample is None or sample.value != value:
+                        sample = last[i] = Sample(sample_name, labels, value)
+                    samples.append(sample)
+                    i += 1
+            out.append(metric)
+        return out
 
-        The kept routes are the busiest (most requests) when the exporter starts, then any new
-        route while there is room; once kept, a route stays kept, so no route ever moves into
-        "<other>" after having had series of its own and "<other>"'s counters never go down.
-        """
-        kept, fold = self._kept_routes, self._fold
-        limit = self._route_limit or 0
-        if len(kept) < limit:
-            counts: dict[str, float] = {}
-            for slot in present:
-                route = self._route_of(slot)
-                if route is not None and self._meta[slot].family == ROUTE_RANKING:
-                    value = special[slot] if slot in special else acc[slot]
-                    counts[route] = counts.get(route, 0.0) + value
-            before = len(kept)
-            for route in sorted(counts, key=lambda r: (-counts[r], r)):
-                if len(kept) >= limit:
-                    break
-                kept.add(route)
-            if len(kept) != before:
-                fold.clear()
-        for slot in present:
-            if slot not in fold:
-                fold[slot] = self._fold_target(slot)
-        return fold
 
-    def _route_of(self, slot: int) -> str | None:
-        """The route label of a summed (counter, histogram) slot, None otherwise (cached)."""
-        if slot not in self._slot_routes:
-            meta = self._meta[slot]
-            route = None if meta.typ == "gauge" else dict(meta.labels).get("route")
-            self._slot_routes[slot] = None if route == ROUTE_OVERFLOW else route
-        return self._slot_routes[slot]
+@dataclass
+class _HistogramRow:
+    bucket: str
+    count: str
+    sum: str
+    labels: dict[str, str]
+    buckets: list[tuple[dict[str, str], list[int]]]
+    inf: dict[str, str] | None
+    sums: list[int]
 
-    def _fold_target(self, slot: int) -> _Slot | None:
-        route = self._route_of(slot)
-        if route is None or route in self._kept_routes:
-            return None
-        meta = self._meta[slot]
-        labels = tuple((k, ROUTE_OVERFLOW if k == "route" else v) for k, v in meta.labels)
-        # One object per "<other>" series, shared by every slot folded into it.
-        return self._other_series.setdefault((meta.family, meta.sample, labels, meta.le),
-                                             replace(meta, labels=labels))
+
+def _histogram_rows(name: str, slots: list[int], series: list[_Series]) -> list[_HistogramRow]:
+    """As Merger._histogram: cumulative buckets by le, +Inf added if missing, _count, _sum."""
+    buckets: dict[_Labels, dict[float, list[int]]] = {}
+    sums: dict[_Labels, list[int]] = {}
+    for slot in slots:
+        s = series[slot]
+        if s.le is not None:
+            buckets.setdefault(s.labels, {}).setdefault(s.le, []).append(slot)
+        elif s.sample.endswith("_sum"):
+            sums.setdefault(s.labels, []).append(slot)
+    rows: list[_HistogramRow] = []
+    for labels in sorted(set(buckets) | set(sums)):
+        plain = dict(labels)
+        per_le = buckets.get(labels, {})
+        rows.append(_HistogramRow(
+            f"{name}_bucket", f"{name}_count", f"{name}_sum", plain,
+            [({**plain, "le": format_le(le)}, per_le[le]) for le in sorted(per_le)],
+            None if math.inf in per_le else {**plain, "le": "+Inf"}, sums.get(labels, [])))
+    return rows

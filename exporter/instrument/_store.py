@@ -31,7 +31,7 @@ import secrets
 import stat
 import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -93,9 +93,23 @@ def mmap_key(metric: str, sample: str, labels: dict[str, str], help_text: str) -
 
 def encode_entry(key: str, value: float) -> bytes:
     """One entry in the file layout: length, key padded to 8-byte alignment, value, timestamp."""
-    encoded = key.encode("utf-8")
-    padded = encoded + b" " * (8 - (len(encoded) + 4) % 8)
-    return _INT.pack(len(encoded)) + padded + _ENTRY_TAIL.pack(value, 0.0)
+    return encode_entry_bytes(key.encode("utf-8"), value)
+
+
+def encode_entry_bytes(key: bytes, value: float) -> bytes:
+    """encode_entry() of a key already encoded."""
+    return (_INT.pack(len(key)) + key + b" " * (8 - (len(key) + 4) % 8)
+            + _ENTRY_TAIL.pack(value, 0.0))
+
+
+def entry_size(key: bytes) -> int:
+    """The bytes encode_entry_bytes() makes of key."""
+    return 4 + len(key) + (8 - (len(key) + 4) % 8) + 16
+
+
+def file_header(body: int) -> bytes:
+    """The header of a file whose entries take body bytes."""
+    return _INT.pack(_HEADER + body) + b"\0" * 4
 
 
 def open_entry(dir_fd: int, name: str,
@@ -158,10 +172,22 @@ def read_used(fd: int, info: os.stat_result, name: str) -> bytes:
     """The used part of an open metrics file (header included), or b"" while its header is
     not written yet. Reads no more than the header declares and the file holds; raises
     RefusedEntryError (too large) or ValueError (the header claims more than the file holds)."""
+    used = used_size(fd, info, name)
+    if not used:
+        return b""
+    data = os.pread(fd, used, 0)
+    if len(data) != used:
+        raise ValueError(f"{name}: shorter than its header says")
+    return data
+
+
+def used_size(fd: int, info: os.stat_result, name: str) -> int:
+    """How many bytes of an open metrics file its header declares used (header included), 0
+    while its header is not written yet; errors as read_used()."""
     head = os.pread(fd, _HEADER, 0)
     if len(head) < _HEADER or head[:4] == b"\0\0\0\0":
-        return b""
-    used = _INT.unpack_from(head, 0)[0]
+        return 0
+    used: int = _INT.unpack_from(head, 0)[0]
     if used > info.st_size:
         # The writer grows the file before publishing a larger header: look again.
         info = os.fstat(fd)
@@ -170,10 +196,88 @@ def read_used(fd: int, info: os.stat_result, name: str) -> bytes:
     if not _HEADER <= used <= info.st_size:
         raise ValueError(f"{name}: bad header (declares {used} bytes, the file has "
                          f"{info.st_size})")
-    data = os.pread(fd, used, 0)
-    if len(data) != used:
-        raise ValueError(f"{name}: shorter than its header says")
-    return data
+    return used
+
+
+# Files are read a window at a time through one buffer (ReadBuffer) shared by the files of a
+# scrape: reading a 6 MB file costs 1 MiB of memory, and the same 1 MiB every time.
+WINDOW = 1 << 20
+
+
+class ReadBuffer:
+    """The memory files are read into, one read at a time: a view it returns is valid until
+    the next read."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(0)
+
+    def view(self, length: int) -> memoryview:
+        if length > len(self._buffer):
+            # A new buffer rather than a resize: a view of the old one may still exist.
+            self._buffer = bytearray(max(length, WINDOW))
+        return memoryview(self._buffer)[:length]
+
+
+class ReadFailedError(Exception):
+    """A read of an open file failed (EIO, ...): the message says why."""
+
+
+class FileWindows:
+    """The used part of one open metrics file, read in windows through a ReadBuffer (one file
+    at a time: a view or iteration is valid until the next read of any file)."""
+
+    def __init__(self, fd: int, used: int, name: str, buffer: ReadBuffer) -> None:
+        self.fd, self.used, self.name, self._buffer = fd, used, name, buffer
+
+    def read(self, offset: int, length: int) -> memoryview:
+        """length bytes from offset (within the used part); ValueError when the file holds
+        fewer (it shrank since its header was read)."""
+        view = self._buffer.view(length)
+        try:
+            got = os.preadv(self.fd, [view], offset)
+        except OSError as exc:
+            raise ReadFailedError(exc.strerror or str(exc)) from None
+        if got != length:
+            raise ValueError(f"{self.name}: shorter than its header says")
+        return view
+
+    def entries(self, start: int) -> Iterator[tuple[int, bytes, int, float]]:
+        """(position, key, offset of the value, value) of each entry from start to the end of
+        the used part; ValueError naming the file when an entry runs past it."""
+        pos, used, name = start, self.used, self.name
+        while pos < used:
+            view = self.read(pos, min(used - pos, WINDOW))
+            end = len(view)
+            at = 0
+            while pos + at < used:
+                if pos + at + 4 > used:
+                    raise ValueError(f"{name}: truncated entry")
+                if at + 4 > end:
+                    break  # the entry's length is in the next window
+                length = _INT.unpack_from(view, at)[0]
+                size = 4 + length + (8 - (length + 4) % 8) + 16
+                if length <= 0 or pos + at + size > used:
+                    raise ValueError(f"{name}: truncated entry")
+                if at + size > end:
+                    if at:
+                        break  # the entry is in the next window
+                    view = self.read(pos, size)  # an entry larger than a window
+                    end = size
+                yield (pos + at, bytes(view[at + 4:at + 4 + length]), pos + at + size - 16,
+                       _DOUBLE.unpack_from(view, at + size - 16)[0])
+                at += size
+            pos += at
+
+    def values_at(self, offsets: Iterable[int]) -> list[float]:
+        """The doubles at offsets (ascending), a window read at a time."""
+        out: list[float] = []
+        start, view = -1, memoryview(b"")
+        for offset in offsets:
+            if not start <= offset <= start + len(view) - 8:
+                start = offset
+                view = self.read(start, min(self.used - start, WINDOW))
+            out.append(_DOUBLE.unpack_from(view, offset - start)[0])
+        return out
 
 
 def read_entries(path: str) -> Iterator[tuple[str, float]]:
@@ -208,14 +312,24 @@ def parse_entries(data: bytes, name: str = "buffer") -> Iterator[tuple[str, floa
 
 def entry_at(data: bytes, pos: int, used: int, name: str) -> tuple[str, int]:
     """The key of the entry at pos and where its value is (the next entry starts 16 bytes
-    after that); ValueError naming the file when the entry runs past the used part."""
+    after that); ValueError naming the file when the entry runs past the used part or its key
+    is not UTF-8."""
+    key, value_at = key_at(data, pos, used, name)
+    try:
+        return key.decode("utf-8"), value_at
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: a key is not UTF-8") from None
+
+
+def key_at(data: bytes, pos: int, used: int, name: str) -> tuple[bytes, int]:
+    """entry_at() with the key's bytes, not decoded."""
     if pos + 4 > used:
         raise ValueError(f"{name}: truncated entry")
     length = _INT.unpack_from(data, pos)[0]
     value_at = pos + 4 + length + (8 - (length + 4) % 8)
     if length <= 0 or value_at + 16 > used:
         raise ValueError(f"{name}: truncated entry")
-    return data[pos + 4:pos + 4 + length].decode("utf-8"), value_at
+    return data[pos + 4:pos + 4 + length], value_at
 
 
 def tmp_name(name: str) -> str:
@@ -237,16 +351,30 @@ def write_file_at(dir_fd: int, name: str, entries: Sequence[tuple[str, float]]) 
     rename() replaces whatever name was (a symlink included) instead of following it.
     """
     body = b"".join(encode_entry(k, v) for k, v in entries)
-    data = memoryview(_INT.pack(_HEADER + len(body)) + b"\0" * 4 + body)
+    write_bytes_at(dir_fd, name, file_header(len(body)) + body)
+
+
+def write_bytes_at(dir_fd: int, name: str, content: bytes) -> None:
+    """Replace name with a file holding content, as write_file_at() does."""
+    write_stream_at(dir_fd, name, (content,))
+
+
+def write_stream_at(dir_fd: int, name: str, chunks: Iterable[bytes]) -> os.stat_result:
+    """Replace name with a file holding the chunks, as write_file_at() does, writing each as
+    it comes (a large file is never all in memory); the new file's fstat."""
     tmp = tmp_name(name)
     fd = os.open(tmp, os.O_WRONLY | _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
     try:
-        while data:
-            data = data[os.write(fd, data):]
+        for chunk in chunks:
+            data = memoryview(chunk)
+            while data:
+                data = data[os.write(fd, data):]
         os.fsync(fd)
+        info = os.fstat(fd)
         os.close(fd)
         fd = -1
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        return info
     except BaseException:
         if fd >= 0:
             os.close(fd)
