@@ -18,11 +18,11 @@ from exporter.scrape import Outcome, ScrapeRunner
 
 log = logging.getLogger("exporter.landing")
 
-# A collection older than this is run again for the page (within the scrape budget, shared
-# with any scrape under way): longer than a usual scrape interval (15 s), so a page opened
-# while Prometheus scrapes shows Prometheus's collection and its age, and a page opened on an
-# exporter nobody scrapes yet is still true.
-MAX_AGE = 30.0
+# A collection older than this is run again for the page (within the scrape budget, and
+# shared with any scrape under way): a page opened just after a scrape shows that scrape, any
+# other shows the present. Longer, and a page opened on an exporter nobody scrapes would show
+# a state that is no longer true (the business queries are scheduled by collections, too).
+MAX_AGE = 5.0
 # An error from a library (a libpq message, a traceback's last line) can be long: the page
 # shows this much, wrapped, and the log has the rest.
 ERROR_CHARS = 300
