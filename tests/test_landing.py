@@ -330,7 +330,7 @@ def database(pg_factory: Callable[..., PostgresServer]) -> PostgresServer:
 
 
 def start(factory: Callable[..., ExporterProcess], pg: PostgresServer, redis: RedisServer,
-          queries: list[dict[str, Any]], app_dir: Path | None = None,
+          queries: list[dict[str, Any]], *, app_dir: Path | None = None,
           env: dict[str, str] | None = None) -> ExporterProcess:
     config: dict[str, Any] = {"business": {"defaults": False, "queries": queries},
                               "web": {"grafana_url": "http://grafana.example:3000/"}}
@@ -351,7 +351,7 @@ def test_chromium_all_up_then_postgres_stopped(
     try:
         recorder.request_started()
         recorder.request_finished("rooms/", "GET", 200, 0.02)
-        exporter = start(exporter_factory, database, redis_server, OK_QUERIES, app_dir)
+        exporter = start(exporter_factory, database, redis_server, OK_QUERIES, app_dir=app_dir)
         # Nothing has scraped: the page runs its own collection and says what it found.
         first = dom(exporter.url + "/", profile)
         first_states = states(first)
