@@ -34,24 +34,30 @@ log = logging.getLogger("exporter")
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
-# flag -> (dotted config key it overrides, what its value is, help); the default shown in
-# --help is read from the config's own defaults, so the two cannot drift apart.
+# flag -> (dotted config key it overrides, help); the default shown in --help is read from the
+# config's own defaults, so the two cannot drift apart.
 VALUE_FLAGS = {
-    "--web.listen-address": ("web.listen_address", "ADDRESS",
+    "--web.listen-address": ("web.listen_address",
                              "host:port or :port to listen on; :port is IPv6 and IPv4 where the "
                              "host has both"),
-    "--web.telemetry-path": ("web.telemetry_path", "URL_PATH", "path of the metrics"),
-    "--web.max-requests": ("web.max_requests", "COUNT", "concurrent requests before 503"),
-    "--web.config.file": ("web.config_file", "PATH", "exporter-toolkit web config file: TLS, "
-                          "basic auth, headers (re-read when it changes)"),
-    "--web.grafana-url": ("web.grafana_url", "URL", "Grafana to link from the landing page"),
-    "--log.level": ("log.level", "LEVEL", "debug, info, warning or error"),
-    "--log.format": ("log.format", "FORMAT", "logfmt or json"),
-    "--scrape.timeout": ("scrape.timeout", "DURATION",
-                         "time budget of each collector, e.g. 500ms, 4s, 1m"),
-    "--collectors.scope": ("collectors.scope", "SCOPE",
+    "--web.telemetry-path": ("web.telemetry_path", "path of the metrics"),
+    "--web.max-requests": ("web.max_requests", "concurrent requests before 503"),
+    "--web.config.file": ("web.config_file", "exporter-toolkit web config file: TLS, basic "
+                          "auth, headers (re-read when it changes)"),
+    "--web.grafana-url": ("web.grafana_url", "Grafana to link from the landing page"),
+    "--log.level": ("log.level", "debug, info, warning or error"),
+    "--log.format": ("log.format", "logfmt or json"),
+    "--scrape.timeout": ("scrape.timeout", "time budget of each collector, e.g. 500ms, 4s, 1m"),
+    "--collectors.scope": ("collectors.scope",
                            "which collectors run by default: all, host (host, process, app) or "
                            "service (postgres, business, redis); --collector.* still win"),
+}
+# What each flag's value is, for --help (argparse's default would be the flag's dest).
+METAVARS = {
+    "--web.listen-address": "ADDRESS", "--web.telemetry-path": "URL_PATH",
+    "--web.max-requests": "COUNT", "--web.config.file": "PATH", "--web.grafana-url": "URL",
+    "--log.level": "LEVEL", "--log.format": "FORMAT", "--scrape.timeout": "DURATION",
+    "--collectors.scope": "SCOPE",
 }
 
 EPILOG = """\
@@ -97,10 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config.check", dest="config_check", action="store_true",
                         help="validate the configuration as start-up would (files, TLS, the "
                         "listen address), print a summary and exit: 0 if fine, 2 if not")
-    for flag, (key, metavar, help_text) in VALUE_FLAGS.items():
+    for flag, (key, help_text) in VALUE_FLAGS.items():
         default = _default(key)
         shown = f"{help_text} (default {default})" if default else help_text
-        parser.add_argument(flag, dest=key, metavar=metavar, help=shown)
+        parser.add_argument(flag, dest=key, metavar=METAVARS[flag], help=shown)
     group = parser.add_argument_group("collectors")
     for name, spec in COLLECTORS.items():
         state = "on" if spec.default_enabled else "off"
@@ -119,7 +125,7 @@ def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, dict[str, Any
     args = build_parser().parse_args(argv)
     values = vars(args)
     overrides: dict[str, Any] = {}
-    for key, _, _ in VALUE_FLAGS.values():
+    for key, _ in VALUE_FLAGS.values():
         if values.get(key) is not None:
             raw = values[key]
             overrides[key] = int(raw) if key == "web.max_requests" and raw.isdigit() else raw

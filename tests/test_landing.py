@@ -9,7 +9,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -113,7 +113,7 @@ def ok(duration: float = 0.01) -> Outcome:
     return Outcome(True, duration, "", NOW - 5)
 
 
-def view(families: list[Metric], outcomes: dict[str, Outcome], config: Config,
+def view(families: Sequence[Metric], outcomes: dict[str, Outcome], config: Config,
          names: list[str] | None = None) -> str:
     enabled = names if names is not None else [n for n in COLLECTORS if config.enabled(n)]
     return page(build_view(enabled, outcomes, families, config.web, config,
