@@ -423,3 +423,38 @@ def test_port_only_address_answers_on_ipv4_and_ipv6(
     for host in ("127.0.0.1", "[::1]"):
         with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=20) as response:
             assert response.status == 200, host
+
+
+# --- scripts/stack keeps its logs -----------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("clean", [False, True])
+def test_stack_keeps_its_logs_unless_clean(clean: bool) -> None:
+    """The stack's folder held the logs and was deleted on exit, the moment an operator wants
+    to read them: now the logs stay (the data goes) and the folder is printed; --clean
+    deletes everything."""
+    from tests.harness import free_port
+    from tests.stack import PROMETHEUS_BIN
+
+    if shutil.which(PROMETHEUS_BIN) is None:
+        pytest.skip(f"{PROMETHEUS_BIN} is not installed (./scripts/test installs it as root)")
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-m", "tests.stack", "--no-alertmanager", "--duration", "2",
+            "--exporter-port", str(free_port()), "--prometheus-port", str(free_port())]
+    result = subprocess.run([*args, *(["--clean"] if clean else [])], cwd=root,
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    base = Path(re.findall(r"^  logs +(\S+)$", result.stdout, re.M)[0])
+    try:
+        if clean:
+            assert not base.exists()
+            assert "logs kept" not in result.stdout
+        else:
+            assert f"logs kept in {base}" in result.stdout
+            kept = sorted(p.name for p in base.iterdir())
+            assert kept and all(name.endswith(".log") for name in kept), kept
+            exporter_log = next(p for p in base.iterdir() if p.name.startswith("exporter-"))
+            assert "listening" in exporter_log.read_text()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
