@@ -172,7 +172,7 @@ def collector_row(name: str, outcome: Outcome | None, samples: Samples,
     if any(value == 0 for _, value in up):
         row.state = FAILING
         if outcome.success:
-            row.details.append(f"qatoolbox_{name}_up is 0")
+            row.details.append(f"its server was not reached (qatoolbox_{name}_up 0)")
     if row.state == FAILING:
         row.details.extend(_reasons(samples, name))
     if name == "business":
@@ -291,8 +291,10 @@ ul{margin:0;padding-left:1.1rem}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.3rem 1rem;margin:0}
 dt{font-weight:600}dd{margin:0;overflow-wrap:anywhere}
 @media (max-width:40rem){thead{display:none}tr{display:block;padding:.4rem 0;
-border-bottom:1px solid var(--line)}td{display:block;border:0;padding:.1rem 0}
-td[data-label]::before{content:attr(data-label) ": ";color:var(--mute)}}
+border-bottom:1px solid var(--line)}td{display:block;border:0;padding:.1rem 0}td:empty{display:none}
+td[data-label="Name"],td[data-label="State"]{display:inline-block;margin-right:.7rem}
+td[data-label="Last run"]::before,td[data-label="Duration"]::before{content:attr(data-label) ": ";
+color:var(--mute)}}
 """
 
 
