@@ -176,22 +176,24 @@ def collector_row(name: str, outcome: Outcome | None, samples: Samples,
     if row.state == FAILING:
         row.details.extend(_reasons(samples, name))
     if name == "business":
-        _business_state(row, samples, now)
+        _business_state(row, samples, now, outcome.success)
     elif name == "app":
         _app_state(row, samples)
     return row
 
 
-def _business_state(row: Row, samples: Samples, now: float) -> None:
-    if any(v == 1 for _, v in samples.get("qatoolbox_business_superuser_refused", [])):
+def _business_state(row: Row, samples: Samples, now: float, ran_ok: bool) -> None:
+    refused = any(v == 1 for _, v in samples.get("qatoolbox_business_superuser_refused", []))
+    if refused:
         row.state = FAILING
         row.details.append("queries refused: the role is a PostgreSQL superuser "
                            "(business.allow_superuser)")
     queries = business_rows(samples, now)
     states = [q.state for q in queries]
-    if queries and all(s == NOT_RUN for s in states):
-        row.state = NOT_RUN  # the background queries have not run yet: neither ok nor failing
-        row.details.append("the queries have not run yet")
+    if queries and all(s == NOT_RUN for s in states) and ran_ok and not refused:
+        # The background queries have not run yet (up is 0 until the first connection):
+        # neither ok nor failing.
+        row.state, row.details = NOT_RUN, ["the queries have not run yet"]
         return
     ran = [s for s in states if s in (OK, FAILING)]
     failing = states.count(FAILING)

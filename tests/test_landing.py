@@ -205,6 +205,13 @@ def test_failed_run_degraded_parts_not_applicable_disabled_and_not_run() -> None
     starting = [gauge("qatoolbox_business_up", 0),
                 gauge("qatoolbox_business_query_success", 0, query="a")]
     assert states(view(starting, outcomes, config))["business"] == NOT_RUN
+    # ...unless the run itself failed, or the role is refused as a superuser.
+    refused = [*starting, gauge("qatoolbox_business_superuser_refused", 1)]
+    document = view(refused, outcomes, config)
+    assert states(document)["business"] == FAILING
+    assert "superuser" in tables(document)["Collectors"]["business"][4]
+    crashed = {**outcomes, "business": Outcome(False, 0.1, "RuntimeError: boom", NOW)}
+    assert states(view(starting, crashed, config))["business"] == FAILING
     no_queries = Config(collectors=config.collectors, business=BusinessConfig(defaults=False))
     assert states(view([], outcomes, no_queries))["business"] == NOT_CONFIGURED
 
