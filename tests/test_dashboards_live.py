@@ -334,7 +334,7 @@ def test_scripts_stack_prints_urls_and_stops_everything_on_ctrl_c() -> None:
     env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_PORT": "1",
            "REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "stack"), "--exporter-port", str(ports[0]),
+        [str(ROOT / "scripts" / "stack"), "--clean", "--exporter-port", str(ports[0]),
          "--prometheus-port", str(ports[1]), "--alertmanager-port", str(ports[2])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
         start_new_session=True)
