@@ -15,7 +15,6 @@ import contextlib
 import email.utils
 import errno
 import gzip
-import html
 import ipaddress
 import logging
 import math
@@ -36,6 +35,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 
 from exporter import __version__, textformat
 from exporter.config import WebConfig, split_listen_address
+from exporter.landing import LandingPage
 from exporter.logs import Throttled
 from exporter.scrape import ScrapeRunner, SingleFlight
 from exporter.webconfig import AuthGuard, WebConfigFile, WebSecurity
@@ -111,35 +111,6 @@ def make_registry(runner: ScrapeRunner) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_RunnerCollector(runner))
     return registry
-
-
-def _landing_page(runner: ScrapeRunner, telemetry_path: str) -> bytes:
-    outcomes = runner.outcomes()
-    rows = []
-    for name in runner.names:
-        outcome = outcomes.get(name)
-        if outcome is None:
-            state, took = "not run yet", ""
-        else:
-            state = "ok" if outcome.success else "failed: " + outcome.error
-            took = f"{outcome.duration * 1000:.1f} ms"
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td><td>{html.escape(state)}</td><td>{took}</td></tr>"
-        )
-    path = html.escape(telemetry_path)
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>qatoolbox-exporter</title></head>
-<body>
-<h1>qatoolbox-exporter</h1>
-<p>Version {html.escape(__version__)}</p>
-<p><a href="{path}">Metrics</a> &middot; <a href="/healthz">Health</a></p>
-<table border="1" cellpadding="4">
-<tr><th>Collector</th><th>Last run</th><th>Duration</th></tr>
-{''.join(rows)}
-</table>
-</body></html>
-"""
-    return page.encode()
 
 
 # --- the HTTP/1.1 message parser ---------------------------------------------------------------
@@ -518,6 +489,7 @@ class ExporterHTTPServer:
         self.web = web
         self.runner = runner
         self.registry = make_registry(runner)
+        self.landing = LandingPage(runner, web)  # cli.py gives it the whole config
         self.security = security
         self.header_timeout = min(float(web.header_timeout), float(web.read_timeout))
         self.idle_timeout = idle_timeout
@@ -597,6 +569,7 @@ class ExporterHTTPServer:
         """Serve this runner's collections from now on (set before serve_forever)."""
         self.runner = runner
         self.registry = make_registry(runner)
+        self.landing = LandingPage(runner, self.web)
 
     def security_settings(self) -> WebSecurity:
         """The web config in force (empty without --web.config.file)."""
@@ -1167,8 +1140,7 @@ class ExporterHTTPServer:
             return Response(200, body, content_type,
                             [("Content-Encoding", "gzip")] if gzipped else [])
         if path == "/":
-            return Response(200, _landing_page(self.runner, self.web.telemetry_path),
-                            _LANDING_TYPE)
+            return Response(200, self.landing.render(), _LANDING_TYPE)
         return _plain(404, "Not Found\n")
 
     def _log_request(self, conn: _Conn, request: Request, status: int) -> None:
