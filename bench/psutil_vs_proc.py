@@ -92,8 +92,8 @@ def main() -> int:
             times[name][1].append(psu)
     print(f"{len(psutil.pids())} processes on this machine, {args.rounds} interleaved rounds")
     print(f"{'part':<8} {'ours median':>12} {'psutil median':>14} {'psutil/ours':>12}")
-    for name, (mine, psu) in times.items():
-        a, b = statistics.median(mine), statistics.median(psu)
+    for name, (ours_times, psutil_times) in times.items():
+        a, b = statistics.median(ours_times), statistics.median(psutil_times)
         print(f"{name:<8} {a * 1e3:>10.2f}ms {b * 1e3:>12.2f}ms {b / a:>12.2f}")
     base = statistics.median(import_rss("") for _ in range(5))
     with_psutil = statistics.median(import_rss("psutil") for _ in range(5))

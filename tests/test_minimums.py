@@ -36,7 +36,7 @@ def scrape_as_prometheus(exporter: ExporterProcess) -> str:
     request = urllib.request.Request(f"{exporter.url}/metrics", headers={
         "Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
     with urllib.request.urlopen(request, timeout=30) as response:
-        body = response.read()
+        body: bytes = response.read()
         if response.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
         return body.decode()
