@@ -2,7 +2,7 @@
 
 The exporter sends a handful of commands (INFO, SLOWLOG LEN, LATENCY HISTOGRAM, CONFIG GET,
 LLEN, HLEN, SCAN, SSCAN, and AUTH/SELECT/CLIENT SETNAME on connect) on one connection with no
-retries. redis-py 8 costs about 7 MB of RSS at import (its command tables, asyncio) and reads a
+retries. redis-py 8 added 15 MB of RSS at import (its command tables, asyncio, ssl) and reads a
 reply of any size or depth; this reads only what it bounds (Limits) and gives each exchange one
 deadline, so a hostile, broken or trickling server costs at most one timeout and a bounded
 amount of memory. `ssl` is imported only for a rediss:// URL.
@@ -18,7 +18,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+
+from exporter.resp_url import Endpoint, parse_url
 
 # Why a connection failed, for qatoolbox_redis_connection_error{reason}.
 CONNECTION_REFUSED = "connection_refused"
@@ -30,7 +31,6 @@ OTHER = "other"
 REASONS = (CONNECTION_REFUSED, TIMEOUT, AUTHENTICATION_FAILED, TLS_FAILED, PROTOCOL_ERROR, OTHER)
 
 Arg = str | bytes | int | float
-Command = Sequence[Arg]
 # What a reply is: bytes (bulk and simple strings), int, None (nil), a list of replies, or a
 # ServerError (an error reply, returned in its place by pipeline()).
 Reply = Any
@@ -110,115 +110,6 @@ class ServerError(RedisError):
             self.reason = AUTHENTICATION_FAILED
 
 
-# --- URL --------------------------------------------------------------------------------------
-
-_TRUE_FALSE = {"0": False, "f": False, "false": False, "n": False, "no": False}
-# Query parameters redis-py reads from a URL that mean nothing for one connection without
-# retries or a pool: accepted and ignored, so a URL that worked with redis-py still works.
-_IGNORED = frozenset({
-    "socket_read_size", "socket_keepalive", "retry_on_timeout", "retry_on_error",
-    "max_connections", "health_check_interval", "timeout", "protocol", "legacy_responses",
-    "ssl_validate_ocsp", "ssl_validate_ocsp_stapled", "ssl_include_verify_flags",
-    "ssl_exclude_verify_flags", "ssl_min_version",
-})
-_CERT_REQS = ("none", "optional", "required")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where and how to connect, read from a redis://, rediss:// or unix:// URL the way
-    redis-py reads it."""
-
-    host: str = "localhost"
-    port: int = 6379
-    path: str = ""  # a unix socket
-    tls: bool = False
-    username: str = ""
-    password: str = ""
-    db: int = 0
-    client_name: str = ""
-    connect_timeout: float | None = None
-    read_timeout: float | None = None
-    ssl_cert_reqs: str = "required"
-    ssl_check_hostname: bool = True
-    ssl_ca_certs: str = ""
-    ssl_ca_path: str = ""
-    ssl_certfile: str = ""
-    ssl_keyfile: str = ""
-    ssl_password: str = ""
-
-    @property
-    def where(self) -> str:
-        """host:port or the socket path, for messages."""
-        return self.path or f"{self.host}:{self.port}"
-
-
-def parse_url(url: str) -> Endpoint:
-    """The Endpoint of a URL; UrlError (naming no part of it) when it cannot be used.
-
-    As redis-py: the userinfo's user and password win over the query's, the path of a TCP URL
-    is the database number (a query `db` wins), a unix URL's path is the socket, the first
-    value of a repeated parameter counts."""
-    scheme = url.partition("://")[0].lower() if "://" in url else ""
-    if scheme not in ("redis", "rediss", "unix"):
-        raise UrlError("expected a redis://, rediss:// or unix:// URL")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise UrlError("not a valid URL (a port that is not a number, or a bad IPv6 "
-                     "address)") from None
-    query = {k: v[0] for k, v in parse_qs(parts.query).items() if v}
-    fields: dict[str, Any] = {"tls": scheme == "rediss"}
-    for name, value in query.items():
-        if name in _IGNORED:
-            continue
-        if name in ("db",):
-            fields["db"] = _number(int, name, value)
-        elif name in ("socket_timeout", "socket_connect_timeout"):
-            key = "read_timeout" if name == "socket_timeout" else "connect_timeout"
-            fields[key] = _number(float, name, value)
-        elif name in ("username", "password", "client_name", "ssl_ca_certs", "ssl_ca_path",
-                      "ssl_certfile", "ssl_keyfile", "ssl_password"):
-            fields[name] = value
-        elif name == "ssl_check_hostname":
-            fields[name] = _TRUE_FALSE.get(value.lower(), True)
-        elif name == "ssl_cert_reqs":
-            if value.lower() not in _CERT_REQS:
-                raise UrlError("ssl_cert_reqs: expected none, optional or required")
-            fields[name] = value.lower()
-        else:
-            # Not named: a piece of a password with an unescaped "&" would land here.
-            raise UrlError("a query parameter the client does not know")
-    if parts.username:
-        fields["username"] = unquote(parts.username)
-    if parts.password:
-        fields["password"] = unquote(parts.password)
-    if scheme == "unix":
-        if not parts.path:
-            raise UrlError("a unix:// URL needs the socket's path")
-        fields["path"] = unquote(parts.path)
-    else:
-        if parts.hostname:
-            fields["host"] = unquote(parts.hostname)
-        if port is not None:
-            fields["port"] = port
-        if parts.path and "db" not in query:
-            with contextlib.suppress(ValueError):
-                fields["db"] = int(unquote(parts.path).replace("/", ""))
-    for key in ("connect_timeout", "read_timeout"):
-        if key in fields and not fields[key] > 0:
-            raise UrlError("socket timeouts must be greater than 0")
-    return Endpoint(**fields)
-
-
-def _number(kind: type[float] | type[int], name: str, value: str) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        raise UrlError(f"{name}: not a number") from None
-
-
 # --- encoding and decoding ----------------------------------------------------------------------
 
 
@@ -257,7 +148,10 @@ class Reader:
         """One whole reply."""
         self._deadline = deadline
         self._spent = 0
-        return self._reply(0)
+        reply = self._reply(0)
+        if self._pos == len(self._buf):  # let go of a large reply's buffer between scrapes
+            self._buf, self._pos = b"", 0
+        return reply
 
     def _recv(self, size: int) -> bytes:
         remaining = self._deadline - time.monotonic()
@@ -307,19 +201,31 @@ class Reader:
         except ValueError:
             raise ProtocolError("a length or integer that is not a number") from None
 
+    def _nil(self, length: int) -> None:
+        if length != -1:
+            raise ProtocolError(f"a length of {length}")
+
     def _charge(self, size: int) -> None:
         self._spent += size + ELEMENT_COST
         if self._spent > self._limits.max_reply:
             raise ProtocolError(f"a reply larger than {self._limits.max_reply} bytes")
 
     def _array(self, count: int, depth: int) -> list[Reply]:
-        """count replies; bulk strings already whole in the buffer (SCAN's keys, nearly
-        always) are taken here without the general path's calls."""
+        """count replies; bulk strings and integers already whole in the buffer (SCAN's
+        keys, nearly always) are taken here without the general path's calls."""
         items: list[Reply] = []
         max_bulk, max_reply = self._limits.max_bulk, self._limits.max_reply
         for _ in range(count):
             buf, pos = self._buf, self._pos
-            if buf[pos: pos + 1] == b"$":
+            kind = buf[pos: pos + 1]
+            if kind == b":":  # LATENCY HISTOGRAM's counts
+                end = buf.find(b"\r\n", pos, pos + 24)
+                body = buf[pos + 1: end] if end > 0 else b""
+                if body.isdigit() or (body[:1] == b"-" and body[1:].isdigit()):
+                    items.append(int(body))
+                    self._pos = end + 2
+                    continue
+            elif kind == b"$":
                 end = buf.find(b"\r\n", pos, pos + 24)
                 if end > 0:
                     body = buf[pos + 1: end]
@@ -342,7 +248,7 @@ class Reader:
         if kind == b"$":
             size = self._length(body)
             if size < 0:
-                return None
+                return self._nil(size)
             if size > limits.max_bulk:
                 raise ProtocolError(f"a bulk string of {size} bytes, more than "
                                     f"{limits.max_bulk}")
@@ -353,7 +259,7 @@ class Reader:
         if kind == b"*":
             count = self._length(body)
             if count < 0:
-                return None
+                return self._nil(count)
             if count > limits.max_array:
                 raise ProtocolError(f"an array of {count} elements, more than "
                                     f"{limits.max_array}")
@@ -380,7 +286,10 @@ class Connection:
     """
 
     def __init__(self, url: str, timeout: float, limits: Limits | None = None) -> None:
-        self.endpoint = parse_url(url)
+        try:
+            self.endpoint: Endpoint = parse_url(url)
+        except ValueError as exc:
+            raise UrlError(str(exc)) from None
         self._connect_timeout = self.endpoint.connect_timeout or timeout
         self._timeout = self.endpoint.read_timeout or timeout
         self._limits = limits or Limits()

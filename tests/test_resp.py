@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.collectors.redis import RedisCollector, RedisUnavailableError
 from exporter.config import RedisConfig, Secret
@@ -20,16 +22,16 @@ from exporter.resp import (
     AuthenticationError,
     ConnectError,
     Connection,
-    Endpoint,
     Limits,
     ProtocolError,
+    Reader,
     RedisTimeoutError,
     ServerError,
     TlsError,
     UrlError,
     encode,
-    parse_url,
 )
+from exporter.resp_url import Endpoint, parse_url
 from tests.harness import RedisServer, free_port, wait_for
 
 # --- a fake server ------------------------------------------------------------------------------
@@ -128,6 +130,9 @@ def failure(url: str, timeout: float = 5.0, limits: Limits | None = None) -> Exc
     (b"HTTP/1.1 400 Bad Request\r\n\r\n", "starting with b'H'"),
     (b"+" + b"a" * (200 << 10), "a line longer than"),
     (b":12x\r\n", "not a number"),
+    (b"*2\r\n:1\r\n:--5\r\n", "not a number"),
+    (b"*1\r\n$-2\r\n", "a length of -2"),
+    (b"*-5\r\n", "a length of -5"),
     (b"$" + b"9" * 30 + b"\r\n", "more than 20 characters"),
     (b"$3\r\nabcXY", "not followed by CRLF"),
 ])
@@ -290,10 +295,52 @@ def test_urls_read_as_redis_py_reads_them(url: str, expected: Endpoint) -> None:
     ("redis://h?socket_timeout=0", "greater than 0"),
 ])
 def test_unusable_urls_name_no_part_of_them(url: str, words: str) -> None:
-    with pytest.raises(UrlError) as caught:
+    with pytest.raises(ValueError) as caught:
         parse_url(url)
+    with pytest.raises(UrlError):  # what the collector catches
+        Connection(url, 1.0)
     assert words in str(caught.value)
     assert "Secret" not in str(caught.value)
+
+
+def _resp(value: object) -> bytes:
+    """value in RESP2, written independently of the reader under test."""
+    if value is None:
+        return b"$-1\r\n"
+    if isinstance(value, int):
+        return b":" + str(value).encode() + b"\r\n"
+    if isinstance(value, bytes):
+        return b"$" + str(len(value)).encode() + b"\r\n" + value + b"\r\n"
+    assert isinstance(value, list)
+    return b"*" + str(len(value)).encode() + b"\r\n" + b"".join(map(_resp, value))
+
+
+VALUES = st.recursive(st.none() | st.integers(-(2**63), 2**63 - 1) | st.binary(max_size=40),
+                      lambda inner: st.lists(inner, max_size=6), max_leaves=30)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(VALUES, min_size=1, max_size=4), st.integers(1, 50))
+def test_reader_reads_what_resp2_says_in_any_chunking(values: list[object], chunk: int) -> None:
+    """Whatever the values and however the bytes arrive (the fast paths for whole elements
+    and the general path for split ones must agree)."""
+    data = b"".join(map(_resp, values))
+    ours, theirs = socket.socketpair()
+    try:
+        def send() -> None:
+            for i in range(0, len(data), chunk):
+                theirs.sendall(data[i: i + chunk])
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        reader = Reader(ours, Limits())
+        got = [reader.read(time.monotonic() + 30) for _ in values]
+        sender.join(30)
+        assert got == values
+        assert not reader.pending()
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_encode() -> None:
