@@ -201,9 +201,14 @@ class Reader:
         except ValueError:
             raise ProtocolError("a length or integer that is not a number") from None
 
-    def _nil(self, length: int) -> None:
-        if length != -1:
+    def _bounded(self, body: bytes, limit: int, what: str) -> int | None:
+        """A bulk string's or array's length, None for nil (-1); past limit, an error."""
+        length = self._length(body)
+        if length > limit:
+            raise ProtocolError(f"{what.format(length)}, more than {limit}")
+        if length < 0 and length != -1:
             raise ProtocolError(f"a length of {length}")
+        return None if length == -1 else length
 
     def _charge(self, size: int) -> None:
         self._spent += size + ELEMENT_COST
@@ -246,23 +251,17 @@ class Reader:
         kind, body = line[:1], line[1:]
         limits = self._limits
         if kind == b"$":
-            size = self._length(body)
-            if size < 0:
-                return self._nil(size)
-            if size > limits.max_bulk:
-                raise ProtocolError(f"a bulk string of {size} bytes, more than "
-                                    f"{limits.max_bulk}")
+            size = self._bounded(body, limits.max_bulk, "a bulk string of {} bytes")
+            if size is None:
+                return None
             self._charge(size)
             return self._exact(size)
         if kind == b":":
             return self._length(body)
         if kind == b"*":
-            count = self._length(body)
-            if count < 0:
-                return self._nil(count)
-            if count > limits.max_array:
-                raise ProtocolError(f"an array of {count} elements, more than "
-                                    f"{limits.max_array}")
+            count = self._bounded(body, limits.max_array, "an array of {} elements")
+            if count is None:
+                return None
             if depth >= limits.max_depth:
                 raise ProtocolError(f"arrays nested more than {limits.max_depth} deep")
             self._charge(0)
