@@ -7,7 +7,8 @@ child processes, alternating (before, after, after, before, ...) so that both se
 machine load: import cost (`-X importtime` of the collector module, RSS added by importing it
 and making its client), CPU of the scrape thread per collect(), CPU of one full key-group
 count, and peak RSS. Last, the sorted sample names and labels of one scrape of each version
-are compared: they must be the same.
+are compared: they must be the same. Then the whole exporter of each version, with only its
+redis collector, scraped in turn with Prometheus' request: latency, CPU and peak RSS.
 
 Examples:
     .venv/bin/python -m bench.redis_client
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.redis_compare import start_redis
+from bench.scrape import Target, _free_port, _wait_up, report
+from bench.scrape import measure as measure_scrapes
+from exporter.collectors import DEFAULTS
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE = "13a8318"
@@ -112,6 +117,19 @@ def extract(revision: str, into: Path) -> Path:
     return into
 
 
+def start_exporter(side: Path, port: int, name: str) -> tuple[subprocess.Popen[bytes], Target]:
+    """`python -m exporter` of one version with only its redis collector."""
+    listen = _free_port()
+    flags = [f"--no-collector.{c}" for c in DEFAULTS if c != "redis"]
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0", "PYTHONPATH": str(side)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{listen}",
+         *flags], cwd=side, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = Target(name, f"http://127.0.0.1:{listen}/metrics", proc.pid)
+    _wait_up(target.url, proc)
+    return proc, target
+
+
 FIELDS = (("import_us", "import of the collector module (-X importtime, cumulative)", "µs"),
           ("import_rss_mb", "RSS added by the import and a client", "MB"),
           ("scrape_cpu_ms", "CPU of the scrape thread per collect(), median", "ms"),
@@ -138,6 +156,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = [("before", before), ("after", ROOT)]
                 for name, side in order if i % 2 == 0 else order[::-1]:
                     runs[name].append(run_child(side, url, args.scrapes))
+            procs = []
+            try:
+                targets = []
+                for name, side in (("before", before), ("after", ROOT)):
+                    proc, target = start_exporter(side, port, f"exporter {name}")
+                    procs.append(proc)
+                    targets.append(target)
+                measure_scrapes(targets, args.scrapes)
+                whole = report(targets, args.scrapes, args.markdown)
+            finally:
+                for proc in procs:
+                    proc.terminate()
+                    proc.wait(10)
         finally:
             server.terminate()
             server.wait(10)
@@ -167,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         new = {tuple(map(str, s)) for s in series}
         print("only before:", sorted(old - new)[:20])
         print("only after:", sorted(new - old)[:20])
+    print(f"\nThe whole exporter, redis collector only, {args.scrapes} scrapes each in turn "
+          f"(Prometheus' request):\n")
+    print(whole)
     return 0 if same else 1
 
 
