@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.redis_compare import start_redis
+from bench.redis_compare import key_group_timing, start_redis
 from bench.scrape import Target, _free_port, _wait_up, report
 from bench.scrape import measure as measure_scrapes
 from exporter.collectors import DEFAULTS
@@ -163,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     proc, target = start_exporter(side, port, f"exporter {name}")
                     procs.append(proc)
                     targets.append(target)
+                for target in targets:  # the first key count's CPU is not a scrape's
+                    key_group_timing(target)
                 measure_scrapes(targets, args.scrapes)
                 whole = report(targets, args.scrapes, args.markdown)
             finally:
