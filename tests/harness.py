@@ -584,7 +584,8 @@ class ExporterProcess:
 def run_exporter(args: Sequence[str], env: Mapping[str, str] | None = None,
                  timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run `python -m exporter ARGS` to completion (for --config.check and bad flags)."""
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
+    base_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("DB_", "REDIS_", "PROMETHEUS_MULTIPROC"))}
     base_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "exporter", *args], check=False,
                           capture_output=True, text=True, env=base_env, timeout=timeout, cwd=ROOT)

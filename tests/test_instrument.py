@@ -504,11 +504,13 @@ def test_gunicorn_setup_is_not_held_by_a_fifo_lock(tmp_path: Path,
 
 
 def test_gunicorn_setup_creates_the_folder_0770_and_keeps_an_existing_mode(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/app.md: the folder is the app's user's and a group's, nobody else's (0770), whatever
     the umask; a folder the operator made keeps the mode they chose."""
     from exporter.instrument.gunicorn import setup_multiproc_dir
 
+    # setup_multiproc_dir exports the folder; keep that out of later tests' environment.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
     old_umask = os.umask(0o022)
     try:
         created = tmp_path / "runtime" / "metrics"
