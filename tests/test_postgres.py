@@ -19,12 +19,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from exporter.collectors.postgres import (
+from exporter.collectors.postgres import PostgresCollector, PostgresError
+from exporter.collectors.postgres_families import (
     BACKEND_STATES,
     LOCK_MODES,
-    PostgresCollector,
-    PostgresError,
-    Watchdog,
     build_activity,
     build_archiver,
     build_checkpoints,
@@ -35,11 +33,10 @@ from exporter.collectors.postgres import (
     build_tables,
     build_wraparound,
     normalise_query,
-    queries_for,
-    statements_sql,
-    statements_time_column,
 )
+from exporter.collectors.postgres_sql import queries_for, statements_sql, statements_time_column
 from exporter.config import ConfigError, Duration, PostgresConfig, Secret, load_config
+from exporter.pgconn import Watchdog
 from tests.harness import (
     EXPORTER_PASSWORD,
     EXPORTER_ROLE,
@@ -277,11 +274,15 @@ def test_tables_skip_missing_timestamps() -> None:
     assert s.value("qatoolbox_postgres_tables") == 12
 
 
-def test_failure_metrics_are_only_up_zero() -> None:
-    c = PostgresCollector(PostgresConfig(port=1))
+def test_failure_metrics_are_only_up_zero_and_the_reason() -> None:
+    c = PostgresCollector(PostgresConfig(host="127.0.0.1", port=free_port()))
+    with pytest.raises(PostgresError, match="cannot connect"):
+        c.collect()
     s = render(c.failure_metrics())
-    assert s.series() == [("qatoolbox_postgres_up", {})]
+    assert s.series() == [("qatoolbox_postgres_up", {}),
+                          ("qatoolbox_postgres_connection_error", {"reason": "connection_refused"})]
     assert s.value("qatoolbox_postgres_up") == 0
+    assert s.value("qatoolbox_postgres_connection_error", reason="connection_refused") == 1
 
 
 # --- configuration ------------------------------------------------------------------------------
