@@ -155,10 +155,12 @@ class Watchdog:
             return False
 
     def fire(self) -> None:
-        """Cut every watched socket now (at shutdown)."""
+        """Cut every watched socket now (at shutdown), on this thread."""
         with self._cond:
-            self._watched = {t: (fd, -math.inf) for t, (fd, _) in self._watched.items()}
-            self._cond.notify()
+            for token, (fd, _) in self._watched.items():
+                shutdown(fd)
+                self._fired.add(token)
+            self._watched.clear()
 
     def stop(self) -> None:
         """End the thread."""

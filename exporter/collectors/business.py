@@ -5,9 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import os
 import queue
-import socket
 import sys
 import threading
 import time
@@ -21,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from exporter import pgconn
 from exporter.config import (
     BusinessConfig,
     BusinessQuery,
@@ -29,6 +28,7 @@ from exporter.config import (
     parse_requirement,
     parse_watermark,
 )
+from exporter.logs import OnChange
 
 log = logging.getLogger("exporter.business")
 
@@ -69,6 +69,15 @@ Connection = psycopg.Connection[tuple[Any, ...]]
 
 class QueryError(Exception):
     """A query ran (or could not run) and its result cannot be served; the message says why."""
+
+
+class UnreachableError(QueryError):
+    """PostgreSQL could not be reached (or stopped answering): the query did not run, nor
+    will any other until it is back; reason is one of pgconn.REASONS."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RefusedError(QueryError):
@@ -301,7 +310,9 @@ class _State:
     due: float = 0.0  # monotonic time after which the next run may start
     queued: bool = False  # waiting for a worker or running
     error: str | None = None
-    logged_at: float = 0.0
+    # The reason (pgconn.REASONS) when the last run failed because PostgreSQL could not be
+    # reached: then the collector's summary line says it, not one line per query.
+    unreachable: str | None = None
     # True, or False while a table or column it requires is missing; None until the
     # catalog was first read for a query that requires something.
     applicable: bool | None = True
@@ -319,16 +330,6 @@ class _Result:
 
     samples: list[Sample]
     watermark: tuple[int, int] | None = None
-
-
-@dataclass(eq=False)
-class _Run:
-    """One query execution on a connection, which the watchdog may abort."""
-
-    conn: Connection
-    done: bool = False
-    aborted: bool = False
-    timer: threading.Timer | None = field(default=None, repr=False)
 
 
 class BusinessCollector:
@@ -357,7 +358,6 @@ class BusinessCollector:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pg = postgres
-        self._repeat = repeat_interval
         self._clock = clock
         self._lock = threading.Lock()
         self._states = [_State(q, applicable=None if q.requires else True)
@@ -378,14 +378,20 @@ class BusinessCollector:
         self._catalog_lock = threading.Lock()
         self._queue: queue.Queue[_State | None] = queue.Queue()
         self._idle: list[Connection] = []
-        self._runs: set[_Run] = set()
+        # Cuts the connection of a run the server stopped answering (one thread for all).
+        self._watchdog = pgconn.Watchdog(name="business-watchdog")
         self._up = False
+        # Why PostgreSQL cannot be reached (pgconn.REASONS) while up is 0; None otherwise.
+        self._reason: str | None = None
         self._allow_superuser = cfg.allow_superuser
         # (monotonic time, message, seconds) of the last failed or refused connection: the
         # next attempt waits that many seconds, and queries fail at once meanwhile.
-        self._connect_failure: tuple[float, str, float] | None = None
+        self._connect_failure: tuple[float, str, float, str] | None = None
         self._refused = False
-        self._refused_logged_at: float | None = None
+        # Per query, and for the collector ("unreachable", "superuser"): logged when a failure
+        # starts or changes and again after repeat_interval, and on recovery.
+        self._query_log = OnChange(repeat_interval, clock)
+        self._collector_log = OnChange(repeat_interval, clock)
         self._closed = False
         if cfg.allow_superuser and self._states:
             log.warning("business.allow_superuser is set: business queries run even as a "
@@ -409,7 +415,7 @@ class BusinessCollector:
             self._schedule(self._clock())
             snapshot = [(s.query, s.samples, s.duration, s.last_success, s.applicable)
                         for s in self._states]
-            up, refused = self._up, self._refused
+            up, refused, reason = self._up, self._refused, self._reason
         success = GaugeMetricFamily(
             "qatoolbox_business_query_success",
             "Whether the query's last run succeeded and its result is served (1) or not (0).",
@@ -447,6 +453,15 @@ class BusinessCollector:
             "(0).",
             value=1.0 if up else 0.0,
         )
+        if not up and reason is not None:
+            unreachable = GaugeMetricFamily(
+                "qatoolbox_business_connection_error",
+                "Why the business collector could not reach PostgreSQL, while "
+                "qatoolbox_business_up is 0; always 1.",
+                labels=["reason"],
+            )
+            unreachable.add_metric([reason], 1.0)
+            yield unreachable
         yield GaugeMetricFamily(
             "qatoolbox_business_superuser_refused",
             "Whether business queries are refused because the role is a PostgreSQL superuser "
@@ -490,6 +505,7 @@ class BusinessCollector:
         error: str | None = "internal error (traceback on stderr)"
         quiet = False
         missing: str | None = None
+        unreachable: str | None = None
         try:
             result = self._execute(state)
             error = None
@@ -498,7 +514,9 @@ class BusinessCollector:
         except NotApplicableError as exc:
             missing, error = str(exc), None
         except (psycopg.Error, QueryError) as exc:
-            error = self._redact(_describe(exc))
+            error = pgconn.describe(exc, self._pg)
+            if isinstance(exc, UnreachableError):
+                unreachable = exc.reason
         finally:
             finished = self._clock()
             with self._lock:
@@ -509,6 +527,8 @@ class BusinessCollector:
                         log.info("business query not applicable: not run while what it reads "
                                  "is missing", extra={"query": query.metric, "missing": missing})
                     state.applicable, state.samples, state.error = False, None, None
+                    state.unreachable = None
+                    self._query_log.clear(query.metric)
                     state.due = finished + self._applicability_interval
                 else:
                     if result is not None and state.applicable is False:
@@ -523,7 +543,7 @@ class BusinessCollector:
                     else:
                         state.due = finished + min(query.interval, RETRY_AFTER)
                     if not quiet:
-                        self._log_outcome(state, error, finished)
+                        self._log_outcome(state, error, unreachable)
 
     @staticmethod
     def _served(state: _State, result: _Result | None) -> list[Sample] | None:
@@ -538,19 +558,34 @@ class BusinessCollector:
         state.watermark = result.watermark
         return list(state.totals.items())
 
-    def _log_outcome(self, state: _State, error: str | None, now: float) -> None:
-        """One log line when a query starts failing, changes error or keeps failing for
-        repeat_interval; one when it recovers (caller holds the lock)."""
+    def _log_outcome(self, state: _State, error: str | None, unreachable: str | None) -> None:
+        """A query's failure is logged when it starts, changes or keeps failing for
+        repeat_interval, and its recovery once; a failure to reach PostgreSQL only at debug,
+        as the collector logs one summary for all queries (caller holds the lock)."""
+        metric = state.query.metric
+        was_unreachable = state.unreachable is not None
+        state.error, state.unreachable = error, unreachable
         if error is None:
-            if state.error is not None:
-                log.info("business query recovered", extra={"query": state.query.metric})
-            state.error = None
+            if self._query_log.clear(metric):
+                log.log(logging.DEBUG if was_unreachable else logging.INFO,
+                        "business query recovered", extra={"query": metric})
+        elif self._query_log.changed(metric, error):
+            log.log(logging.DEBUG if unreachable else logging.WARNING,
+                    "business query failed", extra={"query": metric, "err": error})
+        self._summarise()
+
+    def _summarise(self) -> None:
+        """One line for the queries that failed because PostgreSQL could not be reached, once
+        none of them is still running: "10 business queries failed: <why>"; again when the
+        reason changes or after repeat_interval (caller holds the lock)."""
+        failed = [s for s in self._states if s.unreachable is not None]
+        if not failed or any(s.queued for s in self._states):
             return
-        if error != state.error or now - state.logged_at >= self._repeat:
-            log.warning("business query failed",
-                        extra={"query": state.query.metric, "err": error})
-            state.logged_at = now
-        state.error = error
+        reason = failed[-1].unreachable
+        if self._collector_log.changed("unreachable", reason):
+            noun = "query" if len(failed) == 1 else "queries"
+            log.warning(f"{len(failed)} business {noun} failed: {failed[-1].error}",
+                        extra={"reason": reason, "queries": len(failed)})
 
     def _execute(self, state: _State) -> _Result:
         conn, reused = self._connection()
@@ -596,12 +631,7 @@ class BusinessCollector:
             except psycopg.Error:
                 self._release(conn, False)
                 raise
-        run = _Run(conn)
-        run.timer = threading.Timer(query.timeout + ABORT_GRACE, self._abort, (run,))
-        run.timer.daemon = True
-        with self._lock:
-            self._runs.add(run)
-        run.timer.start()
+        watched = self._watchdog.arm(conn.fileno(), time.monotonic() + query.timeout + ABORT_GRACE)
         reusable = False
         # A named cursor: DECLARE goes through the extended protocol (Parse/Bind/Execute),
         # which refuses a second statement in the text, and PostgreSQL takes nothing but a
@@ -634,20 +664,19 @@ class BusinessCollector:
             reusable = self._end_run(conn)
             raise
         except psycopg.Error as exc:
-            if run.aborted:
-                self._set_up(False)
-                raise QueryError(f"no answer from PostgreSQL within "
-                                 f"{query.timeout + ABORT_GRACE:g}s; connection dropped") from exc
+            if self._watchdog.disarm(watched):
+                self._set_up(False, "timeout")
+                raise UnreachableError(f"no answer from PostgreSQL within "
+                                       f"{query.timeout + ABORT_GRACE:g}s; connection dropped",
+                                       "timeout") from exc
             # An SQL error came from a live server; a broken connection means it went away.
-            self._set_up(not conn.broken)
+            self._set_up(not conn.broken, pgconn.reason(exc))
             if not conn.broken:
                 reusable = self._end_run(conn)
             raise
         finally:
-            run.timer.cancel()
-            with self._lock:
-                run.done = True  # from here on the watchdog leaves this connection alone
-                self._runs.discard(run)
+            if self._watchdog.disarm(watched):
+                reusable = False  # cut just after the last answer: the connection is gone
             try:
                 # After the rollback: closing a cursor of a finished transaction is free.
                 cursor.close()
@@ -691,23 +720,10 @@ class BusinessCollector:
             return False
         return True
 
-    def _abort(self, run: _Run) -> None:
-        """Watchdog: cut the connection of a run the server stopped answering."""
-        with self._lock:
-            if run.done:
-                return
-            run.aborted = True
-            try:
-                # Shutting the socket down wakes the worker blocked reading it with an error;
-                # closing the psycopg connection from this thread would race with the worker.
-                with socket.socket(fileno=os.dup(run.conn.fileno())) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, psycopg.Error):
-                pass
-
-    def _set_up(self, up: bool) -> None:
+    def _set_up(self, up: bool, reason: str | None = None) -> None:
         with self._lock:
             self._up = up
+            self._reason = None if up else reason
 
     def _connection(self, fresh: bool = False) -> tuple[Connection, bool]:
         """An idle pooled connection (reused True) or a new one."""
@@ -716,27 +732,23 @@ class BusinessCollector:
                 return self._idle.pop(), True
             failure, refused = self._connect_failure, self._refused
         if failure is not None and self._clock() - failure[0] < failure[2]:
-            raise (RefusedError if refused else QueryError)(failure[1])
-        pg = self._pg
-        params: dict[str, Any] = {
-            "host": pg.host, "port": pg.port, "dbname": pg.dbname, "user": pg.user,
-            "sslmode": pg.sslmode, "connect_timeout": max(1, round(pg.connect_timeout)),
-            "application_name": "qatoolbox-exporter-business", "options": SESSION_OPTIONS,
-        }
-        if pg.password:
-            params["password"] = str(pg.password)
+            if refused:
+                raise RefusedError(failure[1])
+            raise UnreachableError(failure[1], failure[3])
+        params = pgconn.connect_params(self._pg, "qatoolbox-exporter-business", SESSION_OPTIONS)
         conn: Connection | None = None
         try:
-            conn = psycopg.connect(**params)
+            conn = pgconn.connect(params)
             superuser = self._superuser(conn)
         except psycopg.Error as exc:
             if conn is not None:
                 conn.close()
-            message = self._redact(f"cannot connect: {_describe(exc)}")
+            message = f"cannot connect: {pgconn.describe(exc, self._pg)}"
+            reason = pgconn.reason(exc)
             with self._lock:
-                self._connect_failure = (self._clock(), message, CONNECT_BACKOFF)
-                self._up = False
-            raise QueryError(message) from exc
+                self._connect_failure = (self._clock(), message, CONNECT_BACKOFF, reason)
+                self._up, self._reason = False, reason
+            raise UnreachableError(message, reason) from exc
         if superuser and not self._allow_superuser:
             role = conn.info.user
             conn.close()
@@ -747,7 +759,10 @@ class BusinessCollector:
             if self._refused:
                 log.info("business queries run again: the PostgreSQL role is no longer a "
                          "superuser", extra={"user": conn.info.user})
-            self._up, self._refused, self._refused_logged_at = True, False, None
+            self._up, self._refused, self._reason = True, False, None
+            self._collector_log.clear("superuser")
+            if self._collector_log.clear("unreachable"):
+                log.info("business queries reach PostgreSQL again")
         return conn, False
 
     @staticmethod
@@ -766,13 +781,10 @@ class BusinessCollector:
         repeat_interval while it lasts, not one per query; queries fail at once for
         RETRY_AFTER seconds before the next connection checks again."""
         message = f'refused: role "{role}" is a PostgreSQL superuser'
-        now = self._clock()
         with self._lock:
-            self._connect_failure = (now, message, RETRY_AFTER)
-            self._up, self._refused = False, True
-            logged = self._refused_logged_at
-            if logged is None or now - logged >= self._repeat:
-                self._refused_logged_at = now
+            self._connect_failure = (self._clock(), message, RETRY_AFTER, "other")
+            self._up, self._refused, self._reason = False, True, None
+            if self._collector_log.changed("superuser", role):
                 log.error("business queries refused: the PostgreSQL role is a superuser, "
                           "whom a read-only transaction does not stop", extra={
                               "user": role, "hint": SUPERUSER_HINT})
@@ -785,35 +797,21 @@ class BusinessCollector:
                 return
         conn.close()
 
-    def _redact(self, text: str) -> str:
-        password = str(self._pg.password)
-        return text.replace(password, "<secret>") if password else text
-
     def close(self, timeout: float = 0.0) -> None:
         """Stop the workers, cut running queries and close idle connections; wait up to
         timeout seconds for the workers to end (the runner does not wait)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-            running = list(self._runs)
         for _ in self._workers:
             self._queue.put(None)
-        for run in running:
-            self._abort(run)
+        self._watchdog.fire()
         for conn in idle:
             conn.close()
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-
-
-def _describe(exc: BaseException) -> str:
-    """The first line of the error (PostgreSQL adds LINE/HINT lines), with its class for
-    database errors: "UndefinedTable: relation "x" does not exist"."""
-    first = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, QueryError):
-        return first
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        self._watchdog.stop()
 
 
 def _family(query: BusinessQuery, samples: list[Sample]) -> Metric:
