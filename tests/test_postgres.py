@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -860,3 +863,49 @@ def test_xid_age_and_wal_archiving_from_a_real_server(
         assert s is not None
         done = s.value("qatoolbox_postgres_wal_last_archived_timestamp_seconds")
         assert done is not None and done >= failure
+
+
+# --- why PostgreSQL cannot be reached ------------------------------------------------------------
+
+
+def failure_reason(c: PostgresCollector) -> dict[str, float]:
+    """collect() fails; the failure families say up 0 and {reason: 1}."""
+    with pytest.raises(PostgresError):
+        c.collect()
+    s = render(c.failure_metrics())
+    assert s.value("qatoolbox_postgres_up") == 0
+    return {lbl["reason"]: v for _, lbl in s.series("qatoolbox_postgres_connection_error")
+            for v in [s.value("qatoolbox_postgres_connection_error", **lbl)]}
+
+
+def test_connection_error_reason_for_each_way_of_failing(postgres: PostgresServer) -> None:
+    """Wrong password, missing database, a frozen server (SIGSTOP) and a stopped one each
+    give their own reason, one at a time, and none while up."""
+    pg = postgres
+    good = exporter_config(pg)
+    with collector(dataclasses.replace(good, password=Secret("wrong-password"))) as c:
+        assert failure_reason(c) == {"authentication_failed": 1}
+    with collector(dataclasses.replace(good, dbname="no_such_database")) as c:
+        assert failure_reason(c) == {"database_missing": 1}
+    with collector(good, budget=2.5) as c:
+        s = scrape(c)
+        assert s.value("qatoolbox_postgres_up") == 1
+        assert s.series("qatoolbox_postgres_connection_error") == []
+        backends = [int(r[0]) for r in pg.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'qatoolbox-exporter'")]
+        pg.pause()
+        for pid in backends:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert failure_reason(c) == {"timeout": 1}  # the kept connection cut
+            assert failure_reason(c) == {"timeout": 1}  # a new one never answered
+        finally:
+            for pid in backends:
+                os.kill(pid, signal.SIGCONT)
+            pg.resume()
+        wait_for(lambda: scrape(c).value("qatoolbox_postgres_up") == 1, 15, "recovery")
+        pg.stop()
+        try:
+            assert failure_reason(c) == {"connection_refused": 1}
+        finally:
+            pg.start()
