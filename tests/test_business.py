@@ -17,8 +17,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
-from exporter.collectors.business import (
-    BusinessCollector,
+from exporter.collectors.business import BusinessCollector
+from exporter.collectors.business_results import (
     LabelFolder,
     QueryError,
     missing_requirements,
