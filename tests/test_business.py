@@ -664,7 +664,8 @@ def unreachable_case(make_collector: Callable[..., BusinessCollector],
     warnings = [r.getMessage() for r in caplog.records
                 if r.name == "exporter.business" and r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert SUMMARY.match(warnings[0]) and SUMMARY.match(warnings[0])[1] == "10", warnings
+    summary = SUMMARY.match(warnings[0])
+    assert summary is not None and summary[1] == "10", warnings
     assert expected in warnings[0]
     assert EXPORTER_PASSWORD not in warnings[0] and "wrong-password" not in warnings[0]
     per_query = {r.__dict__["query"] for r in caplog.records

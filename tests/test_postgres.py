@@ -869,7 +869,7 @@ def test_xid_age_and_wal_archiving_from_a_real_server(
 # --- why PostgreSQL cannot be reached ------------------------------------------------------------
 
 
-def failure_reason(c: PostgresCollector) -> dict[str, float]:
+def failure_reason(c: PostgresCollector) -> dict[str, float | None]:
     """collect() fails; the failure families say up 0 and {reason: 1}."""
     with pytest.raises(PostgresError):
         c.collect()

@@ -1,5 +1,4 @@
-"""What a business query's result becomes: rows read in bounded batches, checked against the
-query's declaration and folded into samples; the catalog checks of `requires`. No threads."""
+"""A business query's result: rows fetched in bounded batches, checked, folded into samples."""
 
 from __future__ import annotations
 
