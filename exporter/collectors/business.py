@@ -12,9 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import psycopg
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from psycopg import sql
-from psycopg.pq import TransactionStatus
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter import pgconn
 from exporter.collectors.business_results import (
@@ -24,9 +22,13 @@ from exporter.collectors.business_results import (
     QueryError,
     Sample,
     capped_rows,
+    end_run,
     fetch_rows,
+    highest_id,
+    is_superuser,
     missing_requirements,
     next_range,
+    query_family,
     read_catalog,
     result_samples,
 )
@@ -36,7 +38,6 @@ from exporter.config import (
     PostgresConfig,
     fill_placeholders,
     parse_requirement,
-    parse_watermark,
 )
 from exporter.logs import OnChange
 
@@ -226,7 +227,7 @@ class BusinessCollector:
             duration.add_metric([query.metric], took)
             last.add_metric([query.metric], last_success)
             if samples is not None:
-                yield _family(query, samples)
+                yield query_family(query, samples)
         yield GaugeMetricFamily(
             "qatoolbox_business_up",
             "Whether the business collector reached PostgreSQL on its last attempt (1) or not "
@@ -424,7 +425,7 @@ class BusinessCollector:
             conn.execute(SET_LOCALS, [f"{max(1, round(query.timeout * 1000))}ms"])
             text = query.sql
             if query.watermark:
-                highest = self._highest(conn, query.watermark)
+                highest = highest_id(conn, query.watermark)
                 after, upto = next_range(state.watermark, highest)
                 text = fill_placeholders(text, {"after": str(after), "upto": str(upto)})
                 watermark = (upto, highest)
@@ -438,10 +439,10 @@ class BusinessCollector:
             else:
                 rows = fetch_rows(conn, cursor, query.max_rows + 1, deadline)
             samples = result_samples(query, columns, rows, state.folder)
-            reusable = self._end_run(conn)
+            reusable = end_run(conn)
         except QueryError:  # the server answered; the result does not fit the declaration
             self._set_up(True)
-            reusable = self._end_run(conn)
+            reusable = end_run(conn)
             raise
         except psycopg.Error as exc:
             if self._watchdog.disarm(watched):
@@ -452,7 +453,7 @@ class BusinessCollector:
             # An SQL error came from a live server; a broken connection means it went away.
             self._set_up(not conn.broken, pgconn.reason(exc))
             if not conn.broken:
-                reusable = self._end_run(conn)
+                reusable = end_run(conn)
             raise
         finally:
             if self._watchdog.disarm(watched):
@@ -465,40 +466,6 @@ class BusinessCollector:
             self._release(conn, reusable)
         self._set_up(True)
         return _Result(samples, watermark)
-
-    @staticmethod
-    def _highest(conn: Connection, watermark: str) -> int:
-        """The highest value of the watermark column now (0 for an empty table)."""
-        parsed = parse_watermark(watermark)
-        assert parsed is not None  # checked when the config was loaded
-        table, column = parsed
-        statement = sql.SQL("SELECT max({}) FROM {}").format(
-            sql.Identifier(column), sql.Identifier(*table.split(".")))
-        row = conn.execute(statement).fetchone()
-        value = row[0] if row else None
-        if value is None:
-            return 0
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise QueryError(f"watermark {watermark}: {type(value).__name__} values, not "
-                             f"whole numbers")
-        return value
-
-    @staticmethod
-    def _end_run(conn: Connection) -> bool:
-        """Roll the run's transaction back and release the session-level advisory locks a
-        query may have taken (they outlive a rollback and would stay held by a pooled
-        connection); False when the connection is not fit for another run."""
-        try:
-            if conn.info.transaction_status == TransactionStatus.INTRANS:
-                conn.execute("SELECT pg_advisory_unlock_all()")
-                conn.rollback()
-            else:  # the transaction failed: leave it first
-                conn.rollback()
-                conn.execute("SELECT pg_advisory_unlock_all()")
-                conn.rollback()
-        except psycopg.Error:
-            return False
-        return True
 
     def _set_up(self, up: bool, reason: str | None = None) -> None:
         with self._lock:
@@ -519,7 +486,7 @@ class BusinessCollector:
         conn: Connection | None = None
         try:
             conn = pgconn.connect(params)
-            superuser = self._superuser(conn)
+            superuser = is_superuser(conn)
         except psycopg.Error as exc:
             if conn is not None:
                 conn.close()
@@ -544,17 +511,6 @@ class BusinessCollector:
             if self._collector_log.clear("unreachable"):
                 log.info("business queries reach PostgreSQL again")
         return conn, False
-
-    @staticmethod
-    def _superuser(conn: Connection) -> bool:
-        """Whether the role is a superuser. PostgreSQL reports is_superuser when the session
-        starts; a pooler may not pass that on, and then it is asked."""
-        flag = conn.info.parameter_status("is_superuser")
-        if flag is None:
-            row = conn.execute("SELECT current_setting('is_superuser')").fetchone()
-            conn.rollback()
-            return row is not None and row[0] == "on"
-        return flag == "on"
 
     def _refuse(self, role: str) -> None:
         """Refuse to run queries as the superuser role: one error line now and after each
@@ -592,14 +548,3 @@ class BusinessCollector:
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
         self._watchdog.stop()
-
-
-def _family(query: BusinessQuery, samples: list[Sample]) -> Metric:
-    family: GaugeMetricFamily | CounterMetricFamily
-    if query.type == "counter":
-        family = CounterMetricFamily(query.metric, query.help, labels=list(query.labels))
-    else:
-        family = GaugeMetricFamily(query.metric, query.help, labels=list(query.labels))
-    for labels, value in samples:
-        family.add_metric(list(labels), value)
-    return family

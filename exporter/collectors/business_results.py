@@ -1,4 +1,4 @@
-"""A business query's result: rows fetched in bounded batches, checked, folded into samples."""
+"""One business query run: its session steps, rows fetched in bounded batches, checked, folded."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from decimal import Decimal
 from typing import Any
 
 import psycopg
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from psycopg import sql
+from psycopg.pq import TransactionStatus
 
-from exporter.config import BusinessQuery
+from exporter.config import BusinessQuery, parse_watermark
 
 # Rows are read this many at a time (FETCH FORWARD), and at most max_rows + 1 in all: what a
 # query's result costs in memory is bounded by its widest row times this, plus what is kept.
@@ -242,3 +245,59 @@ def next_range(previous: tuple[int, int] | None, highest: int) -> tuple[int, int
         return highest, highest
     counted, seen = previous
     return counted, min(seen, highest)
+
+
+def highest_id(conn: Connection, watermark: str) -> int:
+    """The highest value of the watermark column now (0 for an empty table)."""
+    parsed = parse_watermark(watermark)
+    assert parsed is not None  # checked when the config was loaded
+    table, column = parsed
+    statement = sql.SQL("SELECT max({}) FROM {}").format(
+        sql.Identifier(column), sql.Identifier(*table.split(".")))
+    row = conn.execute(statement).fetchone()
+    value = row[0] if row else None
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QueryError(f"watermark {watermark}: {type(value).__name__} values, not "
+                         f"whole numbers")
+    return value
+
+
+def end_run(conn: Connection) -> bool:
+    """Roll the run's transaction back and release the session-level advisory locks a
+    query may have taken (they outlive a rollback and would stay held by a pooled
+    connection); False when the connection is not fit for another run."""
+    try:
+        if conn.info.transaction_status == TransactionStatus.INTRANS:
+            conn.execute("SELECT pg_advisory_unlock_all()")
+            conn.rollback()
+        else:  # the transaction failed: leave it first
+            conn.rollback()
+            conn.execute("SELECT pg_advisory_unlock_all()")
+            conn.rollback()
+    except psycopg.Error:
+        return False
+    return True
+
+
+def is_superuser(conn: Connection) -> bool:
+    """Whether the role is a superuser. PostgreSQL reports is_superuser when the session
+    starts; a pooler may not pass that on, and then it is asked."""
+    flag = conn.info.parameter_status("is_superuser")
+    if flag is None:
+        row = conn.execute("SELECT current_setting('is_superuser')").fetchone()
+        conn.rollback()
+        return row is not None and row[0] == "on"
+    return flag == "on"
+
+
+def query_family(query: BusinessQuery, samples: list[Sample]) -> Metric:
+    family: GaugeMetricFamily | CounterMetricFamily
+    if query.type == "counter":
+        family = CounterMetricFamily(query.metric, query.help, labels=list(query.labels))
+    else:
+        family = GaugeMetricFamily(query.metric, query.help, labels=list(query.labels))
+    for labels, value in samples:
+        family.add_metric(list(labels), value)
+    return family
