@@ -45,7 +45,7 @@ def scrape_as_prometheus(exporter: ExporterProcess) -> str:
 def test_minimum_versions_are_what_pyproject_says() -> None:
     pins = minimum_pins()
     assert {p.split("==")[0].split("[")[0] for p in pins} >= {
-        "prometheus-client", "psycopg", "pyyaml", "redis", "bcrypt"}
+        "prometheus-client", "psycopg", "pyyaml", "bcrypt"}
     if not installed_pins():
         pytest.skip("no .venv-min: scripts/test installs it (python -m tests.minimums install)")
     assert installed_pins() == pins, "re-run scripts/test: .venv-min is out of date"
@@ -70,7 +70,7 @@ def test_exporter_runs_at_the_minimums(
         args=["--no-collector.business", "--no-collector.app"],
         python=str(MINIMUMS / "bin" / "python"))
     version = subprocess.run(
-        [exporter.python, "-c", "import prometheus_client, psycopg, redis, yaml; "
+        [exporter.python, "-c", "import prometheus_client, psycopg, yaml; "
          "from importlib.metadata import version; print(version('prometheus-client'))"],
         capture_output=True, text=True, check=True, timeout=60).stdout.strip()
     assert f"prometheus-client=={version}" in installed_pins()
