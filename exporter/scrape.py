@@ -19,6 +19,7 @@ from exporter import lean  # noqa: F401
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter import __version__
+from exporter.logs import OnChange
 
 log = logging.getLogger("exporter.scrape")
 
@@ -100,29 +101,6 @@ class Outcome:
     finished_at: float
 
 
-class _FailureLog:
-    """Logs a collector's failure once, again when the error changes or after a quiet period."""
-
-    def __init__(self, name: str, repeat_interval: float, clock: Callable[[], float]) -> None:
-        self._name = name
-        self._repeat = repeat_interval
-        self._clock = clock
-        self._error: str | None = None
-        self._logged_at = 0.0
-
-    def failed(self, error: str) -> None:
-        now = self._clock()
-        if error != self._error or now - self._logged_at >= self._repeat:
-            log.warning("collector failed", extra={"collector": self._name, "err": error})
-            self._logged_at = now
-        self._error = error
-
-    def succeeded(self) -> None:
-        if self._error is not None:
-            log.info("collector recovered", extra={"collector": self._name})
-            self._error = None
-
-
 class ScrapeRunner:
     """Runs collectors on demand; concurrent callers share one collection."""
 
@@ -141,9 +119,9 @@ class ScrapeRunner:
             max_workers=max(1, len(self._collectors)), thread_name_prefix="collector"
         )
         self._running: dict[str, Future[_Timed]] = {}
-        self._failure_logs = {
-            c.name: _FailureLog(c.name, repeat_interval, clock) for c in self._collectors
-        }
+        # A collector's failure is logged once, again when the error changes or after a
+        # quiet repeat_interval, and its recovery once.
+        self._failure_log = OnChange(repeat_interval, clock)
         self._outcomes: dict[str, Outcome] = {}
         self._flight: SingleFlight[None, list[Metric]] = SingleFlight()
 
@@ -194,7 +172,8 @@ class ScrapeRunner:
                 produced, elapsed = future.result()
                 families.extend(produced)
                 outcome = Outcome(True, elapsed, "", time.time())
-                self._failure_logs[name].succeeded()
+                if self._failure_log.clear(name):
+                    log.info("collector recovered", extra={"collector": name})
             else:
                 timed_out = f"timed out after {self._timeout:g}s"
                 logged = None
@@ -208,7 +187,9 @@ class ScrapeRunner:
                 else:
                     error = timed_out
                 outcome = Outcome(False, self._clock() - started, error, time.time())
-                self._failure_logs[name].failed(logged or error)
+                if self._failure_log.changed(name, logged or error):
+                    log.warning("collector failed",
+                                extra={"collector": name, "err": logged or error})
                 families.extend(self._fallback(collector))
             self._outcomes[name] = outcome
             duration.add_metric([name], outcome.duration)

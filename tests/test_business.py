@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -15,8 +17,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
-from exporter.collectors.business import (
-    BusinessCollector,
+from exporter.collectors.business import BusinessCollector
+from exporter.collectors.business_results import (
     LabelFolder,
     QueryError,
     missing_requirements,
@@ -628,3 +630,107 @@ def test_slow_query_never_holds_up_the_scrape(
     # Shutting down cuts the running query instead of waiting for it (stop() kills the
     # exporter, exit code -9, if it has not ended 10 s after SIGTERM).
     assert exporter.stop() == 0
+
+
+# --- why PostgreSQL cannot be reached: one summary line and a reason -----------------------------
+
+TEN = [f"q{i}" for i in range(10)]
+SUMMARY = re.compile(r"^(\d+) business quer(?:y|ies) failed: ")
+
+
+def unreachable_case(make_collector: Callable[..., BusinessCollector],
+                     caplog: pytest.LogCaptureFixture, env: dict[str, str], reason: str,
+                     expected: str) -> None:
+    """Ten queries against env all fail: up 0, connection_error{reason} 1 and nothing else,
+    one warning for the collector naming the cause, every query's own failure at debug."""
+    caplog.clear()
+    collector = make_collector(env, [query(n, "SELECT 1 AS value", interval="1s")
+                                     for n in TEN])
+    result = settled(collector, TEN)
+    assert [result.value(SUCCESS, query=n) for n in TEN] == [0] * 10
+    assert result.value("qatoolbox_business_up") == 0
+    found = {lbl["reason"] for _, lbl in result.series("qatoolbox_business_connection_error")}
+    assert found == {reason}
+    assert result.value("qatoolbox_business_connection_error", reason=reason) == 1
+    took = "qatoolbox_business_query_duration_seconds"
+    first = {n: result.value(took, query=n) for n in TEN}
+
+    def ran_again() -> bool:
+        again = scrape(collector)
+        return all(again.value(took, query=n) != first[n] for n in TEN)
+
+    # Every query runs again with the same cause: nothing more at warning.
+    wait_for(ran_again, 30, "every query to run again")
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "exporter.business" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    summary = SUMMARY.match(warnings[0])
+    assert summary is not None and summary[1] == "10", warnings
+    assert expected in warnings[0]
+    assert EXPORTER_PASSWORD not in warnings[0] and "wrong-password" not in warnings[0]
+    per_query = {r.__dict__["query"] for r in caplog.records
+                 if r.getMessage() == "business query failed" and r.levelno == logging.DEBUG}
+    assert per_query == set(TEN)
+
+
+def test_unreachable_database_one_summary_and_the_reason(
+    postgres: PostgresServer, make_collector: Callable[..., BusinessCollector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Wrong password, missing database, a stopped server, each with its reason."""
+    caplog.set_level(logging.DEBUG, logger="exporter.business")
+    pg = postgres
+    pg.create_exporter_role()
+    env = pg.exporter_env()
+    unreachable_case(make_collector, caplog, {**env, "DB_PASSWORD": "wrong-password"},
+                     "authentication_failed", "password authentication failed")
+    unreachable_case(make_collector, caplog, {**env, "DB_NAME": "qatoolbox"},
+                     "database_missing", 'database "qatoolbox" does not exist')
+    unreachable_case(make_collector, caplog, {**env, "DB_PORT": str(free_port())},
+                     "connection_refused", "Connection refused")
+
+
+def test_frozen_database_one_summary_then_one_recovery(
+    postgres: PostgresServer, make_collector: Callable[..., BusinessCollector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGSTOP on the server and its backends: reason timeout, one summary line; SIGCONT:
+    one line saying the queries reach PostgreSQL again, none per query."""
+    caplog.set_level(logging.DEBUG, logger="exporter.business")
+    pg = postgres
+    pg.create_exporter_role()
+    collector = make_collector(pg.exporter_env(), [
+        query(n, "SELECT 1 AS value", interval="1s", timeout="500ms") for n in TEN])
+    wait_for(lambda: all(scrape(collector).value(SUCCESS, query=n) == 1 for n in TEN), 30,
+             "every query to succeed")
+    assert scrape(collector).series("qatoolbox_business_connection_error") == []
+    backends = [int(row[0]) for row in pg.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'qatoolbox-exporter-business'")]
+    caplog.clear()
+    pg.pause()
+    for pid in backends:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        def cut() -> bool:
+            result = scrape(collector)
+            return (all(result.value(SUCCESS, query=n) == 0 for n in TEN)
+                    and result.value("qatoolbox_business_connection_error", reason="timeout") == 1)
+
+        wait_for(cut, 60, "every query to fail with reason timeout")
+        assert scrape(collector).value("qatoolbox_business_up") == 0
+    finally:
+        for pid in backends:
+            os.kill(pid, signal.SIGCONT)
+        pg.resume()
+    wait_for(lambda: all(scrape(collector).value(SUCCESS, query=n) == 1 for n in TEN), 30,
+             "recovery")
+    result = scrape(collector)
+    assert result.value("qatoolbox_business_up") == 1
+    assert result.series("qatoolbox_business_connection_error") == []
+    logged = [(r.levelno, r.getMessage()) for r in caplog.records
+              if r.name == "exporter.business" and r.levelno >= logging.INFO]
+    warnings = [m for level, m in logged if level >= logging.WARNING]
+    assert len(warnings) == 1 and SUMMARY.match(warnings[0]), logged
+    assert "no answer from PostgreSQL" in warnings[0] or "timeout" in warnings[0], warnings
+    assert [m for level, m in logged if level == logging.INFO] == [
+        "business queries reach PostgreSQL again"], logged

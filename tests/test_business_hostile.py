@@ -19,12 +19,8 @@ from prometheus_client.openmetrics.parser import (
 from psycopg import pq
 
 from exporter.collectors import DEFAULTS
-from exporter.collectors.business import (
-    MAX_LABEL_LENGTH,
-    BusinessCollector,
-    QueryError,
-    result_samples,
-)
+from exporter.collectors.business import BusinessCollector
+from exporter.collectors.business_results import MAX_LABEL_LENGTH, QueryError, result_samples
 from exporter.collectors.business_sql import sql_problem, sql_words
 from exporter.config import BusinessConfig, BusinessQuery, Duration, PostgresConfig, Secret
 from tests.harness import (

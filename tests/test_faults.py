@@ -348,7 +348,9 @@ def postgres_down(scrape: Scrape) -> None:
     """The postgres collector failed: up 0, success 0, no other qatoolbox_postgres_* series."""
     assert scrape.value(PG_UP) == 0, scrape.text[:2000]
     assert scrape.value(SUCCESS, collector="postgres") == 0
-    left = series(scrape, "qatoolbox_postgres_") - {(PG_UP, ())}
+    left = {k for k in series(scrape, "qatoolbox_postgres_")
+            if k[0] not in (PG_UP, "qatoolbox_postgres_connection_error")}
+    assert scrape.series("qatoolbox_postgres_connection_error"), "up 0 without a reason"
     assert not left, f"stale postgres series while down: {sorted(left)[:5]}"
 
 

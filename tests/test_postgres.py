@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
+import re
+import signal
 import socket
 import subprocess
 import threading
@@ -19,12 +23,10 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
-from exporter.collectors.postgres import (
+from exporter.collectors.postgres import PostgresCollector, PostgresError
+from exporter.collectors.postgres_families import (
     BACKEND_STATES,
     LOCK_MODES,
-    PostgresCollector,
-    PostgresError,
-    Watchdog,
     build_activity,
     build_archiver,
     build_checkpoints,
@@ -35,11 +37,10 @@ from exporter.collectors.postgres import (
     build_tables,
     build_wraparound,
     normalise_query,
-    queries_for,
-    statements_sql,
-    statements_time_column,
 )
+from exporter.collectors.postgres_sql import queries_for, statements_sql, statements_time_column
 from exporter.config import ConfigError, Duration, PostgresConfig, Secret, load_config
+from exporter.pgconn import Watchdog
 from tests.harness import (
     EXPORTER_PASSWORD,
     EXPORTER_ROLE,
@@ -277,11 +278,15 @@ def test_tables_skip_missing_timestamps() -> None:
     assert s.value("qatoolbox_postgres_tables") == 12
 
 
-def test_failure_metrics_are_only_up_zero() -> None:
-    c = PostgresCollector(PostgresConfig(port=1))
+def test_failure_metrics_are_only_up_zero_and_the_reason() -> None:
+    c = PostgresCollector(PostgresConfig(host="127.0.0.1", port=free_port()))
+    with pytest.raises(PostgresError, match="cannot connect"):
+        c.collect()
     s = render(c.failure_metrics())
-    assert s.series() == [("qatoolbox_postgres_up", {})]
+    assert s.series() == [("qatoolbox_postgres_up", {}),
+                          ("qatoolbox_postgres_connection_error", {"reason": "connection_refused"})]
     assert s.value("qatoolbox_postgres_up") == 0
+    assert s.value("qatoolbox_postgres_connection_error", reason="connection_refused") == 1
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -859,3 +864,62 @@ def test_xid_age_and_wal_archiving_from_a_real_server(
         assert s is not None
         done = s.value("qatoolbox_postgres_wal_last_archived_timestamp_seconds")
         assert done is not None and done >= failure
+
+
+# --- why PostgreSQL cannot be reached ------------------------------------------------------------
+
+
+def failure_reason(c: PostgresCollector) -> dict[str, float | None]:
+    """collect() fails; the failure families say up 0 and {reason: 1}."""
+    with pytest.raises(PostgresError):
+        c.collect()
+    s = render(c.failure_metrics())
+    assert s.value("qatoolbox_postgres_up") == 0
+    return {lbl["reason"]: v for _, lbl in s.series("qatoolbox_postgres_connection_error")
+            for v in [s.value("qatoolbox_postgres_connection_error", **lbl)]}
+
+
+def test_connection_error_reason_for_each_way_of_failing(postgres: PostgresServer) -> None:
+    """Wrong password, missing database, a frozen server (SIGSTOP) and a stopped one each
+    give their own reason, one at a time, and none while up."""
+    pg = postgres
+    good = exporter_config(pg)
+    with collector(dataclasses.replace(good, password=Secret("wrong-password"))) as c:
+        assert failure_reason(c) == {"authentication_failed": 1}
+    with collector(dataclasses.replace(good, dbname="no_such_database")) as c:
+        assert failure_reason(c) == {"database_missing": 1}
+    with collector(good, budget=2.5) as c:
+        s = scrape(c)
+        assert s.value("qatoolbox_postgres_up") == 1
+        assert s.series("qatoolbox_postgres_connection_error") == []
+        backends = [int(r[0]) for r in pg.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'qatoolbox-exporter'")]
+        pg.pause()
+        for pid in backends:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert failure_reason(c) == {"timeout": 1}  # the kept connection cut
+            assert failure_reason(c) == {"timeout": 1}  # a new one never answered
+        finally:
+            for pid in backends:
+                os.kill(pid, signal.SIGCONT)
+            pg.resume()
+        wait_for(lambda: scrape(c).value("qatoolbox_postgres_up") == 1, 15, "recovery")
+        pg.stop()
+        try:
+            assert failure_reason(c) == {"connection_refused": 1}
+        finally:
+            pg.start()
+
+
+def test_every_documented_postgres_and_business_name_is_written_in_full_in_the_code() -> None:
+    """grep finds the module that emits a metric from its name in the docs: no name is
+    built by prefixing (recording rules, with a colon, are Prometheus's, not ours)."""
+    root = Path(__file__).resolve().parent.parent
+    name = re.compile(r"(?<![:\w])qatoolbox_(?:postgres|business)_\w*[a-z0-9](?![:\w])")
+    documented: set[str] = set()
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        documented |= set(name.findall(doc.read_text()))
+    code = "\n".join(p.read_text() for p in (root / "exporter").rglob("*.py"))
+    assert len(documented) > 60  # the check sees the docs' tables
+    assert sorted(n for n in documented if n not in code) == []

@@ -58,7 +58,9 @@ def test_down_then_up_without_restarting_the_exporter(
     s = exporter.scrape()
     assert s.value("qatoolbox_postgres_up") == 0
     assert s.value("qatoolbox_exporter_collector_success", collector="postgres") == 0
-    assert postgres_series(s) == ["qatoolbox_postgres_up"]  # nothing stale
+    # Nothing stale: up 0 and why.
+    assert postgres_series(s) == ["qatoolbox_postgres_connection_error", "qatoolbox_postgres_up"]
+    assert s.value("qatoolbox_postgres_connection_error", reason="connection_refused") == 1
 
     postgres.start()
     s = exporter.scrape()
@@ -84,7 +86,9 @@ def test_paused_server_scrapes_stay_within_budget(
             s = exporter.scrape(timeout=budget + 5)
             assert time.monotonic() - started < budget + 1
             assert s.value("qatoolbox_postgres_up") == 0
-            assert postgres_series(s) == ["qatoolbox_postgres_up"]
+            assert postgres_series(s) == ["qatoolbox_postgres_connection_error",
+                                          "qatoolbox_postgres_up"]
+            assert s.value("qatoolbox_postgres_connection_error", reason="timeout") == 1
             assert s.value("qatoolbox_exporter_collector_success", collector="postgres") == 0
             seen_threads.append(exporter.threads())
             page = exporter.get("/")[2].decode()

@@ -2,33 +2,44 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import os
 import queue
-import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from decimal import Decimal
-from typing import Any
 
 import psycopg
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from psycopg import sql
-from psycopg.pq import TransactionStatus
+from prometheus_client.core import GaugeMetricFamily, Metric
 
+from exporter import pgconn
+from exporter.collectors.business_results import (
+    MAX_FOLDED_ROWS,
+    Connection,
+    LabelFolder,
+    QueryError,
+    Sample,
+    capped_rows,
+    end_run,
+    fetch_rows,
+    highest_id,
+    is_superuser,
+    missing_requirements,
+    next_range,
+    query_family,
+    read_catalog,
+    result_samples,
+)
 from exporter.config import (
     BusinessConfig,
     BusinessQuery,
     PostgresConfig,
     fill_placeholders,
     parse_requirement,
-    parse_watermark,
 )
+from exporter.logs import OnChange
 
 log = logging.getLogger("exporter.business")
 
@@ -40,17 +51,6 @@ RETRY_AFTER = 10.0
 # After a failed connection attempt, the queries queued with it fail at once instead of each
 # waiting for its own connect timeout against a database that is down.
 CONNECT_BACKOFF = 1.0
-# Rows are read this many at a time (FETCH FORWARD), and at most max_rows + 1 in all: what a
-# query's result costs in memory is bounded by its widest row times this, plus what is kept.
-FETCH_BATCH = 500
-# A query with label_values is folded as it is read (what is kept is bounded by its limits),
-# so its rows are not bounded by max_rows; this many rows fail it.
-MAX_FOLDED_ROWS = 1_000_000
-# A label value longer than this fails the query: what is kept of a result is bounded by
-# max_rows x labels x this, and a series with a label of kilobytes is a query bug.
-MAX_LABEL_LENGTH = 256
-# The label value bounded label values are summed under past their limit.
-OTHER = "other"
 # Each session is read-only from its start packet, not only from psycopg's BEGIN READ ONLY, so
 # nothing in a query's text can leave a read-only transaction for a writable one. Standard
 # conforming strings are what the load-time check (business_sql) assumes of '' literals.
@@ -63,12 +63,13 @@ CURSOR_NAME = "qatoolbox_business"
 SUPERUSER_HINT = ("connect as the least-privilege role of docs/reliability.md "
                   "(DB_USER=qatoolbox_exporter), or set business.allow_superuser: true")
 
-Sample = tuple[tuple[str, ...], float]
-Connection = psycopg.Connection[tuple[Any, ...]]
+class UnreachableError(QueryError):
+    """PostgreSQL could not be reached (or stopped answering): the query did not run, nor
+    will any other until it is back; reason is one of pgconn.REASONS."""
 
-
-class QueryError(Exception):
-    """A query ran (or could not run) and its result cannot be served; the message says why."""
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RefusedError(QueryError):
@@ -77,217 +78,6 @@ class RefusedError(QueryError):
 
 class NotApplicableError(Exception):
     """What the query reads is not in this database (listed in the message): it is not run."""
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, (bool, int, float, Decimal)):
-        try:
-            return float(value)
-        except OverflowError:  # an int past float's range
-            return math.inf if value > 0 else -math.inf
-    return None
-
-
-def _label(value: object) -> str:
-    """A label value: bytes-like values (bytea) as PostgreSQL prints them (\\x and hex digits),
-    NULL as the empty string, anything else as its str()."""
-    if value is None:
-        return ""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return "\\x" + bytes(value).hex()
-    return str(value)
-
-
-class LabelFolder:
-    """Bounds the label values of a query that declares label_values: a label's known values
-    are always kept, other values are admitted in the order the rows bring them (the defaults
-    order their rows by count, largest first) until the label has `limit` values, and any
-    further value, an over-long one and an empty one are summed under OTHER. A counter keeps
-    one folder for its life (what was admitted stays admitted, so no series moves into
-    "other" and goes down); a gauge gets a new one per run (the largest values of the day)."""
-
-    def __init__(self, query: BusinessQuery) -> None:
-        positions = {name: i for i, name in enumerate(query.labels)}
-        self._bounds = [(positions[v.label], v.limit, set(v.known)) for v in query.label_values
-                        if v.label in positions]
-        known = {positions[v.label]: v.known for v in query.label_values if v.label in positions}
-        # Zero-filled label sets: every combination of known values, when every label has some.
-        self.zero_filled: list[tuple[str, ...]] = []
-        if query.labels and all(known.get(i) for i in range(len(query.labels))):
-            self.zero_filled = [tuple(c) for c in itertools.product(
-                *(known[i] for i in range(len(query.labels))))]
-
-    @property
-    def active(self) -> bool:
-        """Whether any label is bounded."""
-        return bool(self._bounds)
-
-    def fold(self, labels: tuple[str, ...]) -> tuple[str, ...]:
-        """labels with each bounded value kept or replaced by OTHER."""
-        out = list(labels)
-        for position, limit, admitted in self._bounds:
-            value = labels[position]
-            if value in admitted:
-                continue
-            if (value and value != OTHER and len(value) <= MAX_LABEL_LENGTH
-                    and len(admitted) < limit):
-                admitted.add(value)
-            else:
-                out[position] = OTHER
-        return tuple(out)
-
-
-def result_samples(
-    query: BusinessQuery, columns: Sequence[str], rows: Iterable[Sequence[object]],
-    folder: LabelFolder | None = None,
-) -> list[Sample]:
-    """Turn a query's result into (label values, value) samples; raise QueryError when the
-    result does not fit the query's declaration (missing column, too many rows, NULL,
-    non-numeric or invalid value, a label value too long, the same label values twice).
-    rows is read one row at a time, and not past the row after max_rows.
-
-    A query with label_values is folded instead (folder, or a new one): its known label sets
-    come first with 0, rows whose bounded labels fold to the same values are summed, and
-    max_rows bounds the series that result rather than the rows read."""
-    index: dict[str, int] = {}
-    for i, column in enumerate(columns):
-        index.setdefault(column, i)
-    missing = [c for c in (*query.labels, query.value) if c not in index]
-    if missing:
-        raise QueryError(f"column {', '.join(missing)} not in the result "
-                         f"(columns: {', '.join(columns) or 'none'})")
-    value_at = index[query.value]
-    label_at = [index[name] for name in query.labels]
-    if folder is None and query.label_values:
-        folder = LabelFolder(query)
-    folded: dict[tuple[str, ...], float] | None = None
-    if folder is not None and folder.active:
-        folded = dict.fromkeys(folder.zero_filled, 0.0)
-    samples: list[Sample] = []
-    seen: set[tuple[str, ...]] = set()
-    for row in rows:
-        if folded is None and len(samples) == query.max_rows:
-            raise QueryError(f"too many rows: more than max_rows ({query.max_rows})")
-        raw = row[value_at]
-        if raw is None:
-            raise QueryError(f'NULL in value column "{query.value}"')
-        value = _number(raw)
-        if value is None:
-            raise QueryError(f'non-numeric {type(raw).__name__} in value column "{query.value}"')
-        # A counter only goes up from 0: OpenMetrics parsers refuse a negative or NaN one,
-        # and rate() over an infinite one is NaN. A gauge may be NaN or infinite (both
-        # formats carry them).
-        if query.type == "counter" and not (math.isfinite(value) and value >= 0):
-            raise QueryError(f'counter value {_shown(value)} in value column "{query.value}": '
-                             f"a counter must be a finite number, 0 or more")
-        labels = tuple(_label(row[i]) for i in label_at)
-        if folded is not None and folder is not None:
-            labels = folder.fold(labels)
-        for name, text in zip(query.labels, labels, strict=True):
-            if len(text) > MAX_LABEL_LENGTH:
-                raise QueryError(f'label "{name}": a value of {len(text)} characters, more '
-                                 f"than {MAX_LABEL_LENGTH}")
-        if folded is not None:
-            if labels not in folded and len(folded) == query.max_rows:
-                raise QueryError(f"too many label sets after folding: more than max_rows "
-                                 f"({query.max_rows})")
-            folded[labels] = folded.get(labels, 0.0) + value
-            continue
-        if labels in seen:
-            pairs = ", ".join(f'{k}="{v}"' for k, v in zip(query.labels, labels, strict=True))
-            raise QueryError(f"two rows with the same labels {{{pairs}}}")
-        seen.add(labels)
-        samples.append((labels, value))
-    return samples if folded is None else list(folded.items())
-
-
-def _shown(value: float) -> str:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return f"{value:g}"
-
-
-def _rows(conn: Connection, cursor: psycopg.ServerCursor[tuple[Any, ...]], limit: int,
-          deadline: float) -> Iterator[tuple[Any, ...]]:
-    """The cursor's rows, FETCH_BATCH at a time, never more than limit in all. The query runs
-    inside the FETCHes and statement_timeout counts per statement, so each FETCH after the
-    first gets only what is left of the query's time (deadline, monotonic)."""
-    fetched = 0
-    while fetched < limit:
-        if fetched:
-            left = max(1, round((deadline - time.monotonic()) * 1000))
-            conn.execute("SELECT set_config('statement_timeout', %s, true)", [f"{left}ms"])
-        want = min(FETCH_BATCH, limit - fetched)
-        batch = cursor.fetchmany(want)
-        fetched += len(batch)
-        yield from batch
-        if len(batch) < want:
-            return
-
-
-def _capped(rows: Iterator[tuple[Any, ...]], cap: int) -> Iterator[tuple[Any, ...]]:
-    """rows, failing the query at the row past cap."""
-    for count, row in enumerate(rows, 1):
-        if count > cap:
-            raise QueryError(f"too many rows: more than {cap}")
-        yield row
-
-
-# The columns of every required table that exists (a missing one has no row), resolved by the
-# session's search_path as the queries' own table names are. pg_attribute is readable by
-# every role: the least-privilege role needs no grant for it.
-CATALOG_SQL = """
-SELECT t.name, a.attname
-FROM unnest(%s::text[]) AS t(name)
-JOIN pg_catalog.pg_attribute AS a
-  ON a.attrelid = to_regclass(t.name) AND a.attnum > 0 AND NOT a.attisdropped
-"""
-
-
-def read_catalog(conn: Connection, tables: Sequence[str], timeout: float) -> dict[str, set[str]]:
-    """{table: its columns} for each of tables that exists, in a read-only transaction that is
-    rolled back."""
-    try:
-        conn.execute("SELECT set_config('statement_timeout', %s, true)",
-                     [f"{max(1, round(timeout * 1000))}ms"])
-        catalog: dict[str, set[str]] = {}
-        for table, column in conn.execute(CATALOG_SQL, [list(tables)]).fetchall():
-            catalog.setdefault(table, set()).add(column)
-        return catalog
-    finally:
-        if not conn.broken:
-            conn.rollback()
-
-
-def missing_requirements(needs: Sequence[tuple[str, tuple[str, ...]]],
-                         catalog: Mapping[str, set[str]]) -> list[str]:
-    """What of needs (table, columns) the catalog lacks, as "table x" and "column x.y"."""
-    gaps: list[str] = []
-    for table, columns in needs:
-        found = catalog.get(table)
-        if found is None:
-            gaps.append(f"table {table}")
-        else:
-            gaps.extend(f"column {table}.{c}" for c in columns if c not in found)
-    return gaps
-
-
-def next_range(previous: tuple[int, int] | None, highest: int) -> tuple[int, int]:
-    """(after, upto): the ids a watermark query counts this run. previous is (counted up to,
-    highest id seen at the previous run), highest the highest id now.
-
-    Rows are counted one run late: the ids up to the previous run's highest, which every
-    transaction that was writing then has committed since (an id is taken when a row is
-    inserted, the row is seen when its transaction commits, and a later id may commit first).
-    The first run counts nothing (the counter starts at 0 with the exporter, like any
-    process's counter); ids that went back below what was counted (a table emptied and its
-    sequence reset) restart the range there."""
-    if previous is None or highest < previous[0]:
-        return highest, highest
-    counted, seen = previous
-    return counted, min(seen, highest)
 
 
 @dataclass
@@ -301,7 +91,9 @@ class _State:
     due: float = 0.0  # monotonic time after which the next run may start
     queued: bool = False  # waiting for a worker or running
     error: str | None = None
-    logged_at: float = 0.0
+    # The reason (pgconn.REASONS) when the last run failed because PostgreSQL could not be
+    # reached: then the collector's summary line says it, not one line per query.
+    unreachable: str | None = None
     # True, or False while a table or column it requires is missing; None until the
     # catalog was first read for a query that requires something.
     applicable: bool | None = True
@@ -319,16 +111,6 @@ class _Result:
 
     samples: list[Sample]
     watermark: tuple[int, int] | None = None
-
-
-@dataclass(eq=False)
-class _Run:
-    """One query execution on a connection, which the watchdog may abort."""
-
-    conn: Connection
-    done: bool = False
-    aborted: bool = False
-    timer: threading.Timer | None = field(default=None, repr=False)
 
 
 class BusinessCollector:
@@ -357,7 +139,6 @@ class BusinessCollector:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._pg = postgres
-        self._repeat = repeat_interval
         self._clock = clock
         self._lock = threading.Lock()
         self._states = [_State(q, applicable=None if q.requires else True)
@@ -378,14 +159,20 @@ class BusinessCollector:
         self._catalog_lock = threading.Lock()
         self._queue: queue.Queue[_State | None] = queue.Queue()
         self._idle: list[Connection] = []
-        self._runs: set[_Run] = set()
+        # Cuts the connection of a run the server stopped answering (one thread for all).
+        self._watchdog = pgconn.Watchdog(name="business-watchdog")
         self._up = False
+        # Why PostgreSQL cannot be reached (pgconn.REASONS) while up is 0; None otherwise.
+        self._reason: str | None = None
         self._allow_superuser = cfg.allow_superuser
         # (monotonic time, message, seconds) of the last failed or refused connection: the
         # next attempt waits that many seconds, and queries fail at once meanwhile.
-        self._connect_failure: tuple[float, str, float] | None = None
+        self._connect_failure: tuple[float, str, float, str] | None = None
         self._refused = False
-        self._refused_logged_at: float | None = None
+        # Per query, and for the collector ("unreachable", "superuser"): logged when a failure
+        # starts or changes and again after repeat_interval, and on recovery.
+        self._query_log = OnChange(repeat_interval, clock)
+        self._collector_log = OnChange(repeat_interval, clock)
         self._closed = False
         if cfg.allow_superuser and self._states:
             log.warning("business.allow_superuser is set: business queries run even as a "
@@ -409,7 +196,7 @@ class BusinessCollector:
             self._schedule(self._clock())
             snapshot = [(s.query, s.samples, s.duration, s.last_success, s.applicable)
                         for s in self._states]
-            up, refused = self._up, self._refused
+            up, refused, reason = self._up, self._refused, self._reason
         success = GaugeMetricFamily(
             "qatoolbox_business_query_success",
             "Whether the query's last run succeeded and its result is served (1) or not (0).",
@@ -440,13 +227,22 @@ class BusinessCollector:
             duration.add_metric([query.metric], took)
             last.add_metric([query.metric], last_success)
             if samples is not None:
-                yield _family(query, samples)
+                yield query_family(query, samples)
         yield GaugeMetricFamily(
             "qatoolbox_business_up",
             "Whether the business collector reached PostgreSQL on its last attempt (1) or not "
             "(0).",
             value=1.0 if up else 0.0,
         )
+        if not up and reason is not None:
+            unreachable = GaugeMetricFamily(
+                "qatoolbox_business_connection_error",
+                "Why the business collector could not reach PostgreSQL, while "
+                "qatoolbox_business_up is 0; always 1.",
+                labels=["reason"],
+            )
+            unreachable.add_metric([reason], 1.0)
+            yield unreachable
         yield GaugeMetricFamily(
             "qatoolbox_business_superuser_refused",
             "Whether business queries are refused because the role is a PostgreSQL superuser "
@@ -490,6 +286,7 @@ class BusinessCollector:
         error: str | None = "internal error (traceback on stderr)"
         quiet = False
         missing: str | None = None
+        unreachable: str | None = None
         try:
             result = self._execute(state)
             error = None
@@ -498,7 +295,9 @@ class BusinessCollector:
         except NotApplicableError as exc:
             missing, error = str(exc), None
         except (psycopg.Error, QueryError) as exc:
-            error = self._redact(_describe(exc))
+            error = pgconn.describe(exc, self._pg)
+            if isinstance(exc, UnreachableError):
+                unreachable = exc.reason
         finally:
             finished = self._clock()
             with self._lock:
@@ -509,6 +308,8 @@ class BusinessCollector:
                         log.info("business query not applicable: not run while what it reads "
                                  "is missing", extra={"query": query.metric, "missing": missing})
                     state.applicable, state.samples, state.error = False, None, None
+                    state.unreachable = None
+                    self._query_log.clear(query.metric)
                     state.due = finished + self._applicability_interval
                 else:
                     if result is not None and state.applicable is False:
@@ -523,7 +324,7 @@ class BusinessCollector:
                     else:
                         state.due = finished + min(query.interval, RETRY_AFTER)
                     if not quiet:
-                        self._log_outcome(state, error, finished)
+                        self._log_outcome(state, error, unreachable)
 
     @staticmethod
     def _served(state: _State, result: _Result | None) -> list[Sample] | None:
@@ -538,19 +339,34 @@ class BusinessCollector:
         state.watermark = result.watermark
         return list(state.totals.items())
 
-    def _log_outcome(self, state: _State, error: str | None, now: float) -> None:
-        """One log line when a query starts failing, changes error or keeps failing for
-        repeat_interval; one when it recovers (caller holds the lock)."""
+    def _log_outcome(self, state: _State, error: str | None, unreachable: str | None) -> None:
+        """A query's failure is logged when it starts, changes or keeps failing for
+        repeat_interval, and its recovery once; a failure to reach PostgreSQL only at debug,
+        as the collector logs one summary for all queries (caller holds the lock)."""
+        metric = state.query.metric
+        was_unreachable = state.unreachable is not None
+        state.error, state.unreachable = error, unreachable
         if error is None:
-            if state.error is not None:
-                log.info("business query recovered", extra={"query": state.query.metric})
-            state.error = None
+            if self._query_log.clear(metric):
+                log.log(logging.DEBUG if was_unreachable else logging.INFO,
+                        "business query recovered", extra={"query": metric})
+        elif self._query_log.changed(metric, error):
+            log.log(logging.DEBUG if unreachable else logging.WARNING,
+                    "business query failed", extra={"query": metric, "err": error})
+        self._summarise()
+
+    def _summarise(self) -> None:
+        """One line for the queries that failed because PostgreSQL could not be reached, once
+        none of them is still running: "10 business queries failed: <why>"; again when the
+        reason changes or after repeat_interval (caller holds the lock)."""
+        failed = [s for s in self._states if s.unreachable is not None]
+        if not failed or any(s.queued for s in self._states):
             return
-        if error != state.error or now - state.logged_at >= self._repeat:
-            log.warning("business query failed",
-                        extra={"query": state.query.metric, "err": error})
-            state.logged_at = now
-        state.error = error
+        reason = failed[-1].unreachable
+        if self._collector_log.changed("unreachable", reason):
+            noun = "query" if len(failed) == 1 else "queries"
+            log.warning(f"{len(failed)} business {noun} failed: {failed[-1].error}",
+                        extra={"reason": reason, "queries": len(failed)})
 
     def _execute(self, state: _State) -> _Result:
         conn, reused = self._connection()
@@ -596,12 +412,7 @@ class BusinessCollector:
             except psycopg.Error:
                 self._release(conn, False)
                 raise
-        run = _Run(conn)
-        run.timer = threading.Timer(query.timeout + ABORT_GRACE, self._abort, (run,))
-        run.timer.daemon = True
-        with self._lock:
-            self._runs.add(run)
-        run.timer.start()
+        watched = self._watchdog.arm(conn.fileno(), time.monotonic() + query.timeout + ABORT_GRACE)
         reusable = False
         # A named cursor: DECLARE goes through the extended protocol (Parse/Bind/Execute),
         # which refuses a second statement in the text, and PostgreSQL takes nothing but a
@@ -614,7 +425,7 @@ class BusinessCollector:
             conn.execute(SET_LOCALS, [f"{max(1, round(query.timeout * 1000))}ms"])
             text = query.sql
             if query.watermark:
-                highest = self._highest(conn, query.watermark)
+                highest = highest_id(conn, query.watermark)
                 after, upto = next_range(state.watermark, highest)
                 text = fill_placeholders(text, {"after": str(after), "upto": str(upto)})
                 watermark = (upto, highest)
@@ -623,31 +434,30 @@ class BusinessCollector:
                 raise QueryError("the statement returned no result set")
             columns = [column.name for column in cursor.description]
             if query.label_values:
-                rows = _capped(_rows(conn, cursor, MAX_FOLDED_ROWS + 1, deadline),
+                rows = capped_rows(fetch_rows(conn, cursor, MAX_FOLDED_ROWS + 1, deadline),
                                MAX_FOLDED_ROWS)
             else:
-                rows = _rows(conn, cursor, query.max_rows + 1, deadline)
+                rows = fetch_rows(conn, cursor, query.max_rows + 1, deadline)
             samples = result_samples(query, columns, rows, state.folder)
-            reusable = self._end_run(conn)
+            reusable = end_run(conn)
         except QueryError:  # the server answered; the result does not fit the declaration
             self._set_up(True)
-            reusable = self._end_run(conn)
+            reusable = end_run(conn)
             raise
         except psycopg.Error as exc:
-            if run.aborted:
-                self._set_up(False)
-                raise QueryError(f"no answer from PostgreSQL within "
-                                 f"{query.timeout + ABORT_GRACE:g}s; connection dropped") from exc
+            if self._watchdog.disarm(watched):
+                self._set_up(False, "timeout")
+                raise UnreachableError(f"no answer from PostgreSQL within "
+                                       f"{query.timeout + ABORT_GRACE:g}s; connection dropped",
+                                       "timeout") from exc
             # An SQL error came from a live server; a broken connection means it went away.
-            self._set_up(not conn.broken)
+            self._set_up(not conn.broken, pgconn.reason(exc))
             if not conn.broken:
-                reusable = self._end_run(conn)
+                reusable = end_run(conn)
             raise
         finally:
-            run.timer.cancel()
-            with self._lock:
-                run.done = True  # from here on the watchdog leaves this connection alone
-                self._runs.discard(run)
+            if self._watchdog.disarm(watched):
+                reusable = False  # cut just after the last answer: the connection is gone
             try:
                 # After the rollback: closing a cursor of a finished transaction is free.
                 cursor.close()
@@ -657,57 +467,10 @@ class BusinessCollector:
         self._set_up(True)
         return _Result(samples, watermark)
 
-    @staticmethod
-    def _highest(conn: Connection, watermark: str) -> int:
-        """The highest value of the watermark column now (0 for an empty table)."""
-        parsed = parse_watermark(watermark)
-        assert parsed is not None  # checked when the config was loaded
-        table, column = parsed
-        statement = sql.SQL("SELECT max({}) FROM {}").format(
-            sql.Identifier(column), sql.Identifier(*table.split(".")))
-        row = conn.execute(statement).fetchone()
-        value = row[0] if row else None
-        if value is None:
-            return 0
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise QueryError(f"watermark {watermark}: {type(value).__name__} values, not "
-                             f"whole numbers")
-        return value
-
-    @staticmethod
-    def _end_run(conn: Connection) -> bool:
-        """Roll the run's transaction back and release the session-level advisory locks a
-        query may have taken (they outlive a rollback and would stay held by a pooled
-        connection); False when the connection is not fit for another run."""
-        try:
-            if conn.info.transaction_status == TransactionStatus.INTRANS:
-                conn.execute("SELECT pg_advisory_unlock_all()")
-                conn.rollback()
-            else:  # the transaction failed: leave it first
-                conn.rollback()
-                conn.execute("SELECT pg_advisory_unlock_all()")
-                conn.rollback()
-        except psycopg.Error:
-            return False
-        return True
-
-    def _abort(self, run: _Run) -> None:
-        """Watchdog: cut the connection of a run the server stopped answering."""
-        with self._lock:
-            if run.done:
-                return
-            run.aborted = True
-            try:
-                # Shutting the socket down wakes the worker blocked reading it with an error;
-                # closing the psycopg connection from this thread would race with the worker.
-                with socket.socket(fileno=os.dup(run.conn.fileno())) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, psycopg.Error):
-                pass
-
-    def _set_up(self, up: bool) -> None:
+    def _set_up(self, up: bool, reason: str | None = None) -> None:
         with self._lock:
             self._up = up
+            self._reason = None if up else reason
 
     def _connection(self, fresh: bool = False) -> tuple[Connection, bool]:
         """An idle pooled connection (reused True) or a new one."""
@@ -716,27 +479,23 @@ class BusinessCollector:
                 return self._idle.pop(), True
             failure, refused = self._connect_failure, self._refused
         if failure is not None and self._clock() - failure[0] < failure[2]:
-            raise (RefusedError if refused else QueryError)(failure[1])
-        pg = self._pg
-        params: dict[str, Any] = {
-            "host": pg.host, "port": pg.port, "dbname": pg.dbname, "user": pg.user,
-            "sslmode": pg.sslmode, "connect_timeout": max(1, round(pg.connect_timeout)),
-            "application_name": "qatoolbox-exporter-business", "options": SESSION_OPTIONS,
-        }
-        if pg.password:
-            params["password"] = str(pg.password)
+            if refused:
+                raise RefusedError(failure[1])
+            raise UnreachableError(failure[1], failure[3])
+        params = pgconn.connect_params(self._pg, "qatoolbox-exporter-business", SESSION_OPTIONS)
         conn: Connection | None = None
         try:
-            conn = psycopg.connect(**params)
-            superuser = self._superuser(conn)
+            conn = pgconn.connect(params)
+            superuser = is_superuser(conn)
         except psycopg.Error as exc:
             if conn is not None:
                 conn.close()
-            message = self._redact(f"cannot connect: {_describe(exc)}")
+            message = f"cannot connect: {pgconn.describe(exc, self._pg)}"
+            reason = pgconn.reason(exc)
             with self._lock:
-                self._connect_failure = (self._clock(), message, CONNECT_BACKOFF)
-                self._up = False
-            raise QueryError(message) from exc
+                self._connect_failure = (self._clock(), message, CONNECT_BACKOFF, reason)
+                self._up, self._reason = False, reason
+            raise UnreachableError(message, reason) from exc
         if superuser and not self._allow_superuser:
             role = conn.info.user
             conn.close()
@@ -747,32 +506,21 @@ class BusinessCollector:
             if self._refused:
                 log.info("business queries run again: the PostgreSQL role is no longer a "
                          "superuser", extra={"user": conn.info.user})
-            self._up, self._refused, self._refused_logged_at = True, False, None
+            self._up, self._refused, self._reason = True, False, None
+            self._collector_log.clear("superuser")
+            if self._collector_log.clear("unreachable"):
+                log.info("business queries reach PostgreSQL again")
         return conn, False
-
-    @staticmethod
-    def _superuser(conn: Connection) -> bool:
-        """Whether the role is a superuser. PostgreSQL reports is_superuser when the session
-        starts; a pooler may not pass that on, and then it is asked."""
-        flag = conn.info.parameter_status("is_superuser")
-        if flag is None:
-            row = conn.execute("SELECT current_setting('is_superuser')").fetchone()
-            conn.rollback()
-            return row is not None and row[0] == "on"
-        return flag == "on"
 
     def _refuse(self, role: str) -> None:
         """Refuse to run queries as the superuser role: one error line now and after each
         repeat_interval while it lasts, not one per query; queries fail at once for
         RETRY_AFTER seconds before the next connection checks again."""
         message = f'refused: role "{role}" is a PostgreSQL superuser'
-        now = self._clock()
         with self._lock:
-            self._connect_failure = (now, message, RETRY_AFTER)
-            self._up, self._refused = False, True
-            logged = self._refused_logged_at
-            if logged is None or now - logged >= self._repeat:
-                self._refused_logged_at = now
+            self._connect_failure = (self._clock(), message, RETRY_AFTER, "other")
+            self._up, self._refused, self._reason = False, True, None
+            if self._collector_log.changed("superuser", role):
                 log.error("business queries refused: the PostgreSQL role is a superuser, "
                           "whom a read-only transaction does not stop", extra={
                               "user": role, "hint": SUPERUSER_HINT})
@@ -785,43 +533,18 @@ class BusinessCollector:
                 return
         conn.close()
 
-    def _redact(self, text: str) -> str:
-        password = str(self._pg.password)
-        return text.replace(password, "<secret>") if password else text
-
     def close(self, timeout: float = 0.0) -> None:
         """Stop the workers, cut running queries and close idle connections; wait up to
         timeout seconds for the workers to end (the runner does not wait)."""
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, []
-            running = list(self._runs)
         for _ in self._workers:
             self._queue.put(None)
-        for run in running:
-            self._abort(run)
+        self._watchdog.fire()
         for conn in idle:
             conn.close()
         deadline = time.monotonic() + timeout
         for worker in self._workers:
             worker.join(max(0.0, deadline - time.monotonic()))
-
-
-def _describe(exc: BaseException) -> str:
-    """The first line of the error (PostgreSQL adds LINE/HINT lines), with its class for
-    database errors: "UndefinedTable: relation "x" does not exist"."""
-    first = (str(exc).strip().splitlines() or [""])[0]
-    if isinstance(exc, QueryError):
-        return first
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def _family(query: BusinessQuery, samples: list[Sample]) -> Metric:
-    family: GaugeMetricFamily | CounterMetricFamily
-    if query.type == "counter":
-        family = CounterMetricFamily(query.metric, query.help, labels=list(query.labels))
-    else:
-        family = GaugeMetricFamily(query.metric, query.help, labels=list(query.labels))
-    for labels, value in samples:
-        family.add_metric(list(labels), value)
-    return family
+        self._watchdog.stop()
