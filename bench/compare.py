@@ -247,7 +247,10 @@ def start_demo(base: Path, traffic_seconds: float, log: Any) -> Demo:
         log("starting the demo app (gunicorn + Celery) with exporter.instrument")
         demo.app.workers = 2
         demo.app.start()
-        demo.env = demo_env(pg, redis)
+        # The exporter connects as an operator runs it: docs/reliability.md's least-privilege
+        # role and ACL user (business queries are refused to a superuser).
+        pg.create_exporter_role("qatoolbox")
+        demo.env = {**pg.exporter_env("qatoolbox"), "REDIS_URL": redis.create_exporter_user()}
         log(f"sending {traffic_seconds:.0f} s of examples/loadgen traffic")
         subprocess.run([sys.executable, str(LOADGEN), "--url", demo.app.url, "--rate", "20",
                         "--duration", str(traffic_seconds), "--seed", "1"],

@@ -1,6 +1,6 @@
 """Process memory settings of the exporter, in force as soon as this module is imported.
 
-Two things keep the exporter's resident memory down (docs/benchmarks.md, "Memory"):
+Three things keep the exporter's resident memory down (docs/bench-prometheus.md, "Memory"):
 
 - prometheus_client is imported without running its package __init__, which imports the
   exposition module and with it http.server's client half, urllib.request, wsgiref and ssl (the
@@ -8,8 +8,13 @@ Two things keep the exporter's resident memory down (docs/benchmarks.md, "Memory
   stand-in whose attributes load on first use: `prometheus_client.<submodule>` imports just
   that submodule; any other name (`prometheus_client.REGISTRY`, `from prometheus_client import
   CollectorRegistry`) runs the real __init__ once, so every use still works, at the old cost.
+- psycopg imports ssl, and ssl brings the system's OpenSSL: 5 MB resident for nothing, as
+  PostgreSQL's TLS is libpq's own. Its libpq binding imports ssl for an OpenSSL 1.0 setup step
+  and gets an empty stand-in; asyncio (psycopg.errors imports it, for an async API the
+  exporter does not use) gets an ImportError and takes its own no-TLS path. Once psycopg is
+  imported, ssl is importable as usual for what really needs it (a TLS web config, rediss://).
 - glibc's malloc keeps one arena per thread that ever contended (up to 8 per core); the
-  exporter's dozen threads mostly wait, so two arenas are enough.
+  exporter's threads mostly wait and hold the GIL when they allocate, so one arena is enough.
 
 exporter.scrape imports this module before anything else of prometheus_client; the application's
 side (exporter.instrument) never does, so it is not affected.
@@ -19,14 +24,17 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
 import threading
+from collections.abc import Sequence
+from types import ModuleType
 
 # mallopt(3) parameter numbers (malloc.h).
 _M_ARENA_MAX = -8
-MALLOC_ARENAS = 2
+MALLOC_ARENAS = 1
 
 
 def defer_package_init(package: str) -> bool:
@@ -61,6 +69,62 @@ def defer_package_init(package: str) -> bool:
     return True
 
 
+class _ImportWithout(importlib.abc.MetaPathFinder):
+    """Finds one module, once, and runs it with another replaced in sys.modules (None: an
+    import of it raises ImportError), unless that other one is loaded already."""
+
+    def __init__(self, module: str, blocked: str, stand_in: ModuleType | None) -> None:
+        self.module = module
+        self.blocked = blocked
+        self.stand_in = stand_in
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.module:
+            return None
+        with _finder_lock:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+        current = sys.modules.get(self.blocked)
+        if current is not None and not any(current is f.stand_in for f in _finders):
+            return None  # the real one is loaded: nothing to save
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return None
+        loader, blocked, stand_in = spec.loader, self.blocked, self.stand_in
+
+        class _Loader(importlib.machinery.SourceFileLoader):
+            def exec_module(self, module: ModuleType) -> None:
+                had = sys.modules.get(blocked, module)  # module: not there at all
+                sys.modules[blocked] = stand_in  # type: ignore[assignment]
+                try:
+                    loader.exec_module(module)
+                finally:
+                    if sys.modules.get(blocked) is stand_in:
+                        if had is module:
+                            del sys.modules[blocked]
+                        else:
+                            sys.modules[blocked] = had
+
+        spec.loader = _Loader(loader.name, loader.path)
+        return spec
+
+
+_finder_lock = threading.Lock()
+_finders: list[_ImportWithout] = []
+
+
+def import_without(module: str, blocked: str, stand_in: ModuleType | None = None) -> bool:
+    """The first import of `module` runs with `blocked` replaced by stand_in (None: importing
+    it fails, and `module` takes its fallback); False when `module` is already imported."""
+    if module in sys.modules:
+        return False
+    finder = _ImportWithout(module, blocked, stand_in)
+    _finders.append(finder)
+    sys.meta_path.insert(0, finder)
+    return True
+
+
 def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
     """mallopt(M_ARENA_MAX, count) in glibc; False where there is no such call (musl)."""
     try:
@@ -73,4 +137,9 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
 
 
 defer_package_init("prometheus_client")
+import_without("asyncio", "ssl")
+# psycopg's libpq bindings import ssl only to have Python set up OpenSSL's locking callbacks,
+# which OpenSSL 1.1 and later do not need (and psycopg-binary's libpq has its own OpenSSL,
+# which Python's ssl never touches): an empty stand-in satisfies that import.
+import_without("psycopg", "ssl", ModuleType("ssl", "stand-in: see exporter.lean"))
 limit_malloc_arenas()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import email.utils
 import errno
 import gzip
 import html
@@ -23,16 +22,13 @@ import re
 import resource
 import selectors
 import socket
-import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import Metric
-from prometheus_client.openmetrics import exposition as openmetrics
+from typing import Any
 
 from exporter import __version__, textformat
 from exporter.config import WebConfig, split_listen_address
@@ -64,19 +60,8 @@ SWEEP_INTERVAL = 0.1  # how often deadlines are looked at
 ACCEPTS_PER_WAKEUP = 64
 REQUESTS_PER_TURN = 16
 
-# The formats served, with our own Content-Type strings: nothing from a request is echoed.
-TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
-OPENMETRICS_1_0_0 = "application/openmetrics-text; version=1.0.0; charset=utf-8"
-OPENMETRICS_0_0_1 = "application/openmetrics-text; version=0.0.1; charset=utf-8"
-_MEDIA_TYPES = {
-    ("application/openmetrics-text", ""): OPENMETRICS_1_0_0,
-    ("application/openmetrics-text", "1.0.0"): OPENMETRICS_1_0_0,
-    ("application/openmetrics-text", "0.0.1"): OPENMETRICS_0_0_1,
-    ("text/plain", ""): TEXT_FORMAT,
-    ("text/plain", "0.0.4"): TEXT_FORMAT,
-}
-_QVALUE = re.compile(r"0(?:\.\d{0,3})?|1(?:\.0{0,3})?")
 MAX_ACCEPT_ITEMS = 32
+_QVALUE = re.compile(r"0(?:\.\d{0,3})?|1(?:\.0{0,3})?")
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VERSION = re.compile(rb"HTTP/(\d)\.(\d)")
@@ -93,24 +78,14 @@ _SERVER = f"qatoolbox-exporter/{__version__}"
 
 
 class _RunnerCollector:
-    """Adapts the scrape runner to a prometheus_client registry."""
+    """The scrape runner as the encoders' source: anything with collect() will do, so no
+    prometheus_client registry (and none of its package) is needed on the serving path."""
 
     def __init__(self, runner: ScrapeRunner) -> None:
         self._runner = runner
 
-    def describe(self) -> Iterable[Metric]:
-        # Nothing at registration: describing would run every collector (and hit PostgreSQL).
-        return []
-
-    def collect(self) -> Iterable[Metric]:
+    def collect(self) -> Iterable[Any]:
         return self._runner.collect()
-
-
-def make_registry(runner: ScrapeRunner) -> CollectorRegistry:
-    """The exporter's own registry, holding only the scrape runner."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_RunnerCollector(runner))
-    return registry
 
 
 def _landing_page(runner: ScrapeRunner, telemetry_path: str) -> bytes:
@@ -272,30 +247,6 @@ def finish_request(method: str, target: bytes, version: str,
     return Request(method, path, version, headers, keep_alive and not body)
 
 
-def negotiate(accept: str) -> str:
-    """The Content-Type to serve for an Accept header: one of the fixed formats, by quality
-    then by order in the header; text 0.0.4 when nothing listed is served (as Go's expfmt).
-    A malformed item (a q that is not a qvalue, a version we do not know) is ignored."""
-    best: tuple[float, int, str] | None = None
-    for index, item in enumerate(accept.split(",")[:MAX_ACCEPT_ITEMS]):
-        media, *params = (part.strip() for part in item.split(";"))
-        quality, version = 1.0, ""
-        for param in params:
-            name, _, value = param.partition("=")
-            name, value = name.strip().lower(), value.strip()
-            if name == "q":
-                quality = float(value) if _QVALUE.fullmatch(value) else 0.0
-            elif name == "version":
-                version = value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' \
-                    else value
-        content_type = _MEDIA_TYPES.get((media.lower(), version))
-        if content_type is None or quality <= 0:
-            continue
-        if best is None or (-quality, index) < (-best[0], best[1]):
-            best = (quality, index, content_type)
-    return best[2] if best is not None else TEXT_FORMAT
-
-
 def accepts_gzip(header: str) -> bool:
     """Whether Accept-Encoding lists gzip with a non-zero quality (codings ignore case)."""
     for item in header.split(",")[:MAX_ACCEPT_ITEMS]:
@@ -332,13 +283,23 @@ def _plain(status: int, text: str, *headers: tuple[str, str], close: bool = Fals
 
 
 _date_cache: list[tuple[int, str]] = [(0, "")]
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(seconds: int) -> str:
+    """RFC 9110's IMF-fixdate, in English whatever the locale (email.utils, which does the
+    same, costs 0.3 MB of imports for this one line)."""
+    t = time.gmtime(seconds)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
 
 
 def _http_date() -> str:
     now = int(time.time())
     cached = _date_cache[0]
     if cached[0] != now:
-        cached = _date_cache[0] = (now, email.utils.formatdate(now, usegmt=True))
+        cached = _date_cache[0] = (now, http_date(now))
     return cached[1]
 
 
@@ -370,11 +331,11 @@ class _Conn:
                  "security", "slot", "sock", "state", "tls")
 
     def __init__(self, sock: socket.socket, client: str, security: WebSecurity,
-                 deadline: float) -> None:
+                 deadline: float, tls: bool = False) -> None:
         self.sock = sock
         self.client = client
         self.security = security
-        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.tls = tls
         self.state = _HANDSHAKE if self.tls else _READING
         self.buf = bytearray()
         # The answer being written, in chunks; a chunk stays the same object until all of it
@@ -478,6 +439,18 @@ class _Pool:
             return me.job
 
 
+def _tls_wants(exc: OSError) -> int:
+    """The event a TLS socket's error waits for (ssl's want-read or want-write), 0 for a real
+    error. ssl is imported only with a TLS web config, and a TLS socket means it was."""
+    ssl = sys.modules.get("ssl")
+    if ssl is not None:
+        if isinstance(exc, ssl.SSLWantReadError):
+            return selectors.EVENT_READ
+        if isinstance(exc, ssl.SSLWantWriteError):
+            return selectors.EVENT_WRITE
+    return 0
+
+
 def _client_address(address: object) -> str:
     """The peer's IP as text; an IPv4 client of a dual-stack socket without its ::ffff:."""
     host = str(address[0]) if isinstance(address, tuple) and address else str(address)
@@ -508,7 +481,7 @@ def _connection_limit() -> int:
 
 
 class ExporterHTTPServer:
-    """The exporter's HTTP server: knows the runner, registry and web settings."""
+    """The exporter's HTTP server: knows the runner and the web settings."""
 
     def __init__(self, web: WebConfig, runner: ScrapeRunner,
                  security: WebConfigFile | None = None, *,
@@ -517,7 +490,7 @@ class ExporterHTTPServer:
         host, port = split_listen_address(web.listen_address)
         self.web = web
         self.runner = runner
-        self.registry = make_registry(runner)
+        self.source = _RunnerCollector(runner)
         self.security = security
         self.header_timeout = min(float(web.header_timeout), float(web.read_timeout))
         self.idle_timeout = idle_timeout
@@ -596,7 +569,7 @@ class ExporterHTTPServer:
     def set_runner(self, runner: ScrapeRunner) -> None:
         """Serve this runner's collections from now on (set before serve_forever)."""
         self.runner = runner
-        self.registry = make_registry(runner)
+        self.source = _RunnerCollector(runner)
 
     def security_settings(self) -> WebSecurity:
         """The web config in force (empty without --web.config.file)."""
@@ -623,12 +596,11 @@ class ExporterHTTPServer:
         compression for all of them, not one each, so a burst of waiting scrapes does not
         raise the exporter's memory high-water mark."""
 
+        encoder = textformat.encoder_for(content_type)
+
         def build() -> bytes:
             try:
-                if content_type == TEXT_FORMAT:
-                    body = textformat.generate_latest(self.registry)
-                else:
-                    body = openmetrics.generate_latest(self.registry)  # type: ignore[no-untyped-call]
+                body = encoder(self.source)
             except Exception:
                 log.exception("scrape failed")
                 raise
@@ -762,12 +734,13 @@ class ExporterHTTPServer:
             if security.ssl_context is not None:
                 conn_sock = security.ssl_context.wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:  # ssl.SSLError is one
             log.debug("connection setup failed", extra={"client": client,
                                                         "err": type(exc).__name__})
             sock.close()
             return
-        conn = _Conn(conn_sock, client, security, time.monotonic() + self.header_timeout)
+        conn = _Conn(conn_sock, client, security, time.monotonic() + self.header_timeout,
+                     tls=conn_sock is not sock)
         self._conns.add(conn)
         self._waiting[conn] = None
         if conn.tls:
@@ -857,21 +830,19 @@ class ExporterHTTPServer:
         self._close(conn)
 
     def _handshake(self, conn: _Conn) -> None:
-        assert isinstance(conn.sock, ssl.SSLSocket)
+        sock: Any = conn.sock  # an ssl.SSLSocket
         try:
-            conn.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(conn, selectors.EVENT_READ)
-            return
-        except ssl.SSLWantWriteError:
-            self._want(conn, selectors.EVENT_WRITE)
-            return
-        except (ssl.SSLError, OSError) as exc:
+            sock.do_handshake()
+        except OSError as exc:
+            wants = _tls_wants(exc)
+            if wants:
+                self._want(conn, wants)
+                return
             log.debug("TLS handshake failed", extra={"client": conn.client,
                                                      "err": type(exc).__name__})
             self._close(conn)
             return
-        if not conn.security.client_allowed(conn.sock.getpeercert()):
+        if not conn.security.client_allowed(sock.getpeercert()):
             log.debug("client certificate names no allowed SAN", extra={"client": conn.client})
             self._close(conn)
             return
@@ -890,13 +861,14 @@ class ExporterHTTPServer:
         error (the connection is closed or answered), None when nothing is there yet."""
         try:
             data = conn.sock.recv(READ_CHUNK)
-        except (BlockingIOError, ssl.SSLWantReadError):
+        except BlockingIOError:
             self._want(conn, selectors.EVENT_READ)
             return None
-        except ssl.SSLWantWriteError:
-            self._want(conn, selectors.EVENT_WRITE)
-            return None
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
+            wants = _tls_wants(exc) if conn.tls else 0
+            if wants:
+                self._want(conn, wants)
+                return None
             log.debug("connection error", extra={"client": conn.client,
                                                  "err": type(exc).__name__})
             self._close(conn)
@@ -1025,13 +997,14 @@ class ExporterHTTPServer:
             chunk = conn.out[0]
             try:
                 sent = conn.sock.send(chunk)
-            except (BlockingIOError, ssl.SSLWantWriteError):
+            except BlockingIOError:
                 self._want(conn, selectors.EVENT_WRITE)
                 return
-            except ssl.SSLWantReadError:
-                self._want(conn, selectors.EVENT_READ)
-                return
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:
+                wants = _tls_wants(exc) if conn.tls else 0
+                if wants:
+                    self._want(conn, wants)
+                    return
                 log.debug("connection error", extra={"client": conn.client,
                                                      "err": type(exc).__name__})
                 self._close(conn)
@@ -1158,7 +1131,7 @@ class ExporterHTTPServer:
     def _respond(self, request: Request) -> Response:
         path = request.path
         if path == self.web.telemetry_path:
-            content_type = negotiate(request.joined("accept"))
+            content_type, _ = textformat.negotiate(request.joined("accept"))
             gzipped = accepts_gzip(request.joined("accept-encoding"))
             try:
                 body = self.exposition(content_type, gzipped)
