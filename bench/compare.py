@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -147,8 +148,14 @@ def start_anchor(name: str, argv: Sequence[str], env: dict[str, str], ready: byt
     return Anchor(name, proc, target)
 
 
-def wait_scrape(url: str, poll: Any, needle: bytes, timeout: float) -> bytes:
-    """Scrape url until the body contains needle (a process that exits fails at once)."""
+def up_pattern(name: str) -> re.Pattern[bytes]:
+    """A `name 1` sample, with or without labels (the fleet's server label), any float form."""
+    return re.compile(rb"(?m)^" + re.escape(name.encode()) + rb"(\{[^}]*\})? 1(\.0)?$")
+
+
+def wait_scrape(url: str, poll: Any, needle: bytes | re.Pattern[bytes], timeout: float) -> bytes:
+    """Scrape url until the body contains needle, or matches it (a process that exits fails
+    at once)."""
     deadline = time.monotonic() + timeout
     last = b""
     while time.monotonic() < deadline:
@@ -156,7 +163,7 @@ def wait_scrape(url: str, poll: Any, needle: bytes, timeout: float) -> bytes:
             raise SystemExit(f"{url}: the exporter exited")
         with contextlib.suppress(OSError):
             last = scrape(url)[1]
-            if needle in last:
+            if (needle in last if isinstance(needle, bytes) else needle.search(last)):
                 return last
         time.sleep(0.2)
     raise SystemExit(f"{url} did not serve {needle!r} within {timeout:.0f} s")
@@ -209,8 +216,8 @@ def start_ours(base: Path, env: dict[str, str], app_dirs: Sequence[Path],
     scrape(target.url)
     first = time.perf_counter() - started
     poll = exporter.proc.poll if exporter.proc else (lambda: 1)
-    wait_scrape(target.url, poll, b"qatoolbox_postgres_up 1.0", 30)
-    wait_scrape(target.url, poll, b"qatoolbox_redis_up 1.0", 30)
+    wait_scrape(target.url, poll, up_pattern("qatoolbox_postgres_up"), 30)
+    wait_scrape(target.url, poll, up_pattern("qatoolbox_redis_up"), 30)
     wait_settled(target.url, poll)
     return Ours(exporter, target, first)
 

@@ -38,7 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.compare import LOADGEN, Demo, start_demo, wait_scrape, wait_settled  # noqa: E402
+from bench.compare import (  # noqa: E402
+    LOADGEN,
+    Demo,
+    start_demo,
+    up_pattern,
+    wait_scrape,
+    wait_settled,
+)
 from bench.scrape import fetch  # noqa: E402
 from tests.harness import free_port, stop_process, tempdir  # noqa: E402
 
@@ -131,8 +138,8 @@ def start_variant(variant: Variant, demo: Demo) -> None:
     log_file.close()
     variant.url = f"http://127.0.0.1:{port}/metrics"
     poll = variant.proc.poll
-    wait_scrape(variant.url, poll, b"qatoolbox_postgres_up 1.0", 60)
-    wait_scrape(variant.url, poll, b"qatoolbox_redis_up 1.0", 60)
+    wait_scrape(variant.url, poll, up_pattern("qatoolbox_postgres_up"), 60)
+    wait_scrape(variant.url, poll, up_pattern("qatoolbox_redis_up"), 60)
     wait_settled(variant.url, poll)
 
 

@@ -57,12 +57,14 @@ def create_tables(pg: PostgresServer, upto: int, have: int, *, prefix: str = "t"
 
 
 def _wait_metrics(url: str, proc: subprocess.Popen[bytes], needle: bytes) -> None:
+    """Scrape until a line of the body starts with needle and its value is 1."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
         try:
-            if needle in scrape(url)[1]:
+            if any(line.startswith(needle) and line.rsplit(b" ", 1)[-1] in (b"1", b"1.0")
+                   for line in scrape(url)[1].splitlines()):
                 return
         except OSError:
             pass
@@ -86,7 +88,7 @@ def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
              *others, *extra], cwd=ROOT, env=env, stdout=devnull, stderr=devnull)
         procs.append(proc)
         target = Target(name, f"http://127.0.0.1:{port}/metrics", proc.pid)
-        _wait_metrics(target.url, proc, b"qatoolbox_postgres_up 1")
+        _wait_metrics(target.url, proc, b"qatoolbox_postgres_up")
         targets.append(target)
 
     def theirs(name: str, extra: Sequence[str]) -> None:
@@ -97,7 +99,7 @@ def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
                                  *extra], env=env, stdout=devnull, stderr=devnull)
         procs.append(proc)
         target = Target(name, f"http://127.0.0.1:{port}/metrics", proc.pid)
-        _wait_metrics(target.url, proc, b"pg_up 1")
+        _wait_metrics(target.url, proc, b"pg_up")
         targets.append(target)
 
     ours("qatoolbox", [])
