@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
@@ -69,9 +68,10 @@ def defer_package_init(package: str) -> bool:
     return True
 
 
-class _ImportWithout(importlib.abc.MetaPathFinder):
-    """Finds one module, once, and runs it with another replaced in sys.modules (None: an
-    import of it raises ImportError), unless that other one is loaded already."""
+class _ImportWithout:
+    """A meta path finder: finds one module, once, and runs it with another replaced in
+    sys.modules (None: an import of it raises ImportError), unless that other one is loaded
+    already. (Not an importlib.abc.MetaPathFinder: importlib.abc imports importlib.resources.)"""
 
     def __init__(self, module: str, blocked: str, stand_in: ModuleType | None) -> None:
         self.module = module
