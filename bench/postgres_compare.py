@@ -32,7 +32,13 @@ if str(ROOT) not in sys.path:
 
 from bench.scrape import Target, measure, report, scrape  # noqa: E402
 from exporter.collectors import COLLECTORS  # noqa: E402
-from tests.harness import PostgresServer, free_port, tempdir  # noqa: E402
+from tests.harness import (  # noqa: E402
+    EXPORTER_PASSWORD,
+    EXPORTER_ROLE,
+    PostgresServer,
+    free_port,
+    tempdir,
+)
 
 POSTGRES_EXPORTER = "/usr/bin/prometheus-postgres-exporter"
 EXAMPLE_QUERIES = "/usr/share/doc/prometheus-postgres-exporter/examples/queries.yaml"
@@ -81,7 +87,7 @@ def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
     def ours(name: str, extra: Sequence[str]) -> None:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
-        env.update(pg.env())
+        env.update(pg.exporter_env())  # docs/reliability.md's least-privilege role
         others = [f"--no-collector.{n}" for n in COLLECTORS if n != "postgres"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}",
@@ -94,7 +100,8 @@ def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
     def theirs(name: str, extra: Sequence[str]) -> None:
         port = free_port()
         env = dict(os.environ, DATA_SOURCE_NAME=(
-            f"postgresql://postgres@127.0.0.1:{pg.port}/postgres?sslmode=disable"))
+            f"postgresql://{EXPORTER_ROLE}:{EXPORTER_PASSWORD}@127.0.0.1:{pg.port}/postgres"
+            "?sslmode=disable"))
         proc = subprocess.Popen([POSTGRES_EXPORTER, f"--web.listen-address=127.0.0.1:{port}",
                                  *extra], env=env, stdout=devnull, stderr=devnull)
         procs.append(proc)
@@ -141,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }).start()
         try:
             pg.execute("CREATE EXTENSION pg_stat_statements")
+            pg.create_exporter_role("postgres")
             have = 0
             for size in sizes:
                 create_tables(pg, size, have)
