@@ -33,6 +33,7 @@ from bench.scrape import Target, _free_port, _wait_up, families, report, scrape 
 from bench.scrape import measure as measure_scrapes  # noqa: E402
 from exporter.collectors import DEFAULTS  # noqa: E402
 from tests.harness import EXPORTER_PASSWORD, EXPORTER_ROLE, documented_acl_rules  # noqa: E402
+
 FILL_GROUPS = ("user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api")
 
 FILL_SCRIPT = """
