@@ -6,6 +6,7 @@ import gzip
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -264,3 +265,49 @@ def test_log_level_flag(exporter_factory: Factory) -> None:
     listening = [line for line in chatty.logs().splitlines() if "msg=listening" in line]
     assert len(listening) == 1
     assert "level=info" in listening[0] and "path=/metrics" in listening[0]
+
+
+def test_prometheus_request_is_served_by_our_encoder_as_prometheus_client_would(
+        shared: ExporterProcess) -> None:
+    """Prometheus' own request gets OpenMetrics from exporter.textformat: the body parses
+    back into families that prometheus_client's encoder writes byte for byte the same."""
+    from prometheus_client.openmetrics import exposition
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    prometheus_accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                         "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    status, headers, body = shared.get("/metrics", {"Accept": prometheus_accept,
+                                                    "Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("Content-Encoding") == "gzip"
+    assert headers["Content-Type"] == ("application/openmetrics-text; version=1.0.0; "
+                                       "charset=utf-8; escaping=underscores")
+    text = gzip.decompress(body).decode()
+    families = list(text_string_to_metric_families(text))
+    assert len(families) > 20
+
+    class Parsed:
+        def collect(self) -> list[object]:
+            return families
+
+    assert exposition.generate_latest(Parsed()).decode() == text  # type: ignore[no-untyped-call]
+
+
+def test_ssl_stays_out_unless_tls_needs_it() -> None:
+    """exporter.lean keeps the ssl module (and the system OpenSSL, ~5 MB resident) out of
+    psycopg's and asyncio's imports, and the server imports it only for a TLS web config;
+    ssl then still works for whoever needs it (a TLS web config, rediss://)."""
+    code = """
+import sys
+import exporter.scrape, exporter.server, exporter.webconfig
+import psycopg
+assert psycopg.pq.__impl__ in ("binary", "c", "python"), psycopg.pq.__impl__
+import asyncio.base_events
+assert asyncio.base_events.ssl is None
+assert "ssl" not in sys.modules, "ssl imported"
+import ssl
+assert isinstance(ssl.create_default_context(), ssl.SSLContext)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
