@@ -26,6 +26,7 @@ import ctypes
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import threading
 from collections.abc import Sequence
@@ -69,14 +70,13 @@ def defer_package_init(package: str) -> bool:
 
 
 class _ImportWithout:
-    """A meta path finder: finds one module, once, and runs it with another replaced in
-    sys.modules (None: an import of it raises ImportError), unless that other one is loaded
-    already. (Not an importlib.abc.MetaPathFinder: importlib.abc imports importlib.resources.)"""
+    """A meta path finder: finds one module, once, and runs it with others replaced in
+    sys.modules (None: an import of it raises ImportError), except those loaded already.
+    (Not an importlib.abc.MetaPathFinder: importlib.abc imports importlib.resources.)"""
 
-    def __init__(self, module: str, blocked: str, stand_in: ModuleType | None) -> None:
+    def __init__(self, module: str, stand_ins: dict[str, ModuleType | None]) -> None:
         self.module = module
-        self.blocked = blocked
-        self.stand_in = stand_in
+        self.stand_ins = stand_ins
 
     def find_spec(self, fullname: str, path: Sequence[str] | None,
                   target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
@@ -85,26 +85,28 @@ class _ImportWithout:
         with _finder_lock:
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
-        current = sys.modules.get(self.blocked)
-        if current is not None and not any(current is f.stand_in for f in _finders):
-            return None  # the real one is loaded: nothing to save
+        replaced = {name: module for name, module in self.stand_ins.items()
+                    if sys.modules.get(name) is None or _is_stand_in(sys.modules[name])}
+        if not replaced:
+            return None  # the real ones are loaded: nothing to save
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
             return None
-        loader, blocked, stand_in = spec.loader, self.blocked, self.stand_in
+        loader = spec.loader
 
         class _Loader(importlib.machinery.SourceFileLoader):
             def exec_module(self, module: ModuleType) -> None:
-                had = sys.modules.get(blocked, module)  # module: not there at all
-                sys.modules[blocked] = stand_in  # type: ignore[assignment]
+                had = {name: sys.modules.get(name, module) for name in replaced}  # module: none
+                sys.modules.update(replaced)  # type: ignore[arg-type]
                 try:
                     loader.exec_module(module)
                 finally:
-                    if sys.modules.get(blocked) is stand_in:
-                        if had is module:
-                            del sys.modules[blocked]
-                        else:
-                            sys.modules[blocked] = had
+                    for name, stand_in in replaced.items():
+                        if sys.modules.get(name) is stand_in:
+                            if had[name] is module:
+                                del sys.modules[name]
+                            else:
+                                sys.modules[name] = had[name]
 
         spec.loader = _Loader(loader.name, loader.path)
         return spec
@@ -114,15 +116,49 @@ _finder_lock = threading.Lock()
 _finders: list[_ImportWithout] = []
 
 
-def import_without(module: str, blocked: str, stand_in: ModuleType | None = None) -> bool:
-    """The first import of `module` runs with `blocked` replaced by stand_in (None: importing
-    it fails, and `module` takes its fallback); False when `module` is already imported."""
+def _is_stand_in(module: object) -> bool:
+    return any(module is stand_in for f in _finders for stand_in in f.stand_ins.values())
+
+
+def import_without(module: str, **stand_ins: ModuleType | None) -> bool:
+    """The first import of `module` runs with the modules named (dots as `__`) replaced by
+    their stand-ins (None: importing it fails, and `module` takes its fallback); False when
+    `module` is already imported."""
     if module in sys.modules:
         return False
-    finder = _ImportWithout(module, blocked, stand_in)
+    finder = _ImportWithout(module, {k.replace("__", "."): v for k, v in stand_ins.items()})
     _finders.append(finder)
     sys.meta_path.insert(0, finder)
     return True
+
+
+def _distribution_version(name: str) -> str:
+    """A distribution's version from its installed `.dist-info` folder's name, for
+    importlib.metadata.version() without importlib.metadata (email, zipfile, csv: ~2.5 MB)."""
+    wanted = name.lower().replace("-", "_").replace(".", "_")
+    for folder in sys.path:
+        try:
+            entries = os.listdir(folder or ".")
+        except OSError:
+            continue
+        for entry in entries:
+            base, dot, suffix = entry.rpartition(".")
+            if dot and suffix == "dist-info":
+                dist, _, version = base.partition("-")
+                if dist.lower().replace(".", "_") == wanted and version:
+                    return version
+    raise _PackageNotFoundError(name)
+
+
+class _PackageNotFoundError(ModuleNotFoundError):
+    """importlib.metadata.PackageNotFoundError's stand-in."""
+
+
+def _metadata_stand_in() -> ModuleType:
+    module = ModuleType("importlib.metadata", "stand-in: see exporter.lean")
+    module.version = _distribution_version  # type: ignore[attr-defined]
+    module.PackageNotFoundError = _PackageNotFoundError  # type: ignore[attr-defined]
+    return module
 
 
 def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
@@ -137,9 +173,12 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
 
 
 defer_package_init("prometheus_client")
-import_without("asyncio", "ssl")
+import_without("asyncio", ssl=None)
 # psycopg's libpq bindings import ssl only to have Python set up OpenSSL's locking callbacks,
 # which OpenSSL 1.1 and later do not need (and psycopg-binary's libpq has its own OpenSSL,
-# which Python's ssl never touches): an empty stand-in satisfies that import.
-import_without("psycopg", "ssl", ModuleType("ssl", "stand-in: see exporter.lean"))
+# which Python's ssl never touches): an empty stand-in satisfies that import. psycopg and
+# psycopg-binary read their own version with importlib.metadata: the stand-in reads it from
+# the .dist-info folder's name.
+import_without("psycopg", ssl=ModuleType("ssl", "stand-in: see exporter.lean"),
+               importlib__metadata=_metadata_stand_in())
 limit_malloc_arenas()

@@ -490,9 +490,9 @@ def test_concurrent_prometheus_scrapes_share_one_collection_and_body(gzipped: bo
 
 
 def test_worker_pool_runs_every_job_once_and_reuses_an_idle_worker() -> None:
-    from exporter.server import _Pool
+    from exporter.workers import Pool
 
-    pool = _Pool(limit=4, idle=10)
+    pool = Pool(limit=4, idle=10)
     try:
         # One after another: a job's answer goes out only once its worker is idle again, so
         # the next request finds that worker (no second thread for sequential scrapes).

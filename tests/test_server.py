@@ -295,7 +295,8 @@ def test_prometheus_request_is_served_by_our_encoder_as_prometheus_client_would(
 def test_ssl_stays_out_unless_tls_needs_it() -> None:
     """exporter.lean keeps the ssl module (and the system OpenSSL, ~5 MB resident) out of
     psycopg's and asyncio's imports, and the server imports it only for a TLS web config;
-    ssl then still works for whoever needs it (a TLS web config, rediss://)."""
+    ssl then still works for whoever needs it (a TLS web config, rediss://). psycopg reads
+    its version without importlib.metadata (~1.6 MB), and gets the same one."""
     code = """
 import sys
 import exporter.scrape, exporter.server, exporter.webconfig
@@ -304,6 +305,9 @@ assert psycopg.pq.__impl__ in ("binary", "c", "python"), psycopg.pq.__impl__
 import asyncio.base_events
 assert asyncio.base_events.ssl is None
 assert "ssl" not in sys.modules, "ssl imported"
+assert "importlib.metadata" not in sys.modules, "importlib.metadata imported"
+import importlib.metadata
+assert psycopg.__version__ == importlib.metadata.version("psycopg"), psycopg.__version__
 import ssl
 assert isinstance(ssl.create_default_context(), ssl.SSLContext)
 print("ok")
