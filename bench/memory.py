@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -207,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
+    # A SIGTERM stops the run as Ctrl-C does: everything it started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempdir() as base:
         demo = start_demo(base, 15, log)
         traffic: subprocess.Popen[bytes] | None = None
