@@ -15,123 +15,45 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import ipaddress
 import logging
-import resource
 import selectors
 import socket
-import sys
 import threading
 import time
 from http import HTTPStatus
 from typing import Any
 
 from exporter.config import WebConfig
+from exporter.httpconn import (
+    ACCEPTS_PER_WAKEUP,
+    HANDSHAKE,
+    IN_WORKER,
+    LINGER,
+    LINGER_TIMEOUT,
+    READ_CHUNK,
+    READING,
+    REQUESTS_PER_TURN,
+    SWEEP_INTERVAL,
+    WRITE_CHUNK,
+    WRITING,
+    Conn,
+    client_address,
+    listen_socket,
+    tls_wants,
+)
 from exporter.httpmessage import (
-    MAX_HEADER_BYTES,
-    MAX_HEADERS,
-    MAX_REQUEST_LINE,
-    TOKEN,
+    TLS_RECORD,
     Request,
     RequestError,
     Response,
-    finish_request,
     head,
-    parse_headers,
-    parse_request_line,
+    next_request,
     plain,
 )
 from exporter.logs import Throttled
 from exporter.webconfig import WebSecurity
 
 log = logging.getLogger("exporter.server")
-
-# idle or incomplete connection is closed for each new one.
-MAX_CONNECTIONS = 1024
-FD_HEADROOM = 128  # descriptors kept for PostgreSQL, Redis, /proc and the log
-MIN_BACKLOG = 128
-# A keep-alive connection may wait this long for its next request: longer than any usual
-# scrape interval, so Prometheus keeps its connection (and its TLS session) between scrapes.
-IDLE_TIMEOUT = 120.0
-# After the last answer on a connection, its unread input is drained this long before the
-# close, so that the close does not reset the connection under the answer.
-LINGER_TIMEOUT = 1.0
-WORKER_IDLE = 30.0  # a worker thread with nothing to do for this long exits
-READ_CHUNK = 16384
-WRITE_CHUNK = 65536
-SWEEP_INTERVAL = 0.1  # how often deadlines are looked at
-ACCEPTS_PER_WAKEUP = 64
-REQUESTS_PER_TURN = 16
-_TLS_RECORD = (0x16, 0x03)  # a TLS handshake record: content type 22, version 3.x
-
-
-_HANDSHAKE, _READING, _WRITING, IN_WORKER, _LINGER = range(5)
-
-
-class Conn:
-    """One client connection, owned by the selector thread or (during a request) a worker."""
-
-    __slots__ = ("buf", "client", "closing", "deadline", "events", "idle", "out", "requests",
-                 "security", "slot", "sock", "state", "tls")
-
-    def __init__(self, sock: socket.socket, client: str, security: WebSecurity,
-                 deadline: float, tls: bool = False) -> None:
-        self.sock = sock
-        self.client = client
-        self.security = security
-        self.tls = tls
-        self.state = _HANDSHAKE if self.tls else _READING
-        self.buf = bytearray()
-        # The answer being written, in chunks; a chunk stays the same object until all of it
-        # is sent (OpenSSL wants a write it refused retried with the same buffer).
-        self.out: collections.deque[memoryview] = collections.deque()
-        self.slot = False  # holds a web.max_requests slot until its answer is written
-        self.closing = False
-        self.deadline = deadline
-        self.idle = False  # a keep-alive connection waiting for its next request
-        self.events = 0
-        self.requests = 0
-
-
-def _tls_wants(exc: OSError) -> int:
-    """The event a TLS socket's error waits for (ssl's want-read or want-write), 0 for a real
-    error. ssl is imported only with a TLS web config, and a TLS socket means it was."""
-    ssl = sys.modules.get("ssl")
-    if ssl is not None:
-        if isinstance(exc, ssl.SSLWantReadError):
-            return selectors.EVENT_READ
-        if isinstance(exc, ssl.SSLWantWriteError):
-            return selectors.EVENT_WRITE
-    return 0
-
-
-def _client_address(address: object) -> str:
-    """The peer's IP as text; an IPv4 client of a dual-stack socket without its ::ffff:."""
-    host = str(address[0]) if isinstance(address, tuple) and address else str(address)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return host
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return host
-
-
-def listen_backlog() -> int:
-    """The listen backlog Go uses: the system's somaxconn (at least MIN_BACKLOG)."""
-    try:
-        with open("/proc/sys/net/core/somaxconn", encoding="ascii") as handle:
-            value = int(handle.read().strip())
-    except (OSError, ValueError):
-        value = MIN_BACKLOG
-    return max(MIN_BACKLOG, min(value, 65535))
-
-
-def connection_limit() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_CONNECTIONS
-    return max(16, min(MAX_CONNECTIONS, soft - FD_HEADROOM))
 
 
 class ConnectionLoop:
@@ -171,7 +93,7 @@ class ConnectionLoop:
                                  "cannot accept connections: out of file descriptors")
         self._throttles: tuple[Throttled, ...] = (self._malformed, self._tls_on_plain,
                                                    self._evicted, self._no_fds)
-        self.socket = self._listen(host, port)
+        self.socket = listen_socket(host, port, self.request_queue_size)
         self.server_address = self.socket.getsockname()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -193,33 +115,6 @@ class ConnectionLoop:
 
     def _pool_close(self) -> None:
         """Let the worker threads go (server_close)."""
-
-    def _listen(self, host: str, port: int) -> socket.socket:
-        """The listening socket: an empty host (":9786") is IPv6 and IPv4 on one socket where
-        the host has IPv6, IPv4 alone where it has not; "0.0.0.0" is IPv4 only; "::" both."""
-        if host == "":
-            try:
-                return self._bind(socket.AF_INET6, "::", port)
-            except OSError as exc:
-                if exc.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL,
-                                     errno.EPROTONOSUPPORT):
-                    raise
-            return self._bind(socket.AF_INET, "0.0.0.0", port)
-        return self._bind(socket.AF_INET6 if ":" in host else socket.AF_INET, host, port)
-
-    def _bind(self, family: socket.AddressFamily, host: str, port: int) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and host == "::":
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            sock.bind((host, port))
-            sock.listen(self.request_queue_size)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
 
     def connection_count(self) -> int:
         """Open client connections (read by tests from another thread: a snapshot)."""
@@ -296,10 +191,10 @@ class ConnectionLoop:
             self._accept_paused_until = 0.0
             self._selector.register(self.socket, selectors.EVENT_READ, "accept")
         for conn in [c for c in self._waiting if c.deadline <= now]:
-            if conn.state == _HANDSHAKE:
+            if conn.state == HANDSHAKE:
                 log.debug("TLS handshake failed", extra={"client": conn.client,
                                                          "err": "TimeoutError"})
-            elif conn.state == _READING and not conn.idle:
+            elif conn.state == READING and not conn.idle:
                 log.debug("request header not received in time", extra={"client": conn.client})
             self._close(conn)
 
@@ -321,7 +216,7 @@ class ConnectionLoop:
                     continue
                 log.debug("accept failed", extra={"err": type(exc).__name__})
                 continue
-            client = _client_address(address)
+            client = client_address(address)
             if len(self._conns) >= self.max_connections:
                 self._evict_oldest()
             self._open(sock, client)
@@ -390,13 +285,13 @@ class ConnectionLoop:
             self._wake()
 
     def _on_event(self, conn: Conn, mask: int) -> None:
-        if conn.state == _HANDSHAKE:
+        if conn.state == HANDSHAKE:
             self._handshake(conn)
-        elif conn.state == _LINGER:
+        elif conn.state == LINGER:
             self._drain(conn)
-        elif conn.state == _WRITING:
+        elif conn.state == WRITING:
             self._flush(conn, resume=True)
-        elif conn.state == _READING:
+        elif conn.state == READING:
             self._pump(conn)
 
     def _want(self, conn: Conn, events: int) -> None:
@@ -430,7 +325,7 @@ class ConnectionLoop:
         except OSError:
             self._close(conn)
             return
-        conn.state = _LINGER
+        conn.state = LINGER
         conn.buf = bytearray()
         conn.deadline = time.monotonic() + LINGER_TIMEOUT
         self._waiting[conn] = None
@@ -451,7 +346,7 @@ class ConnectionLoop:
         try:
             sock.do_handshake()
         except OSError as exc:
-            wants = _tls_wants(exc)
+            wants = tls_wants(exc)
             if wants:
                 self._want(conn, wants)
                 return
@@ -463,7 +358,7 @@ class ConnectionLoop:
             log.debug("client certificate names no allowed SAN", extra={"client": conn.client})
             self._close(conn)
             return
-        conn.state = _READING
+        conn.state = READING
         self._pump(conn)
 
     def _await_request(self, conn: Conn) -> None:
@@ -482,7 +377,7 @@ class ConnectionLoop:
             self._want(conn, selectors.EVENT_READ)
             return None
         except OSError as exc:
-            wants = _tls_wants(exc) if conn.tls else 0
+            wants = tls_wants(exc) if conn.tls else 0
             if wants:
                 self._want(conn, wants)
                 return None
@@ -491,7 +386,7 @@ class ConnectionLoop:
             self._close(conn)
             return False
         if not data:
-            if conn.buf and not conn.buf.startswith(bytes(_TLS_RECORD)):
+            if conn.buf and not conn.buf.startswith(bytes(TLS_RECORD)):
                 # Half a request, then the end: say so, as Go does (the client may still read).
                 self._reject(conn, RequestError(400, "request incomplete at the end of the stream"))
             else:
@@ -508,10 +403,10 @@ class ConnectionLoop:
         """Take requests from the connection's input until it has none complete (or has had
         its turn: a client pipelining without end must not hold the loop)."""
         for _ in range(REQUESTS_PER_TURN):
-            if conn.state != _READING:
+            if conn.state != READING:
                 return
             try:
-                request = self._parse(conn)
+                request = next_request(conn.buf, not conn.tls and conn.requests == 0)
             except RequestError as reject:
                 self._reject(conn, reject)
                 return
@@ -520,55 +415,9 @@ class ConnectionLoop:
                 continue
             if self._read(conn) is not True:
                 return
-        if conn.state == _READING:
+        if conn.state == READING:
             self._want(conn, 0)
             self._ready.append(conn)
-
-    def _parse(self, conn: Conn) -> Request | None:
-        """The next complete request in conn.buf (consumed), or None until more is read."""
-        buf = conn.buf
-        start = 0
-        # RFC 9112 section 2.2: empty lines before a request line are ignored.
-        while buf.startswith(b"\n", start) or buf.startswith(b"\r\n", start):
-            start += 1 if buf[start] == 0x0A else 2
-        if start:
-            del buf[:start]
-        if not buf:
-            return None
-        if not conn.tls and conn.requests == 0 and buf[0] == _TLS_RECORD[0]:
-            if len(buf) == 1:
-                return None
-            if buf[1] == _TLS_RECORD[1]:
-                raise RequestError(400, "TLS handshake on the plain HTTP port", answer=False)
-        line_end = buf.find(b"\n")
-        if line_end < 0:
-            if len(buf) > MAX_REQUEST_LINE:
-                raise RequestError(414, "request line too long")
-            space = buf.find(b" ")
-            start_of_line = bytes(buf[:space] if space >= 0 else buf.rstrip(b"\r"))
-            if start_of_line and not TOKEN.fullmatch(start_of_line):
-                raise RequestError(400, "invalid method")
-            return None
-        line = bytes(buf[:line_end])
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if len(line) > MAX_REQUEST_LINE:
-            raise RequestError(414, "request line too long")
-        method, target, version = parse_request_line(line)
-        ends = [i for i in (buf.find(b"\n\r\n", line_end), buf.find(b"\n\n", line_end))
-                if i >= 0]
-        if not ends:
-            if len(buf) - line_end - 1 > MAX_HEADER_BYTES:
-                raise RequestError(431, "request header too large")
-            if buf.count(b"\n", line_end + 1) > MAX_HEADERS:
-                raise RequestError(431, "too many header fields")
-            return None
-        end = min(ends)
-        block = bytes(buf[line_end + 1:end + 1])
-        if len(block) > MAX_HEADER_BYTES:
-            raise RequestError(431, "request header too large")
-        del buf[:end + (3 if buf[end + 1] == 0x0D else 2)]
-        return finish_request(method, target, version, parse_headers(block))
 
     def _reject(self, conn: Conn, reject: RequestError) -> None:
         if not reject.answer:
@@ -598,7 +447,7 @@ class ConnectionLoop:
             view = memoryview(part)
             conn.out.extend(view[i:i + WRITE_CHUNK] for i in range(0, len(view), WRITE_CHUNK))
         conn.closing = close
-        conn.state = _WRITING
+        conn.state = WRITING
         conn.deadline = time.monotonic() + float(self.web.read_timeout)
 
     def _answered(self, conn: Conn) -> None:
@@ -618,7 +467,7 @@ class ConnectionLoop:
                 self._want(conn, selectors.EVENT_WRITE)
                 return
             except OSError as exc:
-                wants = _tls_wants(exc) if conn.tls else 0
+                wants = tls_wants(exc) if conn.tls else 0
                 if wants:
                     self._want(conn, wants)
                     return
@@ -634,7 +483,7 @@ class ConnectionLoop:
         if conn.closing:
             self._finish(conn)
             return
-        conn.state = _READING
+        conn.state = READING
         self._await_request(conn)
         if resume:
             self._pump(conn)

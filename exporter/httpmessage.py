@@ -235,3 +235,54 @@ def head(response: Response, security: WebSecurity, close: bool,
         lines.append("Connection: keep-alive")  # an HTTP/1.0 client closes without it
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
+
+# A TLS handshake record starts with content type 22, version 3.x.
+TLS_RECORD = (0x16, 0x03)
+
+
+def next_request(buf: bytearray, first_plain: bool) -> Request | None:
+    """The next complete request in buf (consumed from it), or None until more is read.
+    first_plain: nothing has been asked on this plain-text connection yet, so a TLS handshake
+    is recognised (and refused without an answer)."""
+    start = 0
+    # RFC 9112 section 2.2: empty lines before a request line are ignored.
+    while buf.startswith(b"\n", start) or buf.startswith(b"\r\n", start):
+        start += 1 if buf[start] == 0x0A else 2
+    if start:
+        del buf[:start]
+    if not buf:
+        return None
+    if first_plain and buf[0] == TLS_RECORD[0]:
+        if len(buf) == 1:
+            return None
+        if buf[1] == TLS_RECORD[1]:
+            raise RequestError(400, "TLS handshake on the plain HTTP port", answer=False)
+    line_end = buf.find(b"\n")
+    if line_end < 0:
+        if len(buf) > MAX_REQUEST_LINE:
+            raise RequestError(414, "request line too long")
+        space = buf.find(b" ")
+        start_of_line = bytes(buf[:space] if space >= 0 else buf.rstrip(b"\r"))
+        if start_of_line and not TOKEN.fullmatch(start_of_line):
+            raise RequestError(400, "invalid method")
+        return None
+    line = bytes(buf[:line_end])
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if len(line) > MAX_REQUEST_LINE:
+        raise RequestError(414, "request line too long")
+    method, target, version = parse_request_line(line)
+    ends = [i for i in (buf.find(b"\n\r\n", line_end), buf.find(b"\n\n", line_end))
+            if i >= 0]
+    if not ends:
+        if len(buf) - line_end - 1 > MAX_HEADER_BYTES:
+            raise RequestError(431, "request header too large")
+        if buf.count(b"\n", line_end + 1) > MAX_HEADERS:
+            raise RequestError(431, "too many header fields")
+        return None
+    end = min(ends)
+    block = bytes(buf[line_end + 1:end + 1])
+    if len(block) > MAX_HEADER_BYTES:
+        raise RequestError(431, "request header too large")
+    del buf[:end + (3 if buf[end + 1] == 0x0D else 2)]
+    return finish_request(method, target, version, parse_headers(block))

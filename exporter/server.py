@@ -20,14 +20,8 @@ from typing import Any
 
 from exporter import __version__, textformat
 from exporter.config import WebConfig, split_listen_address
-from exporter.httploop import (
-    IDLE_TIMEOUT,
-    IN_WORKER,
-    Conn,
-    ConnectionLoop,
-    connection_limit,
-    listen_backlog,
-)
+from exporter.httpconn import IDLE_TIMEOUT, IN_WORKER, Conn, connection_limit, listen_backlog
+from exporter.httploop import ConnectionLoop
 from exporter.httpmessage import (
     MAX_HEADER_BYTES,
     MAX_REQUEST_LINE,
