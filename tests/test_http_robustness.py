@@ -451,7 +451,7 @@ PROMETHEUS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8; e
 
 
 @pytest.mark.parametrize("gzipped", [True, False])
-def test_concurrent_prometheus_scrapes_share_one_collection_and_body(gzipped: bool) -> None:
+def test_concurrent_prometheus_scrapes_share_one_openmetrics_body(gzipped: bool) -> None:
     """Prometheus' own request, sent five times at once while the collection is stuck: the
     five share one collection, one encoding (with our OpenMetrics encoder) and one gzip,
     because the shared body is keyed on the content type and compression (prometheus_client's
