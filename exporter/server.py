@@ -94,7 +94,7 @@ class ExporterHTTPServer(ConnectionLoop):
         host, port = split_listen_address(web.listen_address)
         self.web = web
         self.runner = runner
-        self.source = _RunnerCollector(runner)
+        self.source: textformat.Source = _RunnerCollector(runner)
         self.security = security
         self.header_timeout = min(float(web.header_timeout), float(web.read_timeout))
         self.idle_timeout = idle_timeout
