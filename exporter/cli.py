@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from exporter import __version__, logs
+from exporter import __version__, checks, logs
 from exporter.collectors import COLLECTORS, DEFAULTS, SCOPES, build
-from exporter.config import Config, ConfigError, load_config, summary
+from exporter.config import (
+    Config,
+    ConfigError,
+    Duration,
+    format_duration,
+    load_config,
+    summary,
+)
+from exporter.landing import LandingPage, RecordingRunner
 from exporter.redact import redact_url
 from exporter.scrape import ScrapeRunner
 
@@ -24,35 +34,79 @@ log = logging.getLogger("exporter")
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
-# flag -> dotted config key it overrides
+# flag -> (dotted config key it overrides, help); the default shown in --help is read from the
+# config's own defaults, so the two cannot drift apart.
 VALUE_FLAGS = {
-    "--web.listen-address": ("web.listen_address", "address to listen on (default :9786)"),
-    "--web.telemetry-path": ("web.telemetry_path", "path for metrics (default /metrics)"),
-    "--web.max-requests": ("web.max_requests", "concurrent requests before 503 (default 40)"),
-    "--web.config.file": ("web.config_file", "exporter-toolkit web config file: TLS, basic auth, "
-                          "headers (re-read when it changes)"),
-    "--log.level": ("log.level", "debug, info, warning or error (default info)"),
-    "--log.format": ("log.format", "logfmt or json (default logfmt)"),
-    "--scrape.timeout": ("scrape.timeout", "time budget of each collector (default 4s)"),
-    "--collectors.scope": ("collectors.scope", "which collectors run by default: all, host "
-                           "(host, process, app) or service (postgres, business, redis); "
-                           "--collector.* still win (default all)"),
+    "--web.listen-address": ("web.listen_address",
+                             "host:port or :port to listen on; :port is IPv6 and IPv4 where the "
+                             "host has both"),
+    "--web.telemetry-path": ("web.telemetry_path", "path of the metrics"),
+    "--web.max-requests": ("web.max_requests", "concurrent requests before 503"),
+    "--web.config.file": ("web.config_file", "exporter-toolkit web config file: TLS, basic "
+                          "auth, headers (re-read when it changes)"),
+    "--web.grafana-url": ("web.grafana_url", "Grafana to link from the landing page"),
+    "--log.level": ("log.level", "debug, info, warning or error"),
+    "--log.format": ("log.format", "logfmt or json"),
+    "--scrape.timeout": ("scrape.timeout", "time budget of each collector, e.g. 500ms, 4s, 1m"),
+    "--collectors.scope": ("collectors.scope",
+                           "which collectors run by default: all, host (host, process, app) or "
+                           "service (postgres, business, redis); --collector.* still win"),
 }
+# What each flag's value is, for --help (argparse's default would be the flag's dest).
+METAVARS = {
+    "--web.listen-address": "ADDRESS", "--web.telemetry-path": "URL_PATH",
+    "--web.max-requests": "COUNT", "--web.config.file": "PATH", "--web.grafana-url": "URL",
+    "--log.level": "LEVEL", "--log.format": "FORMAT", "--scrape.timeout": "DURATION",
+    "--collectors.scope": "SCOPE",
+}
+
+EPILOG = """\
+environment:
+  DB_HOST, DB_PORT, DB_NAME, DB_USER   PostgreSQL target (defaults localhost, 5432,
+                                       qatoolbox, postgres)
+  DB_PASSWORD_FILE, DB_PASSWORD        its password: a file (preferred) or the value
+  REDIS_URL                            Redis target (default redis://127.0.0.1:6379)
+  REDIS_PASSWORD_FILE                  the Redis password, from a file
+  The configuration file wins over the environment, flags win over both.
+
+exit codes:
+  0  ok (or --config.check found nothing wrong)
+  1  runtime failure (e.g. the port is in use)
+  2  bad flags or configuration, each problem on one line
+
+The landing page (/) shows each collector's state, its targets and links.
+Documentation: README.md and docs/ in the source tree.
+"""
+
+
+def _default(key: str) -> str:
+    """The config's default for a dotted key, as the config file writes it."""
+    if key == "collectors.scope":
+        return str(Config().scope)
+    section, name = key.split(".", 1)
+    value = getattr(getattr(Config(), section), name)
+    if isinstance(value, Duration):
+        return format_duration(value)
+    return str(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; collector flags come from the collector table."""
     parser = argparse.ArgumentParser(
         prog="qatoolbox-exporter",
-        description="Prometheus exporter for QAToolBox: host, processes, PostgreSQL, Redis, "
+        description="Prometheus exporter for QAToolBox: host, processes, PostgreSQL, Redis,\n"
         "application and business metrics.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config.file", dest="config_file", metavar="PATH",
                         help="YAML configuration file (optional)")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
-                        help="validate the configuration, print a summary and exit")
+                        help="validate the configuration as start-up would (files, TLS, the "
+                        "listen address), print a summary and exit: 0 if fine, 2 if not")
     for flag, (key, help_text) in VALUE_FLAGS.items():
-        parser.add_argument(flag, dest=key, metavar="VALUE", help=help_text)
+        default = _default(key)
+        shown = f"{help_text} (default {default})" if default else help_text
+        parser.add_argument(flag, dest=key, metavar=METAVARS[flag], help=shown)
     group = parser.add_argument_group("collectors")
     for name, spec in COLLECTORS.items():
         state = "on" if spec.default_enabled else "off"
@@ -122,12 +176,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # a loader bug: still one line and exit 2, no traceback
             return _invalid("web configuration", ConfigError([
                 f"web config file {config.web.config_file}: cannot load: {type(exc).__name__}"]))
+    problems = checks.problems(config)
+    if problems:
+        # One line each: what start-up would meet when it binds and serves.
+        for problem in problems:
+            print(f"qatoolbox-exporter: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     if args.config_check:
         print("configuration ok")
         for line in summary(config):
             print(f"  {line}")
         if security is not None:
             print(f"  {security.describe()}")
+        for warning in checks.warnings(config):
+            print(f"  warning: {warning}")
         return EXIT_OK
     logs.setup(config.log.level, config.log.format)
     return serve(config, security)
@@ -145,10 +207,13 @@ def serve(config: Config, security: WebConfigFile | None = None) -> int:
     except OSError as exc:
         print(f"qatoolbox-exporter: cannot listen on {config.web.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+        # Checked before (checks.py), but a name can stop resolving in between: still 2.
+        usage = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+        return EXIT_USAGE if usage else EXIT_RUNTIME
     # Collectors are built once the port is ours: some start background work (and log) at once.
-    runner = ScrapeRunner(build(config), config.scrape.timeout, config.log.repeat_interval)
+    runner = RecordingRunner(build(config), config.scrape.timeout, config.log.repeat_interval)
     server.set_runner(runner)
+    server.landing = LandingPage(runner, config.web, config, all_names=list(COLLECTORS))
     stop = threading.Event()
 
     def _stop(signum: int, _frame: object) -> None:

@@ -103,6 +103,7 @@ class WebConfig:
     # (and within read_timeout), or it is closed: idle crowds cannot hold the server.
     header_timeout: Duration = Duration(5.0)
     config_file: str = ""  # exporter-toolkit web config (TLS, basic auth), see webconfig.py
+    grafana_url: str = ""  # linked from the landing page (checked in exporter/checks.py)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ shared by every scrape that waits on the same collection.
 from __future__ import annotations
 
 import gzip
-import html
 import logging
 import math
 import threading
@@ -18,7 +17,7 @@ from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import Any
 
-from exporter import __version__, textformat
+from exporter import textformat
 from exporter.config import WebConfig, split_listen_address
 from exporter.httpconn import IDLE_TIMEOUT, IN_WORKER, Conn, connection_limit, listen_backlog
 from exporter.httploop import ConnectionLoop
@@ -31,6 +30,7 @@ from exporter.httpmessage import (
     head,
     plain,
 )
+from exporter.landing import LandingPage
 from exporter.logs import Throttled
 from exporter.scrape import ScrapeRunner, SingleFlight
 from exporter.webconfig import AuthGuard, WebConfigFile, WebSecurity
@@ -55,35 +55,6 @@ class _RunnerCollector:
         return self._runner.collect()
 
 
-def _landing_page(runner: ScrapeRunner, telemetry_path: str) -> bytes:
-    outcomes = runner.outcomes()
-    rows = []
-    for name in runner.names:
-        outcome = outcomes.get(name)
-        if outcome is None:
-            state, took = "not run yet", ""
-        else:
-            state = "ok" if outcome.success else "failed: " + outcome.error
-            took = f"{outcome.duration * 1000:.1f} ms"
-        rows.append(
-            f"<tr><td>{html.escape(name)}</td><td>{html.escape(state)}</td><td>{took}</td></tr>"
-        )
-    path = html.escape(telemetry_path)
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>qatoolbox-exporter</title></head>
-<body>
-<h1>qatoolbox-exporter</h1>
-<p>Version {html.escape(__version__)}</p>
-<p><a href="{path}">Metrics</a> &middot; <a href="/healthz">Health</a></p>
-<table border="1" cellpadding="4">
-<tr><th>Collector</th><th>Last run</th><th>Duration</th></tr>
-{''.join(rows)}
-</table>
-</body></html>
-"""
-    return page.encode()
-
-
 class ExporterHTTPServer(ConnectionLoop):
     """The exporter's HTTP server: knows the runner and the web settings."""
 
@@ -95,6 +66,7 @@ class ExporterHTTPServer(ConnectionLoop):
         self.web = web
         self.runner = runner
         self.source: textformat.Source = _RunnerCollector(runner)
+        self.landing = LandingPage(runner, web)  # cli.py gives it the whole config
         self.security = security
         self.header_timeout = min(float(web.header_timeout), float(web.read_timeout))
         self.idle_timeout = idle_timeout
@@ -118,6 +90,7 @@ class ExporterHTTPServer(ConnectionLoop):
         """Serve this runner's collections from now on (set before serve_forever)."""
         self.runner = runner
         self.source = _RunnerCollector(runner)
+        self.landing = LandingPage(runner, self.web)
 
     def security_settings(self) -> WebSecurity:
         """The web config in force (empty without --web.config.file)."""
@@ -273,8 +246,7 @@ class ExporterHTTPServer(ConnectionLoop):
             return Response(200, body, content_type,
                             [("Content-Encoding", "gzip")] if gzipped else [])
         if path == "/":
-            return Response(200, _landing_page(self.runner, self.web.telemetry_path),
-                            _LANDING_TYPE)
+            return Response(200, self.landing.render(), _LANDING_TYPE)
         return plain(404, "Not Found\n")
 
     def _log_request(self, conn: Conn, request: Request, status: int) -> None:

@@ -45,6 +45,10 @@ _TOKEN = re.compile(
 
 def load_generator() -> ModuleType:
     """grafana/generate.py as a module (it is a script, not part of a package)."""
+    # Its modules import each other as top-level names, as when run as a script (whose
+    # folder Python puts first on sys.path).
+    if str(GRAFANA) not in sys.path:
+        sys.path.insert(0, str(GRAFANA))
     spec = importlib.util.spec_from_file_location("grafana_generate", GRAFANA / "generate.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -367,6 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="demo requests per second (default 10)")
     parser.add_argument("--duration", type=float, default=0,
                         help="stop by itself after this many seconds (default: run until Ctrl-C)")
+    parser.add_argument("--clean", action="store_true",
+                        help="on exit, delete the logs too (by default they are kept, and their "
+                             "folder printed)")
     args = parser.parse_args(argv)
     for binary in (PROMETHEUS_BIN, "redis-server"):
         if (args.demo or binary == PROMETHEUS_BIN) and shutil.which(binary) is None:
@@ -389,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scripts/stack: port {', '.join(map(str, busy))} already in use on 127.0.0.1 "
               f"(choose others with --exporter-port, --prometheus-port, --alertmanager-port)",
               file=sys.stderr)
+        shutil.rmtree(base, ignore_errors=True)
         return 1
     stop = threading.Event()
     # Set both explicitly: a shell may start us with SIGINT ignored (background jobs).
@@ -415,8 +419,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
         print("stopping...")
         stack.stop()
-        shutil.rmtree(base, ignore_errors=True)
+        leave(base, args.clean)
     return 0
+
+
+def leave(base: Path, clean: bool) -> None:
+    """On exit: the logs stay (the moment an operator wants to read them), the data goes;
+    with --clean everything goes."""
+    if clean:
+        shutil.rmtree(base, ignore_errors=True)
+        return
+    kept = 0
+    for entry in base.iterdir():
+        if entry.is_file() and not entry.is_symlink() and entry.name.endswith(".log"):
+            kept += 1
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if kept:
+        print(f"logs kept in {base} (--clean deletes them on exit)", flush=True)
+    else:
+        base.rmdir()
 
 
 def _run_ha(args: argparse.Namespace, base: Path, env: Mapping[str, str]) -> int:
@@ -460,7 +484,7 @@ def _run_ha(args: argparse.Namespace, base: Path, env: Mapping[str, str]) -> int
     except KeyboardInterrupt:
         pass
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        leave(base, args.clean)
     return 0
 
 

@@ -92,7 +92,10 @@ def settled(exporter: ExporterProcess) -> Scrape:
                 and scrape.value("qatoolbox_redis_key_group_scan_complete") == 1
                 and bool(business) and all(v == 1 for v in business))
 
-    wait_for(ready, 60, "the exporter to settle", interval=0.3)
+    # Generous: with 3,000 tables and 100,000 keys, the first catalog reads, business queries
+    # and key count take a few seconds alone, and several times that on a loaded machine (the
+    # whole suite, other jobs); 60 s was seen to run out there. Returns as soon as settled.
+    wait_for(ready, 300, "the exporter to settle", interval=0.5)
     scrape = exporter.scrape()
     # Nothing was refused to the least-privilege role and ACL user (a refused PostgreSQL
     # family or optional Redis command is only left out, with a warning).

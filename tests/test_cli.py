@@ -293,3 +293,168 @@ def test_json_lines_with_extras_and_exceptions() -> None:
     assert fields["query"] == "users" and fields["took"] == 0.5
     assert fields["error"] == "no such table"
     assert fields["ts"].endswith("Z")
+
+
+# --- what start-up would reject, caught by --config.check too --------------------------------
+
+
+@pytest.mark.parametrize(("address", "needle"), [
+    ("999.1.1.1:9787", 'web.listen_address: cannot resolve "999.1.1.1"'),
+    ("no-such-host.invalid:9787", 'web.listen_address: cannot resolve "no-such-host.invalid"'),
+    ("192.0.2.1:9787", 'web.listen_address: "192.0.2.1" is not an address of this machine'),
+])
+def test_listen_address_check_and_start_up_agree(address: str, needle: str) -> None:
+    """The issue's example: `999.1.1.1:9787` was "configuration ok", then start-up failed
+    with exit 1. Now both exit 2 with the same one line."""
+    for args in (["--config.check"], ["--no-collector.postgres", "--no-collector.business",
+                                      "--no-collector.redis"]):
+        result = run_exporter([*args, "--web.listen-address", address])
+        assert_usage_error(result, needle)
+        assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+        assert result.stdout == ""
+
+
+def test_listen_address_on_this_machine_passes(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    for address in ("127.0.0.1:9786", "localhost:9786", ":9786", "0.0.0.0:1"):
+        result = run_in_process(["--config.check", "--web.listen-address", address], capsys,
+                                monkeypatch)
+        assert result.returncode == 0, (address, result.stderr)
+
+
+@pytest.mark.parametrize("url", ["javascript:alert(1)", "grafana.example:3000",
+                                 "http://", "https://graf ana/"])
+def test_grafana_url_must_be_http(url: str, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    result = run_in_process(["--config.check", "--web.grafana-url", url], capsys, monkeypatch)
+    assert_usage_error(result, "web.grafana_url: expected an http:// or https:// URL")
+    ok = run_in_process(["--config.check", "--web.grafana-url", "https://grafana.example/d/x"],
+                        capsys, monkeypatch)
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_config_check_warns_of_what_will_not_work(workdir: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A missing app folder is accepted (the workers may create it later), but said."""
+    missing = workdir / "not-yet"
+    path = write(workdir, f"app:\n  multiprocess_dirs: ['{missing}']\n")
+    result = run_in_process(["--config.file", path, "--config.check"], capsys, monkeypatch)
+    assert result.returncode == 0, result.stderr
+    assert f'warning: app.multiprocess_dirs[0]: "{missing}" is not a folder' in result.stdout
+    missing.mkdir()
+    result = run_in_process(["--config.file", path, "--config.check"], capsys, monkeypatch)
+    assert "warning" not in result.stdout
+
+
+def test_tls_files_are_loaded_by_the_check(workdir: Path) -> None:
+    """A web config naming a key that does not load fails the check as it fails start-up."""
+    cert = workdir / "cert.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    web = workdir / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {cert}\n  key_file: {workdir / 'no.key'}\n")
+    for args in (["--config.check"], ["--no-collector.postgres", "--no-collector.business",
+                                      "--no-collector.redis", "--web.listen-address",
+                                      "127.0.0.1:0"]):
+        result = run_exporter([*args, "--web.config.file", str(web)])
+        assert_usage_error(result, "invalid web configuration", str(web))
+
+
+def test_help_says_what_each_value_is_and_lists_environment_and_exit_codes() -> None:
+    result = run_exporter(["--help"])
+    assert result.returncode == 0
+    out = result.stdout
+    assert "VALUE" not in out
+    for flag, metavar in (("--web.listen-address", "ADDRESS"), ("--config.file", "PATH"),
+                          ("--web.config.file", "PATH"), ("--scrape.timeout", "DURATION"),
+                          ("--web.grafana-url", "URL"), ("--log.level", "LEVEL")):
+        assert f"{flag} {metavar}" in out, flag
+    # Defaults come from the config's own (a changed default cannot leave --help behind).
+    assert "(default :9786)" in out and "(default 4s)" in out and "(default 40)" in out
+    for variable in ("DB_HOST", "DB_PORT", "DB_NAME", "DB_USER", "DB_PASSWORD_FILE",
+                     "DB_PASSWORD", "REDIS_URL", "REDIS_PASSWORD_FILE"):
+        assert variable in out, variable
+    assert "exit codes:" in out
+    for code in ("0  ok", "1  runtime failure", "2  bad flags or configuration"):
+        assert code in out, code
+
+
+def test_every_environment_variable_read_is_in_help() -> None:
+    """The variables config.py reads, found in its source: none missing from --help."""
+    source = (Path(__file__).resolve().parent.parent / "exporter" / "config.py").read_text()
+    read = set(re.findall(r'"((?:DB|REDIS)_[A-Z_]+)"', source))
+    assert read >= {"DB_HOST", "REDIS_URL"}, read
+    out = run_exporter(["--help"]).stdout
+    assert {v for v in read if v not in out} == set()
+
+
+# --- :port listens on IPv4 and IPv6 --------------------------------------------------------
+
+
+def _has_ipv6_loopback() -> bool:
+    import socket
+
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def test_port_only_address_answers_on_ipv4_and_ipv6(
+        exporter_factory: Callable[..., ExporterProcess]) -> None:
+    """`:port` (the default's form) is one dual-stack socket: 127.0.0.1 and [::1] both answer
+    (issue 20 point 3; the server's _listen)."""
+    import urllib.request
+
+    from tests.harness import free_port
+
+    if not _has_ipv6_loopback():
+        pytest.skip("this host has no IPv6 loopback")
+    port = free_port()
+    exporter = exporter_factory(wait=False, port=port,
+                                args=["--web.listen-address", f":{port}",
+                                      "--no-collector.postgres", "--no-collector.business",
+                                      "--no-collector.redis"])
+    wait_for(lambda: exporter.get("/healthz")[0] == 200, 20, "the exporter on 127.0.0.1")
+    for host in ("127.0.0.1", "[::1]"):
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=20) as response:
+            assert response.status == 200, host
+
+
+# --- scripts/stack keeps its logs -----------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("clean", [False, True])
+def test_stack_keeps_its_logs_unless_clean(clean: bool) -> None:
+    """The stack's folder held the logs and was deleted on exit, the moment an operator wants
+    to read them: now the logs stay (the data goes) and the folder is printed; --clean
+    deletes everything."""
+    from tests.harness import free_port
+    from tests.stack import PROMETHEUS_BIN
+
+    if shutil.which(PROMETHEUS_BIN) is None:
+        pytest.skip(f"{PROMETHEUS_BIN} is not installed (./scripts/test installs it as root)")
+    root = Path(__file__).resolve().parent.parent
+    args = [sys.executable, "-m", "tests.stack", "--no-alertmanager", "--duration", "2",
+            "--exporter-port", str(free_port()), "--prometheus-port", str(free_port())]
+    result = subprocess.run([*args, *(["--clean"] if clean else [])], cwd=root,
+                            capture_output=True, text=True, timeout=180, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    base = Path(re.findall(r"^  logs +(\S+)$", result.stdout, re.M)[0])
+    try:
+        if clean:
+            assert not base.exists()
+            assert "logs kept" not in result.stdout
+        else:
+            assert f"logs kept in {base}" in result.stdout
+            kept = sorted(p.name for p in base.iterdir())
+            assert kept and all(name.endswith(".log") for name in kept), kept
+            exporter_log = next(p for p in base.iterdir() if p.name.startswith("exporter-"))
+            assert "listening" in exporter_log.read_text()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

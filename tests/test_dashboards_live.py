@@ -334,7 +334,7 @@ def test_scripts_stack_prints_urls_and_stops_everything_on_ctrl_c() -> None:
     env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_PORT": "1",
            "REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "stack"), "--exporter-port", str(ports[0]),
+        [str(ROOT / "scripts" / "stack"), "--clean", "--exporter-port", str(ports[0]),
          "--prometheus-port", str(ports[1]), "--alertmanager-port", str(ports[2])],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
         start_new_session=True)
@@ -348,8 +348,9 @@ def test_scripts_stack_prints_urls_and_stops_everything_on_ctrl_c() -> None:
         output = "".join(lines)
         for name, port in zip(("exporter", "prometheus"), ports[:2], strict=True):
             assert f"{name}" in output and f"http://127.0.0.1:{port}" in output, output
-        assert urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/healthz",
-                                      timeout=10).status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/healthz",
+                                    timeout=10) as response:  # closed: no ResourceWarning
+            assert response.status == 200
         query = urllib.parse.urlencode({"query": 'up{job="qatoolbox"} == 1'})
 
         def scraped() -> bool:

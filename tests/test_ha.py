@@ -177,7 +177,7 @@ def test_scripts_stack_ha_starts_the_pair_and_the_cluster_and_stops_them() -> No
     env = {**os.environ, "DB_HOST": "127.0.0.1", "DB_PORT": "1",
            "REDIS_URL": "redis://127.0.0.1:1/0"}
     proc = subprocess.Popen(
-        [str(ROOT / "scripts" / "stack"), "--ha", "--exporter-port", str(exporter),
+        [str(ROOT / "scripts" / "stack"), "--ha", "--clean", "--exporter-port", str(exporter),
          "--prometheus-port", str(prometheus), "--alertmanager-port", str(alertmanager)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
         start_new_session=True)

@@ -286,27 +286,29 @@ def test_idle_connections_are_evicted_and_threads_stay_bounded() -> None:
                 max_connections=20) as srv:
         limit = srv.httpd.max_connections
         assert limit == 20
-        baseline = threading.active_count()
+        # This server's own threads only: the process's thread count also moves with what
+        # earlier tests left behind (idle workers of their servers exit on their own time) and
+        # with the machine's load, which made a whole-process count flaky.
         idle: list[socket.socket] = []
         try:
             for _ in range(limit + 10):
                 idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
-            wait_for(lambda: not still_open(idle[9]), 10, "the oldest idle connections closed")
+            wait_for(lambda: not still_open(idle[9]), 30, "the oldest idle connections closed")
             assert srv.httpd.connection_count() <= limit
-            assert threading.active_count() <= baseline  # no thread per connection
+            assert srv.httpd.worker_threads() == 0  # no thread per connection
             for _ in range(25):
                 assert srv.get("/metrics")[0] == 200
                 assert srv.get("/healthz")[0] == 200
             # Each request made room by closing the oldest idle connection, never a new one.
             assert still_open(idle[-1])
             assert srv.httpd.connection_count() <= limit
-            workers = [t for t in threading.enumerate() if t.name == "http-worker"]
-            assert len(workers) == srv.httpd.worker_threads()
-            assert len(workers) <= srv.httpd.web.max_requests + srv.httpd.auth_guard.capacity
+            # Sequential requests reuse one worker; the pool's bound holds in any case.
+            assert 1 <= srv.httpd.worker_threads() <= (srv.httpd.web.max_requests
+                                                       + srv.httpd.auth_guard.capacity)
         finally:
             for sock in idle:
                 sock.close()
-        wait_for(lambda: srv.httpd.connection_count() == 0, 10, "closed connections dropped")
+        wait_for(lambda: srv.httpd.connection_count() == 0, 30, "closed connections dropped")
 
 
 @pytest.mark.integration

@@ -17,6 +17,7 @@ import pytest
 from exporter import __version__
 from exporter.collectors import COLLECTORS
 from tests.harness import ExporterProcess, Scrape, free_port, tempdir
+from tests.test_landing import tables
 
 Factory = Callable[..., ExporterProcess]
 
@@ -140,14 +141,14 @@ def test_landing_health_404_and_methods(exporter_factory: Factory) -> None:
     page = body.decode()
     assert "qatoolbox-exporter" in page and __version__ in page
     assert 'href="/metrics"' in page
-    assert "<td>host</td><td>not run yet</td>" in page
+    # True before any scrape: the page runs a collection of its own (tests/test_landing.py).
+    rows = tables(page)["Collectors"]
+    assert rows["host"][1] == "ok" and rows["process"][1] == "ok", rows
     exporter.scrape()
-    page = exporter.get("/")[2].decode()
-    assert "<td>host</td><td>ok</td>" in page
-    assert "<td>process</td><td>ok</td>" in page
-    assert " ms</td>" in page
+    rows = tables(exporter.get("/")[2].decode())["Collectors"]
+    assert rows["host"][1] == "ok" and rows["host"][3].endswith(" ms"), rows
     if "postgres" in COLLECTORS and COLLECTORS["postgres"].default_enabled:
-        assert "<td>postgres</td><td>failed: " in page
+        assert rows["postgres"][1] == "failing", rows
 
     assert exporter.get("/healthz")[:1] == (200,)
     assert exporter.get("/nope")[0] == 404

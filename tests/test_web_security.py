@@ -712,16 +712,18 @@ def test_slow_tls_handshake_blocks_nobody(workdir: Path,
     web = f"tls_server_config:\n  cert_file: {cert}\n  key_file: {key}\n"
     with exporter(workdir, web, "--log.level", "debug") as process:
         # Connections that never start (or never finish) the handshake.
-        silent = [socket.create_connection(("127.0.0.1", process.port)) for _ in range(3)]
-        half = socket.create_connection(("127.0.0.1", process.port))
-        half.sendall(b"\x16\x03\x01\x00\xff\x01")  # the start of a ClientHello, then nothing
+        opened: list[socket.socket] = []
         try:
+            for _ in range(4):
+                opened.append(socket.create_connection(("127.0.0.1", process.port)))
+            half = opened[-1]
+            half.sendall(b"\x16\x03\x01\x00\xff\x01")  # a ClientHello's start, then nothing
             for _ in range(3):
                 assert request(process.port, "/metrics", context=client_context(ca))[0] == 200
             # Served while every stalled handshake was still pending (read timeout: 10 s).
-            assert all(still_open(sock) for sock in [*silent, half])
+            assert all(still_open(sock) for sock in opened)
         finally:
-            for sock in [*silent, half]:
+            for sock in opened:
                 sock.close()
 
 
