@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -316,3 +317,36 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_import_without_is_scoped_to_the_one_import(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """exporter.lean.import_without: the module named gets the stand-in (or an ImportError
+    for None) during its own first import only; afterwards the real module imports as usual,
+    and a module whose stand-in target is already loaded is imported untouched."""
+    import types
+
+    from exporter import lean
+
+    folder = tmp_path
+    (folder / "qatb_real_dep.py").write_text("REAL = True\n")
+    (folder / "qatb_user.py").write_text(
+        "import qatb_real_dep as dep\n"
+        "try:\n    import qatb_other_dep\nexcept ImportError:\n    qatb_other_dep = None\n")
+    (folder / "qatb_other_dep.py").write_text("OTHER = True\n")
+    monkeypatch.syspath_prepend(str(folder))
+    stand_in = types.ModuleType("qatb_real_dep")
+    try:
+        assert lean.import_without("qatb_user", qatb_real_dep=stand_in, qatb_other_dep=None)
+        import qatb_user  # type: ignore[import-not-found]
+
+        assert qatb_user.dep is stand_in and qatb_user.qatb_other_dep is None
+        assert "qatb_real_dep" not in sys.modules and "qatb_other_dep" not in sys.modules
+        import qatb_other_dep  # type: ignore[import-not-found]
+        import qatb_real_dep  # type: ignore[import-not-found]
+
+        assert qatb_real_dep.REAL and qatb_other_dep.OTHER
+        assert not lean.import_without("qatb_user", qatb_real_dep=None)  # imported already
+    finally:
+        for name in ("qatb_user", "qatb_real_dep", "qatb_other_dep"):
+            sys.modules.pop(name, None)
