@@ -1,5 +1,6 @@
-# qatoolbox-exporter image, and (target "demo") the QAToolBox demo app used by the compose
-# file's demo profile. `docker build .` builds the exporter (the last stage).
+# qatoolbox-exporter image, (target "demo") the QAToolBox demo app used by the compose file's
+# demo profile, and (target "report") the weekly report with its charting extra.
+# `docker build .` builds the exporter (the last stage), which never carries matplotlib.
 FROM python:3.12.8-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -25,6 +26,14 @@ COPY examples ./examples
 WORKDIR /app/examples/qatoolbox_demo
 USER 10001:10001
 EXPOSE 8000
+
+FROM base AS report
+# `docker build --target report -t qatoolbox-report .`: matplotlib for the charts, in this image
+# only (the exporter does not need it). Used by deploy/kubernetes/report-cronjob.yaml.
+RUN pip install ".[report]"
+USER 10001:10001
+ENTRYPOINT ["qatoolbox-exporter"]
+CMD ["report", "--help"]
 
 FROM base AS exporter
 USER 10001:10001

@@ -51,10 +51,26 @@ def url_problems(key: str, url: str) -> list[str]:
     return []
 
 
+def redis_url_problems(config: Config) -> list[str]:
+    """What the Redis client would refuse in redis.url (an unknown query parameter, a bad
+    timeout), said now rather than as `up 0` at every scrape; the URL shown redacted."""
+    if not config.enabled("redis"):
+        return []
+    from exporter.redact import redact_url
+    from exporter.resp_url import parse_url
+
+    try:
+        parse_url(config.redis.url)
+    except ValueError as exc:
+        return [f"redis.url: {exc} in {describe(redact_url(config.redis.url))}"]
+    return []
+
+
 def problems(config: Config) -> list[str]:
     """Everything start-up would reject that load_config does not already."""
     return [*listen_problems(config.web.listen_address),
-            *url_problems("web.grafana_url", config.web.grafana_url)]
+            *url_problems("web.grafana_url", config.web.grafana_url),
+            *redis_url_problems(config)]
 
 
 def warnings(config: Config) -> list[str]:

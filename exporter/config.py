@@ -211,7 +211,7 @@ class KeyGroup:
     patterns: tuple[str, ...] = ()
 
 
-# None: keys are grouped by their structure (exporter.collectors.redis.key_shape), which finds
+# None: keys are grouped by their structure (exporter.collectors.redis_keys.key_shape), which finds
 # QAToolBox's cache keys (KEY_PREFIX "qatoolbox", version 1, whatever the code passed), its
 # sessions and Celery's keys without a list that goes stale as the application changes.
 DEFAULT_KEY_GROUPS: tuple[KeyGroup, ...] = ()

@@ -514,10 +514,11 @@ class ExporterProcess:
     args: Sequence[str] = ()
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    python: str = sys.executable  # another interpreter: tests/test_minimums.py
 
     def start(self, wait: bool = True) -> ExporterProcess:
         """Start the exporter; by default wait until /healthz answers."""
-        argv = [sys.executable, "-m", "exporter", "--web.listen-address",
+        argv = [self.python, "-m", "exporter", "--web.listen-address",
                 f"127.0.0.1:{self.port}", *self.args]
         if self.config is not None:
             path = self.base / f"exporter-{self.port}.yml"

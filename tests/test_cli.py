@@ -102,6 +102,22 @@ def test_config_check_hides_every_password_in_the_redis_url(url: str, shown: str
     assert f"redis: {shown}" in result.stdout
 
 
+@pytest.mark.parametrize(("url", "needle"), [
+    ("redis://:SECRET-1@cache:6379/0?bogus=1", "a query parameter the client does not know"),
+    ("redis://cache:6379/0?socket_timeout=0&password=SECRET-2", "socket timeouts"),
+])
+def test_config_check_refuses_a_redis_url_the_client_would(url: str, needle: str) -> None:
+    """What the Redis client refuses at every scrape (`up 0`, reason other) is an exit 2 with
+    one line at --config.check and start-up, the URL redacted."""
+    for args in (["--config.check"], ["--web.listen-address", "127.0.0.1:0"]):
+        result = run_exporter([*args, "--collector.redis"], env={"REDIS_URL": url})
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert any("redis.url:" in line and needle in line for line in lines), result.stderr
+        assert "SECRET" not in result.stdout + result.stderr
+        assert "Traceback" not in result.stderr
+
+
 def test_redis_target_log_line_hides_every_password(
         exporter_factory: Callable[..., ExporterProcess]) -> None:
     """The info-level `redis target` line of a running exporter, and everything else it shows,

@@ -268,3 +268,37 @@ def test_links_between_the_docs_lead_somewhere() -> None:
             if not dest.exists() or missing_anchor:
                 broken.append(f"{doc.name}: {target}")
     assert not broken, broken
+
+
+def _architecture_paths() -> list[str]:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    return re.findall(r"^\| `([^`]+)` \|", text, flags=re.MULTILINE)
+
+
+def _readme_layout_paths() -> list[str]:
+    block = re.search(r"## Layout\n\n```\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block is not None, "README has no Layout block"
+    paths = []
+    for line in block[1].splitlines():
+        match = re.match(r"( *)(\S+)", line)
+        if match is None or len(match[1]) > 2:  # deeper: a description's continuation
+            continue
+        indent, name = match[1], match[2].rstrip(",")
+        for part in name.split(","):
+            if part:
+                paths.append(f"exporter/{part}" if indent else part)
+    return paths
+
+
+def test_architecture_lists_files_that_exist() -> None:
+    """docs/architecture.md and README's Layout name files that exist, and every module of
+    the package (exporter/*.py, exporter/collectors/*.py) is in docs/architecture.md."""
+    listed = _architecture_paths()
+    assert len(listed) > 20
+    missing = [p for p in [*listed, *_readme_layout_paths()] if not (ROOT / p).exists()]
+    assert missing == [], missing
+    modules = sorted(str(p.relative_to(ROOT)) for pattern in ("exporter/*.py",
+                                                               "exporter/collectors/*.py")
+                     for p in ROOT.glob(pattern))
+    unlisted = [m for m in modules if m not in listed and m != "exporter/__init__.py"]
+    assert unlisted == [], f"add to docs/architecture.md: {unlisted}"

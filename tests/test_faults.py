@@ -503,6 +503,7 @@ def test_postgres_refused_at_start(postgres: PostgresServer,
 # --- Redis -------------------------------------------------------------------------------------
 
 REDIS_UP = "qatoolbox_redis_up"
+REDIS_ERROR = "qatoolbox_redis_connection_error"
 REDIS_PREFIXES = ("qatoolbox_redis_", "qatoolbox_celery_")
 
 
@@ -517,10 +518,12 @@ def redis_healthy(scrape: Scrape) -> bool:
 
 
 def redis_down(scrape: Scrape) -> None:
-    """up 0, success 0, no other qatoolbox_redis_* or qatoolbox_celery_* series."""
+    """up 0, success 0, one reason, no other qatoolbox_redis_* or qatoolbox_celery_* series."""
     assert scrape.value(REDIS_UP) == 0, scrape.text[:2000]
     assert scrape.value(SUCCESS, collector="redis") == 0
-    left = series(scrape, *REDIS_PREFIXES) - {(REDIS_UP, ())}
+    reasons = [k for k in series(scrape, REDIS_ERROR) if k[0] == REDIS_ERROR]
+    assert len(reasons) == 1, reasons
+    left = series(scrape, *REDIS_PREFIXES) - {(REDIS_UP, ()), *reasons}
     assert not left, f"stale series while down: {sorted(left)[:5]}"
 
 

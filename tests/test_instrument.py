@@ -501,3 +501,22 @@ def test_gunicorn_setup_is_not_held_by_a_fifo_lock(tmp_path: Path,
         thread.join(10)
     assert not (tmp_path / f"counter_{fifo_ident}.db").exists()
     assert victim.read_bytes() == b"keep"
+
+
+def test_gunicorn_setup_creates_the_folder_0770_and_keeps_an_existing_mode(
+        tmp_path: Path) -> None:
+    """docs/app.md: the folder is the app's user's and a group's, nobody else's (0770), whatever
+    the umask; a folder the operator made keeps the mode they chose."""
+    from exporter.instrument.gunicorn import setup_multiproc_dir
+
+    old_umask = os.umask(0o022)
+    try:
+        created = tmp_path / "runtime" / "metrics"
+        setup_multiproc_dir(str(created))
+        assert created.stat().st_mode & 0o7777 == 0o770
+        existing = tmp_path / "existing"
+        existing.mkdir(mode=0o750)
+        setup_multiproc_dir(str(existing))
+        assert existing.stat().st_mode & 0o7777 == 0o750
+    finally:
+        os.umask(old_umask)

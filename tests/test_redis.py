@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from redis.exceptions import ResponseError
 
 from exporter.collectors import redis as rc
+from exporter.collectors import redis_info as ri
+from exporter.collectors import redis_keys as rk
 from exporter.config import (
     DEFAULT_KEY_GROUPS,
     ConfigError,
@@ -21,6 +24,7 @@ from exporter.config import (
     load_config,
 )
 from exporter.redact import redact_url
+from exporter.resp import ServerError
 from tests.harness import free_port
 
 INFO_TEXT = """# Server\r
@@ -57,20 +61,20 @@ db12:keys=5,expires=0,avg_ttl=0\r
 
 
 def test_parse_info_fields_and_sections() -> None:
-    info = rc.parse_info(INFO_TEXT)
+    info = ri.parse_info(INFO_TEXT)
     assert info["redis_version"] == "7.0.15"
     assert info["role"] == "master"
-    assert rc.number(info, "mem_fragmentation_ratio") == 5.54
-    assert rc.number(info, "maxmemory_policy") is None
-    assert rc.number(info, "absent") is None
+    assert ri.number(info, "mem_fragmentation_ratio") == 5.54
+    assert ri.number(info, "maxmemory_policy") is None
+    assert ri.number(info, "absent") is None
     assert not any(k.startswith("#") for k in info)
 
 
 def test_command_stats_and_keyspace() -> None:
-    info = rc.parse_info(INFO_TEXT)
-    assert rc.command_stats(info) == {"get": (1002.0, 123e-6), "client|setname": (1.0, 2e-6)}
-    assert rc.keyspace(info) == {"db0": (104.0, 2.0), "db12": (5.0, 0.0)}
-    assert rc.parse_fields("keys=1,expires=0") == {"keys": "1", "expires": "0"}
+    info = ri.parse_info(INFO_TEXT)
+    assert ri.command_stats(info) == {"get": (1002.0, 123e-6), "client|setname": (1.0, 2e-6)}
+    assert ri.keyspace(info) == {"db0": (104.0, 2.0), "db12": (5.0, 0.0)}
+    assert ri.parse_fields("keys=1,expires=0") == {"keys": "1", "expires": "0"}
 
 
 def test_latency_histogram_resp2_and_resp3_shapes() -> None:
@@ -79,23 +83,23 @@ def test_latency_histogram_resp2_and_resp3_shapes() -> None:
     resp3 = {b"get": {b"calls": 1002, b"histogram_usec": {1: 999, 4: 1001, 8: 1002}},
              b"info": {b"calls": 1, b"histogram_usec": {264: 1}}}
     expected = {"get": (1002, {1.0: 999, 4.0: 1001, 8.0: 1002}), "info": (1, {264.0: 1})}
-    assert rc.parse_latency_histogram(resp2) == expected
-    assert rc.parse_latency_histogram(resp3) == expected
-    assert rc.parse_latency_histogram([]) == {}
+    assert ri.parse_latency_histogram(resp2) == expected
+    assert ri.parse_latency_histogram(resp3) == expected
+    assert ri.parse_latency_histogram([]) == {}
 
 
 def test_histogram_counts_on_fixed_bounds() -> None:
     # Bounds are 1.024us * 2**k for k = 3, 5, ..., 15: 8.192us, 32.8us, 131us, 524us, ...
-    assert rc.HISTOGRAM_BOUNDS[0] == pytest.approx(8.192e-6)
-    assert rc.HISTOGRAM_BOUNDS[-1] == pytest.approx(0.033554432)
+    assert ri.HISTOGRAM_BOUNDS[0] == pytest.approx(8.192e-6)
+    assert ri.HISTOGRAM_BOUNDS[-1] == pytest.approx(0.033554432)
     # 1 and 4 us fall under 8.192, 8 us is exactly the 8.192 bucket (Redis rounds it down).
-    assert rc.histogram_counts({1: 999, 4: 1001, 8: 1002}) == [1002] * 7
+    assert ri.histogram_counts({1: 999, 4: 1001, 8: 1002}) == [1002] * 7
     # Redis labels 2**16 * 1.024us as 65 us and 2**18 as 262 us: buckets 6 and 8.
-    assert rc.histogram_counts({16: 2, 65: 5, 262: 7}) == [0, 2, 5, 7, 7, 7, 7]
-    assert rc.histogram_counts({}) == [0] * 7
+    assert ri.histogram_counts({16: 2, 65: 5, 262: 7}) == [0, 2, 5, 7, 7, 7, 7]
+    assert ri.histogram_counts({}) == [0] * 7
     # 1048576 us (2**20 * 1.024 us rounded down) is past the last bound: only in +Inf.
-    assert rc.histogram_counts({32: 3, 1048576: 11}) == [0, 3, 3, 3, 3, 3, 3]
-    counts = rc.histogram_counts({2: 1, 32: 3, 1048: 10, 1048576: 11})
+    assert ri.histogram_counts({32: 3, 1048576: 11}) == [0, 3, 3, 3, 3, 3, 3]
+    counts = ri.histogram_counts({2: 1, 32: 3, 1048: 10, 1048576: 11})
     assert counts == sorted(counts)
 
 
@@ -120,7 +124,7 @@ def test_histogram_counts_on_fixed_bounds() -> None:
 )
 def test_glob_to_regex_follows_redis_glob(pattern: str, matches: list[str],
                                           misses: list[str]) -> None:
-    regex = re.compile(rc.glob_to_regex(pattern), re.DOTALL)
+    regex = re.compile(rk.glob_to_regex(pattern), re.DOTALL)
     for key in matches:
         assert regex.fullmatch(key), (pattern, key)
     for key in misses:
@@ -128,11 +132,11 @@ def test_glob_to_regex_follows_redis_glob(pattern: str, matches: list[str],
 
 
 def test_classifier_first_group_wins_and_other() -> None:
-    classifier = rc.KeyClassifier([KeyGroup("a", ("x:*",)), KeyGroup("b", ("x:1*", "y:*"))])
+    classifier = rk.KeyClassifier([KeyGroup("a", ("x:*",)), KeyGroup("b", ("x:1*", "y:*"))])
     counts = [0, 0, 0]
     classifier.count([b"x:1", b"x:2", b"y:9", b"z", b"\xff\xfe"], counts)
     assert counts == [2, 1, 2]
-    empty = rc.KeyClassifier([])
+    empty = rk.KeyClassifier([])
     counts = [0]
     empty.count([b"a", b"b"], counts)
     assert counts == [2]
@@ -166,13 +170,13 @@ SESSION_KEY = "x7k2m9q1w3e5r7t9y1u3i5o7p9a1s3d5"  # Django's 32 characters of [a
     ("user123456", "user{id}"),
 ])
 def test_key_shape_replaces_ids(key: str, group: str) -> None:
-    assert rc.key_shape(key.encode()) == group
+    assert rk.key_shape(key.encode()) == group
 
 
 def test_key_shape_is_a_bounded_printable_label() -> None:
-    assert rc.key_shape(b"\xff\xfe\x00x") == "\ufffd\ufffd?x"
-    long = rc.key_shape(b"qatoolbox:1:" + b"word-" * 100)
-    assert len(long) == rc.MAX_GROUP_NAME and long.endswith("...")
+    assert rk.key_shape(b"\xff\xfe\x00x") == "\ufffd\ufffd?x"
+    long = rk.key_shape(b"qatoolbox:1:" + b"word-" * 100)
+    assert len(long) == rk.MAX_GROUP_NAME and long.endswith("...")
 
 
 @given(st.lists(st.tuples(st.sampled_from(["user:{}", "chat_room:{}:messages", "shard_stats",
@@ -186,8 +190,8 @@ def test_every_key_counted_once_each_family_in_one_group(
     keys = [("qatoolbox:1:" + f.format(f"{n:032d}" if "sessions" in f else n)).encode()
             for f, n in family_keys]
     keys += [n.encode() for n in noise]
-    tally = rc.KeyTally.empty(1)
-    rc.KeyClassifier([KeyGroup("mine", ("qatoolbox:1:boss_login_*",))]).tally(keys, tally)
+    tally = rk.KeyTally.empty(1)
+    rk.KeyClassifier([KeyGroup("mine", ("qatoolbox:1:boss_login_*",))]).tally(keys, tally)
     counts = tally.counts(["mine"], limit)
     assert sum(counts.values()) == len(keys)
     assert len(counts) <= 1 + limit + 1  # configured, the largest structures, other
@@ -205,18 +209,18 @@ def test_every_key_counted_once_each_family_in_one_group(
 def test_skeleton_cache_gives_what_key_shape_gives(texts: list[str], ids: list[Any]) -> None:
     keys = [t.encode() for t in texts]
     keys += [f"qatoolbox:1:room:{u}:{t}".encode() for u in ids for t in texts[:3]]
-    classifier = rc.KeyClassifier([])
+    classifier = rk.KeyClassifier([])
     for _ in range(2):  # filled, then read from the cache
-        tally = rc.KeyTally.empty(0)
+        tally = rk.KeyTally.empty(0)
         classifier.tally(keys, tally)
         expected: dict[str, int] = {}
         for key in keys:
-            expected[rc.key_shape(key)] = expected.get(rc.key_shape(key), 0) + 1
+            expected[rk.key_shape(key)] = expected.get(rk.key_shape(key), 0) + 1
         assert tally.shapes == expected
 
 
 def test_largest_structures_named_the_rest_other() -> None:
-    tally = rc.KeyTally([5], {"a": 3, "b": 9, "c": 3, "other": 1, "mine": 2}, untracked=4)
+    tally = rk.KeyTally([5], {"a": 3, "b": 9, "c": 3, "other": 1, "mine": 2}, untracked=4)
     # A structure named like a configured group (or "other") adds to it and takes no place
     # among the largest; a tie goes by name.
     assert tally.counts(["mine"], 2) == {"mine": 7.0, "b": 9.0, "a": 3.0, "other": 8.0}
@@ -224,47 +228,47 @@ def test_largest_structures_named_the_rest_other() -> None:
 
 
 def test_structures_past_the_tracking_bound_go_to_other(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rc, "MAX_TRACKED_SHAPES", 3)
-    tally = rc.KeyTally.empty(0)
-    rc.KeyClassifier([]).tally([f"k{c}".encode() for c in "abcdef"] + [b"ka"], tally)
+    monkeypatch.setattr(rk, "MAX_TRACKED_SHAPES", 3)
+    tally = rk.KeyTally.empty(0)
+    rk.KeyClassifier([]).tally([f"k{c}".encode() for c in "abcdef"] + [b"ka"], tally)
     assert tally.shapes == {"ka": 2, "kb": 1, "kc": 1} and tally.untracked == 3
 
 
 def test_binding_members_and_skipped_exchanges() -> None:
-    prefix = rc.KOMBU_BINDING.encode()
-    assert rc.binding_exchange(b"_kombu.binding.default", prefix) == "default"
+    prefix = rk.KOMBU_BINDING.encode()
+    assert rk.binding_exchange(b"_kombu.binding.default", prefix) == "default"
     for control in (b"_kombu.binding.celery.pidbox", b"_kombu.binding.reply.celery.pidbox",
                     b"_kombu.binding.celeryev"):
-        assert rc.binding_exchange(control, prefix) is None
-    assert rc.binding_queue(b"tools\x06\x16\x06\x16tools") == "tools"
-    assert rc.binding_queue(b"\x06\x16\x06\x16chat_cleanup") == "chat_cleanup"
+        assert rk.binding_exchange(control, prefix) is None
+    assert rk.binding_queue(b"tools\x06\x16\x06\x16tools") == "tools"
+    assert rk.binding_queue(b"\x06\x16\x06\x16chat_cleanup") == "chat_cleanup"
     for bad in (b"tools", b"a\x06\x16b", b"a\x06\x16b\x06\x16", b"a\x06\x16b\x06\x16\xff",
                 b"a\x06\x16b\x06\x16" + b"q" * 101, b"a\x06\x16b\x06\x16bad\nname"):
-        assert rc.binding_queue(bad) is None
-    tally = rc.KeyTally.empty(0)
-    rc.KeyClassifier([]).tally([b"_kombu.binding.tools", b"default", b"_kombu.bindingx"],
+        assert rk.binding_queue(bad) is None
+    tally = rk.KeyTally.empty(0)
+    rk.KeyClassifier([]).tally([b"_kombu.binding.tools", b"default", b"_kombu.bindingx"],
                                tally, prefix)
     assert tally.bindings == {b"_kombu.binding.tools"}
 
 
 def test_celery_keys_follow_kombu_naming() -> None:
-    assert rc.celery_keys(["celery"], "", (0, 3, 6, 9)) == [
+    assert rk.celery_keys(["celery"], "", (0, 3, 6, 9)) == [
         ("celery", "celery"), ("celery", "celery\x06\x163"), ("celery", "celery\x06\x166"),
         ("celery", "celery\x06\x169")]
-    assert rc.celery_keys(["a", "b"], "qa:", (0, 5)) == [
+    assert rk.celery_keys(["a", "b"], "qa:", (0, 5)) == [
         ("a", "qa:a"), ("a", "qa:a\x06\x165"), ("b", "qa:b"), ("b", "qa:b\x06\x165")]
 
 
 def test_count_lookups_hits_misses_and_wrong_type() -> None:
-    replies = [3, 0, ResponseError("WRONGTYPE Operation against a key"),
-               ResponseError("NOPERM no permissions"), 1]
-    hits, misses, lengths = rc.count_lookups(replies)
+    replies = [3, 0, ServerError("WRONGTYPE Operation against a key"),
+               ServerError("NOPERM no permissions"), 1]
+    hits, misses, lengths = ri.count_lookups(replies)
     assert (hits, misses) == (3, 1)
     assert lengths == [3, 0, 0, 0, 1]
 
 
 def test_lookup_account_subtracts_own_and_follows_resets() -> None:
-    account = rc.LookupAccount()
+    account = ri.LookupAccount()
     assert account.adjust("a", 100, 50, 1000, 0) == (100, 50)
     account.record(2, 3)
     assert account.adjust("a", 110, 53, 1010, 5) == (108, 50)
@@ -280,7 +284,7 @@ def test_lookup_account_subtracts_own_and_follows_resets() -> None:
 
 
 def test_command_labels_bounded_and_stable() -> None:
-    labels = rc.CommandLabels(2)
+    labels = ri.CommandLabels(2)
     assert labels.labels({"get": 10, "set": 5, "del": 1}) == {
         "get": "get", "set": "set", "del": "other"}
     # del becomes the busiest: get and set keep their labels, no churn.
@@ -288,25 +292,25 @@ def test_command_labels_bounded_and_stable() -> None:
         "get": "get", "set": "set", "del": "other", "hget": "other"}
     labels.reset()
     assert labels.labels({"hget": 1000, "get": 1, "del": 100})["get"] == "other"
-    assert rc.CommandLabels(0).labels({"get": 1}) == {"get": "other"}
+    assert ri.CommandLabels(0).labels({"get": 1}) == {"get": "other"}
 
 
 def test_version_parsing() -> None:
-    assert rc._version("7.0.15") == (7, 0, 15)
-    assert rc._version("6.2.14") < (7, 0)
-    assert rc._version("") == ()
-    assert rc._version("7.2.rc1") == (7, 2)
+    assert ri.version("7.0.15") == (7, 0, 15)
+    assert ri.version("6.2.14") < (7, 0)
+    assert ri.version("") == ()
+    assert ri.version("7.2.rc1") == (7, 2)
 
 
-def test_collector_module_uses_redis_py() -> None:
-    # exporter/collectors/redis.py must not shadow the redis package it imports.
-    import redis
-
-    assert redis.__file__ is not None and Path(redis.__file__).parent.name == "redis"
-    assert Path(redis.__file__).parent.parent.name == "site-packages"
-    client = rc.connect("redis://127.0.0.1:1/0", 1.5)  # connects lazily
-    assert client.connection_pool.max_connections == 1
-    assert client.connection_pool.connection_kwargs["socket_timeout"] == 1.5
+def test_collector_imports_no_redis_client_library_nor_ssl() -> None:
+    """The collector speaks RESP itself (exporter/resp.py): importing it pulls in neither
+    redis-py nor ssl (that comes only with a rediss:// URL), and a client connects lazily."""
+    code = ("import sys, exporter.collectors.redis as m; "
+            "c = m.connect('redis://127.0.0.1:1/0', 1.5); "
+            "print(sorted(n for n in ('redis', 'ssl', 'asyncio') if n in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -385,19 +389,19 @@ redis:
 
 def test_databases_past_db15_are_summed_under_other() -> None:
     """3,000 non-empty databases: 16 series of their own at most, one more for the rest."""
-    info = rc.parse_info("# Keyspace\r\n" + "".join(
+    info = ri.parse_info("# Keyspace\r\n" + "".join(
         f"db{n}:keys={n + 1},expires={n % 2},avg_ttl=0\r\n" for n in range(3000)))
-    dbs = rc.keyspace(info)
+    dbs = ri.keyspace(info)
     assert len(dbs) == 3000
-    labelled = rc.db_labels(dbs)
-    assert set(labelled) == {f"db{n}" for n in range(rc.MAX_DB_LABELS)} | {"other"}
+    labelled = ri.db_labels(dbs)
+    assert set(labelled) == {f"db{n}" for n in range(ri.MAX_DB_LABELS)} | {"other"}
     assert labelled["db15"] == (16.0, 1.0)
     assert labelled["other"] == (sum(n + 1 for n in range(16, 3000)),
                                  sum(n % 2 for n in range(16, 3000)))
     # Only numbers Redis writes get their own series: "db01" or a Unicode digit does not.
-    assert rc.db_labels({"db0": (1.0, 0.0), "db01": (2.0, 0.0), "db\u00b2": (3.0, 1.0)}) == {
+    assert ri.db_labels({"db0": (1.0, 0.0), "db01": (2.0, 0.0), "db\u00b2": (3.0, 1.0)}) == {
         "db0": (1.0, 0.0), "other": (5.0, 1.0)}
-    assert rc.db_labels({}) == {}
+    assert ri.db_labels({}) == {}
 
 
 @pytest.mark.parametrize("url", [
@@ -430,7 +434,7 @@ def test_connection_errors_never_show_the_password(url: str, tmp_path: Path) -> 
 
 def test_histogram_leaves_out_introspection_commands() -> None:
     for cmd in ("get", "set", "llen", "hlen", "scan", "eval", "brpop"):
-        assert rc.wants_histogram(cmd), cmd
+        assert ri.wants_histogram(cmd), cmd
     for cmd in ("info", "ping", "auth", "hello", "config|get", "client|setname", "slowlog|len",
                 "latency|histogram"):
-        assert not rc.wants_histogram(cmd), cmd
+        assert not ri.wants_histogram(cmd), cmd

@@ -15,7 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
-from exporter.collectors.redis import KeyClassifier, RedisCollector
+from exporter.collectors.redis import RedisCollector
+from exporter.collectors.redis_keys import KeyClassifier
 from exporter.config import KeyGroup, RedisConfig, Secret
 from tests.harness import (
     EXPORTER_ROLE,
@@ -532,11 +533,15 @@ def test_celery_queue_length_sums_priorities(redis_server: RedisServer,
 # --- failures ---------------------------------------------------------------------------------
 
 
-def assert_down(exporter: ExporterProcess) -> Scrape:
+def assert_down(exporter: ExporterProcess, reason: str) -> Scrape:
+    """Redis down: up 0 and the reason, nothing else of the collector's."""
     scrape = exporter.scrape()
     assert scrape.value("qatoolbox_redis_up") == 0
     assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 0
-    assert redis_series(scrape) == ["qatoolbox_redis_up"]
+    assert redis_series(scrape) == ["qatoolbox_redis_connection_error", "qatoolbox_redis_up"]
+    reasons = [labels["reason"] for _, labels in scrape.series("qatoolbox_redis_connection_error")]
+    assert reasons == [reason], exporter.logs()[-2000:]
+    assert scrape.value("qatoolbox_redis_connection_error", reason=reason) == 1
     return scrape
 
 
@@ -547,17 +552,18 @@ def test_server_stopped_or_killed_then_back(redis_server: RedisServer,
     assert exporter.scrape().value("qatoolbox_redis_up") == 1
     redis_server.stop()
     for _ in range(3):
-        assert_down(exporter)
+        assert_down(exporter, "connection_refused")
     redis_server.start()
     redis_server.create_exporter_user()
     assert exporter.scrape().value("qatoolbox_redis_up") == 1
     redis_server.kill()
-    assert_down(exporter)
+    assert_down(exporter, "connection_refused")
     redis_server.start()
     redis_server.create_exporter_user()
     scrape = exporter.scrape()
     assert scrape.value("qatoolbox_redis_up") == 1
     assert scrape.value("qatoolbox_exporter_collector_success", collector="redis") == 1
+    assert scrape.series("qatoolbox_redis_connection_error") == []  # only while down
     failures = [line for line in exporter.logs().splitlines()
                 if "collector failed" in line and "collector=redis" in line]
     assert 2 <= len(failures) <= 4, failures  # once per outage (and per distinct error)
@@ -569,32 +575,47 @@ def test_server_stopped_or_killed_then_back(redis_server: RedisServer,
 def test_server_paused(redis_server: RedisServer,
                        exporter_factory: Callable[..., ExporterProcess],
                        connect: Callable[..., Any]) -> None:
+    """A SIGSTOPped server: every scrape answers within its budget with up 0 and reason
+    timeout, threads and connections do not pile up, and the exporter recovers by itself.
+
+    Robust under load: nothing here depends on how fast the machine is. The per-scrape bound
+    is budget + 5 s (a scrape that waited once per command or per attempt would take 10 s and
+    more); the baselines are taken once the exporter is steady (its key count thread and HTTP
+    worker started, its connections open), and every "no more than before" is waited for
+    rather than sampled once, since a thread or a connection the server has not read yet may
+    linger for a moment after the scrape that ended it."""
     budget = 1.0
     exporter = start_exporter(exporter_factory, redis_server, {"key_scan_interval": "1s"},
                               timeout=f"{budget:g}s")
+    probe = connect(redis_server)
     for _ in range(3):
         assert exporter.scrape().value("qatoolbox_redis_up") == 1
         time.sleep(0.4)
+    # Steady: the scrape connection, the key count's, and the probe.
+    wait_for(lambda: exporter.scrape().value("qatoolbox_redis_key_group_scan_complete") == 1,
+             60, "a first complete key count")
+    wait_for(lambda: len(probe.client_list()) == 3, 30, "3 client connections")
     threads = exporter.threads()
-    probe = connect(redis_server)
-    clients = len(probe.client_list())
+    clients = 3
     redis_server.pause()
     try:
         for _ in range(20):
             started = time.monotonic()
-            scrape = exporter.scrape(timeout=budget + 10)
+            scrape = exporter.scrape(timeout=budget + 30)
             elapsed = time.monotonic() - started
-            assert elapsed < budget + 1, elapsed
+            assert elapsed < budget + 5, elapsed
             assert scrape.value("qatoolbox_redis_up") == 0
-            assert redis_series(scrape) == ["qatoolbox_redis_up"]
+            assert redis_series(scrape) == ["qatoolbox_redis_connection_error",
+                                            "qatoolbox_redis_up"]
+            assert scrape.value("qatoolbox_redis_connection_error", reason="timeout") == 1
         assert exporter.threads() <= threads
     finally:
         redis_server.resume()
-    wait_for(lambda: exporter.scrape().value("qatoolbox_redis_up") == 1, 10, "recovery")
+    wait_for(lambda: exporter.scrape().value("qatoolbox_redis_up") == 1, 60, "recovery")
     # Connections abandoned during the pause are closed once the server reads them again.
-    wait_for(lambda: len(probe.client_list()) <= clients, 10,
+    wait_for(lambda: len(probe.client_list()) <= clients, 60,
              f"at most {clients} client connections")
-    assert exporter.threads() <= threads
+    wait_for(lambda: exporter.threads() <= threads, 30, f"at most {threads} threads")
     assert_nothing_refused(redis_server)
 
 
@@ -641,7 +662,7 @@ def test_password_acl_and_optional_commands(redis_server: RedisServer,
 
     assert good.scrape().value("qatoolbox_redis_up") == 1
     for _ in range(3):
-        scrape = assert_down(wrong)
+        scrape = assert_down(wrong, "authentication_failed")
         assert WRONG not in scrape.text and PASSWORD not in scrape.text
     failures = [line for line in wrong.logs().splitlines() if "collector=redis" in line]
     assert len(failures) == 1, failures

@@ -44,10 +44,15 @@ from tests.harness import ROOT, free_port, stop_process, wait_for
 from tests.promstack import PROMETHEUS_BIN, PrometheusServer
 from tests.test_report_data import (
     ALERT_EPISODES,
+    CACHE1,
+    CACHE2,
     DAY,
+    DB1,
+    DB2,
     END,
     FIRST,
     INCIDENT,
+    NOT_TWIN,
     OUTAGE,
     WEEK,
     load_fortnight,
@@ -183,13 +188,17 @@ FIGURES = {  # section.figure: a query giving the same number another way
     "http.p99": f"histogram_quantile(0.99, sum by (le) (rate({DUR}[{W}])))",
     "http.p99_peak": f"max_over_time(histogram_quantile(0.99, sum by (le) "
                      f"(rate({DUR}[5m])))[{W}:5m])",
-    "business.active_users_7d": 'sum(qatoolbox_users_active{window="7d"})',
-    "business.daily_active_peak": f'max_over_time(sum(qatoolbox_users_active{{window="24h"}})'
-                                  f"[{W}:5m])",
-    "business.messages": f"sum(rate(qatoolbox_chat_messages_total[{W}])) * {WEEK}",
-    "business.rooms_active": 'sum(qatoolbox_chat_rooms{status="active"})',
-    "business.users": "sum(qatoolbox_users)",
-    "business.users_growth": f"sum(qatoolbox_users) - sum(qatoolbox_users offset {W})",
+    # Business and service series: the HA twin's copies left out (NOT_TWIN), so a report that
+    # counted a database once per exporter watching it would be off by a factor of two.
+    "business.active_users_7d": f'sum(qatoolbox_users_active{{window="7d",{NOT_TWIN}}})',
+    "business.daily_active_peak": f"max_over_time(sum(qatoolbox_users_active"
+                                  f'{{window="24h",{NOT_TWIN}}})[{W}:5m])',
+    "business.messages": f"sum(rate(qatoolbox_chat_messages_total{{{NOT_TWIN}}}[{W}])) "
+                         f"* {WEEK}",
+    "business.rooms_active": f'sum(qatoolbox_chat_rooms{{status="active",{NOT_TWIN}}})',
+    "business.users": f"sum(qatoolbox_users{{{NOT_TWIN}}})",
+    "business.users_growth": f"sum(qatoolbox_users{{{NOT_TWIN}}}) - "
+                             f"sum(qatoolbox_users{{{NOT_TWIN}}} offset {W})",
 }
 
 
@@ -238,39 +247,44 @@ TABLES: dict[str, dict[str, str]] = {  # section.table: column -> query, by the 
                    f"-(deriv(qatoolbox_host_filesystem_avail_bytes[{W}]) < 0)",
     },
     "postgres.servers": {
-        "connections_peak": f"max_over_time(sum by (instance) "
-                            f"(qatoolbox_postgres_connections)[{W}:5m])",
-        "max_connections": "qatoolbox_postgres_max_connections",
-        "connections_used_peak": f"max_over_time((sum by (job, instance) "
-                                 f"(qatoolbox_postgres_connections) / on (job, instance) "
-                                 f"(qatoolbox_postgres_max_connections - "
-                                 f"qatoolbox_postgres_reserved_connections))[{W}:5m])",
-        "slow_queries_peak": f"max_over_time(sum by (instance) "
-                             f"(qatoolbox_postgres_slow_queries)[{W}:5m])",
-        "deadlocks": f"sum by (instance) (rate(qatoolbox_postgres_deadlocks_total[{W}])) "
-                     f"* {WEEK}",
-        "cache_hit_ratio": f"sum by (instance) (rate(qatoolbox_postgres_blocks_hit_total[{W}]))"
-                           f" / (sum by (instance) "
-                           f"(rate(qatoolbox_postgres_blocks_hit_total[{W}])) + sum by "
-                           f"(instance) (rate(qatoolbox_postgres_blocks_read_total[{W}])))",
-        "database_size": "sum by (instance) (qatoolbox_postgres_database_size_bytes)",
-        "database_growth": "sum by (instance) (qatoolbox_postgres_database_size_bytes - "
-                           f"qatoolbox_postgres_database_size_bytes offset {W})",
+        "connections_peak": f"max_over_time(sum by (server) "
+                            f"(qatoolbox_postgres_connections{{{NOT_TWIN}}})[{W}:5m])",
+        "max_connections": f"qatoolbox_postgres_max_connections{{{NOT_TWIN}}}",
+        "connections_used_peak": f"max_over_time((sum by (server) "
+                                 f"(qatoolbox_postgres_connections{{{NOT_TWIN}}}) / on (server) "
+                                 f"(qatoolbox_postgres_max_connections{{{NOT_TWIN}}} - "
+                                 f"qatoolbox_postgres_reserved_connections{{{NOT_TWIN}}}))"
+                                 f"[{W}:5m])",
+        "slow_queries_peak": f"max_over_time(sum by (server) "
+                             f"(qatoolbox_postgres_slow_queries{{{NOT_TWIN}}})[{W}:5m])",
+        "deadlocks": f"sum by (server) (rate(qatoolbox_postgres_deadlocks_total{{{NOT_TWIN}}}"
+                     f"[{W}])) * {WEEK}",
+        "cache_hit_ratio": f"sum by (server) (rate(qatoolbox_postgres_blocks_hit_total"
+                           f"{{{NOT_TWIN}}}[{W}])) / (sum by (server) "
+                           f"(rate(qatoolbox_postgres_blocks_hit_total{{{NOT_TWIN}}}[{W}])) "
+                           f"+ sum by (server) (rate(qatoolbox_postgres_blocks_read_total"
+                           f"{{{NOT_TWIN}}}[{W}])))",
+        "database_size": f"sum by (server) (qatoolbox_postgres_database_size_bytes"
+                         f"{{{NOT_TWIN}}})",
+        "database_growth": f"sum by (server) (qatoolbox_postgres_database_size_bytes"
+                           f"{{{NOT_TWIN}}} - qatoolbox_postgres_database_size_bytes"
+                           f"{{{NOT_TWIN}}} offset {W})",
     },
     "postgres.tables": {
-        "size": "qatoolbox_postgres_table_size_bytes",
-        "growth": "qatoolbox_postgres_table_size_bytes - "
-                  f"qatoolbox_postgres_table_size_bytes offset {W}",
+        "size": f"qatoolbox_postgres_table_size_bytes{{{NOT_TWIN}}}",
+        "growth": f"qatoolbox_postgres_table_size_bytes{{{NOT_TWIN}}} - "
+                  f"qatoolbox_postgres_table_size_bytes{{{NOT_TWIN}}} offset {W}",
     },
     "redis.servers": {
-        "hit_ratio": f"rate(qatoolbox_redis_keyspace_hits_total[{W}]) / "
-                     f"(rate(qatoolbox_redis_keyspace_hits_total[{W}]) + "
-                     f"rate(qatoolbox_redis_keyspace_misses_total[{W}]))",
-        "memory_peak": f"max_over_time(qatoolbox_redis_memory_used_bytes[{W}:5m])",
-        "maxmemory": "qatoolbox_redis_memory_max_bytes",
-        "memory_used_peak": f"max_over_time((qatoolbox_redis_memory_used_bytes / "
-                            f"qatoolbox_redis_memory_max_bytes)[{W}:5m])",
-        "evictions": f"rate(qatoolbox_redis_evicted_keys_total[{W}]) * {WEEK}",
+        "hit_ratio": f"rate(qatoolbox_redis_keyspace_hits_total{{{NOT_TWIN}}}[{W}]) / "
+                     f"(rate(qatoolbox_redis_keyspace_hits_total{{{NOT_TWIN}}}[{W}]) + "
+                     f"rate(qatoolbox_redis_keyspace_misses_total{{{NOT_TWIN}}}[{W}]))",
+        "memory_peak": f"max_over_time(qatoolbox_redis_memory_used_bytes{{{NOT_TWIN}}}"
+                       f"[{W}:5m])",
+        "maxmemory": f"qatoolbox_redis_memory_max_bytes{{{NOT_TWIN}}}",
+        "memory_used_peak": f"max_over_time((qatoolbox_redis_memory_used_bytes{{{NOT_TWIN}}} / "
+                            f"qatoolbox_redis_memory_max_bytes{{{NOT_TWIN}}})[{W}:5m])",
+        "evictions": f"rate(qatoolbox_redis_evicted_keys_total{{{NOT_TWIN}}}[{W}]) * {WEEK}",
     },
     "celery.queues": {
         "peak": f"max_over_time(qatoolbox_celery_queue_length[{W}:5m])",
@@ -288,9 +302,9 @@ TABLES: dict[str, dict[str, str]] = {  # section.table: column -> query, by the 
 }
 
 DAILY = {  # evaluated at the end of each day
-    "active_users": 'sum(qatoolbox_users_active{window="24h"})',
-    "messages": "sum(rate(qatoolbox_chat_messages_total[1d])) * 86400",
-    "rooms_active": 'sum(qatoolbox_chat_rooms{status="active"})',
+    "active_users": f'sum(qatoolbox_users_active{{window="24h",{NOT_TWIN}}})',
+    "messages": f"sum(rate(qatoolbox_chat_messages_total{{{NOT_TWIN}}}[1d])) * 86400",
+    "rooms_active": f'sum(qatoolbox_chat_rooms{{status="active",{NOT_TWIN}}})',
 }
 
 S = f"{STEP}s"
@@ -305,19 +319,21 @@ CHARTS = {  # section.chart: one query per line, the legend the report gives its
     "host.cpu": [(f"max_over_time({CPU}[{S}:5m])", "{instance}")],
     "host.memory": [(f"max_over_time({MEM}[{S}:5m])", "{instance}")],
     "host.disk": [(f"max_over_time({FS}[{S}:5m])", "{instance} {mountpoint}")],
-    "postgres.connections": [(f"max_over_time((sum by (job, instance) "
-                              f"(qatoolbox_postgres_connections) / on (job, instance) "
-                              f"(qatoolbox_postgres_max_connections - "
-                              f"qatoolbox_postgres_reserved_connections))[{S}:5m])",
-                              "{instance}")],
-    "postgres.cache": [(f"increase(qatoolbox_postgres_blocks_hit_total[{S}]) / "
-                        f"(increase(qatoolbox_postgres_blocks_hit_total[{S}]) + "
-                        f"increase(qatoolbox_postgres_blocks_read_total[{S}]))", "{instance}")],
-    "redis.memory": [(f"max_over_time(qatoolbox_redis_memory_used_bytes[{S}:5m])",
-                      "{instance}")],
-    "redis.hits": [(f"increase(qatoolbox_redis_keyspace_hits_total[{S}]) / "
-                    f"(increase(qatoolbox_redis_keyspace_hits_total[{S}]) + "
-                    f"increase(qatoolbox_redis_keyspace_misses_total[{S}]))", "{instance}")],
+    "postgres.connections": [(f"max_over_time((sum by (server) "
+                              f"(qatoolbox_postgres_connections{{{NOT_TWIN}}}) / on (server) "
+                              f"(qatoolbox_postgres_max_connections{{{NOT_TWIN}}} - "
+                              f"qatoolbox_postgres_reserved_connections{{{NOT_TWIN}}}))"
+                              f"[{S}:5m])", "{server}")],
+    "postgres.cache": [(f"increase(qatoolbox_postgres_blocks_hit_total{{{NOT_TWIN}}}[{S}]) / "
+                        f"(increase(qatoolbox_postgres_blocks_hit_total{{{NOT_TWIN}}}[{S}]) + "
+                        f"increase(qatoolbox_postgres_blocks_read_total{{{NOT_TWIN}}}[{S}]))",
+                        "{server}")],
+    "redis.memory": [(f"max_over_time(qatoolbox_redis_memory_used_bytes{{{NOT_TWIN}}}"
+                      f"[{S}:5m])", "{server}")],
+    "redis.hits": [(f"increase(qatoolbox_redis_keyspace_hits_total{{{NOT_TWIN}}}[{S}]) / "
+                    f"(increase(qatoolbox_redis_keyspace_hits_total{{{NOT_TWIN}}}[{S}]) + "
+                    f"increase(qatoolbox_redis_keyspace_misses_total{{{NOT_TWIN}}}[{S}]))",
+                    "{server}")],
     "celery.queues": [(f"max_over_time(qatoolbox_celery_queue_length[{S}:5m])", "{queue}")],
 }
 
@@ -526,9 +542,14 @@ def test_figures_match_what_the_generator_wrote(built: Built) -> None:
     assert figures["business", "messages"]["value"] == true_messages(P, T)
     rows = {(s["key"], t["key"], tuple(r["labels"].values())): r for s in built.doc["sections"]
             for t in s["tables"] for r in t["rows"]}
-    servers = rows["postgres", "servers", ("app1:9786",)]
+    # One row per server, however many exporters watch it; db2 is at half db1's rates.
+    assert {k[2] for k in rows if k[:2] == ("postgres", "servers")} == {(DB1,), (DB2,)}
+    assert {k[2] for k in rows if k[:2] == ("redis", "servers")} == {(CACHE1,), (CACHE2,)}
+    servers = rows["postgres", "servers", (DB1,)]
     assert (servers["values"]["deadlocks"], servers["previous"]["deadlocks"]) == (2, 1)
-    assert rows["redis", "servers", ("app1:9786",)]["values"]["evictions"] == 250 * 12
+    assert rows["postgres", "servers", (DB2,)]["values"]["deadlocks"] == 1
+    assert rows["redis", "servers", (CACHE1,)]["values"]["evictions"] == 250 * 12
+    assert rows["redis", "servers", (CACHE2,)]["values"]["evictions"] == 125 * 12
     # The root file system fills linearly from 60% to 80% over the fortnight: at the week's
     # trend it is full as long after the end as the fortnight lasted.
     root = rows["host", "filesystems", ("app1:9786", "/")]

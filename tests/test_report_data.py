@@ -33,6 +33,13 @@ STEP = 300
 FIRST = END - 2 * WEEK - 3600  # an hour of warm-up before the previous week starts
 TIMES = list(range(FIRST, END + 1, STEP))
 JOB, INSTANCE = "qatoolbox", "app1:9786"
+# The service collectors' samples carry `server` (exporter/fleet.py). The application's exporter
+# watches db1 and cache1; TWIN, its HA pair, watches the same servers and reports the same values
+# (the report must count them once); OTHER watches a second PostgreSQL and Redis of its own.
+TWIN, OTHER = "app2:9786", "app3:9786"
+DB1, DB2 = "db1:5432", "db2:5432"
+CACHE1, CACHE2 = "cache1:6379", "cache2:6379"
+NOT_TWIN = f'instance!="{TWIN}"'
 SELECTOR = f'job="{JOB}"'
 BASE = f'job="{JOB}",instance="{INSTANCE}"'
 
@@ -137,11 +144,12 @@ class Fortnight:
     # --- helpers ---------------------------------------------------------------------------
 
     def _add(self, name: str, kind: str, labels: dict[str, str],
-             values: Sequence[float | None], always: bool = False) -> None:
+             values: Sequence[float | None], *, always: bool = False,
+             instance: str = INSTANCE) -> None:
         family = self.families.setdefault(name, Family(name, kind))
         if not always:  # nothing but `up` is scraped while the exporter is down
             values = [None if exporter_down(t) else v for t, v in zip(TIMES, values, strict=True)]
-        family.series.append(({"job": JOB, "instance": INSTANCE, **labels}, list(values)))
+        family.series.append(({"job": JOB, "instance": instance, **labels}, list(values)))
 
     @staticmethod
     def _cumulative(per_interval: Callable[[int], float], start: float = 0.0) -> list[float]:
@@ -168,10 +176,14 @@ class Fortnight:
                   always=True)
         self._http()
         self._host()
-        self._postgres()
-        self._redis()
+        for instance, db, cache, scale in ((INSTANCE, DB1, CACHE1, 1.0),
+                                           (TWIN, DB1, CACHE1, 1.0),
+                                           (OTHER, DB2, CACHE2, 0.5)):
+            self._postgres(instance, db, scale)
+            self._redis(instance, cache, scale)
         self._celery()
-        self._business()
+        for instance in (INSTANCE, TWIN):
+            self._business(instance)
         self._slo()
         self._alerts()
 
@@ -231,46 +243,57 @@ class Fortnight:
                       [size * (1 - used(t)) for t in TIMES])
             self._add("qatoolbox_host_filesystem_readonly", "gauge", labels, [0.0] * len(TIMES))
 
-    def _postgres(self) -> None:
-        db = {"datname": "qatoolbox"}
-        self._add("qatoolbox_postgres_up", "gauge", {}, [1.0] * len(TIMES))
-        self._add("qatoolbox_postgres_max_connections", "gauge", {}, [100.0] * len(TIMES))
-        self._add("qatoolbox_postgres_reserved_connections", "gauge", {}, [3.0] * len(TIMES))
-        self._add("qatoolbox_postgres_connections", "gauge", {**db, "state": "active"},
-                  [float(int(5 + 20 * traffic(t) + (35 if in_incident(t) else 0)))
-                   for t in TIMES])
-        self._add("qatoolbox_postgres_connections", "gauge", {**db, "state": "idle"},
-                  [20.0] * len(TIMES))
-        self._add("qatoolbox_postgres_slow_queries", "gauge", db,
-                  [3.0 if in_incident(t) else 0.0 for t in TIMES])
-        deadlocks_at = {INCIDENT[0] + 600, INCIDENT[0] + 1800, END - WEEK - 4 * DAY + 10 * 3600}
-        self._add("qatoolbox_postgres_deadlocks_total", "counter", db,
-                  self._cumulative(lambda t: 1.0 if t in deadlocks_at else 0.0, 7.0))
-        self._add("qatoolbox_postgres_blocks_hit_total", "counter", db,
-                  self._cumulative(lambda t: float(int(1000 * traffic(t) * STEP)), 1e9))
-        self._add("qatoolbox_postgres_blocks_read_total", "counter", db,
-                  self._cumulative(lambda t: float(int((200 if in_incident(t) else 15)
-                                                       * traffic(t) * STEP)), 1e7))
-        for table, (size, growth) in TABLES.items():
-            self._add("qatoolbox_postgres_table_size_bytes", "gauge",
-                      {"schema": "public", "table": table},
-                      [float(size + int(growth * (t - FIRST) / DAY)) for t in TIMES])
-        self._add("qatoolbox_postgres_database_size_bytes", "gauge", db,
-                  [float(3 * GIB + int(43 * MIB * (t - FIRST) / DAY)) for t in TIMES])
+    def _service(self, instance: str, server: str, scale: float,
+                 ) -> Callable[[str, str, dict[str, str], list[float]], None]:
+        """An adder of instance's samples about server, their values times scale."""
+        def add(name: str, kind: str, labels: dict[str, str], values: list[float]) -> None:
+            self._add(name, kind, {**labels, "server": server}, [v * scale for v in values],
+                      instance=instance)
+        return add
 
-    def _redis(self) -> None:
-        self._add("qatoolbox_redis_up", "gauge", {}, [1.0] * len(TIMES))
-        self._add("qatoolbox_redis_keyspace_hits_total", "counter", {},
-                  self._cumulative(lambda t: float(int(100 * traffic(t) * STEP)), 5e6))
-        self._add("qatoolbox_redis_keyspace_misses_total", "counter", {},
-                  self._cumulative(lambda t: float(int((60 if in_incident(t) else 8)
-                                                       * traffic(t) * STEP)), 4e5))
-        self._add("qatoolbox_redis_memory_used_bytes", "gauge", {},
-                  [float(int(200 * MIB + 100 * MIB * traffic(t)
-                             + (600 * MIB if in_incident(t) else 0))) for t in TIMES])
-        self._add("qatoolbox_redis_memory_max_bytes", "gauge", {}, [float(GIB)] * len(TIMES))
-        self._add("qatoolbox_redis_evicted_keys_total", "counter", {},
-                  self._cumulative(lambda t: 250.0 if in_incident(t) else 0.0, 1000.0))
+    def _postgres(self, instance: str, server: str, scale: float) -> None:
+        add = self._service(instance, server, scale)
+        same = self._service(instance, server, 1.0)
+        db = {"datname": "qatoolbox"}
+        same("qatoolbox_postgres_up", "gauge", {}, [1.0] * len(TIMES))
+        same("qatoolbox_postgres_max_connections", "gauge", {}, [100.0] * len(TIMES))
+        same("qatoolbox_postgres_reserved_connections", "gauge", {}, [3.0] * len(TIMES))
+        add("qatoolbox_postgres_connections", "gauge", {**db, "state": "active"},
+            [float(int(5 + 20 * traffic(t) + (35 if in_incident(t) else 0))) for t in TIMES])
+        add("qatoolbox_postgres_connections", "gauge", {**db, "state": "idle"},
+            [20.0] * len(TIMES))
+        add("qatoolbox_postgres_slow_queries", "gauge", db,
+            [3.0 if in_incident(t) else 0.0 for t in TIMES])
+        deadlocks_at = {INCIDENT[0] + 600, INCIDENT[0] + 1800, END - WEEK - 4 * DAY + 10 * 3600}
+        add("qatoolbox_postgres_deadlocks_total", "counter", db,
+            self._cumulative(lambda t: 1.0 if t in deadlocks_at else 0.0, 7.0))
+        add("qatoolbox_postgres_blocks_hit_total", "counter", db,
+            self._cumulative(lambda t: float(int(1000 * traffic(t) * STEP)), 1e9))
+        add("qatoolbox_postgres_blocks_read_total", "counter", db,
+            self._cumulative(lambda t: float(int((200 if in_incident(t) else 15)
+                                                 * traffic(t) * STEP)), 1e7))
+        for table, (size, growth) in TABLES.items():
+            add("qatoolbox_postgres_table_size_bytes", "gauge",
+                {"schema": "public", "table": table},
+                [float(size + int(growth * (t - FIRST) / DAY)) for t in TIMES])
+        add("qatoolbox_postgres_database_size_bytes", "gauge", db,
+            [float(3 * GIB + int(43 * MIB * (t - FIRST) / DAY)) for t in TIMES])
+
+    def _redis(self, instance: str, server: str, scale: float) -> None:
+        add = self._service(instance, server, scale)
+        same = self._service(instance, server, 1.0)
+        same("qatoolbox_redis_up", "gauge", {}, [1.0] * len(TIMES))
+        add("qatoolbox_redis_keyspace_hits_total", "counter", {},
+            self._cumulative(lambda t: float(int(100 * traffic(t) * STEP)), 5e6))
+        add("qatoolbox_redis_keyspace_misses_total", "counter", {},
+            self._cumulative(lambda t: float(int((60 if in_incident(t) else 8)
+                                                 * traffic(t) * STEP)), 4e5))
+        add("qatoolbox_redis_memory_used_bytes", "gauge", {},
+            [float(int(200 * MIB + 100 * MIB * traffic(t)
+                       + (600 * MIB if in_incident(t) else 0))) for t in TIMES])
+        same("qatoolbox_redis_memory_max_bytes", "gauge", {}, [float(GIB)] * len(TIMES))
+        add("qatoolbox_redis_evicted_keys_total", "counter", {},
+            self._cumulative(lambda t: 250.0 if in_incident(t) else 0.0, 1000.0))
 
     def _celery(self) -> None:
         self._add("qatoolbox_celery_queue_length", "gauge", {"queue": "celery"},
@@ -296,31 +319,33 @@ class Fortnight:
             self._histogram("qatoolbox_celery_task_duration_seconds", {"task": task}, TASK_LE,
                             counts=counts, cdfs=[cdf] * len(TIMES), means=[mean] * len(TIMES))
 
-    def _business(self) -> None:
+    def _business(self, instance: str) -> None:
+        add = self._service(instance, DB1, 1.0)
+
         def days(t: int) -> float:
             return (t - FIRST) / DAY
 
-        self._add("qatoolbox_users", "gauge", {"state": "active"},
-                  [float(1000 + int(days(t) * 24) * 2) for t in TIMES])
-        self._add("qatoolbox_users", "gauge", {"state": "inactive"}, [50.0] * len(TIMES))
+        add("qatoolbox_users", "gauge", {"state": "active"},
+            [float(1000 + int(days(t) * 24) * 2) for t in TIMES])
+        add("qatoolbox_users", "gauge", {"state": "inactive"}, [50.0] * len(TIMES))
         for window, level in (("1h", lambda t: 60 * traffic(t)),
                               ("24h", lambda t: 300 * 1.03 ** days(t)),
                               ("7d", lambda t: 900 * 1.02 ** days(t))):
-            self._add("qatoolbox_users_active", "gauge", {"window": window},
-                      [float(int(level(t))) for t in TIMES])
+            add("qatoolbox_users_active", "gauge", {"window": window},
+                [float(int(level(t))) for t in TIMES])
         for kind, rate in (("text", 3.0), ("image", 0.4)):
-            self._add("qatoolbox_chat_messages_total", "counter", {"message_type": kind},
-                      self._cumulative(lambda t, r=rate: float(int(r * traffic(t) * STEP)),  # type: ignore[misc]
-                                       250000.0))
+            add("qatoolbox_chat_messages_total", "counter", {"message_type": kind},
+                self._cumulative(lambda t, r=rate: float(int(r * traffic(t) * STEP)),  # type: ignore[misc]
+                                 250000.0))
         for room_type, status, level in (
                 ("group", "active", lambda t: 40 + int(days(t) * 2)),
                 ("private", "active", lambda t: 120 + int(days(t) * 5)),
                 ("group", "ended", lambda t: 300 + int(days(t) * 10))):
-            self._add("qatoolbox_chat_rooms", "gauge", {"room_type": room_type,
-                                                        "status": status},
-                      [float(level(t)) for t in TIMES])
-        self._add("qatoolbox_chat_rooms_stale", "gauge", {},
-                  [3.0 if t > END - 5 * 3600 else 0.0 for t in TIMES])
+            add("qatoolbox_chat_rooms", "gauge", {"room_type": room_type,
+                                                  "status": status},
+                [float(level(t)) for t in TIMES])
+        add("qatoolbox_chat_rooms_stale", "gauge", {},
+            [3.0 if t > END - 5 * 3600 else 0.0 for t in TIMES])
 
     def _slo(self) -> None:
         """Sloth's series for two SLOs, in the second week only (the first has no SLO rules)."""

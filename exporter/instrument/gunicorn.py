@@ -26,16 +26,26 @@ from exporter.instrument._store import (
 __all__ = ["child_exit", "mark_worker_dead", "on_starting", "setup_multiproc_dir"]
 
 
-def setup_multiproc_dir(path: str | None = None, empty: bool = True) -> str:
+def setup_multiproc_dir(path: str | None = None, empty: bool = True, mode: int = 0o770) -> str:
     """Create the folder, export it as PROMETHEUS_MULTIPROC_DIR, and (by default) empty it.
 
-    Emptying spares the files of processes that are still alive (another app server sharing
-    the folder by mistake keeps its values), so it is safe to run at every start.
+    A folder this creates gets mode (0770: the app's user and a group the exporter may belong
+    to, nobody else, as docs/app.md recommends), whatever the umask; an existing folder keeps
+    its owner's choice. Emptying spares the files of processes that are still alive (another
+    app server sharing the folder by mistake keeps its values), so it is safe to run at every
+    start.
     """
     path = path or os.environ.get(ENV_DIR)
     if not path:
         raise ValueError(f"{ENV_DIR} is not set and no folder was given")
-    os.makedirs(path, mode=0o755, exist_ok=True)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    else:
+        os.chmod(path, mode)  # mkdir's mode is filtered by the umask
     os.environ[ENV_DIR] = path
     if empty:
         for name in os.listdir(path):

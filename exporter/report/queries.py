@@ -294,54 +294,71 @@ _READ = "qatoolbox_postgres_blocks_read_total{$sel}"
 _DB_SIZE = "qatoolbox_postgres_database_size_bytes{$sel}"
 _TABLE_SIZE = "qatoolbox_postgres_table_size_bytes{$sel}"
 
+# PostgreSQL and Redis rows are servers, not exporters: every sample of those collectors names
+# the server it describes in `server` (exporter/fleet.py), and on a fleet several exporters
+# (each host with the default configuration, an HA pair) watch the same one. Each exporter's
+# figure for a server is computed alone (`by (job, instance, server)`), then one of them is
+# kept (`max by (server)`): a sum across exporters would count a database once per watcher.
+_EACH = "job, instance, server"
+
+
+def _per_server(inner: str) -> str:
+    """inner summed per exporter and server, then one exporter's figure per server."""
+    return f"max by (server) (sum by ({_EACH}) ({inner}))"
+
+
+def _server_ratio(good: str, other: str, window: str) -> str:
+    """good / (good + other) per server from one exporter's counters (rates over window)."""
+    each_good = f"sum by ({_EACH}) (increase({good}[{window}]))"
+    each_other = f"sum by ({_EACH}) (increase({other}[{window}]))"
+    return f"max by (server) ({each_good} / ({each_good} + {each_other} > 0))"
+
+
 POSTGRES = Section(
     "postgres", "PostgreSQL", "qatoolbox_postgres_connections",
     "No PostgreSQL metrics: the postgres collector is off or never reached the server.",
     tables=(
-        Table("servers", "Connections, slow queries, deadlocks, cache", ("instance",), (
+        Table("servers", "Connections, slow queries, deadlocks, cache", ("server",), (
             Column("connections_peak", "peak connections", COUNT,
-                   "max by (instance) (max_over_time(sum by (job, instance) "
+                   f"max by (server) (max_over_time(sum by ({_EACH}) "
                    "(qatoolbox_postgres_connections{$sel})[$w:$peak]))", "lower"),
             Column("max_connections", "max_connections", COUNT,
-                   "max by (instance) (last_over_time("
+                   "max by (server) (last_over_time("
                    "qatoolbox_postgres_max_connections{$sel}[$w]))"),
             Column("connections_used_peak", "peak share of limit", RATIO,
-                   _peak("instance:qatoolbox_postgres_connections_used:ratio", "instance"),
+                   _peak("instance:qatoolbox_postgres_connections_used:ratio", "server"),
                    "lower"),
             Column("slow_queries_peak", "peak slow queries", COUNT,
-                   "max by (instance) (max_over_time(sum by (job, instance) "
+                   f"max by (server) (max_over_time(sum by ({_EACH}) "
                    "(qatoolbox_postgres_slow_queries{$sel})[$w:$peak]))", "lower"),
             Column("deadlocks", "deadlocks", COUNT,
-                   "sum by (instance) (increase(qatoolbox_postgres_deadlocks_total{$sel}[$w]))",
+                   _per_server("increase(qatoolbox_postgres_deadlocks_total{$sel}[$w])"),
                    "lower"),
             Column("cache_hit_ratio", "cache hit ratio", RATIO,
-                   f"sum by (instance) (increase({_HIT}[$w])) / (sum by (instance) "
-                   f"(increase({_HIT}[$w])) + sum by (instance) (increase({_READ}[$w])) > 0)",
-                   "higher"),
+                   _server_ratio(_HIT, _READ, "$w"), "higher"),
             Column("database_size", "databases' size at end", BYTES,
-                   f"sum by (instance) (last_over_time({_DB_SIZE}[$w]))"),
+                   _per_server(f"last_over_time({_DB_SIZE}[$w])")),
             Column("database_growth", "growth", BYTES,
-                   f"sum by (instance) (last_over_time({_DB_SIZE}[$w]) - {_DB_SIZE} offset $w)"),
+                   _per_server(f"last_over_time({_DB_SIZE}[$w]) - {_DB_SIZE} offset $w")),
         ), "connections_peak", limit=False),
-        Table("tables", "Largest tables", ("schema", "table"), (
+        Table("tables", "Largest tables", ("server", "schema", "table"), (
             Column("size", "size at end", BYTES,
-                   f"max by (schema, table) (last_over_time({_TABLE_SIZE}[$w]))"),
+                   f"max by (server, schema, table) (last_over_time({_TABLE_SIZE}[$w]))"),
             Column("growth", "growth", BYTES,
-                   f"max by (schema, table) (last_over_time({_TABLE_SIZE}[$w])"
+                   f"max by (server, schema, table) (last_over_time({_TABLE_SIZE}[$w])"
                    f" - {_TABLE_SIZE} offset $w)"),
         ), "size", note="Growth is the size at the end less the size at the start of the "
                         "period; empty for a table that did not exist at the start."),
     ),
     charts=(
         Chart("connections", "Connections used of the slots ordinary roles may use", RATIO, (Line(
-            "max by (instance) (max_over_time("
-            "instance:qatoolbox_postgres_connections_used:ratio{$sel}[$step]))", "{instance}"),),
+            "max by (server) (max_over_time("
+            "instance:qatoolbox_postgres_connections_used:ratio{$sel}[$step]))", "{server}"),),
               (Threshold(0.80, "warning 80%"), Threshold(0.95, "critical 95%", "critical")),
               ymax=1),
         Chart("cache", "Buffer cache hit ratio", RATIO, (Line(
-            f"sum by (instance) (rate({_HIT}[$step])) / (sum by (instance) "
-            f"(rate({_HIT}[$step])) + sum by (instance) (rate({_READ}[$step])) > 0)",
-            "{instance}"),), (Threshold(0.90, "warning below 90%"),), ymax=1),
+            _server_ratio(_HIT, _READ, "$step"), "{server}"),),
+              (Threshold(0.90, "warning below 90%"),), ymax=1),
     ),
 )
 
@@ -351,29 +368,24 @@ _MISSES = "qatoolbox_redis_keyspace_misses_total{$sel}"
 REDIS = Section(
     "redis", "Redis", "qatoolbox_redis_memory_used_bytes",
     "No Redis metrics: the redis collector is off or never reached the server.",
-    tables=(Table("servers", "Hit ratio, memory, evictions", ("instance",), (
-        Column("hit_ratio", "hit ratio", RATIO,
-               f"sum by (instance) (increase({_HITS}[$w])) / (sum by (instance) "
-               f"(increase({_HITS}[$w])) + sum by (instance) (increase({_MISSES}[$w])) > 0)",
-               "higher"),
+    tables=(Table("servers", "Hit ratio, memory, evictions", ("server",), (
+        Column("hit_ratio", "hit ratio", RATIO, _server_ratio(_HITS, _MISSES, "$w"), "higher"),
         Column("memory_peak", "peak memory", BYTES,
-               _peak("qatoolbox_redis_memory_used_bytes", "instance"), "lower"),
+               _peak("qatoolbox_redis_memory_used_bytes", "server"), "lower"),
         Column("maxmemory", "maxmemory", BYTES,
-               "max by (instance) (last_over_time(qatoolbox_redis_memory_max_bytes{$sel}[$w]))"),
+               "max by (server) (last_over_time(qatoolbox_redis_memory_max_bytes{$sel}[$w]))"),
         Column("memory_used_peak", "peak share of maxmemory", RATIO,
-               _peak("instance:qatoolbox_redis_memory_utilisation:ratio", "instance"), "lower"),
+               _peak("instance:qatoolbox_redis_memory_utilisation:ratio", "server"), "lower"),
         Column("evictions", "evicted keys", COUNT,
-               "sum by (instance) (increase(qatoolbox_redis_evicted_keys_total{$sel}[$w]))",
-               "lower"),
+               _per_server("increase(qatoolbox_redis_evicted_keys_total{$sel}[$w])"), "lower"),
     ), "memory_peak", limit=False),),
     charts=(
         Chart("memory", "Memory used (peak per step)", BYTES, (Line(
-            "max by (instance) (max_over_time(qatoolbox_redis_memory_used_bytes{$sel}[$step]))",
-            "{instance}"),)),
+            "max by (server) (max_over_time(qatoolbox_redis_memory_used_bytes{$sel}[$step]))",
+            "{server}"),)),
         Chart("hits", "Keyspace hit ratio", RATIO, (Line(
-            f"sum by (instance) (rate({_HITS}[$step])) / (sum by (instance) "
-            f"(rate({_HITS}[$step])) + sum by (instance) (rate({_MISSES}[$step])) > 0)",
-            "{instance}"),), (Threshold(0.80, "warning below 80%"),), ymax=1),
+            _server_ratio(_HITS, _MISSES, "$step"), "{server}"),),
+              (Threshold(0.80, "warning below 80%"),), ymax=1),
     ),
 )
 
@@ -411,33 +423,38 @@ CELERY = Section(
 )
 
 _USERS = "qatoolbox_users{$sel}"
+# Business figures: one reading per database (several exporters may read the same one, their
+# samples differing only by job and instance), summed over databases and label values.
+_ONCE = "max without (job, instance)"
 
 BUSINESS = Section(
     "business", "Business", "qatoolbox_users_active",
     "No business metrics: the business collector is off or its queries fail.",
     figures=(
         Figure("active_users_7d", "users active in the last 7 days (at end)", COUNT,
-               'sum(last_over_time(qatoolbox_users_active{$sel,window="7d"}[$w]))', "higher"),
-        Figure("daily_active_peak", "peak daily active users", COUNT,
-               'max_over_time(sum(qatoolbox_users_active{$sel,window="24h"})[$w:$peak])',
+               f'sum({_ONCE} (last_over_time(qatoolbox_users_active{{$sel,window="7d"}}[$w])))',
                "higher"),
+        Figure("daily_active_peak", "peak daily active users", COUNT,
+               f'max_over_time(sum({_ONCE} (qatoolbox_users_active{{$sel,window="24h"}}))'
+               "[$w:$peak])", "higher"),
         Figure("messages", "chat messages", COUNT,
-               "sum(increase(qatoolbox_chat_messages_total{$sel}[$w]))", "higher"),
+               f"sum({_ONCE} (increase(qatoolbox_chat_messages_total{{$sel}}[$w])))", "higher"),
         Figure("rooms_active", "active chat rooms (at end)", COUNT,
-               'sum(last_over_time(qatoolbox_chat_rooms{$sel,status="active"}[$w]))',
+               f'sum({_ONCE} (last_over_time(qatoolbox_chat_rooms{{$sel,status="active"}}[$w])))',
                "higher"),
         Figure("users", "user accounts (at end)", COUNT,
-               f"sum(last_over_time({_USERS}[$w]))", "higher"),
+               f"sum({_ONCE} (last_over_time({_USERS}[$w])))", "higher"),
         Figure("users_growth", "new user accounts", COUNT,
-               f"sum(last_over_time({_USERS}[$w])) - sum({_USERS} offset $w)", "higher"),
+               f"sum({_ONCE} (last_over_time({_USERS}[$w]))) - sum({_ONCE} ({_USERS} offset $w))",
+               "higher"),
     ),
     daily=Daily("days", "Day by day", (
         Column("active_users", "daily active users", COUNT,
-               'sum(last_over_time(qatoolbox_users_active{$sel,window="24h"}[1d]))'),
+               f'sum({_ONCE} (last_over_time(qatoolbox_users_active{{$sel,window="24h"}}[1d])))'),
         Column("messages", "messages", COUNT,
-               "sum(increase(qatoolbox_chat_messages_total{$sel}[1d]))"),
+               f"sum({_ONCE} (increase(qatoolbox_chat_messages_total{{$sel}}[1d])))"),
         Column("rooms_active", "active rooms", COUNT,
-               'sum(last_over_time(qatoolbox_chat_rooms{$sel,status="active"}[1d]))'),
+               f'sum({_ONCE} (last_over_time(qatoolbox_chat_rooms{{$sel,status="active"}}[1d])))'),
     )),
 )
 
