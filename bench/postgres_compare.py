@@ -32,7 +32,13 @@ if str(ROOT) not in sys.path:
 
 from bench.scrape import Target, measure, report, scrape  # noqa: E402
 from exporter.collectors import COLLECTORS  # noqa: E402
-from tests.harness import PostgresServer, free_port, tempdir  # noqa: E402
+from tests.harness import (  # noqa: E402
+    EXPORTER_PASSWORD,
+    EXPORTER_ROLE,
+    PostgresServer,
+    free_port,
+    tempdir,
+)
 
 POSTGRES_EXPORTER = "/usr/bin/prometheus-postgres-exporter"
 EXAMPLE_QUERIES = "/usr/share/doc/prometheus-postgres-exporter/examples/queries.yaml"
@@ -57,12 +63,14 @@ def create_tables(pg: PostgresServer, upto: int, have: int, *, prefix: str = "t"
 
 
 def _wait_metrics(url: str, proc: subprocess.Popen[bytes], needle: bytes) -> None:
+    """Scrape until a line of the body starts with needle and its value is 1."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
         try:
-            if needle in scrape(url)[1]:
+            if any(line.startswith(needle) and line.rsplit(b" ", 1)[-1] in (b"1", b"1.0")
+                   for line in scrape(url)[1].splitlines()):
                 return
         except OSError:
             pass
@@ -79,25 +87,26 @@ def start_contenders(pg: PostgresServer, workdir: Path, example_queries: bool
     def ours(name: str, extra: Sequence[str]) -> None:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "REDIS_"))}
-        env.update(pg.env())
+        env.update(pg.exporter_env())  # docs/reliability.md's least-privilege role
         others = [f"--no-collector.{n}" for n in COLLECTORS if n != "postgres"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}",
              *others, *extra], cwd=ROOT, env=env, stdout=devnull, stderr=devnull)
         procs.append(proc)
         target = Target(name, f"http://127.0.0.1:{port}/metrics", proc.pid)
-        _wait_metrics(target.url, proc, b"qatoolbox_postgres_up 1")
+        _wait_metrics(target.url, proc, b"qatoolbox_postgres_up")
         targets.append(target)
 
     def theirs(name: str, extra: Sequence[str]) -> None:
         port = free_port()
         env = dict(os.environ, DATA_SOURCE_NAME=(
-            f"postgresql://postgres@127.0.0.1:{pg.port}/postgres?sslmode=disable"))
+            f"postgresql://{EXPORTER_ROLE}:{EXPORTER_PASSWORD}@127.0.0.1:{pg.port}/postgres"
+            "?sslmode=disable"))
         proc = subprocess.Popen([POSTGRES_EXPORTER, f"--web.listen-address=127.0.0.1:{port}",
                                  *extra], env=env, stdout=devnull, stderr=devnull)
         procs.append(proc)
         target = Target(name, f"http://127.0.0.1:{port}/metrics", proc.pid)
-        _wait_metrics(target.url, proc, b"pg_up 1")
+        _wait_metrics(target.url, proc, b"pg_up")
         targets.append(target)
 
     ours("qatoolbox", [])
@@ -139,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }).start()
         try:
             pg.execute("CREATE EXTENSION pg_stat_statements")
+            pg.create_exporter_role("postgres")
             have = 0
             for size in sizes:
                 create_tables(pg, size, have)

@@ -25,11 +25,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.scrape import Target, _free_port, _wait_up, families, report, scrape
-from bench.scrape import measure as measure_scrapes
-from exporter.collectors import DEFAULTS
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.scrape import Target, _free_port, _wait_up, families, report, scrape  # noqa: E402
+from bench.scrape import measure as measure_scrapes  # noqa: E402
+from exporter.collectors import DEFAULTS  # noqa: E402
+from tests.harness import EXPORTER_PASSWORD, EXPORTER_ROLE, documented_acl_rules  # noqa: E402
+
 FILL_GROUPS = ("user", "chat_room", "chat_message", "time_capsule", "heart_link", "stats", "api")
 
 FILL_SCRIPT = """
@@ -77,6 +81,8 @@ def start_redis(workdir: Path, keys: int) -> tuple[subprocess.Popen[bytes], int]
     for _ in range(1000):  # some traffic, so commandstats and latency have content
         client.get("qatoolbox:1:user:0")
         client.get("qatoolbox:1:user:missing")
+    # This exporter logs in as docs/reliability.md's least-privilege ACL user, as deployed.
+    client.execute_command("ACL", "SETUSER", EXPORTER_ROLE, *documented_acl_rules())
     return proc, port
 
 
@@ -85,7 +91,8 @@ def start_ours(port: int, extra_args: Sequence[str],
     """This exporter with only its redis collector, default settings (plus extra_args)."""
     listen = _free_port()
     flags = [f"--no-collector.{name}" for name in DEFAULTS if name != "redis"]
-    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{port}/0"}
+    env = {**os.environ, "REDIS_URL": (f"redis://{EXPORTER_ROLE}:{EXPORTER_PASSWORD}"
+                                       f"@127.0.0.1:{port}/0")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{listen}",
          *flags, *extra_args],

@@ -45,7 +45,7 @@ from tests.harness import (  # noqa: E402
 )
 
 DEMO = ROOT / "examples" / "qatoolbox_demo"
-_POSTGRES_UP = re.compile(rb"^qatoolbox_postgres_up (\S+)$", re.MULTILINE)
+_POSTGRES_UP = re.compile(rb"^qatoolbox_postgres_up(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
 # Phase 2 pauses PostgreSQL for PAUSE seconds out of every 2 * PAUSE; not a divisor of the
 # default sample period, so samples land on both halves of the cycle.
 PAUSE = 20.0

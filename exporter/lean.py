@@ -1,6 +1,6 @@
 """Process memory settings of the exporter, in force as soon as this module is imported.
 
-Two things keep the exporter's resident memory down (docs/benchmarks.md, "Memory"):
+Three things keep the exporter's resident memory down (docs/bench-prometheus.md, "Memory"):
 
 - prometheus_client is imported without running its package __init__, which imports the
   exposition module and with it http.server's client half, urllib.request, wsgiref and ssl (the
@@ -8,8 +8,13 @@ Two things keep the exporter's resident memory down (docs/benchmarks.md, "Memory
   stand-in whose attributes load on first use: `prometheus_client.<submodule>` imports just
   that submodule; any other name (`prometheus_client.REGISTRY`, `from prometheus_client import
   CollectorRegistry`) runs the real __init__ once, so every use still works, at the old cost.
+- psycopg imports ssl, and ssl brings the system's OpenSSL: 5 MB resident for nothing, as
+  PostgreSQL's TLS is libpq's own. Its libpq binding imports ssl for an OpenSSL 1.0 setup step
+  and gets an empty stand-in; asyncio (psycopg.errors imports it, for an async API the
+  exporter does not use) gets an ImportError and takes its own no-TLS path. Once psycopg is
+  imported, ssl is importable as usual for what really needs it (a TLS web config, rediss://).
 - glibc's malloc keeps one arena per thread that ever contended (up to 8 per core); the
-  exporter's dozen threads mostly wait, so two arenas are enough.
+  exporter's threads mostly wait and hold the GIL when they allocate, so one arena is enough.
 
 exporter.scrape imports this module before anything else of prometheus_client; the application's
 side (exporter.instrument) never does, so it is not affected.
@@ -21,12 +26,15 @@ import ctypes
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import threading
+from collections.abc import Sequence
+from types import ModuleType
 
 # mallopt(3) parameter numbers (malloc.h).
 _M_ARENA_MAX = -8
-MALLOC_ARENAS = 2
+MALLOC_ARENAS = 1
 
 
 def defer_package_init(package: str) -> bool:
@@ -61,6 +69,98 @@ def defer_package_init(package: str) -> bool:
     return True
 
 
+class _ImportWithout:
+    """A meta path finder: finds one module, once, and runs it with others replaced in
+    sys.modules (None: an import of it raises ImportError), except those loaded already.
+    (Not an importlib.abc.MetaPathFinder: importlib.abc imports importlib.resources.)"""
+
+    def __init__(self, module: str, stand_ins: dict[str, ModuleType | None]) -> None:
+        self.module = module
+        self.stand_ins = stand_ins
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname != self.module:
+            return None
+        with _finder_lock:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+        replaced = {name: module for name, module in self.stand_ins.items()
+                    if sys.modules.get(name) is None or _is_stand_in(sys.modules[name])}
+        if not replaced:
+            return None  # the real ones are loaded: nothing to save
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not isinstance(spec.loader, importlib.machinery.SourceFileLoader):
+            return None
+        loader = spec.loader
+
+        class _Loader(importlib.machinery.SourceFileLoader):
+            def exec_module(self, module: ModuleType) -> None:
+                had = {name: sys.modules.get(name, module) for name in replaced}  # module: none
+                sys.modules.update(replaced)  # type: ignore[arg-type]
+                try:
+                    loader.exec_module(module)
+                finally:
+                    for name, stand_in in replaced.items():
+                        if sys.modules.get(name) is stand_in:
+                            if had[name] is module:
+                                del sys.modules[name]
+                            else:
+                                sys.modules[name] = had[name]
+
+        spec.loader = _Loader(loader.name, loader.path)
+        return spec
+
+
+_finder_lock = threading.Lock()
+_finders: list[_ImportWithout] = []
+
+
+def _is_stand_in(module: object) -> bool:
+    return any(module is stand_in for f in _finders for stand_in in f.stand_ins.values())
+
+
+def import_without(module: str, **stand_ins: ModuleType | None) -> bool:
+    """The first import of `module` runs with the modules named (dots as `__`) replaced by
+    their stand-ins (None: importing it fails, and `module` takes its fallback); False when
+    `module` is already imported."""
+    if module in sys.modules:
+        return False
+    finder = _ImportWithout(module, {k.replace("__", "."): v for k, v in stand_ins.items()})
+    _finders.append(finder)
+    sys.meta_path.insert(0, finder)
+    return True
+
+
+def _distribution_version(name: str) -> str:
+    """A distribution's version from its installed `.dist-info` folder's name, for
+    importlib.metadata.version() without importlib.metadata (email, zipfile, csv: ~2.5 MB)."""
+    wanted = name.lower().replace("-", "_").replace(".", "_")
+    for folder in sys.path:
+        try:
+            entries = os.listdir(folder or ".")
+        except OSError:
+            continue
+        for entry in entries:
+            base, dot, suffix = entry.rpartition(".")
+            if dot and suffix == "dist-info":
+                dist, _, version = base.partition("-")
+                if dist.lower().replace(".", "_") == wanted and version:
+                    return version
+    raise _PackageNotFoundError(name)
+
+
+class _PackageNotFoundError(ModuleNotFoundError):
+    """importlib.metadata.PackageNotFoundError's stand-in."""
+
+
+def _metadata_stand_in() -> ModuleType:
+    module = ModuleType("importlib.metadata", "stand-in: see exporter.lean")
+    module.version = _distribution_version  # type: ignore[attr-defined]
+    module.PackageNotFoundError = _PackageNotFoundError  # type: ignore[attr-defined]
+    return module
+
+
 def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
     """mallopt(M_ARENA_MAX, count) in glibc; False where there is no such call (musl)."""
     try:
@@ -73,4 +173,12 @@ def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
 
 
 defer_package_init("prometheus_client")
+import_without("asyncio", ssl=None)
+# psycopg's libpq bindings import ssl only to have Python set up OpenSSL's locking callbacks,
+# which OpenSSL 1.1 and later do not need (and psycopg-binary's libpq has its own OpenSSL,
+# which Python's ssl never touches): an empty stand-in satisfies that import. psycopg and
+# psycopg-binary read their own version with importlib.metadata: the stand-in reads it from
+# the .dist-info folder's name.
+import_without("psycopg", ssl=ModuleType("ssl", "stand-in: see exporter.lean"),
+               importlib__metadata=_metadata_stand_in())
 limit_malloc_arenas()

@@ -5,20 +5,16 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import hashlib
-import hmac
 import ipaddress
 import logging
 import os
 import re
-import secrets
-import ssl
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.config import (
     ConfigError,
@@ -30,22 +26,26 @@ from exporter.config import (
     read_yaml,
 )
 
+if TYPE_CHECKING:
+    import ssl
+
 log = logging.getLogger("exporter.webconfig")
 
 # Go's tls.ClientAuthType names. The two that accept a certificate without verifying it are
 # refused: Python's ssl module cannot do that, and the toolkit itself calls them insecure.
-CLIENT_AUTH_TYPES: dict[str, ssl.VerifyMode | None] = {
-    "NoClientCert": ssl.CERT_NONE,
+# Values are the ssl module's names: ssl (5 MB resident) is imported only with a TLS config.
+CLIENT_AUTH_TYPES: dict[str, str | None] = {
+    "NoClientCert": "CERT_NONE",
     "RequestClientCert": None,
     "RequireAnyClientCert": None,
-    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+    "VerifyClientCertIfGiven": "CERT_OPTIONAL",
+    "RequireAndVerifyClientCert": "CERT_REQUIRED",
 }
-TLS_VERSIONS = {
-    "TLS10": ssl.TLSVersion.TLSv1,
-    "TLS11": ssl.TLSVersion.TLSv1_1,
-    "TLS12": ssl.TLSVersion.TLSv1_2,
-    "TLS13": ssl.TLSVersion.TLSv1_3,
+TLS_VERSIONS = {  # oldest first
+    "TLS10": "TLSv1",
+    "TLS11": "TLSv1_1",
+    "TLS12": "TLSv1_2",
+    "TLS13": "TLSv1_3",
 }
 TLS_STRING_KEYS = ("cert_file", "key_file", "client_ca_file", "client_auth_type", "min_version",
                    "max_version", "cert", "key", "client_ca")
@@ -280,7 +280,8 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
             errors.append(f"{prefix}{key}: expected one of {', '.join(TLS_VERSIONS)}, "
                           f"got {describe(values[key])}")
     if (values["min_version"] in TLS_VERSIONS and values["max_version"] in TLS_VERSIONS
-            and TLS_VERSIONS[values["min_version"]] > TLS_VERSIONS[values["max_version"]]):
+            and list(TLS_VERSIONS).index(values["min_version"])
+            > list(TLS_VERSIONS).index(values["max_version"])):
         errors.append(f"{prefix}min_version: {values['min_version']} is above max_version "
                       f"{values['max_version']}")
     for key in ("cert_file", "key_file", "client_ca_file"):
@@ -354,10 +355,12 @@ def _reason(exc: ssl.SSLError | OSError) -> str:
 
 def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
     """A server-side context from the settings; ConfigError naming the key on a bad file."""
+    import ssl
+
     prefix = "tls_server_config."
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = TLS_VERSIONS[tls.min_version]
-    context.maximum_version = TLS_VERSIONS[tls.max_version]
+    context.minimum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[tls.min_version])
+    context.maximum_version = getattr(ssl.TLSVersion, TLS_VERSIONS[tls.max_version])
     context.set_alpn_protocols(["http/1.1"])
     problems: list[str] = []
     pems: dict[str, str | bytes] = {"cert_file": tls.cert, "key_file": tls.key,
@@ -415,7 +418,7 @@ def build_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
             reason = "not PEM" if isinstance(exc, (ValueError, TypeError)) else _reason(exc)
             raise ConfigError([f"{prefix}{key}: cannot load {name}: {reason}"]) from None
     mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
-    context.verify_mode = mode if mode is not None else ssl.CERT_REQUIRED
+    context.verify_mode = getattr(ssl, mode) if mode is not None else ssl.CERT_REQUIRED
     return context
 
 
@@ -554,7 +557,7 @@ class Authenticator:
         self._cost = max(int(h[4:6]) for h in self._users.values())
         self._dummy: bytes | None = None
         # The cache holds keyed digests, not passwords: a memory dump does not reveal them.
-        self._key = secrets.token_bytes(32)
+        self._key = os.urandom(32)  # secrets' source, without hashlib loaded at start
         self._cache: OrderedDict[bytes, None] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -563,7 +566,7 @@ class Authenticator:
         with self._lock:
             if self._dummy is None:
                 salt = self._bcrypt.gensalt(rounds=self._cost)
-                self._dummy = self._bcrypt.hashpw(secrets.token_bytes(16), salt)
+                self._dummy = self._bcrypt.hashpw(os.urandom(16), salt)
             return self._dummy
 
     def check_header(self, header: str | None) -> bool:
@@ -590,8 +593,15 @@ class Authenticator:
         """Whether b"user:password" is valid."""
         return self._cached(credentials) or self.verify(credentials)
 
+    def _digest(self, credentials: bytes) -> bytes:
+        # hashlib and hmac load libcrypto: only a config with basic auth pays for it.
+        import hashlib
+        import hmac
+
+        return hmac.new(self._key, credentials, hashlib.sha256).digest()
+
     def _cached(self, credentials: bytes) -> bool:
-        digest = hmac.new(self._key, credentials, hashlib.sha256).digest()
+        digest = self._digest(credentials)
         with self._lock:
             if digest in self._cache:
                 self._cache.move_to_end(digest)
@@ -600,7 +610,7 @@ class Authenticator:
 
     def verify(self, credentials: bytes) -> bool:
         """The bcrypt check of b"user:password" (remembered when it passes)."""
-        digest = hmac.new(self._key, credentials, hashlib.sha256).digest()
+        digest = self._digest(credentials)
         user, sep, password = credentials.partition(b":")
         hashed = self._users.get(user) if sep else None
         # An unknown user costs one bcrypt check too: response times do not reveal user names.

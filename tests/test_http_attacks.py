@@ -21,15 +21,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exporter import textformat
 from exporter.config import ConfigError, load_config
 from exporter.logs import LogfmtFormatter, OnChange, Throttled
-from exporter.server import (
-    OPENMETRICS_0_0_1,
-    OPENMETRICS_1_0_0,
-    TEXT_FORMAT,
-    ExporterHTTPServer,
-    negotiate,
-)
+from exporter.server import ExporterHTTPServer
 from exporter.webconfig import AuthGuard, WebConfigFile, client_key
 from tests.harness import ExporterProcess, wait_for
 from tests.test_http_robustness import (
@@ -40,7 +35,11 @@ from tests.test_http_robustness import (
 )
 from tests.test_web_security import bcrypt_hash, client_context, make_ca, make_cert, only_collectors
 
-FORMATS = {TEXT_FORMAT, OPENMETRICS_1_0_0, OPENMETRICS_0_0_1}
+# Every Content-Type the exporter answers with: our own strings, never the client's.
+FORMATS = set(textformat.ENCODERS)
+TEXT_FORMAT = textformat.TEXT_0_0_4
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+OPENMETRICS_UNDERSCORES = OPENMETRICS + "; escaping=underscores"
 
 
 @pytest.fixture
@@ -643,27 +642,34 @@ def test_auth_guard_bounds_checks_per_client_and_in_total() -> None:
 @pytest.mark.parametrize(("accept", "expected"), [
     ("", TEXT_FORMAT),
     ("*/*", TEXT_FORMAT),
-    (PROMETHEUS_ACCEPT, OPENMETRICS_1_0_0),
+    (PROMETHEUS_ACCEPT, OPENMETRICS_UNDERSCORES),
     # Prometheus 3, with escaping schemes it asks for.
     ("application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
      "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
-     "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2", OPENMETRICS_1_0_0),
-    ("application/openmetrics-text", OPENMETRICS_1_0_0),
-    ('application/openmetrics-text; version="0.0.1"', OPENMETRICS_0_0_1),
-    ("text/plain;q=0.5, application/openmetrics-text;version=1.0.0;q=0.6", OPENMETRICS_1_0_0),
+     "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+     OPENMETRICS + "; escaping=allow-utf-8"),
+    ("application/openmetrics-text", OPENMETRICS),
+    # 0.0.1 is not written (prometheus_client does not either): text, the fallback.
+    ('application/openmetrics-text; version="0.0.1"', TEXT_FORMAT),
+    ("text/plain;q=0.5, application/openmetrics-text;version=1.0.0;q=0.6",
+     OPENMETRICS_UNDERSCORES),
     ("application/openmetrics-text;q=0, text/plain", TEXT_FORMAT),
-    ("application/openmetrics-text;version=2.0.0", TEXT_FORMAT),
-    ("APPLICATION/OpenMetrics-Text;Version=1.0.0", OPENMETRICS_1_0_0),
-    ("application/openmetrics-text;q=2", TEXT_FORMAT),  # not a qvalue: ignored
+    # A later version is answered with the one we write, never echoed back.
+    ("application/openmetrics-text;version=2.0.0", OPENMETRICS_UNDERSCORES),
+    ("APPLICATION/OpenMetrics-Text;Version=1.0.0", OPENMETRICS_UNDERSCORES),
 ])
 def test_negotiation(accept: str, expected: str) -> None:
-    assert negotiate(accept) == expected
+    """The server's one negotiation is textformat.negotiate (its agreement with
+    prometheus_client's choose_encoder is tests/test_textformat.py's)."""
+    content_type, encoder = textformat.negotiate(accept)
+    assert content_type == expected
+    assert textformat.encoder_for(content_type) is encoder
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=200))
 def test_negotiation_only_ever_answers_a_fixed_format(accept: str) -> None:
-    assert negotiate(accept) in FORMATS
+    assert textformat.negotiate(accept)[0] in FORMATS
 
 
 def test_header_timeout_is_configurable_and_checked(tmp_path: Path) -> None:

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from exporter import textformat
 from exporter.config import Duration, WebConfig
 from exporter.scrape import ScrapeRunner
 from exporter.server import MAX_HEADER_BYTES, MAX_REQUEST_LINE, ExporterHTTPServer
@@ -35,8 +33,10 @@ class GateCollector:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
+        self.collections = 0
 
     def collect(self) -> Iterable[Metric]:
+        self.collections += 1
         self.entered.set()
         self.gate.wait(30)
         family = GaugeMetricFamily("qatoolbox_test_gate", "A gate for tests.")
@@ -398,18 +398,23 @@ def _others(keep: str) -> list[str]:
     return [name for name in COLLECTORS if name not in (keep, "process")]
 
 
-def test_waiting_scrapes_share_one_encoded_body(server: Server,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+class CountingSource:
+    """Stands in for the server's source of families: counts encodings (each one collects
+    once) and passes the families through."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.encodings = 0
+
+    def collect(self) -> Iterable[Metric]:
+        self.encodings += 1
+        return list(self.inner.collect())
+
+
+def test_waiting_scrapes_share_one_encoded_body(server: Server) -> None:
     """Scrapes queued behind a stuck collection get one body, encoded and compressed once
     per format, not once each: a burst of waiters must not multiply the exporter's memory."""
-    encoded: list[int] = []
-    real = textformat.generate_latest
-
-    def counting(registry: CollectorRegistry) -> bytes:
-        encoded.append(1)
-        return real(registry)
-
-    monkeypatch.setattr(textformat, "generate_latest", counting)
+    source = server.httpd.source = CountingSource(server.httpd.source)
     server.collector.gate.clear()
     bodies: list[tuple[int, str, bytes]] = []
 
@@ -438,36 +443,30 @@ def test_waiting_scrapes_share_one_encoded_body(server: Server,
     assert len(set(zipped)) == 1
     assert gzip.decompress(zipped[0]) == plain[0]
     # One encoding for the gzip flight, one for the plain request that joined the collection.
-    assert len(encoded) == 2
+    assert source.encodings == 2
+    assert server.collector.collections == 1
 
 
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
                      "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+PROMETHEUS_TYPE = "application/openmetrics-text; version=1.0.0; charset=utf-8; escaping=underscores"
 
 
-def test_concurrent_prometheus_scrapes_share_one_openmetrics_body(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The body is shared by Content-Type and compression, not by encoder object:
-    prometheus_client's choose_encoder made a new partial per request, so the old key never
-    matched and every waiting Prometheus-style scrape encoded (and compressed) its own body."""
-    from prometheus_client.openmetrics import exposition as openmetrics
-
-    encoded: list[int] = []
-    real = openmetrics.generate_latest
-
-    def counting(registry: CollectorRegistry) -> bytes:
-        encoded.append(1)
-        return bytes(real(registry))
-
-    monkeypatch.setattr(openmetrics, "generate_latest", counting)
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_concurrent_prometheus_scrapes_share_one_openmetrics_body(gzipped: bool) -> None:
+    """Prometheus' own request, sent five times at once while the collection is stuck: the
+    five share one collection, one encoding (with our OpenMetrics encoder) and one gzip,
+    because the shared body is keyed on the content type and compression (prometheus_client's
+    choose_encoder made a new partial per request, so a key on the encoder never matched)."""
     with Server(max_requests=8) as srv:
+        source = srv.httpd.source = CountingSource(srv.httpd.source)
         srv.collector.gate.clear()
         results: list[tuple[int, str, str, bytes]] = []
+        headers = {"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip" if gzipped else ""}
 
         def scrape() -> None:
-            req = urllib.request.Request(
-                f"http://127.0.0.1:{srv.port}/metrics",
-                headers={"Accept": PROMETHEUS_ACCEPT, "Accept-Encoding": "gzip"})
+            req = urllib.request.Request(f"http://127.0.0.1:{srv.port}/metrics",
+                                         headers=headers)
             with urllib.request.urlopen(req, timeout=20) as response:
                 results.append((response.status, response.headers["Content-Type"],
                                 response.headers.get("Content-Encoding", ""), response.read()))
@@ -484,16 +483,18 @@ def test_concurrent_prometheus_scrapes_share_one_openmetrics_body(
                 thread.join(20)
         assert len(results) == 5
         assert {(status, ctype, coding) for status, ctype, coding, _ in results} == {
-            (200, "application/openmetrics-text; version=1.0.0; charset=utf-8", "gzip")}
+            (200, PROMETHEUS_TYPE, "gzip" if gzipped else "")}
         assert len({body for *_, body in results}) == 1
-        assert gzip.decompress(results[0][3]).endswith(b"# EOF\n")
-        assert len(encoded) == 1
+        body = gzip.decompress(results[0][3]) if gzipped else results[0][3]
+        assert body.endswith(b"# EOF\n") and b"qatoolbox_test_gate 1.0\n" in body
+        assert srv.collector.collections == 1
+        assert source.encodings == 1
 
 
 def test_worker_pool_runs_every_job_once_and_reuses_an_idle_worker() -> None:
-    from exporter.server import _Pool
+    from exporter.workers import Pool
 
-    pool = _Pool(limit=4, idle=10)
+    pool = Pool(limit=4, idle=10)
     try:
         # One after another: a job's answer goes out only once its worker is idle again, so
         # the next request finds that worker (no second thread for sequential scrapes).

@@ -6,10 +6,12 @@ import gzip
 import json
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -265,3 +267,86 @@ def test_log_level_flag(exporter_factory: Factory) -> None:
     listening = [line for line in chatty.logs().splitlines() if "msg=listening" in line]
     assert len(listening) == 1
     assert "level=info" in listening[0] and "path=/metrics" in listening[0]
+
+
+def test_prometheus_request_is_served_by_our_encoder_as_prometheus_client_would(
+        shared: ExporterProcess) -> None:
+    """Prometheus' own request gets OpenMetrics from exporter.textformat: the body parses
+    back into families that prometheus_client's encoder writes byte for byte the same."""
+    from prometheus_client.openmetrics import exposition
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    prometheus_accept = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                         "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+    status, headers, body = shared.get("/metrics", {"Accept": prometheus_accept,
+                                                    "Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("Content-Encoding") == "gzip"
+    assert headers["Content-Type"] == ("application/openmetrics-text; version=1.0.0; "
+                                       "charset=utf-8; escaping=underscores")
+    text = gzip.decompress(body).decode()
+    families = list(text_string_to_metric_families(text))
+    assert len(families) > 20
+
+    class Parsed:
+        def collect(self) -> list[object]:
+            return families
+
+    assert exposition.generate_latest(Parsed()).decode() == text
+
+
+def test_ssl_stays_out_unless_tls_needs_it() -> None:
+    """exporter.lean keeps the ssl module (and the system OpenSSL, ~5 MB resident) out of
+    psycopg's and asyncio's imports, and the server imports it only for a TLS web config;
+    ssl then still works for whoever needs it (a TLS web config, rediss://). psycopg reads
+    its version without importlib.metadata (~1.6 MB), and gets the same one."""
+    code = """
+import sys
+import exporter.scrape, exporter.server, exporter.webconfig
+import psycopg
+assert psycopg.pq.__impl__ in ("binary", "c", "python"), psycopg.pq.__impl__
+import asyncio.base_events
+assert asyncio.base_events.ssl is None
+assert "ssl" not in sys.modules, "ssl imported"
+assert "importlib.metadata" not in sys.modules, "importlib.metadata imported"
+import importlib.metadata
+assert psycopg.__version__ == importlib.metadata.version("psycopg"), psycopg.__version__
+import ssl
+assert isinstance(ssl.create_default_context(), ssl.SSLContext)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_import_without_is_scoped_to_the_one_import(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """exporter.lean.import_without: the module named gets the stand-in (or an ImportError
+    for None) during its own first import only; afterwards the real module imports as usual,
+    and a module whose stand-in target is already loaded is imported untouched."""
+    import types
+
+    from exporter import lean
+
+    folder = tmp_path
+    (folder / "qatb_real_dep.py").write_text("REAL = True\n")
+    (folder / "qatb_user.py").write_text(
+        "import qatb_real_dep as dep\n"
+        "try:\n    import qatb_other_dep\nexcept ImportError:\n    qatb_other_dep = None\n")
+    (folder / "qatb_other_dep.py").write_text("OTHER = True\n")
+    monkeypatch.syspath_prepend(str(folder))
+    stand_in = types.ModuleType("qatb_real_dep")
+    try:
+        assert lean.import_without("qatb_user", qatb_real_dep=stand_in, qatb_other_dep=None)
+        import qatb_user  # type: ignore[import-not-found]
+
+        assert qatb_user.dep is stand_in and qatb_user.qatb_other_dep is None
+        assert "qatb_real_dep" not in sys.modules and "qatb_other_dep" not in sys.modules
+        import qatb_other_dep  # type: ignore[import-not-found]
+        import qatb_real_dep  # type: ignore[import-not-found]
+
+        assert qatb_real_dep.REAL and qatb_other_dep.OTHER
+        assert not lean.import_without("qatb_user", qatb_real_dep=None)  # imported already
+    finally:
+        for name in ("qatb_user", "qatb_real_dep", "qatb_other_dep"):
+            sys.modules.pop(name, None)
