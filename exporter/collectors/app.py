@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import math
@@ -57,6 +56,7 @@ from exporter.instrument._store import (
     ReadBuffer,
     ReadFailedError,
     RefusedEntryError,
+    blake2b,
     encode_entry_bytes,
     entry_size,
     file_header,
@@ -630,14 +630,14 @@ class _Reading:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.keys = hashlib.blake2b(digest_size=16)
+        self.keys = blake2b(digest_size=16)
         self.count = 0
         self.written = array("i")
         self.positions = array("i")
 
     def encode(self, data: FileWindows, out: _Encoder) -> Iterator[bytes]:
         """Encode this file's written entries with their sums (chunks yielded when full)."""
-        again = hashlib.blake2b(digest_size=16)
+        again = blake2b(digest_size=16)
         count = 0
         step = 0
         for _, key, _, _ in data.entries(8):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import operator
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, WINDOW, FileWindows
+from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, WINDOW, FileWindows, blake2b
 
 _Labels = tuple[tuple[str, str], ...]
 _ParsedKey = tuple[str, str, _Labels, str, float | None]
@@ -657,7 +656,7 @@ class FileMerger:
         typ, _, mode = prefix.partition("_")
         pid = ident if typ == "gauge" and mode in _PID_MODES else ""
         cache = self._cache(prefix, pid)
-        blake2b = hashlib.blake2b
+        digest_of = blake2b  # a local: looked up once per entry in the loop below
         offsets, slots = array("I"), array("I")
         waiting: list[_Routed] = []
         waiting_at = array("I")
@@ -669,7 +668,7 @@ class FileMerger:
             if markers and key.startswith(_MARKER_BYTES):
                 found_markers.append(key.decode("utf-8"))
             else:
-                digest = blake2b(key, digest_size=16).digest()
+                digest = digest_of(key, digest_size=16).digest()
                 found = cache.get(digest)
                 if found is None or found.__class__ is _Routed:
                     found = self._find(prefix, pid, digest, key)
@@ -820,7 +819,7 @@ class FileMerger:
 
 def key_digest(key: bytes) -> bytes:
     """What the caches know a key by: 16 bytes, however long the key."""
-    return hashlib.blake2b(key, digest_size=16).digest()
+    return blake2b(key, digest_size=16).digest()
 
 
 def _combine(mode: str, values: Iterable[float]) -> float:

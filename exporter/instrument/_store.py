@@ -27,11 +27,15 @@ import json
 import mmap
 import os
 import re
-import secrets
 import stat
 import struct
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+
+try:  # CPython's built-in BLAKE2: hashlib would load OpenSSL's libcrypto (3.4 MB RSS) for it
+    from _blake2 import blake2b as blake2b  # noqa: PLC0414 - re-exported (mypy)
+except ImportError:  # another interpreter
+    from hashlib import blake2b as blake2b  # noqa: PLC0414
 
 ENV_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -334,7 +338,7 @@ def key_at(data: bytes, pos: int, used: int, name: str) -> tuple[bytes, int]:
 
 def tmp_name(name: str) -> str:
     """A fresh, unguessable temporary name for a new version of name."""
-    return f".{name}.{secrets.token_hex(8)}.tmp"
+    return f".{name}.{os.urandom(8).hex()}.tmp"
 
 
 def tmp_target(name: str) -> str | None:
@@ -472,7 +476,7 @@ class Store:
     def __init__(self, directory: str | None) -> None:
         self.directory = directory
         self.lock = threading.Lock()
-        self.ident = f"{os.getpid()}-{secrets.token_hex(8)}"
+        self.ident = f"{os.getpid()}-{os.urandom(8).hex()}"
         self._lock_fd = -1
         if directory is not None:
             self._lock_fd = _hold_lock(directory, self.ident)
