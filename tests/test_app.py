@@ -15,7 +15,7 @@ from exporter.collectors import COLLECTORS, DEFAULTS
 from exporter.collectors.app import AppCollector, accumulator_path, fold
 from exporter.config import AppConfig, ConfigError, load_config
 from exporter.instrument import Recorder
-from exporter.instrument._store import read_entries
+from exporter.instrument.store import read_entries
 from tests.harness import parse_metrics
 
 ROUTES = [f"api/r{i}/<int:id>/" for i in range(12)]
@@ -255,7 +255,7 @@ def test_crash_before_accumulator_replaced(tmp_path: Path,
     def crash(src: str, dst: str, **kwargs: Any) -> None:
         raise OSError("crash")
 
-    monkeypatch.setattr("exporter.instrument._store.os.rename", crash)
+    monkeypatch.setattr("exporter.instrument.store.os.rename", crash)
     with pytest.raises(OSError):
         fold(str(tmp_path), [dead.store.ident])
     monkeypatch.undo()
@@ -279,7 +279,7 @@ def test_corrupt_file_drops_the_folder_not_the_scrape(tmp_path: Path) -> None:
 
 
 def test_plain_prometheus_client_files_are_merged_not_folded(tmp_path: Path) -> None:
-    from exporter.instrument._store import write_file
+    from exporter.instrument.store import write_file
 
     key = '["app_jobs", "app_jobs_total", {}, "Jobs."]'
     write_file(str(tmp_path / "counter_4242.db"), [(key, 5.0)])
@@ -316,8 +316,8 @@ def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> i
     """Files read in windows of the real size, or of a few entries (64 bytes: every entry
     larger than a window; 1000: entries across window edges)."""
     if request.param is not None:
-        monkeypatch.setattr("exporter.instrument._store.WINDOW", request.param)
-        monkeypatch.setattr("exporter.instrument._merge.WINDOW", request.param)
+        monkeypatch.setattr("exporter.instrument.store.WINDOW", request.param)
+        monkeypatch.setattr("exporter.instrument.merge.WINDOW", request.param)
     return request.param  # type: ignore[no-any-return]
 
 
@@ -326,7 +326,7 @@ def test_random_churn_matches_a_reference(tmp_path: Path, window: int | None) ->
     result equals adding up every worker's own in-memory values (gauges: live ones only)."""
     import random
 
-    from exporter.instrument._merge import Merger
+    from exporter.instrument.merge import Merger
 
     rng = random.Random(5)
     col = collector(tmp_path)
@@ -609,7 +609,7 @@ def test_many_routes_churn_matches_a_reference(tmp_path: Path, window: int | Non
     import random
 
     from exporter.collectors.app import MAX_ROUTES
-    from exporter.instrument._merge import Merger
+    from exporter.instrument.merge import Merger
 
     rng = random.Random(7)
     col = collector(tmp_path)

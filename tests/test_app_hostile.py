@@ -31,7 +31,7 @@ from exporter.collectors.app import (
 )
 from exporter.config import AppConfig, Config
 from exporter.instrument import Recorder
-from exporter.instrument._store import MAX_FILE_BYTES, REFUSAL_REASONS, mmap_key, write_file
+from exporter.instrument.store import MAX_FILE_BYTES, REFUSAL_REASONS, mmap_key, write_file
 from tests.harness import ExporterProcess, wait_for
 from tests.test_app import collector, scrape, total, value, work
 

@@ -19,9 +19,9 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from exporter import instrument
 from exporter.instrument import Recorder, _State
-from exporter.instrument._merge import Merger
-from exporter.instrument._store import read_entries, writer_alive
 from exporter.instrument.asgi import PrometheusASGIMiddleware
+from exporter.instrument.merge import Merger
+from exporter.instrument.store import read_entries, writer_alive
 from exporter.instrument.wsgi import PrometheusWSGIMiddleware
 from tests.harness import ROOT, parse_metrics
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.config import AppConfig
-from exporter.instrument._merge import (
+from exporter.instrument.merge import (
     MARKER_PREFIX,
     ROUTE_OVERFLOW,
     FileInfo,
@@ -42,7 +42,7 @@ from exporter.instrument._merge import (
     key_digest,
     refused,
 )
-from exporter.instrument._store import (
+from exporter.instrument.store import (
     FILE_TYPES,
     FOLDABLE_TYPES,
     GAUGE_MODE,

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Sequence
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from exporter.instrument._merge import Merger, format_le
-from exporter.instrument._store import ENV_DIR, Store, ValueFile, mmap_key
+from exporter.instrument.merge import Merger, format_le
+from exporter.instrument.store import ENV_DIR, Store, ValueFile, mmap_key
 
 __all__ = [
     "DB_QUERY_BUCKETS",

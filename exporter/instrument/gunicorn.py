@@ -15,7 +15,7 @@ import glob
 import os
 from typing import Any
 
-from exporter.instrument._store import (
+from exporter.instrument.store import (
     ENV_DIR,
     GAUGE_MODE,
     is_writer_ident,

@@ -1,5 +1,8 @@
 """Per-process metric storage: floats in memory, mirrored into mmap files the exporter merges.
 
+Public: the file layout, its constants and readers are what the exporter's app collector uses
+(exporter/collectors/app.py), alongside exporter.instrument.merge.
+
 File layout is prometheus_client's multiprocess format (a used-bytes header, then entries of
 length, JSON key padded to 8 bytes, value and timestamp doubles), one file per metric type and
 process, so the exporter's `app` collector and prometheus_client's own reader both understand it.

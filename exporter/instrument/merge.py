@@ -1,4 +1,7 @@
-"""Merging per-process metric values (files or in-memory) into Prometheus metric families."""
+"""Merging per-process metric values (files or in-memory) into Prometheus metric families.
+
+Public: the app collector (exporter/collectors/app.py) folds and merges folders with it.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from dataclasses import dataclass, field
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from exporter.instrument._store import BAD_ENTRY, RESERVED_NAME, WINDOW, FileWindows, blake2b
+from exporter.instrument.store import BAD_ENTRY, RESERVED_NAME, WINDOW, FileWindows, blake2b
 
 _Labels = tuple[tuple[str, str], ...]
 _ParsedKey = tuple[str, str, _Labels, str, float | None]
