@@ -1135,8 +1135,3 @@ def summary(config: Config) -> list[str]:
                      + ("s" if len(q.requires) == 1 else "")
                      for q in queries if q.requires)
     return lines
-
-
-def environ() -> Mapping[str, str]:
-    """The process environment (a seam for tests)."""
-    return os.environ

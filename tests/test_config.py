@@ -606,12 +606,6 @@ def test_format_duration_round_trips(seconds: float, text: str) -> None:
     assert parse_duration(format_duration(seconds)) == seconds
 
 
-def test_environ_seam_is_the_process_environment() -> None:
-    from exporter.config import environ
-
-    assert environ() is os.environ
-
-
 @pytest.mark.parametrize(("address", "parts"), [
     (":9786", ("", 9786)), ("127.0.0.1:9000", ("127.0.0.1", 9000)), ("[::1]:80", ("::1", 80)),
     ("[::]:9786", ("::", 9786)), ("localhost:0", ("localhost", 0)),
