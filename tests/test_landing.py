@@ -41,6 +41,7 @@ from tests.harness import (
     RedisServer,
     wait_for,
 )
+from tests.test_report import CHROMIUM_FLAGS, chromium
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = 1_700_000_000.0
@@ -281,20 +282,6 @@ def test_true_before_the_first_scrape_and_reuses_a_recent_collection() -> None:
 
 
 # --- rendered by Chromium against real exporters ----------------------------------------------
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() == 0:
-        pytest.fail("chromium is not installed: ./scripts/test installs it")
-    pytest.skip("chromium is not installed and this is not root: run ./scripts/test as root")
-
 
 def render(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra,

@@ -62,17 +62,6 @@ def format_le(bound: float) -> str:
     return "+Inf" if bound == math.inf else repr(float(bound))
 
 
-@dataclass(frozen=True)
-class _Slot:
-    family: str
-    typ: str
-    mode: str
-    help: str
-    sample: str
-    labels: _Labels
-    le: float | None
-
-
 @dataclass
 class _Family:
     typ: str
@@ -132,9 +121,9 @@ class Merger:
             metric, sample, labels, help_text, le = parsed
             if typ == "gauge" and mode in ("all", "liveall", "mostrecent", "livemostrecent"):
                 labels = (*labels, ("pid", ident))
-            self.add_parsed(_Slot(metric, typ, mode, help_text, sample, labels, le), value)
+            self.add_parsed(_Series(metric, typ, mode, help_text, sample, labels, le), value)
 
-    def add_parsed(self, meta: _Slot, value: float) -> None:
+    def add_parsed(self, meta: _Series, value: float) -> None:
         """Add one value whose key is already parsed (pid label already added)."""
         typ, mode, metric, labels, le = meta.typ, meta.mode, meta.family, meta.labels, meta.le
         family = self._families.get(metric)
