@@ -12,7 +12,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import COLLECTORS, DEFAULTS
-from exporter.collectors.app import AppCollector, accumulator_path, fold
+from exporter.collectors.app import AppCollector
+from exporter.collectors.app_folder import accumulator_path, fold
 from exporter.config import AppConfig, ConfigError, load_config
 from exporter.instrument import Recorder
 from exporter.instrument.store import read_entries
@@ -373,7 +374,7 @@ class _Families:
 def test_a_stuck_peer_never_blocks_the_scrape(tmp_path: Path) -> None:
     import fcntl
 
-    from exporter.collectors.app import DIR_LOCK
+    from exporter.collectors.app_folder import DIR_LOCK
 
     col = collector(tmp_path)
     gone = Recorder(str(tmp_path))
@@ -444,7 +445,7 @@ def kept_of(found: dict[Any, float]) -> set[str]:
 def ranked_folder(folder: Path) -> Recorder:
     """A live worker that served MAX_ROUTES + 10 routes, route i i+1 times (the last ones
     busiest), then traffic shifted: the ten quietest became the busiest."""
-    from exporter.collectors.app import MAX_ROUTES
+    from exporter.collectors.app_folder import MAX_ROUTES
 
     rec = Recorder(str(folder))
     for i in range(MAX_ROUTES + 10):
@@ -458,7 +459,7 @@ def shift(rec: Recorder) -> None:
 
 
 def test_kept_routes_survive_a_restart(tmp_path: Path) -> None:
-    from exporter.collectors.app import MAX_ROUTES, ROUTES_FILE
+    from exporter.collectors.app_folder import MAX_ROUTES, ROUTES_FILE
 
     rec = ranked_folder(tmp_path)
     try:
@@ -484,7 +485,7 @@ def test_kept_routes_survive_a_restart(tmp_path: Path) -> None:
 
 
 def test_kept_routes_saved_in_state_dir_when_the_folder_is_not_written(tmp_path: Path) -> None:
-    from exporter.collectors.app import ROUTES_FILE, STATE_ROUTES_FILE
+    from exporter.collectors.app_folder import ROUTES_FILE, STATE_ROUTES_FILE
 
     folder, state = tmp_path / "web", tmp_path / "state"
     folder.mkdir()
@@ -525,7 +526,7 @@ def test_a_route_past_the_cap_stays_folded_across_restarts(tmp_path: Path) -> No
 
 
 def test_routes_kept_while_there_is_room_are_saved_as_they_come(tmp_path: Path) -> None:
-    from exporter.collectors.app import ROUTES_FILE, decode_routes
+    from exporter.collectors.app_folder import ROUTES_FILE, decode_routes
 
     rec = Recorder(str(tmp_path))
     try:
@@ -560,7 +561,7 @@ def test_two_exporters_on_one_folder_keep_the_same_routes(tmp_path: Path) -> Non
 
 def test_routes_of_a_folder_read_halfway_are_decided_when_it_is_read(tmp_path: Path) -> None:
     """A folder that cannot be served decides no route: once it can, the busiest are kept."""
-    from exporter.collectors.app import MAX_ROUTES
+    from exporter.collectors.app_folder import MAX_ROUTES
 
     rec = ranked_folder(tmp_path)
     bad = tmp_path / "counter_4270.db"
@@ -608,7 +609,7 @@ def test_many_routes_churn_matches_a_reference(tmp_path: Path, window: int | Non
     once summed under "<other>" is never served under its own label."""
     import random
 
-    from exporter.collectors.app import MAX_ROUTES
+    from exporter.collectors.app_folder import MAX_ROUTES
     from exporter.instrument.merge import Merger
 
     rng = random.Random(7)
@@ -664,7 +665,7 @@ def test_kept_routes_survive_an_exporter_process_restart(
         workdir: Path, exporter_factory: Any) -> None:
     """The real exporter, stopped (SIGTERM) and started again after the ranking changed:
     every http sample it serves is the same as before the restart."""
-    from exporter.collectors.app import ROUTES_FILE
+    from exporter.collectors.app_folder import ROUTES_FILE
 
     folder = workdir / "web"
     folder.mkdir()

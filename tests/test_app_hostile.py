@@ -20,11 +20,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import COLLECTORS
-from exporter.collectors.app import (
+from exporter.collectors.app import AppCollector
+from exporter.collectors.app_folder import (
     DIR_LOCK,
     MAX_ROUTES,
     ROUTES_FILE,
-    AppCollector,
     accumulator_path,
     decode_routes,
     encode_routes,
@@ -590,7 +590,7 @@ def test_stale_temporary_files_are_removed(folder: Path) -> None:
 def test_a_folder_of_too_many_entries_is_not_read(folder: Path,
                                                   monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr("exporter.collectors.app.MAX_DIR_ENTRIES", 40)
+    monkeypatch.setattr("exporter.collectors.app_folder.MAX_DIR_ENTRIES", 40)
     dead_worker(folder, 1)
     for i in range(40):
         (folder / f"junk-{i}").write_bytes(b"")
@@ -758,7 +758,7 @@ def test_a_bad_or_missing_state_dir_only_stops_saving(
     """A garbled app-routes.json in app.state_dir is refused (the routes are ranked afresh
     and a valid set written over it); a state_dir that does not exist means no saving, one
     warning, and every scrape still served."""
-    from exporter.collectors.app import STATE_ROUTES_FILE
+    from exporter.collectors.app_folder import STATE_ROUTES_FILE
 
     state = tmp_path / "state"
     state.mkdir()

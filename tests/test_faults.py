@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from exporter.collectors import COLLECTORS
-from exporter.collectors.app import DIR_LOCK
+from exporter.collectors.app_folder import DIR_LOCK
 from exporter.config import BusinessConfig, business_defaults
 from exporter.instrument import Recorder
 from tests.harness import (
