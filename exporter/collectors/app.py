@@ -6,11 +6,8 @@ On each scrape the collector folds the files of workers that are gone into the a
 so the files read per scrape are those of live workers plus a constant few, however many
 workers have come and gone. See docs/app.md for the crash-safety argument.
 
-The folders are writable by the application's code, so every entry in them is hostile input
-(docs/app.md, "The folder is untrusted"): each scrape opens the folder once and reaches its
-entries only through that descriptor, never through a symlink and never waiting on one; an
-entry is used only if it is a regular file of the expected owner and size, files are only
-ever created new and renamed into place, and families the exporter serves itself are refused.
+The folders are writable by the application's code, so every entry in them is hostile input:
+how they are opened, listed and folded safely is exporter/collectors/app_folder.py.
 """
 
 from __future__ import annotations
