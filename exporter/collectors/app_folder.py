@@ -448,14 +448,7 @@ def _fold_type(folder: Folder, prefix: str, dead: list[str], names: set[str],
     acc = _Accumulation(prefix, merger)
     kept: set[str] = set()
     with contextlib.ExitStack() as stack:
-        # The accumulator stays open for the whole fold: its keys are read again (not kept
-        # in memory) to write the new one.
-        try:
-            old = stack.enter_context(folder.data(name))
-        except FileNotFoundError:
-            old = None
-        if old is not None:
-            acc.load(old[0])
+        old = _open_accumulator(stack, folder, name, acc)
         changed = False
         for ident in dead:
             source = f"{prefix}_{ident}.db"
@@ -479,6 +472,19 @@ def _fold_type(folder: Folder, prefix: str, dead: list[str], names: set[str],
         if changed:
             acc.write(folder, name, None if old is None else old[0])
     return kept
+
+
+def _open_accumulator(stack: contextlib.ExitStack, folder: Folder, name: str,
+                      acc: _Accumulation) -> tuple[FileWindows, os.stat_result] | None:
+    """Open the folder's accumulator `name`, if it exists, for the rest of the fold (its keys
+    are read again, not kept in memory, to write the new one) and load it into acc."""
+    try:
+        old = stack.enter_context(folder.data(name))
+    except FileNotFoundError:
+        return None
+    if old is not None:
+        acc.load(old[0])
+    return old
 
 
 class _Accumulation:
@@ -650,12 +656,7 @@ def _fold_gauge_names(folder: Folder, dead: list[str], names: set[str],
     acc = _Accumulation(LIVE_GAUGES, merger, zero=True)
     kept: set[str] = set()
     with contextlib.ExitStack() as stack:
-        try:
-            old = stack.enter_context(folder.data(name))
-        except FileNotFoundError:
-            old = None
-        if old is not None:
-            acc.load(old[0])
+        old = _open_accumulator(stack, folder, name, acc)
         known = len(acc.values)
         for ident in dead:
             source = f"{LIVE_GAUGES}_{ident}.db"
