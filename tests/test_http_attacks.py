@@ -31,6 +31,7 @@ from tests.test_http_robustness import (
     ERROR_LINE,
     PROMETHEUS_ACCEPT,
     Server,
+    read_until_closed,
     still_open,
 )
 from tests.test_web_security import bcrypt_hash, client_context, make_ca, make_cert, only_collectors
@@ -52,19 +53,10 @@ def exchange(port: int, data: bytes, timeout: float = 20,
              family: socket.AddressFamily = socket.AF_INET) -> tuple[bytes, float]:
     """Send data (without closing our side), read until the server closes: (answer, seconds)."""
     host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
-    chunks = []
     with socket.create_connection((host, port), timeout=timeout) as sock:
         started = time.monotonic()
         sock.sendall(data)
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        return b"".join(chunks), time.monotonic() - started
+        return read_until_closed(sock), time.monotonic() - started
 
 
 def head_of(response: bytes) -> str:

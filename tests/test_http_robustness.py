@@ -44,6 +44,20 @@ class GateCollector:
         return [family]
 
 
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the peer sends until it closes the connection (a reset counts as closed)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
 class Server:
     """An in-process exporter HTTP server on a free port."""
 
@@ -90,16 +104,7 @@ class Server:
         """Send data, read until the server closes the connection."""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
             sock.sendall(data)
-            chunks = []
-            while True:
-                try:
-                    chunk = sock.recv(65536)
-                except ConnectionResetError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-            return b"".join(chunks)
+            return read_until_closed(sock)
 
 
 @pytest.fixture
