@@ -23,15 +23,9 @@ from exporter.collectors import COLLECTORS
 from exporter.config import ConfigError, Duration, WebConfig
 from exporter.scrape import ScrapeRunner
 from exporter.server import ExporterHTTPServer
-from exporter.webconfig import (
-    AUTH_CACHE_SIZE,
-    CIPHER_SUITES,
-    Authenticator,
-    RateLimiter,
-    WebConfigFile,
-    load_web_config,
-    parse_web_config,
-)
+from exporter.webconfig import RateLimiter, WebConfigFile, load_web_config, parse_web_config
+from exporter.webconfig_auth import AUTH_CACHE_SIZE, Authenticator
+from exporter.webconfig_parse import CIPHER_SUITES
 from tests.harness import ExporterProcess, run_exporter, wait_for
 from tests.test_http_robustness import GateCollector
 
