@@ -7,9 +7,9 @@ sorted; `diff` compares two such files and prints the lines only one of them has
 there are any, 0 if none, 2 on bad input).
 
 Examples:
-    .venv/bin/python bench/compare_scrape.py snapshot http://127.0.0.1:9787/metrics before.txt
+    .venv/bin/python bench/compare_scrape.py snapshot http://127.0.0.1:9786/metrics before.txt
     (change the code, restart the exporter on the same stack)
-    .venv/bin/python bench/compare_scrape.py snapshot http://127.0.0.1:9787/metrics after.txt
+    .venv/bin/python bench/compare_scrape.py snapshot http://127.0.0.1:9786/metrics after.txt
     .venv/bin/python bench/compare_scrape.py diff before.txt after.txt
 
 Take both snapshots the same way (same format, same stack, every collector succeeded): a
