@@ -1,4 +1,4 @@
-"""The server's TLS context built from validated tls_server_config settings (imports ssl)."""
+"""The HTTP server's TLS context from validated tls_server_config settings (ssl loaded here)."""
 
 from __future__ import annotations
 
