@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from prometheus_client.core import Metric
-from prometheus_client.samples import Sample
 
 from exporter.config import Config
 from exporter.scrape import Collector
@@ -74,17 +73,22 @@ def server_of(name: str, config: Config) -> str | None:
 
 
 def _labelled(families: Iterable[Metric], server: str) -> list[Metric]:
-    out = []
-    for family in families:
-        copy = Metric(family.name, family.documentation, family.type, family.unit)
+    """families with `server` on every sample, set in the samples' own label dicts.
+
+    In place: copying every sample of the service collectors was an eighth of a scrape's CPU.
+    A collector may serve the same families again (postgres' cached families), or one dict
+    for several samples; a dict whose `server` is this very string object has been labelled
+    already, so a clashing label is moved to `exported_server` once, never our own value."""
+    out = families if isinstance(families, list) else list(families)
+    for family in out:
         for sample in family.samples:
-            labels = dict(sample.labels)
-            if SERVER_LABEL in labels:
+            labels = sample.labels
+            current = labels.get(SERVER_LABEL)
+            if current is server:
+                continue
+            if current is not None:
                 labels[CLASHING_LABEL] = labels.pop(SERVER_LABEL)
             labels[SERVER_LABEL] = server
-            copy.samples.append(Sample(sample.name, labels, sample.value, sample.timestamp,
-                                       sample.exemplar))
-        out.append(copy)
     return out
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from exporter.collectors import COLLECTORS, DEFAULTS, SCOPES, build
 from exporter.config import ConfigError, load_config
@@ -136,6 +137,30 @@ def test_wrapper_labels_every_sample_and_keeps_a_clashing_label() -> None:
     assert [(s.labels, s.value) for s in down.samples] == [({"server": "cache:6379"}, 0)]
     wrapped.close()
     assert inner.closed
+
+
+class _Cached(_Fake):
+    """Serves the same families every time, one label dict shared by two samples (as
+    postgres' cached families and some builders do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = {"server": "from-a-query", "db": "0"}
+        family = GaugeMetricFamily("qatoolbox_redis_things", "Things.")
+        family.samples.extend([Sample("qatoolbox_redis_things", shared, 1.0),
+                               Sample("qatoolbox_redis_things", shared, 2.0)])
+        self.families = [family]
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def test_labels_survive_families_served_again_and_shared_dicts() -> None:
+    wrapped = ServerLabelled(_Cached(), "cache:6379")
+    expected = {"exported_server": "from-a-query", "db": "0", "server": "cache:6379"}
+    for _ in range(3):
+        (things,) = wrapped.collect()
+        assert [s.labels for s in things.samples] == [expected, expected]
 
 
 def test_only_service_collectors_are_wrapped(tmp_path: Path) -> None:
