@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from exporter.families import counter, gauge
@@ -67,6 +68,7 @@ INFO_COUNTERS = (
 # command slower than 33 ms is an incident whatever its exact time. 10 series per command.
 HISTOGRAM_EXPONENTS = (3, 5, 7, 9, 11, 13, 15)
 HISTOGRAM_BOUNDS = tuple(2 ** (10 + k) / 1e9 for k in HISTOGRAM_EXPONENTS)
+_BOUND_LABELS = (*map(floatToGoString, HISTOGRAM_BOUNDS), "+Inf")
 # Connection handling and introspection (the exporter's own INFO among them) are not what the
 # application waits for: their time stays in commands_duration_seconds_total, but they get no
 # histogram, which keeps its cost to the commands that matter.
@@ -386,10 +388,14 @@ def command_families(stats: Mapping[str, tuple[float, float]], labels: Mapping[s
         "qatoolbox_redis_command_duration_seconds",
         "Time the server spent running each call of a command (LATENCY HISTOGRAM).",
         labels=["cmd"])
-    bounds = [*map(floatToGoString, HISTOGRAM_BOUNDS), "+Inf"]
+    bucket, append = histogram.name + "_bucket", histogram.samples.append
     for label, counts in sorted(merged.items()):
-        histogram.add_metric([label], list(zip(bounds, map(float, counts), strict=True)),
-                             totals.get(label, [0.0, 0.0])[1])
+        # What histogram.add_metric([label], buckets, sum) adds, without building a label list
+        # per bucket (that was a third of this collector's time with 20 commands).
+        for le, count in zip(_BOUND_LABELS, counts, strict=True):
+            append(Sample(bucket, {"cmd": label, "le": le}, float(count)))
+        append(Sample(histogram.name + "_count", {"cmd": label}, float(counts[-1])))
+        append(Sample(histogram.name + "_sum", {"cmd": label}, totals.get(label, [0.0, 0.0])[1]))
     families.append(histogram)
     return families
 
