@@ -368,7 +368,10 @@ class Connection:
                     sock.close()
                     raise
             else:
-                sock = socket.create_connection((ep.host, ep.port), self._connect_timeout)
+                # ASCII host as bytes: a str loads the IDNA codec for good (exporter/checks.py)
+                host = ep.host.encode() if ep.host.isascii() else ep.host
+                sock = socket.create_connection(
+                    (host, ep.port), self._connect_timeout)  # type: ignore[arg-type]  # bytes work
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except TimeoutError:
             raise RedisTimeoutError(f"connecting to {ep.where}: timed out") from None

@@ -319,6 +319,30 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_idna_codec_stays_out_for_ascii_host_names() -> None:
+    """The listen address check and the Redis client resolve ASCII names as bytes: a str
+    makes getaddrinfo load encodings.idna, stringprep and unicodedata (0.4 MB) for good."""
+    code = """
+import socket, sys
+from exporter.checks import listen_problems
+from exporter.resp import Connection, RedisError
+listen_problems("localhost:0")
+probe = socket.socket()
+probe.bind(("127.0.0.1", 0))
+port = probe.getsockname()[1]
+probe.close()
+try:
+    Connection(f"redis://localhost:{port}/0", 2.0).call("PING")
+except RedisError:
+    pass
+assert "encodings.idna" not in sys.modules, "idna loaded"
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 def test_import_without_is_scoped_to_the_one_import(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """exporter.lean.import_without: the module named gets the stand-in (or an ImportError
