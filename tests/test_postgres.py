@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -910,16 +909,3 @@ def test_connection_error_reason_for_each_way_of_failing(postgres: PostgresServe
             assert failure_reason(c) == {"connection_refused": 1}
         finally:
             pg.start()
-
-
-def test_every_documented_postgres_and_business_name_is_written_in_full_in_the_code() -> None:
-    """grep finds the module that emits a metric from its name in the docs: no name is
-    built by prefixing (recording rules, with a colon, are Prometheus's, not ours)."""
-    root = Path(__file__).resolve().parent.parent
-    name = re.compile(r"(?<![:\w])qatoolbox_(?:postgres|business)_\w*[a-z0-9](?![:\w])")
-    documented: set[str] = set()
-    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
-        documented |= set(name.findall(doc.read_text()))
-    code = "\n".join(p.read_text() for p in (root / "exporter").rglob("*.py"))
-    assert len(documented) > 60  # the check sees the docs' tables
-    assert sorted(n for n in documented if n not in code) == []

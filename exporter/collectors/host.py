@@ -25,34 +25,45 @@ from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig
 
 SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size.
 MEMINFO_FIELDS = {
-    "memory_total_bytes": ("MemTotal", "Total usable memory."),
-    "memory_available_bytes": ("MemAvailable", "Memory available for new work without swapping."),
-    "memory_free_bytes": ("MemFree", "Memory not used at all."),
-    "memory_cached_bytes": ("Cached", "Memory used by the page cache."),
-    "memory_buffers_bytes": ("Buffers", "Memory used by block device buffers."),
-    "swap_total_bytes": ("SwapTotal", "Total swap space."),
-    "swap_free_bytes": ("SwapFree", "Unused swap space."),
+    "qatoolbox_host_memory_total_bytes": ("MemTotal", "Total usable memory."),
+    "qatoolbox_host_memory_available_bytes": (
+        "MemAvailable", "Memory available for new work without swapping."),
+    "qatoolbox_host_memory_free_bytes": ("MemFree", "Memory not used at all."),
+    "qatoolbox_host_memory_cached_bytes": ("Cached", "Memory used by the page cache."),
+    "qatoolbox_host_memory_buffers_bytes": ("Buffers", "Memory used by block device buffers."),
+    "qatoolbox_host_swap_total_bytes": ("SwapTotal", "Total swap space."),
+    "qatoolbox_host_swap_free_bytes": ("SwapFree", "Unused swap space."),
 }
-# (metric suffix, help, field index after the device name, scale)
+# (metric name, help, field index after the device name, scale)
 DISK_FIELDS = (
-    ("reads_completed_total", "Reads completed.", 0, 1.0),
-    ("read_bytes_total", "Bytes read.", 2, SECTOR_BYTES),
-    ("read_time_seconds_total", "Time spent reading.", 3, 0.001),
-    ("writes_completed_total", "Writes completed.", 4, 1.0),
-    ("written_bytes_total", "Bytes written.", 6, SECTOR_BYTES),
-    ("write_time_seconds_total", "Time spent writing.", 7, 0.001),
-    ("io_time_seconds_total", "Time the device was busy with I/O.", 9, 0.001),
+    ("qatoolbox_host_disk_reads_completed_total", "Reads completed.", 0, 1.0),
+    ("qatoolbox_host_disk_read_bytes_total", "Bytes read.", 2, SECTOR_BYTES),
+    ("qatoolbox_host_disk_read_time_seconds_total", "Time spent reading.", 3, 0.001),
+    ("qatoolbox_host_disk_writes_completed_total", "Writes completed.", 4, 1.0),
+    ("qatoolbox_host_disk_written_bytes_total", "Bytes written.", 6, SECTOR_BYTES),
+    ("qatoolbox_host_disk_write_time_seconds_total", "Time spent writing.", 7, 0.001),
+    ("qatoolbox_host_disk_io_time_seconds_total", "Time the device was busy with I/O.", 9, 0.001),
 )
-# (metric suffix, help, field index in /proc/net/dev after the interface name)
+# (metric name, help, field index in /proc/net/dev after the interface name)
 NETWORK_FIELDS = (
-    ("receive_bytes_total", "Bytes received.", 0),
-    ("receive_packets_total", "Packets received.", 1),
-    ("receive_errors_total", "Receive errors.", 2),
-    ("receive_drop_total", "Received packets dropped.", 3),
-    ("transmit_bytes_total", "Bytes transmitted.", 8),
-    ("transmit_packets_total", "Packets transmitted.", 9),
-    ("transmit_errors_total", "Transmit errors.", 10),
-    ("transmit_drop_total", "Transmitted packets dropped.", 11),
+    ("qatoolbox_host_network_receive_bytes_total", "Bytes received.", 0),
+    ("qatoolbox_host_network_receive_packets_total", "Packets received.", 1),
+    ("qatoolbox_host_network_receive_errors_total", "Receive errors.", 2),
+    ("qatoolbox_host_network_receive_drop_total", "Received packets dropped.", 3),
+    ("qatoolbox_host_network_transmit_bytes_total", "Bytes transmitted.", 8),
+    ("qatoolbox_host_network_transmit_packets_total", "Packets transmitted.", 9),
+    ("qatoolbox_host_network_transmit_errors_total", "Transmit errors.", 10),
+    ("qatoolbox_host_network_transmit_drop_total", "Transmitted packets dropped.", 11),
+)
+
+LOAD_NAMES = ("qatoolbox_host_load1", "qatoolbox_host_load5", "qatoolbox_host_load15")
+# (resource, "some" counter, "full" counter): the kernel's cpu line of "full" is always 0.
+PRESSURE_NAMES = (
+    ("cpu", "qatoolbox_host_pressure_cpu_waiting_seconds_total", ""),
+    ("memory", "qatoolbox_host_pressure_memory_waiting_seconds_total",
+     "qatoolbox_host_pressure_memory_stalled_seconds_total"),
+    ("io", "qatoolbox_host_pressure_io_waiting_seconds_total",
+     "qatoolbox_host_pressure_io_stalled_seconds_total"),
 )
 
 
@@ -151,16 +162,14 @@ class HostCollector:
 
     def _load(self) -> Iterator[Metric]:
         loads = parse_loadavg(self._proc("loadavg"))
-        for minutes, value in zip((1, 5, 15), loads, strict=True):
-            yield GaugeMetricFamily(
-                f"qatoolbox_host_load{minutes}", f"{minutes}-minute load average.", value=value
-            )
+        for name, minutes, value in zip(LOAD_NAMES, (1, 5, 15), loads, strict=True):
+            yield GaugeMetricFamily(name, f"{minutes}-minute load average.", value=value)
 
     def _memory(self) -> Iterator[Metric]:
         info = parse_meminfo(self._proc("meminfo"))
-        for suffix, (key, help_text) in MEMINFO_FIELDS.items():
+        for name, (key, help_text) in MEMINFO_FIELDS.items():
             if key in info:
-                yield GaugeMetricFamily(f"qatoolbox_host_{suffix}", help_text, value=info[key])
+                yield GaugeMetricFamily(name, help_text, value=info[key])
 
     def _filesystems(self) -> Iterator[Metric]:
         try:
@@ -218,8 +227,8 @@ class HostCollector:
         disks = parse_diskstats(self._proc("diskstats"))
         whole = self._whole_disks()
         families = [
-            (CounterMetricFamily(f"qatoolbox_host_disk_{s}", h, labels=["device"]), i, scale)
-            for s, h, i, scale in DISK_FIELDS
+            (CounterMetricFamily(name, h, labels=["device"]), i, scale)
+            for name, h, i, scale in DISK_FIELDS
         ]
         for device, values in disks.items():
             if (whole is not None and device not in whole) or not self._disk_ok(device):
@@ -232,8 +241,8 @@ class HostCollector:
     def _network(self) -> Iterator[Metric]:
         devices = parse_net_dev(self._proc("net/dev"))
         families = [
-            (CounterMetricFamily(f"qatoolbox_host_network_{s}", h, labels=["device"]), i)
-            for s, h, i in NETWORK_FIELDS
+            (CounterMetricFamily(name, h, labels=["device"]), i)
+            for name, h, i in NETWORK_FIELDS
         ]
         for device, values in devices.items():
             if not self._net_ok(device):
@@ -244,20 +253,20 @@ class HostCollector:
             yield family
 
     def _pressure(self) -> Iterator[Metric]:
-        for resource in ("cpu", "memory", "io"):
+        for resource, waiting, stalled in PRESSURE_NAMES:
             try:
                 totals = parse_pressure(self._proc(f"pressure/{resource}"))
             except OSError:
                 continue  # kernel without PSI, or PSI disabled
             if "some" in totals:
                 yield CounterMetricFamily(
-                    f"qatoolbox_host_pressure_{resource}_waiting_seconds_total",
+                    waiting,
                     f"Time at least one task waited for {resource}.",
                     value=totals["some"],
                 )
-            if resource != "cpu" and "full" in totals:
+            if stalled and "full" in totals:
                 yield CounterMetricFamily(
-                    f"qatoolbox_host_pressure_{resource}_stalled_seconds_total",
+                    stalled,
                     f"Time all non-idle tasks stalled on {resource} at once.",
                     value=totals["full"],
                 )
