@@ -24,36 +24,37 @@ from exporter.collectors.host_timex import Timex, read_timex, timex_values
 from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig
 
 SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size.
-MEMINFO_FIELDS = {
-    "qatoolbox_host_memory_total_bytes": ("MemTotal", "Total usable memory."),
-    "qatoolbox_host_memory_available_bytes": (
-        "MemAvailable", "Memory available for new work without swapping."),
-    "qatoolbox_host_memory_free_bytes": ("MemFree", "Memory not used at all."),
-    "qatoolbox_host_memory_cached_bytes": ("Cached", "Memory used by the page cache."),
-    "qatoolbox_host_memory_buffers_bytes": ("Buffers", "Memory used by block device buffers."),
-    "qatoolbox_host_swap_total_bytes": ("SwapTotal", "Total swap space."),
-    "qatoolbox_host_swap_free_bytes": ("SwapFree", "Unused swap space."),
-}
-# (metric name, help, field index after the device name, scale)
-DISK_FIELDS = (
-    ("qatoolbox_host_disk_reads_completed_total", "Reads completed.", 0, 1.0),
-    ("qatoolbox_host_disk_read_bytes_total", "Bytes read.", 2, SECTOR_BYTES),
-    ("qatoolbox_host_disk_read_time_seconds_total", "Time spent reading.", 3, 0.001),
-    ("qatoolbox_host_disk_writes_completed_total", "Writes completed.", 4, 1.0),
-    ("qatoolbox_host_disk_written_bytes_total", "Bytes written.", 6, SECTOR_BYTES),
-    ("qatoolbox_host_disk_write_time_seconds_total", "Time spent writing.", 7, 0.001),
-    ("qatoolbox_host_disk_io_time_seconds_total", "Time the device was busy with I/O.", 9, 0.001),
+# (metric name, /proc/meminfo field, help): the order of every metric table
+MEMINFO_FIELDS = (
+    ("qatoolbox_host_memory_total_bytes", "MemTotal", "Total usable memory."),
+    ("qatoolbox_host_memory_available_bytes", "MemAvailable",
+     "Memory available for new work without swapping."),
+    ("qatoolbox_host_memory_free_bytes", "MemFree", "Memory not used at all."),
+    ("qatoolbox_host_memory_cached_bytes", "Cached", "Memory used by the page cache."),
+    ("qatoolbox_host_memory_buffers_bytes", "Buffers", "Memory used by block device buffers."),
+    ("qatoolbox_host_swap_total_bytes", "SwapTotal", "Total swap space."),
+    ("qatoolbox_host_swap_free_bytes", "SwapFree", "Unused swap space."),
 )
-# (metric name, help, field index in /proc/net/dev after the interface name)
+# (metric name, field index after the device name, help, scale)
+DISK_FIELDS = (
+    ("qatoolbox_host_disk_reads_completed_total", 0, "Reads completed.", 1.0),
+    ("qatoolbox_host_disk_read_bytes_total", 2, "Bytes read.", SECTOR_BYTES),
+    ("qatoolbox_host_disk_read_time_seconds_total", 3, "Time spent reading.", 0.001),
+    ("qatoolbox_host_disk_writes_completed_total", 4, "Writes completed.", 1.0),
+    ("qatoolbox_host_disk_written_bytes_total", 6, "Bytes written.", SECTOR_BYTES),
+    ("qatoolbox_host_disk_write_time_seconds_total", 7, "Time spent writing.", 0.001),
+    ("qatoolbox_host_disk_io_time_seconds_total", 9, "Time the device was busy with I/O.", 0.001),
+)
+# (metric name, field index in /proc/net/dev after the interface name, help)
 NETWORK_FIELDS = (
-    ("qatoolbox_host_network_receive_bytes_total", "Bytes received.", 0),
-    ("qatoolbox_host_network_receive_packets_total", "Packets received.", 1),
-    ("qatoolbox_host_network_receive_errors_total", "Receive errors.", 2),
-    ("qatoolbox_host_network_receive_drop_total", "Received packets dropped.", 3),
-    ("qatoolbox_host_network_transmit_bytes_total", "Bytes transmitted.", 8),
-    ("qatoolbox_host_network_transmit_packets_total", "Packets transmitted.", 9),
-    ("qatoolbox_host_network_transmit_errors_total", "Transmit errors.", 10),
-    ("qatoolbox_host_network_transmit_drop_total", "Transmitted packets dropped.", 11),
+    ("qatoolbox_host_network_receive_bytes_total", 0, "Bytes received."),
+    ("qatoolbox_host_network_receive_packets_total", 1, "Packets received."),
+    ("qatoolbox_host_network_receive_errors_total", 2, "Receive errors."),
+    ("qatoolbox_host_network_receive_drop_total", 3, "Received packets dropped."),
+    ("qatoolbox_host_network_transmit_bytes_total", 8, "Bytes transmitted."),
+    ("qatoolbox_host_network_transmit_packets_total", 9, "Packets transmitted."),
+    ("qatoolbox_host_network_transmit_errors_total", 10, "Transmit errors."),
+    ("qatoolbox_host_network_transmit_drop_total", 11, "Transmitted packets dropped."),
 )
 
 LOAD_NAMES = ("qatoolbox_host_load1", "qatoolbox_host_load5", "qatoolbox_host_load15")
@@ -167,7 +168,7 @@ class HostCollector:
 
     def _memory(self) -> Iterator[Metric]:
         info = parse_meminfo(self._proc("meminfo"))
-        for name, (key, help_text) in MEMINFO_FIELDS.items():
+        for name, key, help_text in MEMINFO_FIELDS:
             if key in info:
                 yield GaugeMetricFamily(name, help_text, value=info[key])
 
@@ -228,7 +229,7 @@ class HostCollector:
         whole = self._whole_disks()
         families = [
             (CounterMetricFamily(name, h, labels=["device"]), i, scale)
-            for name, h, i, scale in DISK_FIELDS
+            for name, i, h, scale in DISK_FIELDS
         ]
         for device, values in disks.items():
             if (whole is not None and device not in whole) or not self._disk_ok(device):
@@ -242,7 +243,7 @@ class HostCollector:
         devices = parse_net_dev(self._proc("net/dev"))
         families = [
             (CounterMetricFamily(name, h, labels=["device"]), i)
-            for name, h, i in NETWORK_FIELDS
+            for name, i, h in NETWORK_FIELDS
         ]
         for device, values in devices.items():
             if not self._net_ok(device):

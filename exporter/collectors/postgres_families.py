@@ -35,25 +35,25 @@ LOCK_MODES = (
     "AccessExclusiveLock",
 )
 
-# pg_stat_database column -> (metric name, help)
+# (metric name, pg_stat_database column, help): the order of every metric table
 DATABASE_COUNTERS = (
-    ("xact_commit",
-     "qatoolbox_postgres_transactions_committed_total", "Transactions committed in the database."),
-    ("xact_rollback", "qatoolbox_postgres_transactions_rolled_back_total",
+    ("qatoolbox_postgres_transactions_committed_total", "xact_commit",
+     "Transactions committed in the database."),
+    ("qatoolbox_postgres_transactions_rolled_back_total", "xact_rollback",
      "Transactions rolled back in the database."),
-    ("blks_read", "qatoolbox_postgres_blocks_read_total", "Disk blocks read in the database."),
-    ("blks_hit", "qatoolbox_postgres_blocks_hit_total", "Disk blocks found in the buffer cache."),
-    ("tup_returned",
-     "qatoolbox_postgres_rows_returned_total", "Rows returned by queries (sequential scans)."),
-    ("tup_fetched",
-     "qatoolbox_postgres_rows_fetched_total", "Rows fetched by queries (index scans)."),
-    ("tup_inserted", "qatoolbox_postgres_rows_inserted_total", "Rows inserted."),
-    ("tup_updated", "qatoolbox_postgres_rows_updated_total", "Rows updated."),
-    ("tup_deleted", "qatoolbox_postgres_rows_deleted_total", "Rows deleted."),
-    ("deadlocks", "qatoolbox_postgres_deadlocks_total", "Deadlocks detected in the database."),
-    ("temp_bytes", "qatoolbox_postgres_temp_bytes_total",
+    ("qatoolbox_postgres_blocks_read_total", "blks_read", "Disk blocks read in the database."),
+    ("qatoolbox_postgres_blocks_hit_total", "blks_hit", "Disk blocks found in the buffer cache."),
+    ("qatoolbox_postgres_rows_returned_total", "tup_returned",
+     "Rows returned by queries (sequential scans)."),
+    ("qatoolbox_postgres_rows_fetched_total", "tup_fetched",
+     "Rows fetched by queries (index scans)."),
+    ("qatoolbox_postgres_rows_inserted_total", "tup_inserted", "Rows inserted."),
+    ("qatoolbox_postgres_rows_updated_total", "tup_updated", "Rows updated."),
+    ("qatoolbox_postgres_rows_deleted_total", "tup_deleted", "Rows deleted."),
+    ("qatoolbox_postgres_deadlocks_total", "deadlocks", "Deadlocks detected in the database."),
+    ("qatoolbox_postgres_temp_bytes_total", "temp_bytes",
      "Bytes written to temporary files by queries."),
-    ("conflicts", "qatoolbox_postgres_conflicts_total",
+    ("qatoolbox_postgres_conflicts_total", "conflicts",
      "Queries cancelled by conflicts with recovery (replicas)."),
 )
 
@@ -196,7 +196,7 @@ def build_locks(rows: Iterable[Row], databases: Iterable[str]) -> GaugeMetricFam
 
 def build_databases(rows: Iterable[Row]) -> list[Metric]:
     """pg_stat_database counters from DATABASE_SQL rows."""
-    families = [counter(name, doc, ["datname"]) for _, name, doc in DATABASE_COUNTERS]
+    families = [counter(name, doc, ["datname"]) for name, _, doc in DATABASE_COUNTERS]
     for row in rows:
         for family, value in zip(families, row[1:], strict=True):
             family.add_metric([row[0]], _num(value))
