@@ -29,7 +29,8 @@ from exporter.collectors.host import (
     select_mounts,
     timex_values,
 )
-from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig, Regex
+from exporter.collectors.host_config import DeviceFilterConfig, FilesystemConfig, HostConfig
+from exporter.config import Regex
 from tests.harness import Samples, family_samples
 
 STAT = """\

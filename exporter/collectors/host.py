@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig
+from exporter.collectors.host_config import DeviceFilterConfig, FilesystemConfig, HostConfig
 
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size.
