@@ -197,6 +197,8 @@ class Section(Generic[_T]):
     # Fill the raw section (a dict, changed in place) from environment variables where the
     # file is silent; problems go to the list.
     environment: Callable[[Mapping[str, str], dict[str, Any], list[str]], None] | None = None
+    # For --help: (the variables, what they set; "\n" where the line wraps) of each line.
+    environment_help: tuple[tuple[str, str], ...] = ()
     # After the build: the value with what files name (secrets) read in.
     resolve: Callable[[_T, list[str]], _T] | None = None
     # Lines --config.check prints when the collector is enabled (never a secret).

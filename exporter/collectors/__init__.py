@@ -18,9 +18,12 @@ from exporter.collectors import (
 )
 from exporter.configtypes import Section
 
+# Imported here as it always was: exporter.scrape imports exporter.lean, which must come before
+# prometheus_client, and the config (which imports this table) is among the first imports.
+from exporter.scrape import Collector
+
 if TYPE_CHECKING:
     from exporter.config import Config
-    from exporter.scrape import Collector
 
 
 @dataclass(frozen=True)

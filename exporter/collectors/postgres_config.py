@@ -95,4 +95,10 @@ def summary(pg: PostgresConfig) -> list[str]:
 
 
 SECTION = Section(PostgresConfig, check=check, metric_prefixes=("qatoolbox_postgres_",),
-                  environment=environment, resolve=resolve, summary=summary)
+                  environment=environment, resolve=resolve, summary=summary,
+                  environment_help=(
+                      ("DB_HOST, DB_PORT, DB_NAME, DB_USER",
+                       "PostgreSQL target (defaults localhost, 5432,\nqatoolbox, postgres)"),
+                      ("DB_PASSWORD_FILE, DB_PASSWORD",
+                       "its password: a file (preferred) or the value"),
+                  ))

@@ -164,4 +164,8 @@ def summary(rd: RedisConfig) -> list[str]:
 # qatoolbox_celery_* is the app collector's too (tasks); the redis collector's are queues.
 SECTION = Section(RedisConfig, check=check,
                   metric_prefixes=("qatoolbox_redis_", "qatoolbox_celery_"),
-                  environment=environment, resolve=resolve, summary=summary)
+                  environment=environment, resolve=resolve, summary=summary,
+                  environment_help=(
+                      ("REDIS_URL", "Redis target (default redis://127.0.0.1:6379)"),
+                      ("REDIS_PASSWORD_FILE", "the Redis password, from a file"),
+                  ))
