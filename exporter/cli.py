@@ -49,8 +49,8 @@ VALUE_FLAGS = {
     "--log.format": ("log.format", "logfmt or json"),
     "--scrape.timeout": ("scrape.timeout", "time budget of each collector, e.g. 500ms, 4s, 1m"),
     "--collectors.scope": ("collectors.scope",
-                           "which collectors run by default: all, host (host, process, app) or "
-                           "service (postgres, business, redis); --collector.* still win"),
+                           "which collectors run by default: all, host ({host}) or service "
+                           "({service}); --collector.* still win"),
 }
 # What each flag's value is, for --help (argparse's default would be the flag's dest).
 METAVARS = {
@@ -110,7 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config.check", dest="config_check", action="store_true",
                         help="validate the configuration as start-up would (files, TLS, the "
                         "listen address), print a summary and exit: 0 if fine, 2 if not")
-    for flag, (key, help_text) in VALUE_FLAGS.items():
+    # Which collectors each scope holds, from the table (for --collectors.scope).
+    scopes = {scope: ", ".join(n for n, s in SCOPES.items() if s == scope)
+              for scope in ("host", "service")}
+    for flag, (key, template) in VALUE_FLAGS.items():
+        help_text = template.format_map(scopes)
         default = _default(key)
         shown = f"{help_text} (default {default})" if default else help_text
         parser.add_argument(flag, dest=key, metavar=METAVARS[flag], help=shown)

@@ -63,6 +63,7 @@ def test_flags_come_from_its_row(plugin: None) -> None:
     text = " ".join(build_parser().format_help().split())  # unwrapped
     assert f"--collector.{NAME}" in text and f"--no-collector.{NAME}" in text
     assert "enable the filecount collector (off by default): Entries in folders" in text
+    assert "host (host, process, app, filecount) or service" in text  # --collectors.scope
     _, _, switches = parse([f"--collector.{NAME}", "--no-collector.host"])
     assert switches == {NAME: True, "host": False}
 
@@ -135,6 +136,8 @@ def test_its_metric_prefix_is_reserved_while_it_is_in_the_table(tmp_path: Path) 
                                   "prefix is reserved"), problem
         with pytest.raises(ValueError, match="already in the table"):
             collectors.register(NAME, filecount_collector.SPEC)
+        with pytest.raises(ValueError, match="would hide the config section"):
+            collectors.register("web", filecount_collector.SPEC)
     finally:
         collectors.unregister(NAME)
     # Out of the table, everything is as before: the same Config class, no trace of it.

@@ -125,8 +125,14 @@ def reserved_metric_prefixes() -> tuple[str, ...]:
 
 def register(name: str, spec: CollectorSpec) -> None:
     """Add a row to the table (a collector that lives elsewhere, as the tests' plugin does)."""
+    import dataclasses
+
+    from exporter.config import ConfigBase
+
     if name in COLLECTORS:
         raise ValueError(f"collector {name} is already in the table")
+    if name in {f.name for f in dataclasses.fields(ConfigBase)}:
+        raise ValueError(f"collector {name} would hide the config section of the same name")
     COLLECTORS[name] = spec
     DEFAULTS[name] = spec.default_enabled
     SCOPES[name] = spec.scope
