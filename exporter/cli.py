@@ -198,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in summary(config):
             print(f"  {line}")
         if security is not None:
-            print(f"  {security.describe()}")
+            print(f"  {security.summary()}")
         for warning in checks.warnings(config):
             print(f"  warning: {warning}")
         return EXIT_OK

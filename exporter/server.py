@@ -33,7 +33,8 @@ from exporter.httpmessage import (
 from exporter.landing import LandingPage
 from exporter.logs import Throttled
 from exporter.scrape import ScrapeRunner, SingleFlight
-from exporter.webconfig import AuthGuard, WebConfigFile, WebSecurity
+from exporter.webconfig import WebConfigFile, WebSecurity
+from exporter.webconfig_auth import AuthGuard
 from exporter.workers import Pool
 
 # Re-exported: the parser's limits are read from here (tests, docs).

@@ -23,7 +23,8 @@ from exporter import webconfig
 from exporter.cli import VALUE_FLAGS
 from exporter.collectors import DEFAULTS
 from exporter.config import Config, ConfigError, Duration, Regex, Secret, load_config
-from exporter.webconfig import (
+from exporter.webconfig import WebConfigFile, WebSecurity, load_web_config, parse_web_config
+from exporter.webconfig_parse import (
     CIPHER_SUITES,
     CLIENT_AUTH_TYPES,
     CURVES,
@@ -31,10 +32,6 @@ from exporter.webconfig import (
     HTTP_KEYS,
     TLS_KEYS,
     TLS_VERSIONS,
-    WebConfigFile,
-    WebSecurity,
-    load_web_config,
-    parse_web_config,
 )
 from tests.harness import ExporterProcess, free_port, run_exporter, tempdir
 from tests.test_web_security import bcrypt_hash, make_ca, make_cert

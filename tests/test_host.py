@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from exporter.collectors.host import (
-    STA_NANO,
-    STA_UNSYNC,
-    TIME_ERROR,
-    HostCollector,
+from exporter.collectors.host import HostCollector, device_filter, select_mounts
+from exporter.collectors.host_config import DeviceFilterConfig, FilesystemConfig, HostConfig
+from exporter.collectors.host_proc import (
     Mount,
-    Timex,
-    device_filter,
     parse_diskstats,
     parse_loadavg,
     parse_meminfo,
@@ -26,10 +22,8 @@ from exporter.collectors.host import (
     parse_pressure,
     parse_stat,
     parse_vmstat,
-    select_mounts,
-    timex_values,
 )
-from exporter.collectors.host_config import DeviceFilterConfig, FilesystemConfig, HostConfig
+from exporter.collectors.host_timex import STA_NANO, STA_UNSYNC, TIME_ERROR, Timex, timex_values
 from exporter.config import Regex
 from tests.harness import Samples, family_samples
 

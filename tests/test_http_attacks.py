@@ -25,7 +25,8 @@ from exporter import textformat
 from exporter.config import ConfigError, load_config
 from exporter.logs import LogfmtFormatter, OnChange, Throttled
 from exporter.server import ExporterHTTPServer
-from exporter.webconfig import AuthGuard, WebConfigFile, client_key
+from exporter.webconfig import WebConfigFile
+from exporter.webconfig_auth import AuthGuard, client_key
 from tests.harness import ExporterProcess, wait_for
 from tests.test_http_robustness import (
     ERROR_LINE,

@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,15 +24,9 @@ from exporter.collectors import COLLECTORS
 from exporter.config import ConfigError, Duration, WebConfig
 from exporter.scrape import ScrapeRunner
 from exporter.server import ExporterHTTPServer
-from exporter.webconfig import (
-    AUTH_CACHE_SIZE,
-    CIPHER_SUITES,
-    Authenticator,
-    RateLimiter,
-    WebConfigFile,
-    load_web_config,
-    parse_web_config,
-)
+from exporter.webconfig import RateLimiter, WebConfigFile, load_web_config, parse_web_config
+from exporter.webconfig_auth import AUTH_CACHE_SIZE, Authenticator
+from exporter.webconfig_parse import CIPHER_SUITES
 from tests.harness import ExporterProcess, run_exporter, wait_for
 from tests.test_http_robustness import GateCollector
 
@@ -409,6 +404,38 @@ def test_cache_is_bounded() -> None:
     for i in range(AUTH_CACHE_SIZE + 10):
         assert auth.check(f"user{i}:pw{i}".encode())
     assert auth.cached() == AUTH_CACHE_SIZE
+
+
+LAZY_IMPORTS = """
+import base64, sys
+import exporter.cli, exporter.server  # the start path: exporter.lean first
+from exporter.webconfig import load_web_config
+def loaded():
+    return sorted(m for m in ("ssl", "hashlib", "hmac", "bcrypt") if m in sys.modules)
+print(loaded())
+load_web_config(sys.argv[1])
+print(loaded())
+security = load_web_config(sys.argv[2])
+print(loaded())
+header = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+assert security.authenticator is not None and security.authenticator.check_header(header)
+print(loaded())
+"""
+
+
+def test_crypto_modules_load_only_when_the_web_config_needs_them(tmp_path: Path) -> None:
+    """ssl (and the system libcrypto with it), hashlib, hmac and bcrypt cost resident memory:
+    the server and a web config without TLS or users load none of them; basic auth loads
+    bcrypt with its users and hashlib and hmac at its first check; only TLS loads ssl."""
+    headers = tmp_path / "headers.yml"
+    headers.write_text("http_server_config: {headers: {X-Frame-Options: deny}}\n")
+    users = tmp_path / "users.yml"
+    users.write_text(f"basic_auth_users: {{alice: '{bcrypt_hash('s3cret')}'}}\n")
+    result = subprocess.run([sys.executable, "-c", LAZY_IMPORTS, str(headers), str(users)],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        "[]", "[]", "['bcrypt']", "['bcrypt', 'hashlib', 'hmac']"]
 
 
 class FakeClock:

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.collectors.host_config import DeviceFilterConfig, FilesystemConfig, HostConfig
+from exporter.collectors.host_proc import (
+    CPU_MODES,
+    Mount,
+    parse_diskstats,
+    parse_loadavg,
+    parse_meminfo,
+    parse_mounts,
+    parse_net_dev,
+    parse_pressure,
+    parse_stat,
+    parse_vmstat,
+)
+from exporter.collectors.host_timex import Timex, read_timex, timex_values
 
-CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size.
 MEMINFO_FIELDS = {
     "memory_total_bytes": ("MemTotal", "Total usable memory."),
@@ -47,197 +56,6 @@ NETWORK_FIELDS = (
 )
 
 
-# adjtimex(2) status bits and its TIME_ERROR return value (clock not synchronised).
-STA_UNSYNC = 0x0040
-STA_NANO = 0x2000
-TIME_ERROR = 5
-
-
-@dataclass(frozen=True)
-class Timex:
-    """The fields of the kernel's struct timex the collector reports, as the kernel gives them."""
-
-    state: int  # adjtimex's return value: TIME_OK (0) ... TIME_ERROR (5)
-    status: int
-    offset: int  # microseconds, or nanoseconds when STA_NANO is set
-    freq: int  # parts per million with a 16-bit fraction
-    maxerror: int  # microseconds
-    esterror: int  # microseconds
-
-
-# --- pure parsing -------------------------------------------------------------------------------
-
-
-def parse_stat(text: str, ticks_per_second: float) -> tuple[dict[str, list[float]], float]:
-    """Per-CPU seconds by mode (CPU_MODES order) and the boot time from /proc/stat."""
-    cpus: dict[str, list[float]] = {}
-    boot_time = 0.0
-    for line in text.splitlines():
-        if line.startswith("cpu") and not line.startswith("cpu "):
-            name, *values = line.split()
-            ticks = [float(v) for v in values[: len(CPU_MODES)]]
-            ticks += [0.0] * (len(CPU_MODES) - len(ticks))
-            cpus[name[3:]] = [t / ticks_per_second for t in ticks]
-        elif line.startswith("btime "):
-            boot_time = float(line.split()[1])
-    return cpus, boot_time
-
-
-def parse_meminfo(text: str) -> dict[str, float]:
-    """Bytes by /proc/meminfo field name."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts:
-            scale = 1024.0 if len(parts) > 1 and parts[1] == "kB" else 1.0
-            values[key] = float(parts[0]) * scale
-    return values
-
-
-def parse_loadavg(text: str) -> tuple[float, float, float]:
-    """The 1, 5 and 15 minute load averages."""
-    one, five, fifteen = text.split()[:3]
-    return float(one), float(five), float(fifteen)
-
-
-def parse_diskstats(text: str) -> dict[str, list[float]]:
-    """Raw counters by device name (fields after the name)."""
-    disks: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 14:
-            disks[parts[2]] = [float(v) for v in parts[3:]]
-    return disks
-
-
-def parse_net_dev(text: str) -> dict[str, list[float]]:
-    """Raw counters by interface (16 fields: 8 receive, 8 transmit)."""
-    devices: dict[str, list[float]] = {}
-    for line in text.splitlines()[2:]:
-        name, sep, rest = line.partition(":")
-        values = rest.split()
-        if sep and len(values) >= 16:
-            devices[name.strip()] = [float(v) for v in values[:16]]
-    return devices
-
-
-def parse_pressure(text: str) -> dict[str, float]:
-    """Total stall seconds by kind ("some", "full") from a /proc/pressure file."""
-    totals: dict[str, float] = {}
-    for line in text.splitlines():
-        kind, *fields = line.split()
-        for item in fields:
-            if item.startswith("total="):
-                totals[kind] = float(item[6:]) / 1e6
-    return totals
-
-
-def parse_vmstat(text: str) -> dict[str, float]:
-    """Counters by name from /proc/vmstat ("name value" lines)."""
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            try:
-                values[parts[0]] = float(parts[1])
-            except ValueError:
-                continue
-    return values
-
-
-def timex_values(tx: Timex) -> dict[str, float]:
-    """Seconds, ratios and the sync flag, as node_exporter's timex collector derives them."""
-    offset_unit = 1e9 if tx.status & STA_NANO else 1e6
-    return {
-        "offset_seconds": tx.offset / offset_unit,
-        "sync_status": 0.0 if tx.state == TIME_ERROR else 1.0,
-        "maxerror_seconds": tx.maxerror / 1e6,
-        "estimated_error_seconds": tx.esterror / 1e6,
-        "frequency_adjustment_ratio": 1.0 + tx.freq / 65536.0 / 1e6,
-    }
-
-
-class _TimexStruct(ctypes.Structure):
-    # struct timex of <sys/timex.h> (glibc, LP64 and ILP32 alike): the kernel writes 208
-    # bytes on 64-bit systems, so the tail is padded generously.
-    _fields_ = [
-        ("modes", ctypes.c_uint),
-        ("offset", ctypes.c_long),
-        ("freq", ctypes.c_long),
-        ("maxerror", ctypes.c_long),
-        ("esterror", ctypes.c_long),
-        ("status", ctypes.c_int),
-        ("constant", ctypes.c_long),
-        ("precision", ctypes.c_long),
-        ("tolerance", ctypes.c_long),
-        ("tv_sec", ctypes.c_long),
-        ("tv_usec", ctypes.c_long),
-        ("tick", ctypes.c_long),
-        ("ppsfreq", ctypes.c_long),
-        ("jitter", ctypes.c_long),
-        ("shift", ctypes.c_int),
-        ("stabil", ctypes.c_long),
-        ("jitcnt", ctypes.c_long),
-        ("calcnt", ctypes.c_long),
-        ("errcnt", ctypes.c_long),
-        ("stbcnt", ctypes.c_long),
-        ("tai", ctypes.c_int),
-        ("_reserved", ctypes.c_int * 16),
-    ]
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    # The process's own symbols, libc's among them: ctypes.util.find_library would cost 1.5 MB
-    # of RSS (it imports its helpers and runs ldconfig) for a name we never need.
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-def read_timex() -> Timex | None:
-    """The kernel clock's state via adjtimex(2) with no modes set (a read, no privilege
-    needed); None where libc or the call is unavailable (a seccomp filter, another OS)."""
-    libc = _libc()
-    if libc is None:
-        return None
-    buf = _TimexStruct()
-    state = libc.adjtimex(ctypes.byref(buf))
-    if state < 0:
-        return None
-    return Timex(state, buf.status, buf.offset, buf.freq, buf.maxerror, buf.esterror)
-
-
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-@dataclass(frozen=True)
-class Mount:
-    """One line of a mounts table."""
-
-    device: str
-    mountpoint: str
-    fstype: str
-    readonly: bool
-
-
-def parse_mounts(text: str) -> list[Mount]:
-    """Mounts in order; a later mount on the same point hides the earlier one."""
-    by_point: dict[str, Mount] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 4:
-            continue
-        device, point, fstype, options = (
-            _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), p) for p in parts[:4]
-        )
-        by_point.pop(point, None)
-        by_point[point] = Mount(device, point, fstype, "ro" in options.split(","))
-    return list(by_point.values())
-
-
 def _matcher(include: str, exclude: str) -> Callable[[str], bool]:
     inc = re.compile(include) if include else None
     exc = re.compile(exclude) if exclude else None
@@ -260,9 +78,6 @@ def select_mounts(mounts: Iterable[Mount], cfg: FilesystemConfig) -> list[Mount]
 def device_filter(cfg: DeviceFilterConfig) -> Callable[[str], bool]:
     """A predicate for device names from include/exclude patterns."""
     return _matcher(cfg.include, cfg.exclude)
-
-
-# --- the collector -------------------------------------------------------------------------------
 
 
 def _read(path: str) -> str:

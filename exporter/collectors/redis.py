@@ -37,7 +37,7 @@ from exporter.collectors.redis_info import (
     wants_histogram,
 )
 from exporter.collectors.redis_keys import KOMBU_UNACKED, celery_keys
-from exporter.collectors.redis_scan import KeyGroupScanner, describe, key_group_families
+from exporter.collectors.redis_scan import KeyGroupScanner, describe_error, key_group_families
 from exporter.families import gauge
 from exporter.logs import OnChange
 from exporter.redact import redact_url, scrub, url_secrets
@@ -188,7 +188,7 @@ class RedisCollector:
             if self._client is not None:
                 self._client.close()
             raise RedisUnavailableError(
-                f"redis at {self._where}: {describe(exc, self._secrets)}") from None
+                f"redis at {self._where}: {describe_error(exc, self._secrets)}") from None
         except BaseException:
             self._reason = OTHER
             raise

@@ -159,7 +159,7 @@ class KeyGroupScanner:
         except RedisError as exc:
             if self._client is not None:
                 self._client.close()
-            error = describe(exc, self._secrets)
+            error = describe_error(exc, self._secrets)
             if self._reported.changed("keygroups", error):
                 log.warning("key group count failed", extra={"err": error})
             with self._lock:
@@ -233,7 +233,7 @@ def scan(reply: Any) -> tuple[int, list[bytes]]:
     return next_cursor, keys
 
 
-def describe(exc: Exception, secrets: list[str]) -> str:
+def describe_error(exc: Exception, secrets: list[str]) -> str:
     """The exception for a log line, with the URL's secrets scrubbed: the client quotes the
     host, port or socket path it failed on, where a mangled URL may have put part of the
     password, and a server's error text is not ours to trust."""
