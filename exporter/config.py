@@ -85,7 +85,6 @@ class ScrapeConfig:
     timeout: Duration = Duration(4.0)
 
 
-
 @dataclass(frozen=True)
 class ConfigBase:
     """The exporter's own sections; compose() adds one field per collector."""
@@ -254,8 +253,6 @@ def split_listen_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f'expected "host:port" or ":port", got "{address}"')
     return host.strip("[]"), int(port)
-
-
 
 
 def summary(config: Config) -> list[str]:

@@ -168,7 +168,6 @@ def read_yaml(path: str, what: str = "config file") -> Any:
             loader.dispose()
 
 
-
 def read_secret(path: str, key: str, errors: list[str]) -> Secret:
     """The stripped text of a secret file; "" and a problem under key if it cannot be read."""
     try:

@@ -13,6 +13,7 @@ from typing import Any, Generic, Literal, TypeVar, Union
 
 _T = TypeVar("_T")
 
+
 class ConfigError(Exception):
     """Every problem found in a configuration, one per line, each naming its key."""
 
@@ -64,6 +65,7 @@ def format_duration(seconds: float) -> str:
     if seconds and seconds < 1:
         return f"{seconds * 1000:g}ms"
     return f"{seconds:g}s"
+
 
 def describe(value: Any) -> str:
     """A short, quoted rendering of a bad value for a one-line error."""
@@ -173,7 +175,6 @@ def from_plain(cls: type[_T], data: Any, path: str, errors: list[str]) -> _T:
         if name in data and name not in apart
     }
     return cls(**{name: value for name, value in values.items() if value is not _INVALID})
-
 
 
 # --- what a collector declares --------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 # The sections are light (dataclasses and checks): the table imports them all, so the config
@@ -125,13 +125,11 @@ def reserved_metric_prefixes() -> tuple[str, ...]:
 
 def register(name: str, spec: CollectorSpec) -> None:
     """Add a row to the table (a collector that lives elsewhere, as the tests' plugin does)."""
-    import dataclasses
-
-    from exporter.config import ConfigBase
+    from exporter.config import ConfigBase  # here: exporter.config imports this table
 
     if name in COLLECTORS:
         raise ValueError(f"collector {name} is already in the table")
-    if name in {f.name for f in dataclasses.fields(ConfigBase)}:
+    if name in {f.name for f in fields(ConfigBase)}:
         raise ValueError(f"collector {name} would hide the config section of the same name")
     COLLECTORS[name] = spec
     DEFAULTS[name] = spec.default_enabled

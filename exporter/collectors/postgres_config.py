@@ -34,7 +34,6 @@ class PostgresConfig:
     top_statements: int = 50
 
 
-
 def environment(env: Mapping[str, str], section: dict[str, Any], errors: list[str]) -> None:
     """Fill the postgres section from QAToolBox's DB_* variables where the file is silent."""
     for var, key in (("DB_NAME", "dbname"), ("DB_USER", "user"), ("DB_HOST", "host")):

@@ -67,14 +67,12 @@ class RedisConfig:
     config_get: bool = False
 
 
-
 def environment(env: Mapping[str, str], section: dict[str, Any], _errors: list[str]) -> None:
     """Fill the redis section from REDIS_URL and REDIS_PASSWORD_FILE where the file is silent."""
     if "REDIS_URL" in env and "url" not in section:
         section["url"] = env["REDIS_URL"]
     if "REDIS_PASSWORD_FILE" in env and "password_file" not in section:
         section["password_file"] = env["REDIS_PASSWORD_FILE"]
-
 
 
 def resolve(rd: RedisConfig, errors: list[str]) -> RedisConfig:
@@ -101,7 +99,6 @@ def _url_with_password(url: str, password: str) -> str:
     host = parts.netloc.rpartition("@")[2] or "127.0.0.1"
     netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
 
 
 def check(rd: RedisConfig) -> list[str]:
@@ -153,7 +150,6 @@ def check(rd: RedisConfig) -> list[str]:
         problems.append("redis.celery_priority_steps: expected distinct whole numbers from 0 "
                         "to 255")
     return problems
-
 
 
 def summary(rd: RedisConfig) -> list[str]:
