@@ -201,7 +201,7 @@ def scrape_bench(workers: int, routes: int, runs: int) -> list[tuple[str, float,
     from prometheus_client.multiprocess import MultiProcessCollector
 
     from exporter.collectors.app import AppCollector
-    from exporter.config import AppConfig
+    from exporter.collectors.app_config import AppConfig
     from exporter.instrument import Recorder
 
     rows: list[tuple[str, float, int]] = []
@@ -396,7 +396,7 @@ def routes_bench(route_counts: Sequence[int], workers: int, scrapes: int
     from prometheus_client.multiprocess import MultiProcessCollector
 
     from exporter.collectors.app import AppCollector
-    from exporter.config import AppConfig
+    from exporter.collectors.app_config import AppConfig
     from exporter.instrument import Recorder
 
     rows: list[dict[str, Any]] = []

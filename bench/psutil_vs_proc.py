@@ -27,8 +27,9 @@ from collections.abc import Callable
 import psutil
 
 from exporter.collectors.host import HostCollector
+from exporter.collectors.host_config import HostConfig
 from exporter.collectors.process import ProcessCollector
-from exporter.config import HostConfig, ProcessConfig
+from exporter.collectors.process_config import ProcessConfig
 
 PROCESS_ATTRS = ["name", "cmdline", "cpu_times", "memory_info", "num_fds", "num_threads",
                  "create_time"]

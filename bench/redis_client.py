@@ -52,7 +52,8 @@ base = rss()
 started = time.perf_counter()
 import exporter.collectors.redis as module
 imported_ms = (time.perf_counter() - started) * 1000
-from exporter.config import RedisConfig, Secret
+from exporter.config import Secret
+from exporter.collectors.redis_config import RedisConfig
 cfg = RedisConfig(url=Secret(url), key_scan_interval=3600.0, key_scan_time_budget=600.0)
 collector = module.RedisCollector(cfg, 10.0)
 client = module.connect(url, 10.0)  # what the scrape builds on first use

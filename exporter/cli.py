@@ -49,8 +49,8 @@ VALUE_FLAGS = {
     "--log.format": ("log.format", "logfmt or json"),
     "--scrape.timeout": ("scrape.timeout", "time budget of each collector, e.g. 500ms, 4s, 1m"),
     "--collectors.scope": ("collectors.scope",
-                           "which collectors run by default: all, host (host, process, app) or "
-                           "service (postgres, business, redis); --collector.* still win"),
+                           "which collectors run by default: all, host ({host}) or service "
+                           "({service}); --collector.* still win"),
 }
 # What each flag's value is, for --help (argparse's default would be the flag's dest).
 METAVARS = {
@@ -60,13 +60,8 @@ METAVARS = {
     "--collectors.scope": "SCOPE",
 }
 
+# After the environment variables the collectors' config sections read (environment_help).
 EPILOG = """\
-environment:
-  DB_HOST, DB_PORT, DB_NAME, DB_USER   PostgreSQL target (defaults localhost, 5432,
-                                       qatoolbox, postgres)
-  DB_PASSWORD_FILE, DB_PASSWORD        its password: a file (preferred) or the value
-  REDIS_URL                            Redis target (default redis://127.0.0.1:6379)
-  REDIS_PASSWORD_FILE                  the Redis password, from a file
   The configuration file wins over the environment, flags win over both.
 
 exit codes:
@@ -90,20 +85,36 @@ def _default(key: str) -> str:
     return str(value)
 
 
+def _environment_help() -> str:
+    """The environment variables each collector reads, one aligned line (or more) each."""
+    lines = ["environment:"]
+    for spec in COLLECTORS.values():
+        for variables, meaning in spec.section.environment_help:
+            first, *more = meaning.split("\n")
+            lines.append(f"  {variables:<37}{first}")
+            lines.extend(f"  {'':<37}{line}" for line in more)
+    return "\n".join(lines) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; collector flags come from the collector table."""
+    """The argument parser; collector flags and the environment help come from the collector
+    table."""
     parser = argparse.ArgumentParser(
         prog="qatoolbox-exporter",
         description="Prometheus exporter for QAToolBox: host, processes, PostgreSQL, Redis,\n"
         "application and business metrics.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_environment_help() + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config.file", dest="config_file", metavar="PATH",
                         help="YAML configuration file (optional)")
     parser.add_argument("--config.check", dest="config_check", action="store_true",
                         help="validate the configuration as start-up would (files, TLS, the "
                         "listen address), print a summary and exit: 0 if fine, 2 if not")
-    for flag, (key, help_text) in VALUE_FLAGS.items():
+    # Which collectors each scope holds, from the table (for --collectors.scope).
+    scopes = {scope: ", ".join(n for n, s in SCOPES.items() if s == scope)
+              for scope in ("host", "service")}
+    for flag, (key, template) in VALUE_FLAGS.items():
+        help_text = template.format_map(scopes)
         default = _default(key)
         shown = f"{help_text} (default {default})" if default else help_text
         parser.add_argument(flag, dest=key, metavar=METAVARS[flag], help=shown)

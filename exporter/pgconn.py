@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from exporter.config import PostgresConfig
+from exporter.collectors.postgres_config import PostgresConfig
 from exporter.redact import scrub
 
 # Why a connection failed, as the `reason` label of qatoolbox_postgres_connection_error and

@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import COLLECTORS, DEFAULTS
 from exporter.collectors.app import AppCollector
+from exporter.collectors.app_config import AppConfig
 from exporter.collectors.app_folder import accumulator_path, fold
-from exporter.config import AppConfig, ConfigError, load_config
+from exporter.config import ConfigError, load_config
 from exporter.instrument import Recorder
 from exporter.instrument.store import read_entries
 from tests.harness import parse_metrics

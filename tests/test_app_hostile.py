@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import COLLECTORS
 from exporter.collectors.app import AppCollector
+from exporter.collectors.app_config import AppConfig
 from exporter.collectors.app_folder import (
     DIR_LOCK,
     MAX_ROUTES,
@@ -29,7 +30,7 @@ from exporter.collectors.app_folder import (
     decode_routes,
     encode_routes,
 )
-from exporter.config import AppConfig, Config
+from exporter.config import Config
 from exporter.instrument import Recorder
 from exporter.instrument.store import MAX_FILE_BYTES, REFUSAL_REASONS, mmap_key, write_file
 from tests.harness import ExporterProcess, wait_for

@@ -18,6 +18,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
 from exporter.collectors.business import BusinessCollector
+from exporter.collectors.business_config import (
+    BusinessConfig,
+    BusinessQuery,
+    LabelValues,
+    business_defaults,
+)
 from exporter.collectors.business_results import (
     LabelFolder,
     QueryError,
@@ -26,14 +32,7 @@ from exporter.collectors.business_results import (
     result_samples,
 )
 from exporter.collectors.business_sql import sql_problem
-from exporter.config import (
-    BusinessConfig,
-    BusinessQuery,
-    ConfigError,
-    LabelValues,
-    business_defaults,
-    load_config,
-)
+from exporter.config import ConfigError, load_config
 from tests.harness import (
     EXPORTER_PASSWORD,
     EXPORTER_ROLE,

@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
 from exporter.collectors.business import BusinessCollector
-from exporter.config import BusinessConfig, Duration, business_defaults, load_config
+from exporter.collectors.business_config import BusinessConfig, business_defaults
+from exporter.config import Duration, load_config
 from tests.harness import (
     EXPORTER_ROLE,
     ROOT,

@@ -20,9 +20,11 @@ from psycopg import pq
 
 from exporter.collectors import DEFAULTS
 from exporter.collectors.business import BusinessCollector
+from exporter.collectors.business_config import BusinessConfig, BusinessQuery
 from exporter.collectors.business_results import MAX_LABEL_LENGTH, QueryError, result_samples
 from exporter.collectors.business_sql import sql_problem, sql_words
-from exporter.config import BusinessConfig, BusinessQuery, Duration, PostgresConfig, Secret
+from exporter.collectors.postgres_config import PostgresConfig
+from exporter.config import Duration, Secret
 from tests.harness import (
     EXPORTER_ROLE,
     ExporterProcess,

@@ -178,8 +178,8 @@ def requests_by_route(families: list[Any]) -> dict[str, float]:
 def test_routes_past_the_cap_are_summed_under_other(tmp_path: Path,
                                                     recorders: list[Recorder]) -> None:
     from exporter.collectors.app import AppCollector
+    from exporter.collectors.app_config import AppConfig
     from exporter.collectors.app_folder import MAX_ROUTES
-    from exporter.config import AppConfig
 
     rec = Recorder(str(tmp_path))
     recorders.append(rec)

@@ -396,8 +396,11 @@ def test_help_says_what_each_value_is_and_lists_environment_and_exit_codes() -> 
 
 
 def test_every_environment_variable_read_is_in_help() -> None:
-    """The variables config.py reads, found in its source: none missing from --help."""
-    source = (Path(__file__).resolve().parent.parent / "exporter" / "config.py").read_text()
+    """The variables the configuration reads (config.py and the collectors' sections), found
+    in their source: none missing from --help."""
+    package = Path(__file__).resolve().parent.parent / "exporter"
+    source = "".join(p.read_text() for p in [package / "config.py",
+                                              *package.glob("collectors/*_config.py")])
     read = set(re.findall(r'"((?:DB|REDIS)_[A-Z_]+)"', source))
     assert read >= {"DB_HOST", "REDIS_URL"}, read
     out = run_exporter(["--help"]).stdout

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from exporter.collectors.process_config import DEFAULT_PROCESS_GROUPS
 from exporter.config import (
-    DEFAULT_PROCESS_GROUPS,
     SECRET_FILE_LIMIT,
     YAML_MAX_DEPTH,
     YAML_MAX_NODES,

@@ -18,7 +18,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collectors import DEFAULTS
-from exporter.config import MAX_BUSINESS_CONCURRENCY, Config, load_config
+from exporter.collectors.business_config import MAX_BUSINESS_CONCURRENCY
+from exporter.config import Config, load_config
 from tests.grafana_queries import documented_metric_names
 from tests.harness import ROOT, ExporterProcess, PostgresServer, RedisServer, documented_block
 

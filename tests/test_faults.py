@@ -27,7 +27,7 @@ import yaml
 
 from exporter.collectors import COLLECTORS
 from exporter.collectors.app_folder import DIR_LOCK
-from exporter.config import BusinessConfig, business_defaults
+from exporter.collectors.business_config import BusinessConfig, business_defaults
 from exporter.instrument import Recorder
 from tests.harness import (
     EXPORTER_ROLE,

@@ -203,7 +203,7 @@ def test_host_root_path_sizes_the_host_file_systems(tmp_path: Path) -> None:
     """In a DaemonSet the host's mount table is read through host.proc_path and each file
     system is measured under host.root_path; the labels keep the host's mount points."""
     from exporter.collectors.host import HostCollector
-    from exporter.config import HostConfig
+    from exporter.collectors.host_config import HostConfig
 
     asked: list[str] = []
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from exporter.collectors.host import HostCollector, device_filter, select_mounts
+from exporter.collectors.host_config import DeviceFilterConfig, FilesystemConfig, HostConfig
 from exporter.collectors.host_proc import (
     Mount,
     parse_diskstats,
@@ -23,7 +24,7 @@ from exporter.collectors.host_proc import (
     parse_vmstat,
 )
 from exporter.collectors.host_timex import STA_NANO, STA_UNSYNC, TIME_ERROR, Timex, timex_values
-from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig, Regex
+from exporter.config import Regex
 from tests.harness import Samples, family_samples
 
 STAT = """\

@@ -18,7 +18,10 @@ import pytest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors import COLLECTORS
-from exporter.config import AppConfig, BusinessConfig, Config, RedisConfig, Secret, WebConfig
+from exporter.collectors.app_config import AppConfig
+from exporter.collectors.business_config import BusinessConfig
+from exporter.collectors.redis_config import RedisConfig
+from exporter.config import Config, Secret, WebConfig
 from exporter.instrument import Recorder
 from exporter.landing import (
     DEGRADED,

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
 from exporter.collectors.postgres import PostgresCollector, PostgresError
+from exporter.collectors.postgres_config import PostgresConfig
 from exporter.collectors.postgres_families import (
     BACKEND_STATES,
     LOCK_MODES,
@@ -38,7 +39,7 @@ from exporter.collectors.postgres_families import (
     normalise_query,
 )
 from exporter.collectors.postgres_sql import queries_for, statements_sql, statements_time_column
-from exporter.config import ConfigError, Duration, PostgresConfig, Secret, load_config
+from exporter.config import ConfigError, Duration, Secret, load_config
 from exporter.pgconn import Watchdog
 from tests.harness import (
     EXPORTER_PASSWORD,

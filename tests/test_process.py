@@ -20,7 +20,8 @@ from exporter.collectors.process import (
     ProcSample,
     scan_processes,
 )
-from exporter.config import DEFAULT_PROCESS_GROUPS, ProcessConfig, ProcessGroup, Regex
+from exporter.collectors.process_config import DEFAULT_PROCESS_GROUPS, ProcessConfig, ProcessGroup
+from exporter.config import Regex
 from tests.harness import Samples, family_samples, wait_for
 
 
@@ -438,7 +439,7 @@ def test_zombie_process_is_skipped() -> None:
 COUNT_AS_NOBODY = """
 import os, sys
 from exporter.collectors.process import ProcessCollector
-from exporter.config import ProcessConfig, ProcessGroup
+from exporter.collectors.process_config import ProcessConfig, ProcessGroup
 collector = ProcessCollector(ProcessConfig(groups=(ProcessGroup(name="g", names=(sys.argv[1],)),)))
 os.setgid(65534)
 os.setuid(65534)

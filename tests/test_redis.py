@@ -15,14 +15,8 @@ from hypothesis import strategies as st
 from exporter.collectors import redis as rc
 from exporter.collectors import redis_info as ri
 from exporter.collectors import redis_keys as rk
-from exporter.config import (
-    DEFAULT_KEY_GROUPS,
-    ConfigError,
-    KeyGroup,
-    RedisConfig,
-    Secret,
-    load_config,
-)
+from exporter.collectors.redis_config import DEFAULT_KEY_GROUPS, KeyGroup, RedisConfig
+from exporter.config import ConfigError, Secret, load_config
 from exporter.redact import redact_url
 from exporter.resp import ServerError
 from tests.harness import free_port

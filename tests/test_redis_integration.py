@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from exporter.collectors import DEFAULTS
 from exporter.collectors.redis import RedisCollector
+from exporter.collectors.redis_config import KeyGroup, RedisConfig
 from exporter.collectors.redis_keys import KeyClassifier
-from exporter.config import KeyGroup, RedisConfig, Secret
+from exporter.config import Secret
 from tests.harness import (
     EXPORTER_ROLE,
     ExporterProcess,

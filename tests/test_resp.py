@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.collectors.redis import RedisCollector, RedisUnavailableError
-from exporter.config import RedisConfig, Secret
+from exporter.collectors.redis_config import RedisConfig
+from exporter.config import Secret
 from exporter.resp import (
     AuthenticationError,
     ConnectError,

@@ -449,14 +449,10 @@ def test_business_queries_run_read_only_whatever_the_sql(
     its own; business.allow_superuser set), fail and change nothing: PostgreSQL refuses the
     CTEs as a cursor's body and the function's write in the read-only transaction."""
     from exporter.collectors.business import BusinessCollector
+    from exporter.collectors.business_config import BusinessConfig, BusinessQuery
     from exporter.collectors.business_sql import sql_problem
-    from exporter.config import (
-        BusinessConfig,
-        BusinessQuery,
-        Duration,
-        PostgresConfig,
-        Secret,
-    )
+    from exporter.collectors.postgres_config import PostgresConfig
+    from exporter.config import Duration, Secret
 
     postgres.execute("CREATE DATABASE readonly_check")
     postgres.execute(HIDDEN_WRITES_SETUP, dbname="readonly_check")

@@ -1,12 +1,29 @@
-"""The collector table: every collector's name, factory, scope and whether it runs by default."""
+"""The collector table: every collector's name, factory, scope, default and config section."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
-from exporter.config import Config
+# The sections are light (dataclasses and checks): the table imports them all, so the config
+# can be built and checked without loading any collector or its client library.
+from exporter.collectors import (
+    app_config,
+    business_config,
+    host_config,
+    postgres_config,
+    process_config,
+    redis_config,
+)
+from exporter.configtypes import Section
+
+# Imported here as it always was: exporter.scrape imports exporter.lean, which must come before
+# prometheus_client, and the config (which imports this table) is among the first imports.
 from exporter.scrape import Collector
+
+if TYPE_CHECKING:
+    from exporter.config import Config
 
 
 @dataclass(frozen=True)
@@ -16,6 +33,11 @@ class CollectorSpec:
     factory: Callable[[Config], Collector]
     default_enabled: bool
     help: str
+    # "host": it reads the machine the exporter runs on; "service": a server that many hosts
+    # share, one exporter per server (collectors.scope, docs/scaling.md).
+    scope: str
+    # Its part of the configuration, under the collector's name (config.<name>).
+    section: Section[Any]
 
 
 # Each factory imports its module when called: a disabled collector's client library
@@ -61,33 +83,62 @@ def _app(c: Config) -> Collector:
 
 
 COLLECTORS: dict[str, CollectorSpec] = {
-    "host": CollectorSpec(_host, True, "CPU, memory, file systems, disks, network."),
-    "process": CollectorSpec(_process, True, "Process groups (web, celery, ...)."),
+    "host": CollectorSpec(_host, True, "CPU, memory, file systems, disks, network.", "host",
+                          host_config.SECTION),
+    "process": CollectorSpec(_process, True, "Process groups (web, celery, ...).", "host",
+                             process_config.SECTION),
     "postgres": CollectorSpec(
         _postgres, True,
-        "PostgreSQL activity, locks, throughput, replication, statements, tables.",
+        "PostgreSQL activity, locks, throughput, replication, statements, tables.", "service",
+        postgres_config.SECTION,
     ),
     "business": CollectorSpec(
         _business, True,
-        "Business metrics from SQL queries (QAToolBox users, chat, time capsules).",
+        "Business metrics from SQL queries (QAToolBox users, chat, time capsules).", "service",
+        business_config.SECTION,
     ),
     "redis": CollectorSpec(
-        _redis, True, "Redis memory, clients, hit ratio, latency, key groups and Celery queues."
+        _redis, True, "Redis memory, clients, hit ratio, latency, key groups and Celery queues.",
+        "service", redis_config.SECTION,
     ),
     "app": CollectorSpec(
         _app, True,
         "App requests and Celery tasks merged from the workers' files (app.multiprocess_dirs).",
+        "host", app_config.SECTION,
     ),
 }
 
+# Views of the table that the command line passes to load_config; register() keeps them true.
 DEFAULTS: dict[str, bool] = {name: spec.default_enabled for name, spec in COLLECTORS.items()}
+SCOPES: dict[str, str] = {name: spec.scope for name, spec in COLLECTORS.items()}
 
-# The scope of each collector (collectors.scope, docs/scaling.md): "host" reads the machine the
-# exporter runs on, "service" a server that many hosts share (one exporter per server).
-SCOPES: dict[str, str] = {
-    "host": "host", "process": "host", "app": "host",
-    "postgres": "service", "business": "service", "redis": "service",
-}
+# Families the exporter makes itself, whichever collectors run (the scrape runner's).
+EXPORTER_METRIC_PREFIX = "qatoolbox_exporter_"
+
+
+def reserved_metric_prefixes() -> tuple[str, ...]:
+    """The prefixes of the families the exporter and its collectors emit: a business query
+    may not use them."""
+    owned = (p for spec in COLLECTORS.values() for p in spec.section.metric_prefixes)
+    return tuple(dict.fromkeys((EXPORTER_METRIC_PREFIX, *owned)))
+
+
+def register(name: str, spec: CollectorSpec) -> None:
+    """Add a row to the table (a collector that lives elsewhere, as the tests' plugin does)."""
+    from exporter.config import ConfigBase  # here: exporter.config imports this table
+
+    if name in COLLECTORS:
+        raise ValueError(f"collector {name} is already in the table")
+    if name in {f.name for f in fields(ConfigBase)}:
+        raise ValueError(f"collector {name} would hide the config section of the same name")
+    COLLECTORS[name] = spec
+    DEFAULTS[name] = spec.default_enabled
+    SCOPES[name] = spec.scope
+
+
+def unregister(name: str) -> None:
+    """Remove a row that register() added."""
+    del COLLECTORS[name], DEFAULTS[name], SCOPES[name]
 
 
 def build(config: Config) -> list[Collector]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from exporter.collectors.app_config import AppConfig
 from exporter.collectors.app_folder import (
     APP_PREFIXES,
     FOLDED_IDENT,
@@ -48,7 +49,6 @@ from exporter.collectors.app_folder import (
     remove_dead_locks,
     shown,
 )
-from exporter.config import AppConfig
 from exporter.instrument.merge import (
     ROUTE_OVERFLOW,
     FileInfo,

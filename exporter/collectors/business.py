@@ -15,6 +15,12 @@ import psycopg
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter import pgconn
+from exporter.collectors.business_config import (
+    BusinessConfig,
+    BusinessQuery,
+    fill_placeholders,
+    parse_requirement,
+)
 from exporter.collectors.business_results import (
     MAX_FOLDED_ROWS,
     Connection,
@@ -32,13 +38,7 @@ from exporter.collectors.business_results import (
     read_catalog,
     result_samples,
 )
-from exporter.config import (
-    BusinessConfig,
-    BusinessQuery,
-    PostgresConfig,
-    fill_placeholders,
-    parse_requirement,
-)
+from exporter.collectors.postgres_config import PostgresConfig
 from exporter.logs import OnChange
 
 log = logging.getLogger("exporter.business")

@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
-from exporter.config import BusinessQuery, parse_watermark
+from exporter.collectors.business_config import BusinessQuery, parse_watermark
 
 # Rows are read this many at a time (FETCH FORWARD), and at most max_rows + 1 in all: what a
 # query's result costs in memory is bounded by its widest row times this, plus what is kept.

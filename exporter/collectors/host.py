@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from exporter.collectors.host_config import DeviceFilterConfig, FilesystemConfig, HostConfig
 from exporter.collectors.host_proc import (
     CPU_MODES,
     Mount,
@@ -21,7 +22,6 @@ from exporter.collectors.host_proc import (
     parse_vmstat,
 )
 from exporter.collectors.host_timex import Timex, read_timex, timex_values
-from exporter.config import DeviceFilterConfig, FilesystemConfig, HostConfig
 
 SECTOR_BYTES = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size.
 # (metric name, /proc/meminfo field, help): the order of every metric table

@@ -15,6 +15,7 @@ from prometheus_client.core import Metric
 from psycopg import sql
 
 from exporter import pgconn
+from exporter.collectors.postgres_config import PostgresConfig
 from exporter.collectors.postgres_families import (
     build_activity,
     build_archiver,
@@ -47,7 +48,6 @@ from exporter.collectors.postgres_sql import (
     queries_for,
     statements_sql,
 )
-from exporter.config import PostgresConfig
 from exporter.logs import OnChange
 
 log = logging.getLogger("exporter.collectors.postgres")

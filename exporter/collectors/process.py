@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from exporter.config import ProcessConfig, ProcessGroup
+from exporter.collectors.process_config import ProcessConfig, ProcessGroup
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
+from exporter.collectors.redis_config import RedisConfig
 from exporter.collectors.redis_info import (
     INFO_SECTIONS,
     UP_HELP,
@@ -37,7 +38,6 @@ from exporter.collectors.redis_info import (
 )
 from exporter.collectors.redis_keys import KOMBU_UNACKED, celery_keys
 from exporter.collectors.redis_scan import KeyGroupScanner, describe_error, key_group_families
-from exporter.config import RedisConfig
 from exporter.families import gauge
 from exporter.logs import OnChange
 from exporter.redact import redact_url, scrub, url_secrets

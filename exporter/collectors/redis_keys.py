@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from exporter.config import KeyGroup
+from exporter.collectors.redis_config import KeyGroup
 
 KOMBU_SEP = "\x06\x16"
 KOMBU_UNACKED = "unacked"

@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client.core import Metric
 
+from exporter.collectors.redis_config import RedisConfig
 from exporter.collectors.redis_keys import (
     KOMBU_BINDING,
     MAX_BINDING_MEMBERS,
@@ -20,7 +21,6 @@ from exporter.collectors.redis_keys import (
     binding_exchange,
     binding_queue,
 )
-from exporter.config import RedisConfig
 from exporter.families import gauge
 from exporter.logs import OnChange
 from exporter.redact import scrub, url_secrets
