@@ -149,7 +149,7 @@ class _Cached(_Fake):
         family = GaugeMetricFamily("qatoolbox_redis_things", "Things.")
         family.samples.extend([Sample("qatoolbox_redis_things", shared, 1.0),
                                Sample("qatoolbox_redis_things", shared, 2.0)])
-        self.families = [family]
+        self.families: list[Metric] = [family]
 
     def collect(self) -> list[Metric]:
         return self.families
