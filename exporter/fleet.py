@@ -8,7 +8,9 @@
 # fires one PostgresDown, whatever the number of exporters watching it.
 #
 # The label is added here, around the collectors, rather than in each of them: one place, the
-# same rule for every service collector, and the collectors stay unaware of fleets.
+# same rule for every service collector, and the collectors stay unaware of fleets. Which
+# collectors are service collectors, and which server each reads, is the collector table's
+# `server` (exporter/collectors/__init__.py).
 
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ from urllib.parse import urlsplit
 
 from prometheus_client.core import Metric
 
-from exporter.config import Config
 from exporter.scrape import Collector
 
 SERVER_LABEL = "server"
@@ -61,15 +62,6 @@ def redis_server(url: str, hostname: str | None = None) -> str:
         port = 6379
     host = parts.hostname or ""
     return _join(local, port) if _local(host) else _join(host.lower(), port)
-
-
-def server_of(name: str, config: Config) -> str | None:
-    """The `server` label value of collector name, or None for a host collector."""
-    if name in ("postgres", "business"):
-        return postgres_server(config.postgres.host, config.postgres.port)
-    if name == "redis":
-        return redis_server(config.redis.url)
-    return None
 
 
 def _labelled(families: Iterable[Metric], server: str) -> list[Metric]:
@@ -116,8 +108,7 @@ class ServerLabelled:
             close()
 
 
-def with_server_label(name: str, collector: Collector, config: Config) -> Collector:
-    """collector itself for a host collector, or wrapped so that its samples name the
-    server."""
-    server = server_of(name, config)
+def with_server_label(collector: Collector, server: str | None) -> Collector:
+    """collector itself for a host collector (server None), or wrapped so that its samples
+    name the server (the collector table's `server` says which)."""
     return collector if server is None else ServerLabelled(collector, server)

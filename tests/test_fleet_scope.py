@@ -180,7 +180,8 @@ def test_only_service_collectors_are_wrapped(tmp_path: Path) -> None:
             close: Callable[[], None] | None = getattr(collector, "close", None)
             if close is not None:
                 close()
-    assert with_server_label("host", collectors[0], config) is collectors[0]
+    assert with_server_label(collectors[0], None) is collectors[0]
+    assert COLLECTORS["host"].server is None and COLLECTORS["app"].server is None
 
 
 @pytest.mark.integration

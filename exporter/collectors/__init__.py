@@ -38,6 +38,9 @@ class CollectorSpec:
     scope: str
     # Its part of the configuration, under the collector's name (config.<name>).
     section: Section[Any]
+    # The `server` label value of a service collector's samples: the server it reads, named
+    # as exporter/fleet.py names servers; None for one that reads this host.
+    server: Callable[[Config], str] | None = None
 
 
 # Each factory imports its module when called: a disabled collector's client library
@@ -74,6 +77,18 @@ def _redis(c: Config) -> Collector:
     return RedisCollector(c.redis, c.scrape.timeout)
 
 
+def _postgres_server(c: Config) -> str:
+    from exporter.fleet import postgres_server
+
+    return postgres_server(c.postgres.host, c.postgres.port)
+
+
+def _redis_server(c: Config) -> str:
+    from exporter.fleet import redis_server
+
+    return redis_server(c.redis.url)
+
+
 def _app(c: Config) -> Collector:
     from exporter.collectors.app import AppCollector
 
@@ -90,16 +105,16 @@ COLLECTORS: dict[str, CollectorSpec] = {
     "postgres": CollectorSpec(
         _postgres, True,
         "PostgreSQL activity, locks, throughput, replication, statements, tables.", "service",
-        postgres_config.SECTION,
+        postgres_config.SECTION, _postgres_server,
     ),
     "business": CollectorSpec(
         _business, True,
         "Business metrics from SQL queries (QAToolBox users, chat, time capsules).", "service",
-        business_config.SECTION,
+        business_config.SECTION, _postgres_server,
     ),
     "redis": CollectorSpec(
         _redis, True, "Redis memory, clients, hit ratio, latency, key groups and Celery queues.",
-        "service", redis_config.SECTION,
+        "service", redis_config.SECTION, _redis_server,
     ),
     "app": CollectorSpec(
         _app, True,
@@ -146,5 +161,5 @@ def build(config: Config) -> list[Collector]:
     the `server` label (exporter/fleet.py)."""
     from exporter.fleet import with_server_label
 
-    return [with_server_label(name, spec.factory(config), config)
+    return [with_server_label(spec.factory(config), spec.server and spec.server(config))
             for name, spec in COLLECTORS.items() if config.enabled(name)]
