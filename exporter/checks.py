@@ -7,7 +7,7 @@ import errno
 import os
 import socket
 
-from exporter.config import Config, describe, split_listen_address
+from exporter.config import Config, describe_value, split_listen_address
 
 
 def listen_problems(address: str) -> list[str]:
@@ -28,16 +28,16 @@ def listen_problems(address: str) -> list[str]:
         resolved = socket.getaddrinfo(name, 0, family, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
-        return [f"web.listen_address: cannot resolve {describe(host)}: {reason}"]
+        return [f"web.listen_address: cannot resolve {describe_value(host)}: {reason}"]
     except OSError as exc:
-        return [f"web.listen_address: cannot resolve {describe(host)}: {exc.strerror or exc}"]
+        return [f"web.listen_address: cannot resolve {describe_value(host)}: {exc.strerror or exc}"]
     sockaddr = resolved[0][4]
     probe = socket.socket(family, socket.SOCK_STREAM)
     try:
         probe.bind((sockaddr[0], 0, *sockaddr[2:]))
     except OSError as exc:
         if exc.errno == errno.EADDRNOTAVAIL:
-            return [f"web.listen_address: {describe(host)} is not an address of this machine"]
+            return [f"web.listen_address: {describe_value(host)} is not an address of this machine"]
     finally:
         probe.close()
     return []
@@ -50,7 +50,7 @@ def url_problems(key: str, url: str) -> list[str]:
     scheme, sep, rest = url.partition("://")
     if (not sep or scheme.lower() not in ("http", "https") or not rest or rest[0] in "/?#"
             or any(c.isspace() or not c.isprintable() for c in url)):
-        return [f"{key}: expected an http:// or https:// URL, got {describe(url)}"]
+        return [f"{key}: expected an http:// or https:// URL, got {describe_value(url)}"]
     return []
 
 
@@ -65,7 +65,7 @@ def redis_url_problems(config: Config) -> list[str]:
     try:
         parse_url(config.redis.url)
     except ValueError as exc:
-        return [f"redis.url: {exc} in {describe(redact_url(config.redis.url))}"]
+        return [f"redis.url: {exc} in {describe_value(redact_url(config.redis.url))}"]
     return []
 
 
@@ -83,14 +83,14 @@ def warnings(config: Config) -> list[str]:
     if config.enabled("app"):
         for i, directory in enumerate(config.app.multiprocess_dirs):
             if not os.path.isdir(directory):
-                found.append(f"app.multiprocess_dirs[{i}]: {describe(directory)} is not a "
+                found.append(f"app.multiprocess_dirs[{i}]: {describe_value(directory)} is not a "
                              f"folder (yet): qatoolbox_app_multiprocess_dir_up 0 until it is")
             elif not os.access(directory, os.R_OK | os.X_OK):
-                found.append(f"app.multiprocess_dirs[{i}]: {describe(directory)} is not "
+                found.append(f"app.multiprocess_dirs[{i}]: {describe_value(directory)} is not "
                              f"readable by this user")
     if config.enabled("host"):
         for key in ("proc_path", "sys_path", "root_path"):
             path = getattr(config.host, key)
             if not os.path.isdir(path):
-                found.append(f"host.{key}: {describe(path)} is not a folder")
+                found.append(f"host.{key}: {describe_value(path)} is not a folder")
     return found

@@ -30,7 +30,7 @@ from exporter.configtypes import (
     Duration,
     Regex,
     Secret,
-    describe,
+    describe_value,
     format_duration,
     from_plain,
     parse_duration,
@@ -40,7 +40,7 @@ from exporter.configtypes import (
 __all__ = [
     "CONFIG_FILE_LIMIT", "SECRET_FILE_LIMIT", "YAML_MAX_DEPTH", "YAML_MAX_NODES",
     "YAML_MAX_NUMBER_LENGTH", "Config", "ConfigBase", "ConfigError", "Duration", "FileReadError",
-    "LogConfig", "Regex", "ScrapeConfig", "Secret", "WebConfig", "compose", "describe",
+    "LogConfig", "Regex", "ScrapeConfig", "Secret", "WebConfig", "compose", "describe_value",
     "format_duration", "load_config", "parse_duration", "read_file", "read_yaml",
     "split_listen_address", "summary",
 ]
@@ -140,7 +140,7 @@ def _collectors(
         raw = {}
     if not isinstance(raw, Mapping):
         errors.append(f"collectors: expected a mapping of collector names to true/false, got "
-                      f"{describe(raw)}")
+                      f"{describe_value(raw)}")
         raw = {}
     scope: CollectorScope = "all"
     if "scope" in raw:
@@ -148,7 +148,7 @@ def _collectors(
             scope = raw["scope"]
         else:
             errors.append(f"collectors.scope: expected one of {', '.join(SCOPES)}, got "
-                          f"{describe(raw['scope'])}")
+                          f"{describe_value(raw['scope'])}")
     if scope != "all":
         # A collector outside the scope is off unless named below or by a flag.
         enabled = {name: on and (scopes or {}).get(name) == scope
@@ -159,7 +159,7 @@ def _collectors(
         if name not in known:
             errors.append(f"collectors.{name}: unknown collector (known: {', '.join(known)})")
         elif not isinstance(value, bool):
-            errors.append(f"collectors.{name}: expected true or false, got {describe(value)}")
+            errors.append(f"collectors.{name}: expected true or false, got {describe_value(value)}")
         else:
             enabled[name] = value
     enabled.update(flags)
@@ -187,7 +187,7 @@ def load_config(
         raw = {}
     if not isinstance(raw, Mapping):
         raise ConfigError([f"config file {path}: expected a mapping at the top level, "
-                           f"got {describe(raw)}"])
+                           f"got {describe_value(raw)}"])
     raw = dict(raw)
     errors: list[str] = []
     sections = {name: spec.section for name, spec in table.COLLECTORS.items()}

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from exporter.configtypes import ConfigError, Secret, describe
+from exporter.configtypes import ConfigError, Secret, describe_value
 
 # Hard caps on what is read from a file named by the configuration or the environment: a
 # password is one line, a config file a few hundred. /dev/zero, a FIFO or a 200 MB file named
@@ -176,6 +176,6 @@ def read_secret(path: str, key: str, errors: list[str]) -> Secret:
         errors.append(f"{key}: cannot read {path}: {exc}")
     except UnicodeDecodeError:
         # A binary file: the content is never echoed.
-        errors.append(f"{key}: cannot read {describe(path)} as a text file")
+        errors.append(f"{key}: cannot read {describe_value(path)} as a text file")
     return Secret("")
 

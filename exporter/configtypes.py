@@ -67,7 +67,7 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def describe(value: Any) -> str:
+def describe_value(value: Any) -> str:
     """A short, quoted rendering of a bad value for a one-line error."""
     if isinstance(value, str):
         return f'"{value}"' if len(value) < 60 else f'"{value[:57]}..."'
@@ -95,13 +95,13 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
         choices = typing.get_args(tp)
         if isinstance(value, (list, dict)) or value not in choices:
             options = ", ".join(str(c) for c in choices)
-            errors.append(f"{path}: expected one of {options}, got {describe(value)}")
+            errors.append(f"{path}: expected one of {options}, got {describe_value(value)}")
             return _INVALID
         return value
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if not isinstance(value, list):
-            errors.append(f"{path}: expected a list, got {describe(value)}")
+            errors.append(f"{path}: expected a list, got {describe_value(value)}")
             return _INVALID
         items = (_convert(item_type, v, f"{path}[{i}]", errors) for i, v in enumerate(value))
         return tuple(item for item in items if item is not _INVALID)
@@ -117,27 +117,27 @@ def _convert_scalar(tp: Any, value: Any, path: str, errors: list[str]) -> Any:
                 return Duration(parse_duration(value))
             except ValueError:
                 pass
-        errors.append(f'{path}: expected a duration like "2s", got {describe(value)}')
+        errors.append(f'{path}: expected a duration like "2s", got {describe_value(value)}')
         return _INVALID
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append(f"{path}: expected true or false, got {describe(value)}")
+            errors.append(f"{path}: expected true or false, got {describe_value(value)}")
             return _INVALID
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{path}: expected a whole number, got {describe(value)}")
+            errors.append(f"{path}: expected a whole number, got {describe_value(value)}")
             return _INVALID
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{path}: expected a number, got {describe(value)}")
+            errors.append(f"{path}: expected a number, got {describe_value(value)}")
             return _INVALID
         return float(value)
     if tp in (str, Regex, Secret):
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             # A password written as `!!binary ...` or as a date is still the password.
-            got = "something else (not shown: a secret)" if tp is Secret else describe(value)
+            got = "something else (not shown: a secret)" if tp is Secret else describe_value(value)
             errors.append(f"{path}: expected a string, got {got}")
             return _INVALID
         if tp is Regex:
@@ -160,7 +160,7 @@ def from_plain(cls: type[_T], data: Any, path: str, errors: list[str]) -> _T:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        errors.append(f"{path or 'config'}: expected a mapping, got {describe(data)}")
+        errors.append(f"{path or 'config'}: expected a mapping, got {describe_value(data)}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("derived")]  # type: ignore[arg-type]

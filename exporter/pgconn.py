@@ -70,7 +70,7 @@ def redact(text: str, cfg: PostgresConfig) -> str:
     return _WHITESPACE.sub(" ", scrub(text, [password] if password else [])).strip()
 
 
-def describe(exc: BaseException, cfg: PostgresConfig | None = None) -> str:
+def describe_error(exc: BaseException, cfg: PostgresConfig | None = None) -> str:
     """The first line of an error (PostgreSQL adds LINE/HINT lines), prefixed with its class
     for a database error ("UndefinedTable: relation "x" does not exist"), without the
     password when cfg is given. libpq's connection errors keep their second line, which says

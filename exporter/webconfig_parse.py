@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.config import ConfigError, describe, parse_duration
+from exporter.config import ConfigError, describe_value, parse_duration
 
 # Go's tls.ClientAuthType names. The two that accept a certificate without verifying it are
 # refused: Python's ssl module cannot do that, and the toolkit itself calls them insecure.
@@ -126,7 +126,7 @@ def _mapping(value: Any, key: str, errors: list[str]) -> Mapping[Any, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        errors.append(f"{key}: expected a mapping, got {describe(value)}")
+        errors.append(f"{key}: expected a mapping, got {describe_value(value)}")
         return {}
     return value
 
@@ -144,7 +144,7 @@ def _string(section: Mapping[Any, Any], key: str, prefix: str, errors: list[str]
     if value is None:
         return default
     if not isinstance(value, str):
-        errors.append(f"{prefix}{key}: expected a string, got {describe(value)}")
+        errors.append(f"{prefix}{key}: expected a string, got {describe_value(value)}")
         return default
     return value
 
@@ -155,7 +155,7 @@ def _strings(section: Mapping[Any, Any], key: str, prefix: str,
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        errors.append(f"{prefix}{key}: expected a list of strings, got {describe(value)}")
+        errors.append(f"{prefix}{key}: expected a list of strings, got {describe_value(value)}")
         return []
     return list(value)
 
@@ -207,7 +207,7 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
         auth_type = "RequireAndVerifyClientCert" if has_ca else "NoClientCert"
     if auth_type not in CLIENT_AUTH_TYPES:
         errors.append(f"{prefix}client_auth_type: expected one of "
-                      f"{', '.join(CLIENT_AUTH_TYPES)}, got {describe(auth_type)}")
+                      f"{', '.join(CLIENT_AUTH_TYPES)}, got {describe_value(auth_type)}")
     elif CLIENT_AUTH_TYPES[auth_type] is None:
         errors.append(f"{prefix}client_auth_type: {auth_type} accepts unverified certificates "
                       f"and is not supported; use RequireAndVerifyClientCert")
@@ -219,7 +219,7 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
         values[key] = values[key] or default
         if values[key] not in TLS_VERSIONS:
             errors.append(f"{prefix}{key}: expected one of {', '.join(TLS_VERSIONS)}, "
-                          f"got {describe(values[key])}")
+                          f"got {describe_value(values[key])}")
     if (values["min_version"] in TLS_VERSIONS and values["max_version"] in TLS_VERSIONS
             and list(TLS_VERSIONS).index(values["min_version"])
             > list(TLS_VERSIONS).index(values["max_version"])):
@@ -241,7 +241,7 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
     ciphers: list[str] = []
     for name in _strings(section, "cipher_suites", prefix, errors):
         if name not in CIPHER_SUITES:
-            errors.append(f"{prefix}cipher_suites: unknown cipher suite {describe(name)}")
+            errors.append(f"{prefix}cipher_suites: unknown cipher suite {describe_value(name)}")
         elif (openssl_name := CIPHER_SUITES[name]) is not None:
             ciphers.append(openssl_name)
     curves = _strings(section, "curve_preferences", prefix, errors)
@@ -251,7 +251,7 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
                       f"curve; list one of {', '.join(CURVES)}")
     elif curves and curves[0] not in CURVES:
         errors.append(f"{prefix}curve_preferences: expected one of {', '.join(CURVES)}, "
-                      f"got {describe(curves[0])}")
+                      f"got {describe_value(curves[0])}")
     elif curves:
         curve = CURVES[curves[0]]
     sans = _strings(section, "client_allowed_sans", prefix, errors)
@@ -263,7 +263,7 @@ def _tls(raw: Any, base_dir: str, errors: list[str]) -> TLSSettings | None:
         prefer = True
     if not isinstance(prefer, bool):
         errors.append(f"{prefix}prefer_server_cipher_suites: expected true or false, got "
-                      f"{describe(prefer)}")
+                      f"{describe_value(prefer)}")
         prefer = True
     return TLSSettings(
         cert_file=values["cert_file"], key_file=values["key_file"],
@@ -287,14 +287,14 @@ def _rate_limit(raw: Any, errors: list[str]) -> tuple[float, int] | None:
             interval = parse_duration(interval_raw)
         except ValueError:
             errors.append(f"rate_limit.interval: expected a duration like 1s or 100ms, got "
-                          f"{describe(interval_raw)}")
+                          f"{describe_value(interval_raw)}")
             return None
     elif interval_raw not in (0, None):
         errors.append(f"rate_limit.interval: expected a duration like 1s or 100ms, got "
-                      f"{describe(interval_raw)}")
+                      f"{describe_value(interval_raw)}")
         return None
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 0:
-        errors.append(f"rate_limit.burst: expected a whole number, got {describe(burst)}")
+        errors.append(f"rate_limit.burst: expected a whole number, got {describe_value(burst)}")
         return None
     if burst > MAX_BURST:
         errors.append(f"rate_limit.burst: at most {MAX_BURST}")
@@ -317,7 +317,7 @@ def _users(raw: Any, errors: list[str]) -> dict[str, str]:
             continue
         if not isinstance(hashed, str):
             # A number here is most likely a plain password written instead of its hash.
-            kind = (describe(hashed) if hashed is None or isinstance(hashed, (Mapping, list))
+            kind = (describe_value(hashed) if hashed is None or isinstance(hashed, (Mapping, list))
                     else f"a value of type {type(hashed).__name__}")
             errors.append(f"{key}: expected a bcrypt hash, got {kind}")
             continue
@@ -338,7 +338,7 @@ def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
     _check_keys(section, prefix, HTTP_KEYS, errors)
     if "http2" in section and not isinstance(section["http2"], bool):
         errors.append(f"{prefix}http2: expected true or false, got "
-                      f"{describe(section['http2'])}")
+                      f"{describe_value(section['http2'])}")
     headers: list[tuple[str, str]] = []
     for name, value in _mapping(section.get("headers"), f"{prefix}headers", errors).items():
         key = f"{prefix}headers.{name}"
@@ -348,7 +348,7 @@ def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
         if value is None or value == "":
             continue
         if not isinstance(value, str):
-            errors.append(f"{key}: expected a string, got {describe(value)}")
+            errors.append(f"{key}: expected a string, got {describe_value(value)}")
             continue
         if any(c in value for c in "\r\n\0"):
             errors.append(f"{key}: must be a single line")
@@ -359,7 +359,8 @@ def _http(raw: Any, errors: list[str]) -> tuple[tuple[str, str], ...]:
             continue
         allowed = HEADERS[name]
         if allowed is not None and value.lower() not in allowed:
-            errors.append(f"{key}: expected one of {', '.join(allowed)}, got {describe(value)}")
+            errors.append(
+                f"{key}: expected one of {', '.join(allowed)}, got {describe_value(value)}")
             continue
         headers.append((name, value))
     return tuple(headers)
@@ -370,7 +371,7 @@ def validate_web_config(raw: Any, base_dir: str = ".") -> WebSettings:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError([f"expected a mapping at the top level, got {describe(raw)}"])
+        raise ConfigError([f"expected a mapping at the top level, got {describe_value(raw)}"])
     errors: list[str] = []
     _check_keys(raw, "", TOP_KEYS, errors)
     # A section whose keys are all commented out (null) still asks for TLS: say what is missing.

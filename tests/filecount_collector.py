@@ -13,7 +13,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors import CollectorSpec
 from exporter.config import Config
-from exporter.configtypes import Section, describe
+from exporter.configtypes import Section, describe_value
 
 NAME = "filecount"
 
@@ -28,7 +28,7 @@ class FilecountConfig:
 
 def check(section: FilecountConfig) -> list[str]:
     """Absolute folders, no more than max_folders of them."""
-    problems = [f"filecount.folders[{i}]: expected an absolute path, got {describe(folder)}"
+    problems = [f"filecount.folders[{i}]: expected an absolute path, got {describe_value(folder)}"
                 for i, folder in enumerate(section.folders) if not folder.startswith("/")]
     if isinstance(section.max_folders, int) and not 1 <= section.max_folders <= 100:
         problems.append(f"filecount.max_folders: must be between 1 and 100, "

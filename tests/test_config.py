@@ -17,7 +17,7 @@ from exporter.config import (
     Config,
     ConfigError,
     FileReadError,
-    describe,
+    describe_value,
     format_duration,
     load_config,
     parse_duration,
@@ -469,8 +469,8 @@ def test_a_secret_of_the_wrong_type_is_not_echoed(tmp_path: Path, text: str) -> 
 
 
 def test_describe_shortens_every_value() -> None:
-    assert describe(b"x" * 10**6) == "b'" + "x" * 55 + "..."
-    assert len(describe(b"x" * 10**6)) == 60
+    assert describe_value(b"x" * 10**6) == "b'" + "x" * 55 + "..."
+    assert len(describe_value(b"x" * 10**6)) == 60
 
 
 # --- files read with a cap, regular files only ------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from exporter.configtypes import Section, describe
+from exporter.configtypes import Section, describe_value
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,13 @@ def check(app: AppConfig) -> list[str]:
     for i, directory in enumerate(app_dirs):
         if not directory.startswith("/"):
             problems.append(f"app.multiprocess_dirs[{i}]: expected an absolute path, "
-                            f"got {describe(directory)}")
+                            f"got {describe_value(directory)}")
         elif app_dirs.index(directory) != i:
-            problems.append(f"app.multiprocess_dirs[{i}]: duplicate folder {describe(directory)}")
+            problems.append(
+                f"app.multiprocess_dirs[{i}]: duplicate folder {describe_value(directory)}")
     if app.state_dir and not app.state_dir.startswith("/"):
         problems.append(f"app.state_dir: expected an absolute path, "
-                        f"got {describe(app.state_dir)}")
+                        f"got {describe_value(app.state_dir)}")
     return problems
 
 

@@ -295,7 +295,7 @@ class BusinessCollector:
         except NotApplicableError as exc:
             missing, error = str(exc), None
         except (psycopg.Error, QueryError) as exc:
-            error = pgconn.describe(exc, self._pg)
+            error = pgconn.describe_error(exc, self._pg)
             if isinstance(exc, UnreachableError):
                 unreachable = exc.reason
         finally:
@@ -490,7 +490,7 @@ class BusinessCollector:
         except psycopg.Error as exc:
             if conn is not None:
                 conn.close()
-            message = f"cannot connect: {pgconn.describe(exc, self._pg)}"
+            message = f"cannot connect: {pgconn.describe_error(exc, self._pg)}"
             reason = pgconn.reason(exc)
             with self._lock:
                 self._connect_failure = (self._clock(), message, CONNECT_BACKOFF, reason)

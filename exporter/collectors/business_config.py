@@ -17,7 +17,7 @@ from exporter.configtypes import (
     ConfigError,
     Duration,
     Section,
-    describe,
+    describe_value,
     format_duration,
     from_plain,
 )
@@ -196,7 +196,7 @@ def check(business: BusinessConfig) -> list[str]:
         label = f"{where} ({name})" if name else where
         if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name):
             problems.append(f"{where}.metric: expected a metric name (letters, digits, _), "
-                            f"got {describe(name)}")
+                            f"got {describe_value(name)}")
             continue
         if name.startswith(reserved):
             problems.append(f"{label}.metric: the prefix is reserved for the exporter's own "
@@ -216,7 +216,7 @@ def check(business: BusinessConfig) -> list[str]:
             if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", label_name) or \
                     label_name.startswith("__"):
                 problems.append(f"{label}.labels[{j}]: expected a label name (letters, digits, "
-                                f"_, not starting with __), got {describe(label_name)}")
+                                f"_, not starting with __), got {describe_value(label_name)}")
             elif label_name in seen or label_name == query.value:
                 problems.append(f"{label}.labels[{j}]: \"{label_name}\" is used twice "
                                 f"(labels and value must be distinct columns)")
@@ -245,12 +245,12 @@ def _check_query_shape(label: str, query: BusinessQuery) -> list[str]:
     for j, requirement in enumerate(query.requires):
         if parse_requirement(requirement) is None:
             problems.append(f"{label}.requires[{j}]: expected \"table\" or "
-                            f"\"table(column, ...)\", got {describe(requirement)}")
+                            f"\"table(column, ...)\", got {describe_value(requirement)}")
     bounded: set[str] = set()
     for j, values in enumerate(query.label_values):
         where = f"{label}.label_values[{j}]"
         if values.label not in query.labels:
-            problems.append(f"{where}.label: {describe(values.label)} is not one of the "
+            problems.append(f"{where}.label: {describe_value(values.label)} is not one of the "
                             f"query's labels ({', '.join(query.labels) or 'none'})")
         elif values.label in bounded:
             problems.append(f"{where}.label: \"{values.label}\" is bounded twice")
@@ -269,7 +269,7 @@ def _check_query_shape(label: str, query: BusinessQuery) -> list[str]:
     if query.watermark:
         if parse_watermark(query.watermark) is None:
             problems.append(f"{label}.watermark: expected \"table.column\", "
-                            f"got {describe(query.watermark)}")
+                            f"got {describe_value(query.watermark)}")
         if query.type != "counter":
             problems.append(f"{label}.watermark: only a counter adds up new rows; "
                             f"set type: counter")

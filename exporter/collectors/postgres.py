@@ -235,7 +235,7 @@ class PostgresCollector:
         try:
             conn = pgconn.connect(params, autocommit=True)
         except psycopg.Error as exc:
-            raise PostgresError(f"cannot connect: {pgconn.describe(exc, self._cfg)}",
+            raise PostgresError(f"cannot connect: {pgconn.describe_error(exc, self._cfg)}",
                                 pgconn.reason(exc)) from None
         self._conn = conn
         self._queries = queries_for(conn.info.server_version)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.configfile import read_secret
-from exporter.configtypes import Duration, Secret, Section, describe, format_duration
+from exporter.configtypes import Duration, Secret, Section, describe_value, format_duration
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def check(pg: PostgresConfig) -> list[str]:
     sslmodes = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
     if pg.sslmode not in sslmodes:
         problems.append(f"postgres.sslmode: expected one of {', '.join(sslmodes)}, "
-                        f"got {describe(pg.sslmode)}")
+                        f"got {describe_value(pg.sslmode)}")
     # libpq counts connect_timeout in whole seconds (and psycopg raises anything below 2 to 2).
     if not 1 <= pg.connect_timeout <= 300:
         problems.append(f"postgres.connect_timeout: must be between 1s and 300s, "

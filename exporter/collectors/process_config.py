@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from exporter.configtypes import Regex, Section, describe
+from exporter.configtypes import Regex, Section, describe_value
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ def check(process: ProcessConfig) -> list[str]:
         where = f"process.groups[{i}]"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", group.name):
             problems.append(f"{where}.name: expected a short name (letters, digits, _ . -), "
-                            f"got {describe(group.name)}")
+                            f"got {describe_value(group.name)}")
         elif group.name in seen:
             problems.append(f"{where}.name: duplicate group \"{group.name}\"")
         seen.add(group.name)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.configfile import read_secret
-from exporter.configtypes import Duration, Secret, Section, describe
+from exporter.configtypes import Duration, Secret, Section, describe_value
 from exporter.redact import redact_url
 
 
@@ -122,7 +122,7 @@ def check(rd: RedisConfig) -> list[str]:
         where = f"redis.key_groups[{i}]"
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", group.name) or group.name == "other":
             problems.append(f"{where}.name: expected a short name (letters, digits, _ . -) other "
-                            f"than \"other\", got {describe(group.name)}")
+                            f"than \"other\", got {describe_value(group.name)}")
         elif group.name in seen:
             problems.append(f"{where}.name: duplicate group \"{group.name}\"")
         seen.add(group.name)
