@@ -319,12 +319,16 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-def test_idna_codec_stays_out_for_ascii_host_names() -> None:
+def test_one_off_work_leaves_no_modules_resident() -> None:
     """The listen address check and the Redis client resolve ASCII names as bytes: a str
-    makes getaddrinfo load encodings.idna, stringprep and unicodedata (0.4 MB) for good."""
+    makes getaddrinfo load encodings.idna, stringprep and unicodedata (0.4 MB) for good. The
+    shipped business queries are read as a plain file: importlib.resources would bring
+    tempfile, zipfile, shutil and random (~1 MB)."""
     code = """
 import socket, sys
 from exporter.checks import listen_problems
+from exporter.collectors.business_config import business_defaults
+assert business_defaults()
 from exporter.resp import Connection, RedisError
 listen_problems("localhost:0")
 probe = socket.socket()
@@ -336,6 +340,8 @@ try:
 except RedisError:
     pass
 assert "encodings.idna" not in sys.modules, "idna loaded"
+for name in ("importlib.resources", "tempfile", "zipfile"):
+    assert name not in sys.modules, name + " loaded"
 print("ok")
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

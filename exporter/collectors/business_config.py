@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -152,9 +153,11 @@ _BUSINESS_DEFAULTS: dict[str, tuple[BusinessQuery, ...]] = {}
 def business_defaults() -> tuple[BusinessQuery, ...]:
     """The QAToolBox queries shipped in the package (read once)."""
     if "queries" not in _BUSINESS_DEFAULTS:
-        from importlib import resources
-
-        text = resources.files("exporter").joinpath(BUSINESS_DEFAULTS_FILE).read_text("utf-8")
+        # The file next to the package's modules, read as a plain file: importlib.resources
+        # would bring tempfile, zipfile, shutil and random for good (~1 MB resident).
+        path = os.path.join(os.path.dirname(os.path.dirname(__file__)), BUSINESS_DEFAULTS_FILE)
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
         errors: list[str] = []
         built = from_plain(BusinessConfig, yaml.safe_load(text), BUSINESS_DEFAULTS_FILE, errors)
         if errors:
