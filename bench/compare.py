@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
 from bench import postgres_compare  # noqa: E402
 from bench.scrape import (  # noqa: E402
     Target,
+    compile_package,
     content_format,
     count_series,
     measure,
@@ -211,6 +212,7 @@ def start_ours(base: Path, env: dict[str, str], app_dirs: Sequence[Path],
     The only configuration is where things are: app.multiprocess_dirs (no default exists)
     and the DB_*/REDIS_URL environment QAToolBox itself uses.
     """
+    compile_package()
     exporter = ExporterProcess(base, config={"app": {"multiprocess_dirs": [
         str(d) for d in app_dirs]}}, env=env).start()
     target = Target(name, f"{exporter.url}/metrics", exporter.proc.pid if exporter.proc else 0)

@@ -47,7 +47,7 @@ from bench.compare import (  # noqa: E402
     wait_scrape,
     wait_settled,
 )
-from bench.scrape import fetch  # noqa: E402
+from bench.scrape import compile_package, fetch  # noqa: E402
 from tests.harness import free_port, stop_process, tempdir  # noqa: E402
 
 CHECKPOINTS_MIN = (1, 5, 10, 15, 30, 45, 60, 90, 120)
@@ -131,6 +131,7 @@ def start_variant(variant: Variant, demo: Demo) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DB_", "REDIS_", "PROMETHEUS_MULTIPROC", "PYTHON"))}
     env.update({**demo.env, "PYTHONPATH": str(variant.checkout)})
+    compile_package(variant.checkout)
     log_file = (demo.base / f"memory-{variant.name}.log").open("ab")
     variant.proc = subprocess.Popen(
         [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}",

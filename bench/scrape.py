@@ -61,6 +61,15 @@ class Target:
     cpu_end: float = 0.0
 
 
+def compile_package(checkout: Path = ROOT) -> None:
+    """Write the exporter's .pyc files, as pip install does. Started from a checkout without
+    them (or with stale ones, and PYTHONDONTWRITEBYTECODE set, as on this machine), the exporter
+    compiles its modules at every start, which costs CPU and resident memory that an installed
+    one does not pay."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(checkout / "exporter")],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -229,6 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     targets: list[Target] = []
     try:
         port = _free_port()
+        compile_package()
         env = {**os.environ, "DB_PORT": "1", "REDIS_URL": "redis://127.0.0.1:1/0"}
         ours = subprocess.Popen(
             [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}",
