@@ -45,19 +45,26 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def parse_duration(text: str) -> float:
-    """Parse "1m30s" into 90.0; raise ValueError on anything else."""
+def sum_duration(text: str, part: re.Pattern[str], units: Mapping[str, float]) -> float:
+    """The seconds of a duration written as number-unit parts ("1m30s"), each part matched by
+    part (groups: the number, the unit) and its unit looked up in units; ValueError(text) on
+    anything else. The config's durations and the report's spans differ only in those two."""
     text = text.strip()
     pos, total = 0, 0.0
     while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
+        match = part.match(text, pos)
         if match is None:
             raise ValueError(text)
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        total += float(match.group(1)) * units[match.group(2)]
         pos = match.end()
     if pos == 0:
         raise ValueError(text)
     return total
+
+
+def parse_duration(text: str) -> float:
+    """Parse "1m30s" into 90.0; raise ValueError on anything else."""
+    return sum_duration(text, _DURATION_PART, _DURATION_UNITS)
 
 
 def format_duration(seconds: float) -> str:

@@ -7,6 +7,8 @@ import time
 from datetime import datetime, timedelta, timezone, tzinfo
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from exporter.configtypes import sum_duration
+
 _SPAN_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 _SPAN_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800,
                "y": 365 * 86400}
@@ -16,14 +18,14 @@ _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 def parse_span(text: str) -> int:
     """Prometheus' duration syntax ("7d", "1d12h", "90m") in whole seconds, at least 1."""
     text = text.strip()
-    pos, total = 0, 0.0
-    while pos < len(text):
-        match = _SPAN_PART.match(text, pos)
-        if match is None:
-            raise ValueError(f'expected a duration like "7d" or "1h30m", got "{text}"')
-        total += int(match.group(1)) * _SPAN_UNITS[match.group(2)]
-        pos = match.end()
-    if pos == 0 or total < 1 or total != int(total):
+    try:
+        total = sum_duration(text, _SPAN_PART, _SPAN_UNITS)
+    except ValueError:
+        if not text:
+            raise ValueError(f'expected a duration of whole seconds like "7d", got "{text}"'
+                             ) from None
+        raise ValueError(f'expected a duration like "7d" or "1h30m", got "{text}"') from None
+    if total < 1 or total != int(total):
         raise ValueError(f'expected a duration of whole seconds like "7d", got "{text}"')
     return int(total)
 
