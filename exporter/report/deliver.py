@@ -26,6 +26,7 @@ import yaml
 from exporter.report import fmt
 from exporter.report.dataset import Report
 from exporter.report.times import format_span, human
+from exporter.report.tlsclient import client_context
 
 TIMEOUT = 30.0
 
@@ -205,15 +206,10 @@ def mail_message(settings: MailSettings, subject: str, html: str, text: str) -> 
 
 def _tls_context(settings: MailSettings) -> ssl.SSLContext:
     try:
-        context = ssl.create_default_context(cafile=settings.ca_file or None)
-        if settings.cert_file and settings.key_file:
-            context.load_cert_chain(settings.cert_file, settings.key_file)
-    except (OSError, ssl.SSLError) as exc:
+        return client_context(settings.ca_file, settings.cert_file, settings.key_file,
+                              settings.insecure_skip_verify)
+    except ValueError as exc:
         raise DeliveryConfigError(f"mail tls_config: {exc}") from None
-    if settings.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def send_mail(settings: MailSettings, message: EmailMessage) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from exporter.redact import redact_url
+from exporter.report.tlsclient import client_context
 
 MAX_BODY = 256 * 1024 * 1024  # a week of raw samples for a few thousand series fits
 MAX_POINTS = 10_000  # Prometheus refuses more than 11,000 points per series in a range query
@@ -243,17 +244,10 @@ class Client:
     @staticmethod
     def _tls(settings: HttpSettings) -> ssl.SSLContext:
         try:
-            context = ssl.create_default_context(cafile=settings.ca_file or None)
-            if settings.cert_file or settings.key_file:
-                if not (settings.cert_file and settings.key_file):
-                    raise SettingsError("a client certificate needs both cert_file and key_file")
-                context.load_cert_chain(settings.cert_file, settings.key_file)
-        except (OSError, ssl.SSLError) as exc:
+            return client_context(settings.ca_file, settings.cert_file, settings.key_file,
+                                  settings.insecure_skip_verify)
+        except ValueError as exc:
             raise SettingsError(f"TLS settings: {_one_line(str(exc))}") from None
-        if settings.insecure_skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
 
     # --- transport -----------------------------------------------------------------------
 
