@@ -30,6 +30,7 @@ from exporter.collectors.business_results import (
     missing_requirements,
     next_range,
     result_samples,
+    status_families,
 )
 from exporter.collectors.business_sql import sql_problem
 from exporter.config import ConfigError, load_config
@@ -113,6 +114,29 @@ def settled(collector: BusinessCollector, names: list[str], timeout: float = 30)
 
 
 # --- SQL and config validation (no database) ----------------------------------------------------
+
+
+def test_status_families_from_plain_data() -> None:
+    """What a scrape serves, from the queries' last runs: a not-applicable query is neither a
+    success nor a failure, a failed one serves no result, the reason only while down."""
+    ok, failed, missing = (dataclasses.replace(business_defaults()[0], metric=name)
+                           for name in ("q_ok", "q_failed", "q_missing"))
+    served: list[tuple[tuple[str, ...], float]] = [((), 5.0)]
+    snapshot = [(ok, served, 0.25, 1700.0, True), (failed, None, 1.5, 1600.0, None),
+                (missing, None, 0.0, 0.0, False)]
+    families = {f.name: f for f in status_families(snapshot, False, False, "timeout")}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in families.values() for s in f.samples}
+    assert samples[("qatoolbox_business_query_success", (("query", "q_ok"),))] == 1.0
+    assert samples[("qatoolbox_business_query_success", (("query", "q_failed"),))] == 0.0
+    assert ("qatoolbox_business_query_success", (("query", "q_missing"),)) not in samples
+    assert samples[("qatoolbox_business_query_applicable", (("query", "q_missing"),))] == 0.0
+    assert ("qatoolbox_business_query_applicable", (("query", "q_failed"),)) not in samples
+    assert samples[("qatoolbox_business_up", ())] == 0.0
+    assert samples[("qatoolbox_business_connection_error", (("reason", "timeout"),))] == 1.0
+    assert "q_ok" in families and "q_failed" not in families
+    up = {f.name for f in status_families(snapshot, True, False, None)}
+    assert "qatoolbox_business_connection_error" not in up
 
 
 @pytest.mark.parametrize("sql", [

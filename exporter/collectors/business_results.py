@@ -1,4 +1,5 @@
-"""One business query run: its session steps, rows fetched in bounded batches, checked, folded."""
+"""One business query run: its session steps, rows fetched in bounded batches, checked, folded;
+and the families a scrape serves from the runs' results."""
 
 from __future__ import annotations
 
@@ -301,3 +302,68 @@ def query_family(query: BusinessQuery, samples: list[Sample]) -> Metric:
     for labels, value in samples:
         family.add_metric(list(labels), value)
     return family
+
+
+def status_families(
+    snapshot: Iterable[tuple[BusinessQuery, list[Sample] | None, float, float, bool | None]],
+    up: bool, refused: bool, reason: str | None,
+) -> Iterator[Metric]:
+    """The served results and the collector's own families, from a snapshot of each query's
+    (query, samples or None, duration, last success, applicable) and the collector's state:
+    plain data, so the scrape side never waits on the workers or the database."""
+    success = GaugeMetricFamily(
+        "qatoolbox_business_query_success",
+        "Whether the query's last run succeeded and its result is served (1) or not (0).",
+        labels=["query"],
+    )
+    duration = GaugeMetricFamily(
+        "qatoolbox_business_query_duration_seconds",
+        "Time the query's last run took.",
+        labels=["query"],
+    )
+    last = GaugeMetricFamily(
+        "qatoolbox_business_query_last_success_timestamp_seconds",
+        "Unix time of the query's last successful run (0 before the first).",
+        labels=["query"],
+    )
+    applicable = GaugeMetricFamily(
+        "qatoolbox_business_query_applicable",
+        "Whether the tables and columns the query requires exist (1) or not (0), when "
+        "the query requires any and the catalog has been read.",
+        labels=["query"],
+    )
+    for query, samples, took, last_success, fits in snapshot:
+        if fits is not None:
+            applicable.add_metric([query.metric], 1.0 if fits else 0.0)
+        if fits is False:
+            continue  # not run here: neither a success nor a failure
+        success.add_metric([query.metric], 0.0 if samples is None else 1.0)
+        duration.add_metric([query.metric], took)
+        last.add_metric([query.metric], last_success)
+        if samples is not None:
+            yield query_family(query, samples)
+    yield GaugeMetricFamily(
+        "qatoolbox_business_up",
+        "Whether the business collector reached PostgreSQL on its last attempt (1) or not "
+        "(0).",
+        value=1.0 if up else 0.0,
+    )
+    if not up and reason is not None:
+        unreachable = GaugeMetricFamily(
+            "qatoolbox_business_connection_error",
+            "Why the business collector could not reach PostgreSQL, while "
+            "qatoolbox_business_up is 0; always 1.",
+            labels=["reason"],
+        )
+        unreachable.add_metric([reason], 1.0)
+        yield unreachable
+    yield GaugeMetricFamily(
+        "qatoolbox_business_superuser_refused",
+        "Whether business queries are refused because the role is a PostgreSQL superuser "
+        "and business.allow_superuser is not set (1) or not (0).",
+        value=1.0 if refused else 0.0,
+    )
+    yield success
+    yield duration
+    yield last
+    yield applicable
