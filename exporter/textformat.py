@@ -120,17 +120,17 @@ class _Names:
     def metric(self, name: str) -> str:
         """The name of a HELP, TYPE or UNIT line."""
         escaped = self.metrics.get(name)
-        if escaped is None:
-            escaped = _bounded_put(self.metrics, name, escape_metric_name(name, self.escaping),
-                                   _CACHE_LIMIT)
-        return escaped
+        return escaped if escaped is not None else self._escaped(self.metrics, name,
+                                                                  escape_metric_name)
 
     def label(self, name: str) -> str:
         escaped = self.labels.get(name)
-        if escaped is None:
-            escaped = _bounded_put(self.labels, name, escape_label_name(name, self.escaping),
-                                   _CACHE_LIMIT)
-        return escaped
+        return escaped if escaped is not None else self._escaped(self.labels, name,
+                                                                  escape_label_name)
+
+    def _escaped(self, cache: dict[str, str], name: str,
+                 escape: Callable[[str, str], str]) -> str:
+        return _bounded_put(cache, name, escape(name, self.escaping), _CACHE_LIMIT)
 
     def render(self, name: str, labels: dict[str, str]) -> str:
         """`name{label="value",...}` (labels sorted), or `{"name",label="value"}` for a name
@@ -173,18 +173,45 @@ def _help_text(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n")
 
 
-class TextEncoder:
-    """The text format 0.0.4 (or 1.0.0 with an escaping), as prometheus_client's
-    exposition.generate_latest writes it."""
+class _Encoder:
+    """What both encoders share: the escaping, the names and series rendered once, and the
+    line of a sample that cannot reuse its last one."""
+
+    openmetrics = False
 
     def __init__(self, escaping: str = UNDERSCORES) -> None:
         self.escaping = escaping
-        self._names = _Names(openmetrics=False, escaping=escaping)
+        self._names = _Names(openmetrics=self.openmetrics, escaping=escaping)
+
+    def _line(self, key: object, sample: Any, last: tuple[str, object, str] | None) -> str:
+        """A sample's line, remembered for the next scrape under key. (The encoders' loops
+        reuse a remembered line themselves, inline: that is most samples, the hot path.)"""
+        names = self._names
+        value, timestamp = sample[2], sample[3]
+        series = last[0] if last is not None else names.render(sample[0], sample[1])
+        if value is None and self.openmetrics:
+            text = ""
+        else:
+            text = repr(float(value))
+            if len(text) > 8 or text[-1] in "fn":
+                text = format_value(value)
+        if timestamp is None:
+            line = f"{series} {text}\n"
+            names.remember(key, series, value, line)
+            return line
+        names.remember(key, series, _NO_VALUE, "")
+        if self.openmetrics:
+            return f"{series} {text} {timestamp}\n"
+        return f"{series} {text} {int(float(timestamp) * 1000):d}\n"
+
+
+class TextEncoder(_Encoder):
+    """The text format 0.0.4 (or 1.0.0 with an escaping), as prometheus_client's
+    exposition.generate_latest writes it."""
 
     def __call__(self, registry: Source) -> bytes:
         names = self._names
         cache_get = names.series.get
-        remember = names.remember
         output: list[str] = []
         for metric in registry.collect():
             mname: str = metric.name
@@ -225,17 +252,7 @@ class TextEncoder:
                         (value or _same_zero(value, last[1])):
                     target.append(last[2])
                     continue
-                series = last[0] if last is not None else names.render(sname, labels)
-                text = repr(float(value))
-                if len(text) > 8 or text[-1] in "fn":
-                    text = format_value(value)
-                if timestamp is None:
-                    line = f"{series} {text}\n"
-                    remember(key, series, value, line)
-                else:
-                    line = f"{series} {text} {int(float(timestamp) * 1000):d}\n"
-                    remember(key, series, _NO_VALUE, "")
-                target.append(line)
+                target.append(self._line(key, sample, last))
             for suffix, lines in sorted(om_samples.items()):
                 escaped = names.metric(base + suffix)
                 output.append(f"# HELP {escaped} {_help_text(documentation)}\n"
@@ -244,18 +261,15 @@ class TextEncoder:
         return "".join(output).encode("utf-8")
 
 
-class OpenMetricsEncoder:
+class OpenMetricsEncoder(_Encoder):
     """OpenMetrics 1.0.0, as prometheus_client's openmetrics.exposition.generate_latest
     writes it."""
 
-    def __init__(self, escaping: str = UNDERSCORES) -> None:
-        self.escaping = escaping
-        self._names = _Names(openmetrics=True, escaping=escaping)
+    openmetrics = True
 
     def __call__(self, registry: Source) -> bytes:
         names = self._names
         cache_get = names.series.get
-        remember = names.remember
         output: list[str] = []
         append = output.append
         for metric in registry.collect():
@@ -283,20 +297,7 @@ class OpenMetricsEncoder:
                         (value or _same_zero(value, last[1])):
                     append(last[2])
                     continue
-                series = last[0] if last is not None else names.render(sname, labels)
-                if value is None:
-                    text = ""
-                else:
-                    text = repr(float(value))
-                    if len(text) > 8 or text[-1] in "fn":
-                        text = format_value(value)
-                if timestamp is None:
-                    line = f"{series} {text}\n"
-                    remember(key, series, value, line)
-                else:
-                    line = f"{series} {text} {timestamp}\n"
-                    remember(key, series, _NO_VALUE, "")
-                append(line)
+                append(self._line(key, sample, last))
         output.append("# EOF\n")
         return "".join(output).encode("utf-8")
 
