@@ -57,6 +57,19 @@ NETWORK_FIELDS = (
     ("qatoolbox_host_network_transmit_drop_total", 11, "Transmitted packets dropped."),
 )
 
+# (metric name, adjtimex(2) value as host_timex.timex_values names it, help)
+TIMEX_GAUGES = (
+    ("qatoolbox_host_timex_offset_seconds", "offset_seconds",
+     "Time offset between the local clock and its reference, as the kernel last set it."),
+    ("qatoolbox_host_timex_sync_status", "sync_status",
+     "Whether the kernel considers the clock synchronised (1) or not (0)."),
+    ("qatoolbox_host_timex_maxerror_seconds", "maxerror_seconds",
+     "Maximum error of the clock the kernel assumes."),
+    ("qatoolbox_host_timex_estimated_error_seconds", "estimated_error_seconds",
+     "Estimated error of the clock."),
+    ("qatoolbox_host_timex_frequency_adjustment_ratio", "frequency_adjustment_ratio",
+     "Rate the kernel runs the clock at relative to its nominal frequency."),
+)
 LOAD_NAMES = ("qatoolbox_host_load1", "qatoolbox_host_load5", "qatoolbox_host_load15")
 # (resource, "some" counter, "full" counter): the kernel's cpu line of "full" is always 0.
 PRESSURE_NAMES = (
@@ -307,28 +320,5 @@ class HostCollector:
         if tx is None:
             return
         values = timex_values(tx)
-        yield GaugeMetricFamily(
-            "qatoolbox_host_timex_offset_seconds",
-            "Time offset between the local clock and its reference, as the kernel last set it.",
-            value=values["offset_seconds"],
-        )
-        yield GaugeMetricFamily(
-            "qatoolbox_host_timex_sync_status",
-            "Whether the kernel considers the clock synchronised (1) or not (0).",
-            value=values["sync_status"],
-        )
-        yield GaugeMetricFamily(
-            "qatoolbox_host_timex_maxerror_seconds",
-            "Maximum error of the clock the kernel assumes.",
-            value=values["maxerror_seconds"],
-        )
-        yield GaugeMetricFamily(
-            "qatoolbox_host_timex_estimated_error_seconds",
-            "Estimated error of the clock.",
-            value=values["estimated_error_seconds"],
-        )
-        yield GaugeMetricFamily(
-            "qatoolbox_host_timex_frequency_adjustment_ratio",
-            "Rate the kernel runs the clock at relative to its nominal frequency.",
-            value=values["frequency_adjustment_ratio"],
-        )
+        for name, key, help_text in TIMEX_GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=values[key])
