@@ -298,9 +298,10 @@ def run_report(argv: Sequence[str], stderr: TextIO | None = None) -> int:
         return _fail(prog, str(exc), EXIT_USAGE)
 
     from exporter.report import render_csv
-    from exporter.report.build import Builder, NoDataError, Options
+    from exporter.report.build import Builder, NoDataError
     from exporter.report.dataset import to_json
     from exporter.report.output import OutputError, publish_dir
+    from exporter.report.plan import Options
 
     progress = Progress(stderr.isatty() and not args.quiet, stderr)
     options = Options(args.selector, start, end, args.compare == "previous", step, args.top,
