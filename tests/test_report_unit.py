@@ -28,7 +28,6 @@ import yaml
 from exporter.report import fmt, promapi
 from exporter.report import queries as q
 from exporter.report.charts import _ticks
-from exporter.report.cli import query_metric_names, report_parser
 from exporter.report.dataset import (
     ColumnInfo,
     FigureResult,
@@ -43,6 +42,8 @@ from exporter.report.deliver import (
     mail_message,
     sign_url,
 )
+from exporter.report.export_command import query_metric_names
+from exporter.report.flags import report_parser
 from exporter.report.output import MARKER, OutputError, publish_dir, publish_file
 from exporter.report.render_csv import table_csv
 from exporter.report.render_html import render
