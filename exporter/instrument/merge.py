@@ -5,6 +5,7 @@ Public: the app collector (exporter/collectors/app.py) folds and merges folders 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import operator
@@ -12,7 +13,7 @@ import os
 import re
 import struct
 from array import array
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 
 from prometheus_client.metrics_core import Metric
@@ -210,6 +211,8 @@ _MAX_CHUNKS = 8
 _SPREAD_MIN = 64
 # Values are native doubles (the writers' byte order), at 8-byte aligned offsets.
 _DOUBLE = struct.Struct("=d")
+_UNPACK = struct.Struct.unpack_from
+_NO_VALUES = struct.Struct("=")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,36 +251,45 @@ class _Template:
 
 
 class _Chunk:
-    """Compiled entries of (part of) a file, by window of the file (WINDOW bytes each): the
-    values of series with a single entry in it, unpacked in one call per window, and one
-    struct per window and series that several entries add up to."""
+    """Compiled entries of (part of) a file, by window of the file (WINDOW bytes each).
 
-    __slots__ = ("groups", "reach", "single_slots", "singles", "spread")
+    In each window, the values of series with a single entry in the chunk are unpacked in
+    one call, and those of each series that several entries add up to (the "<other>" route
+    series) in one call per series, summed at once (the groups: structs aligned with
+    group_slots in every window, an empty one where a series has no entry). A scrape then
+    spreads the chunk's values (singles, then group sums) into the series in one C pass when
+    they are many and close together, else adds them one by one.
+    """
+
+    __slots__ = ("group_slots", "reach", "slots", "spread", "windows")
 
     def __init__(self, offsets: Iterable[int], slots: Iterable[int]) -> None:
         by_slot: dict[int, list[int]] = {}
         for offset, slot in zip(offsets, slots, strict=True):
             by_slot.setdefault(slot, []).append(offset)
         singles = sorted((found[0], slot) for slot, found in by_slot.items() if len(found) == 1)
-        self.single_slots = [slot for _, slot in singles]
-        self.singles = {window: _struct(found)
-                        for window, found in _by_window([offset for offset, _ in singles])}
-        self.groups: dict[int, list[tuple[struct.Struct, int]]] = {}
+        self.group_slots = [slot for slot, found in by_slot.items() if len(found) > 1]
+        # Every value's slot, in the order a scrape gives the values: singles, then groups.
+        self.slots = [slot for _, slot in singles] + self.group_slots
+        single_windows = dict(_by_window([offset for offset, _ in singles]))
+        group_windows = [dict(_by_window(sorted(by_slot[slot]))) for slot in self.group_slots]
+        self.windows: dict[int, tuple[struct.Struct | None, list[struct.Struct]]] = {}
+        for window in sorted(set(single_windows).union(*group_windows)):
+            found = single_windows.get(window)
+            self.windows[window] = (
+                None if found is None else _struct(found),
+                [_struct(group.get(window, [])) for group in group_windows]
+                if any(window in group for group in group_windows) else [])
         # How far into each window its values go.
         self.reach = {window: max(found) + 8
                       for window, found in _by_window(sorted(_all_offsets(by_slot)))}
-        for slot, found in by_slot.items():
-            if len(found) > 1:
-                for window, inside in _by_window(sorted(found)):
-                    self.groups.setdefault(window, []).append((_struct(inside), slot))
-        # Many single series close together (a worker's file): the values are spread into
-        # series order in C (an itemgetter over the unpacked values and a trailing 0.0),
-        # then added to the series with map(), instead of one Python addition each.
+        # Many values close together in slot order (a worker's file): an itemgetter over the
+        # values and a trailing 0.0 puts them in slot order, and map() adds them in C.
         self.spread: Callable[[tuple[float, ...]], tuple[float, ...]] | None = None
-        span = max(self.single_slots, default=-1) + 1
-        if len(singles) >= _SPREAD_MIN and span <= 4 * len(singles):
-            where = dict.fromkeys(range(span), len(singles))
-            for index, slot in enumerate(self.single_slots):
+        span = max(self.slots, default=-1) + 1
+        if len(self.slots) >= _SPREAD_MIN and span <= 4 * len(self.slots):
+            where = dict.fromkeys(range(span), len(self.slots))
+            for index, slot in enumerate(self.slots):
                 where[slot] = index
             self.spread = operator.itemgetter(*where.values())
 
@@ -302,6 +314,8 @@ def _by_window(offsets: list[int]) -> Iterator[tuple[int, list[int]]]:
 
 def _struct(offsets: list[int]) -> struct.Struct:
     """A struct reading the doubles at offsets (ascending) of a buffer."""
+    if not offsets:
+        return _NO_VALUES
     parts = ["="]
     end = 0
     for offset in offsets:
@@ -324,7 +338,9 @@ class _Layout:
         self.slots = array("I")  # and which series it adds to
         self.chunks: list[_Chunk] = []
         self.reads: list[tuple[int, int]] = []  # (window, bytes of it to read)
-        self.present: set[int] = set()
+        # The slots this file adds to: a new set whenever it changes (so that a scrape can tell
+        # by identity that the files it read add to the same series as the last one).
+        self.present: frozenset[int] = frozenset()
         # Entries of routes not decided yet (first seen in this read): their keys and offsets.
         self.waiting: list[_Routed] = []
         self.waiting_at = array("I")
@@ -337,7 +353,7 @@ class _Layout:
             return
         self.offsets.extend(offsets)
         self.slots.extend(slots)
-        self.present.update(slots)
+        self.present = self.present.union(slots)
         if len(self.chunks) >= _MAX_CHUNKS:
             self.chunks = [_Chunk(self.offsets, self.slots)]
         else:
@@ -385,11 +401,15 @@ class MergePart:
     """The values of one folder's files in one scrape, served only if the folder is read in
     full (FileMerger.families)."""
 
-    __slots__ = ("acc", "pending", "present", "special")
+    __slots__ = ("acc", "added", "pending", "present", "special")
 
     def __init__(self) -> None:
         self.acc: list[float] = []
-        self.present: set[int] = set()
+        # The slots the files read add to: each file's set (FileMerger.families() unites them
+        # only when they are not the same sets as last time), and the slots of routes decided
+        # by settle().
+        self.present: list[frozenset[int]] = []
+        self.added: set[int] = set()
         self.special: dict[int, float] = {}  # series of min/max gauges
         self.pending: list[tuple[_Layout, array[float]]] = []  # the waiting entries' values
 
@@ -705,7 +725,7 @@ class FileMerger:
         acc = part.acc
         if len(acc) < len(self._series):
             acc.extend([0.0] * (len(self._series) - len(acc)))
-        part.present |= layout.present
+        part.present.append(layout.present)
         if layout.waiting:
             part.pending.append((layout, array("d", [0.0] * len(layout.waiting) if zero
                                                 else data.values_at(layout.waiting_at))))
@@ -713,33 +733,43 @@ class FileMerger:
             return
         chunks = layout.chunks
         singles: list[tuple[float, ...]] = [()] * len(chunks)
-        grouped: list[tuple[int, float]] = []
         simple = layout.simple
+        # Per chunk, the sums of its groups (simple files) or their values (min/max gauges).
+        sums: list[list[float]] = [[0.0] * len(chunk.group_slots) for chunk in chunks]
+        grouped: list[tuple[int, tuple[float, ...]]] = []
         for window, length in layout.reads:
             view = data.read(window * WINDOW, length)
             for i, chunk in enumerate(chunks):
-                found = chunk.singles.get(window)
-                if found is not None:
-                    singles[i] += found.unpack_from(view)
-                for group, slot in chunk.groups.get(window, ()):
-                    if simple:
-                        acc[slot] += sum(group.unpack_from(view))
-                    else:
-                        grouped.append((slot, _combine(self._series[slot].mode,
-                                                       group.unpack_from(view))))
+                found = chunk.windows.get(window)
+                if found is None:
+                    continue
+                single, groups = found
+                if single is not None:
+                    singles[i] += single.unpack_from(view)
+                if not groups:
+                    continue
+                unpacked = map(_UNPACK, groups, itertools.repeat(view))
+                if simple:
+                    sums[i] = list(map(operator.add, sums[i], map(sum, unpacked)))
+                else:
+                    grouped.extend(zip(chunk.group_slots, unpacked, strict=True))
         if simple:
-            for chunk, values in zip(chunks, singles, strict=True):
+            for chunk, values, group_sums in zip(chunks, singles, sums, strict=True):
                 if chunk.spread is not None:
-                    spread = chunk.spread((*values, 0.0))
+                    spread = chunk.spread((*values, *group_sums, 0.0))
                     acc[:len(spread)] = map(operator.add, acc, spread)
                 else:
-                    for slot, value in zip(chunk.single_slots, values, strict=True):
+                    for slot, value in zip(chunk.slots, (*values, *group_sums), strict=True):
                         acc[slot] += value
             return
         special = part.special
         for chunk, values in zip(chunks, singles, strict=True):
-            grouped.extend(zip(chunk.single_slots, values, strict=True))
-        for slot, value in grouped:
+            grouped.extend(zip(chunk.slots[:len(values)], ((value,) for value in values),
+                               strict=True))
+        for slot, in_window in grouped:
+            if not in_window:
+                continue  # (a series with no entry in that window)
+            value = _combine(self._series[slot].mode, in_window)
             old = special.get(slot)
             special[slot] = value if old is None else _combine(
                 self._series[slot].mode, (old, value))
@@ -775,7 +805,7 @@ class FileMerger:
                 offsets.append(offset)
                 slots.append(slot)
                 acc[slot] += value  # routed series are counters and histograms: summed
-                part.present.add(slot)
+                part.added.add(slot)
             layout.waiting, layout.waiting_at = [], array("I")
             layout.add(offsets, slots)
         part.pending = []
@@ -786,14 +816,12 @@ class FileMerger:
         """Add the parts up and build the families."""
         count = len(self._series)
         values = [0.0] * count
-        present: set[int] = set()
         special: dict[int, float] = {}
         for part in parts:
             acc = part.acc
             if len(acc) < count:
                 acc.extend([0.0] * (count - len(acc)))
             values = acc if len(parts) == 1 else list(map(operator.add, values, acc))
-            present |= part.present
             for slot, value in part.special.items():
                 old = special.get(slot)
                 special[slot] = value if old is None else _combine(
@@ -802,10 +830,16 @@ class FileMerger:
             values = list(values)
             for slot, value in special.items():
                 values[slot] = value
-        frozen = frozenset(present)
         plan = self._plan
-        if plan is None or plan.present != frozen:
-            plan = self._plan = _Plan(frozen, self._series)
+        sets = [found for part in parts for found in (*part.present, part.added) if found]
+        if plan is None or len(sets) != len(plan.sets) or any(
+                new is not old for new, old in zip(sets, plan.sets, strict=True)):
+            # Not the same sets as last time (by identity: each file's set is replaced when
+            # it changes, settle()'s is new at every scrape that decides routes).
+            present = frozenset().union(*sets)
+            if plan is None or plan.present != present:
+                plan = self._plan = _Plan(present, self._series)
+            plan.sets = sets
         return plan.build(values)
 
 
@@ -846,102 +880,156 @@ def _parse_key(key: bytes) -> _ParsedKey | None:
 class _Plan:
     """How to build the families from the values of a set of present series: sorted, label
     dicts made once (prometheus_client's encoders only read them), and each sample kept for
-    the next scrape, which reuses it while its value stays the same."""
+    the next scrape, which reuses it while its value stays the same.
+
+    A scrape changes few values, so each family's (or histogram row's) values are picked out
+    and compared with the last scrape's in C (itemgetter, tuple ==), and only the samples of
+    values that changed are made again.
+    """
 
     def __init__(self, present: frozenset[int], series: list[_Series]) -> None:
         self.present = present
+        self.sets: list[Set[int]] = []  # what present was made of (FileMerger.families)
         by_family: dict[str, list[int]] = {}
         for slot in sorted(present):
             by_family.setdefault(series[slot].family, []).append(slot)
-        self.families: list[tuple[str, str, str, list[tuple[str, dict[str, str], list[int], str]],
-                                  list[_HistogramRow]]] = []
-        count = 0
+        self.families: list[_SamplesPlan | _HistogramPlan] = []
         for name in sorted(by_family):
             slots = by_family[name]
             first = series[slots[0]]
-            rows: list[tuple[str, dict[str, str], list[int], str]] = []
-            histogram_rows: list[_HistogramRow] = []
             if first.typ == "histogram":
-                histogram_rows = _histogram_rows(name, slots, series)
-                count += sum(len(row.buckets) + 2 + (row.inf is not None)
-                             for row in histogram_rows)
+                self.families.append(_HistogramPlan(name, first.help, slots, series))
             else:
-                samples: dict[tuple[str, _Labels], list[int]] = {}
-                for slot in slots:
-                    samples.setdefault((series[slot].sample, series[slot].labels), []).append(slot)
-                rows = [(sample, dict(labels), group, series[group[0]].mode)
-                        for (sample, labels), group in sorted(samples.items())]
-                count += len(rows)
-            self.families.append((name, first.help, first.typ, rows, histogram_rows))
-        self.last: list[Sample | None] = [None] * count
+                self.families.append(_SamplesPlan(name, first.help, first.typ, slots, series))
 
     def build(self, values: list[float]) -> list[Metric]:
-        out: list[Metric] = []
-        last = self.last
-        i = 0
-        for name, help_text, typ, rows, histogram_rows in self.families:
-            metric = Metric(name, help_text, typ)
-            samples = metric.samples
-            for sample_name, labels, slots, mode in rows:
-                value = values[slots[0]] if len(slots) == 1 else _combine(
-                    mode, [values[s] for s in slots])
-                sample = last[i]
-                if sample is None or sample.value != value:
-                    sample = last[i] = Sample(sample_name, labels, value)
-                samples.append(sample)
-                i += 1
-            for row in histogram_rows:
-                total = 0.0
-                bucket = row.bucket
-                for bucket_labels, slots in row.buckets:
-                    for slot in slots:
-                        total += values[slot]
-                    sample = last[i]
-                    if sample is None or sample.value != total:
-                        sample = last[i] = Sample(bucket, bucket_labels, total)
-                    samples.append(sample)
-                    i += 1
-                tail = [(row.count, row.labels, total),
-                        (row.sum, row.labels, sum(values[s] for s in row.sums))]
-                if row.inf is not None:
-                    tail.insert(0, (bucket, row.inf, total))
-                for sample_name, labels, value in tail:
-                    sample = last[i]
-                    if sample is None or sample.value != value:
-                        sample = last[i] = Sample(sample_name, labels, value)
-                    samples.append(sample)
-                    i += 1
-            out.append(metric)
-        return out
+        return [family.build(values) for family in self.families]
 
 
-@dataclass
+def _getter(indices: Sequence[int]) -> Callable[[Sequence[float]], tuple[float, ...]]:
+    """A function picking values[i] for each of indices, as a tuple (in C when it can)."""
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    if indices:
+        single = operator.itemgetter(indices[0])
+        return lambda values: (single(values),)
+    return lambda values: ()
+
+
+def _update(samples: list[Sample], start: int, names: Sequence[str],
+            labels: Sequence[dict[str, str]], *, new: Sequence[float],
+            old: Sequence[float]) -> None:
+    """Make again the samples (from start) whose value is not the last scrape's."""
+    for i in itertools.compress(range(len(new)), map(operator.ne, new, old)):
+        samples[start + i] = Sample(names[i], labels[i], new[i])
+
+
+class _SamplesPlan:
+    """A counter, gauge or summary family: one sample per (sample name, labels)."""
+
+    def __init__(self, name: str, help_text: str, typ: str, slots: list[int],
+                 series: list[_Series]) -> None:
+        self.name, self.help, self.typ = name, help_text, typ
+        groups: dict[tuple[str, _Labels], list[int]] = {}
+        for slot in slots:
+            groups.setdefault((series[slot].sample, series[slot].labels), []).append(slot)
+        rows = sorted(groups.items())
+        self.names = [sample for (sample, _), _ in rows]
+        self.labels = [dict(labels) for (_, labels), _ in rows]
+        # Several slots per sample: gauges whose series several files add up by their mode.
+        self.combined = [(group, series[group[0]].mode) for _, group in rows]
+        self.pick = _getter([group[0] for _, group in rows])
+        if all(len(group) == 1 for _, group in rows):
+            self.combined = []
+        self.values: tuple[float, ...] = ()
+        self.samples: list[Sample] = []
+
+    def build(self, values: list[float]) -> Metric:
+        metric = Metric(self.name, self.help, self.typ)
+        new = self.pick(values) if not self.combined else tuple(
+            values[group[0]] if len(group) == 1 else _combine(mode, [values[s] for s in group])
+            for group, mode in self.combined)
+        if not self.samples:
+            self.samples = list(map(Sample, self.names, self.labels, new))
+        elif new != self.values:
+            _update(self.samples, 0, self.names, self.labels, new=new, old=self.values)
+        self.values = new
+        metric.samples = list(self.samples)
+        return metric
+
+
+class _HistogramPlan:
+    """A histogram family: per label set its cumulative buckets by le (+Inf added when no
+    file has it), _count and _sum, as Merger._histogram makes them."""
+
+    def __init__(self, name: str, help_text: str, slots: list[int],
+                 series: list[_Series]) -> None:
+        self.name, self.help = name, help_text
+        buckets: dict[_Labels, dict[float, list[int]]] = {}
+        sums: dict[_Labels, list[int]] = {}
+        for slot in slots:
+            s = series[slot]
+            if s.le is not None:
+                buckets.setdefault(s.labels, {}).setdefault(s.le, []).append(slot)
+            elif s.sample.endswith("_sum"):
+                sums.setdefault(s.labels, []).append(slot)
+        bucket, count, total = f"{name}_bucket", f"{name}_count", f"{name}_sum"
+        self.rows: list[_HistogramRow] = []
+        start = 0
+        for labels in sorted(set(buckets) | set(sums)):
+            plain = dict(labels)
+            per_le = buckets.get(labels, {})
+            bounds = sorted(per_le)
+            names = [bucket] * len(bounds)
+            sample_labels = [{**plain, "le": format_le(le)} for le in bounds]
+            if math.inf not in per_le:
+                names.append(bucket)
+                sample_labels.append({**plain, "le": "+Inf"})
+            names += [count, total]
+            sample_labels += [plain, plain]
+            flat = [slot for le in bounds for slot in per_le[le]]
+            ends = list(itertools.accumulate(len(per_le[le]) for le in bounds))
+            row = _HistogramRow(start, names, sample_labels,
+                                pick=_getter(flat + sums.get(labels, [])), buckets=len(flat),
+                                ends=_getter(ends), inf=math.inf not in per_le)
+            self.rows.append(row)
+            start += len(names)
+        self.samples: list[Sample] = []
+
+    def build(self, values: list[float]) -> Metric:
+        metric = Metric(self.name, self.help, "histogram")
+        fresh = not self.samples
+        for row in self.rows:
+            picked = row.pick(values)
+            if not fresh and picked == row.picked:
+                continue
+            row.picked = picked
+            # The same additions, in the same order, as summing bucket after bucket.
+            cumulative = tuple(itertools.accumulate(picked[:row.buckets], initial=0.0))
+            total = cumulative[-1]
+            new = (*row.ends(cumulative), *((total,) if row.inf else ()), total,
+                   sum(picked[row.buckets:]))
+            if fresh:
+                self.samples.extend(map(Sample, row.names, row.labels, new))
+            else:
+                _update(self.samples, row.start, row.names, row.labels, new=new,
+                        old=row.values)
+            row.values = new
+        metric.samples = list(self.samples)
+        return metric
+
+
 class _HistogramRow:
-    bucket: str
-    count: str
-    sum: str
-    labels: dict[str, str]
-    buckets: list[tuple[dict[str, str], list[int]]]
-    inf: dict[str, str] | None
-    sums: list[int]
+    """One label set of a histogram family: where its samples start in the family's, their
+    names and labels, and how to pick its values (bucket slots by le, then its _sum's)."""
 
+    __slots__ = ("buckets", "ends", "inf", "labels", "names", "pick", "picked", "start",
+                 "values")
 
-def _histogram_rows(name: str, slots: list[int], series: list[_Series]) -> list[_HistogramRow]:
-    """As Merger._histogram: cumulative buckets by le, +Inf added if missing, _count, _sum."""
-    buckets: dict[_Labels, dict[float, list[int]]] = {}
-    sums: dict[_Labels, list[int]] = {}
-    for slot in slots:
-        s = series[slot]
-        if s.le is not None:
-            buckets.setdefault(s.labels, {}).setdefault(s.le, []).append(slot)
-        elif s.sample.endswith("_sum"):
-            sums.setdefault(s.labels, []).append(slot)
-    rows: list[_HistogramRow] = []
-    for labels in sorted(set(buckets) | set(sums)):
-        plain = dict(labels)
-        per_le = buckets.get(labels, {})
-        rows.append(_HistogramRow(
-            f"{name}_bucket", f"{name}_count", f"{name}_sum", plain,
-            [({**plain, "le": format_le(le)}, per_le[le]) for le in sorted(per_le)],
-            None if math.inf in per_le else {**plain, "le": "+Inf"}, sums.get(labels, [])))
-    return rows
+    def __init__(self, start: int, names: list[str], labels: list[dict[str, str]], *,
+                 pick: Callable[[Sequence[float]], tuple[float, ...]], buckets: int,
+                 ends: Callable[[Sequence[float]], tuple[float, ...]], inf: bool) -> None:
+        self.start, self.names, self.labels, self.pick = start, names, labels, pick
+        self.buckets, self.ends, self.inf = buckets, ends, inf
+        self.picked: tuple[float, ...] = ()
+        self.values: tuple[float, ...] = ()
