@@ -328,7 +328,8 @@ class _Layout:
     """What a file's entries are, as far as they were read (files only grow by appending)."""
 
     __slots__ = ("check", "check_at", "chunks", "ino", "markers", "mtime", "offsets", "present",
-                 "reads", "refused", "simple", "slots", "used", "waiting", "waiting_at")
+                 "reads", "refused", "simple", "slots", "used", "values", "waiting",
+                 "waiting_at")
 
     def __init__(self, ino: int, mtime: int) -> None:
         self.ino, self.mtime = ino, mtime
@@ -347,10 +348,14 @@ class _Layout:
         self.markers: list[str] = []
         self.refused: dict[str, str] = {}  # reason -> the first offending name or key
         self.simple = True
+        # The values last read, kept for a file that is replaced whole rather than written in
+        # place (an accumulator): while its inode, mtime and size stay, so do its values.
+        self.values: _Values | None = None
 
     def add(self, offsets: array[int], slots: array[int]) -> None:
         if not offsets:
             return
+        self.values = None
         self.offsets.extend(offsets)
         self.slots.extend(slots)
         self.present = self.present.union(slots)
@@ -655,7 +660,7 @@ class FileMerger:
         self._layouts[path] = layout
         if layout.waiting:
             self._retry(layout)
-        self._gather(part, layout, data, zero)
+        self._gather(part, layout, data, zero=zero, keep=rewritten)
         if not layout.markers and not layout.refused:
             return _NOTHING
         return FileInfo(tuple(layout.markers), tuple(layout.refused.items()))
@@ -721,7 +726,10 @@ class FileMerger:
         layout.waiting, layout.waiting_at = still, still_at
         layout.add(offsets, slots)
 
-    def _gather(self, part: MergePart, layout: _Layout, data: FileWindows, zero: bool) -> None:
+    def _gather(self, part: MergePart, layout: _Layout, data: FileWindows, *, zero: bool,
+                keep: bool) -> None:
+        """Add a file's values to part; keep: the file is replaced whole, never written in
+        place, so its values stay those last read while its layout holds."""
         acc = part.acc
         if len(acc) < len(self._series):
             acc.extend([0.0] * (len(self._series) - len(acc)))
@@ -731,44 +739,23 @@ class FileMerger:
                                                 else data.values_at(layout.waiting_at))))
         if zero:
             return
-        chunks = layout.chunks
-        singles: list[tuple[float, ...]] = [()] * len(chunks)
-        simple = layout.simple
-        # Per chunk, the sums of its groups (simple files) or their values (min/max gauges).
-        sums: list[list[float]] = [[0.0] * len(chunk.group_slots) for chunk in chunks]
-        grouped: list[tuple[int, tuple[float, ...]]] = []
-        for window, length in layout.reads:
-            view = data.read(window * WINDOW, length)
-            for i, chunk in enumerate(chunks):
-                found = chunk.windows.get(window)
-                if found is None:
-                    continue
-                single, groups = found
-                if single is not None:
-                    singles[i] += single.unpack_from(view)
-                if not groups:
-                    continue
-                unpacked = map(_UNPACK, groups, itertools.repeat(view))
-                if simple:
-                    sums[i] = list(map(operator.add, sums[i], map(sum, unpacked)))
-                else:
-                    grouped.extend(zip(chunk.group_slots, unpacked, strict=True))
-        if simple:
-            for chunk, values, group_sums in zip(chunks, singles, sums, strict=True):
+        values = layout.values if keep else None
+        if values is None:
+            values = _read_values(layout, data)
+            if keep:
+                layout.values = values
+        singles, sums, grouped = values
+        if layout.simple:
+            for chunk, found, group_sums in zip(layout.chunks, singles, sums, strict=True):
                 if chunk.spread is not None:
-                    spread = chunk.spread((*values, *group_sums, 0.0))
+                    spread = chunk.spread((*found, *group_sums, 0.0))
                     acc[:len(spread)] = map(operator.add, acc, spread)
                 else:
-                    for slot, value in zip(chunk.slots, (*values, *group_sums), strict=True):
+                    for slot, value in zip(chunk.slots, (*found, *group_sums), strict=True):
                         acc[slot] += value
             return
         special = part.special
-        for chunk, values in zip(chunks, singles, strict=True):
-            grouped.extend(zip(chunk.slots[:len(values)], ((value,) for value in values),
-                               strict=True))
         for slot, in_window in grouped:
-            if not in_window:
-                continue  # (a series with no entry in that window)
             value = _combine(self._series[slot].mode, in_window)
             old = special.get(slot)
             special[slot] = value if old is None else _combine(
@@ -846,6 +833,42 @@ class FileMerger:
 def key_digest(key: bytes) -> bytes:
     """What the caches know a key by: 16 bytes, however long the key."""
     return blake2b(key, digest_size=16).digest()
+
+
+# A file's values as _read_values() gives them: per chunk, the singles' values and the group
+# sums (simple files), or (slot, values) of each series and window (min/max gauges).
+_Values = tuple[list[tuple[float, ...]], list[list[float]], list[tuple[int, tuple[float, ...]]]]
+
+
+def _read_values(layout: _Layout, data: FileWindows) -> _Values:
+    """Read a file's values a window at a time, as its layout's chunks say where they are."""
+    chunks = layout.chunks
+    singles: list[tuple[float, ...]] = [()] * len(chunks)
+    simple = layout.simple
+    sums: list[list[float]] = [[0.0] * len(chunk.group_slots) for chunk in chunks]
+    grouped: list[tuple[int, tuple[float, ...]]] = []
+    for window, length in layout.reads:
+        view = data.read(window * WINDOW, length)
+        for i, chunk in enumerate(chunks):
+            found = chunk.windows.get(window)
+            if found is None:
+                continue
+            single, groups = found
+            if single is not None:
+                singles[i] += single.unpack_from(view)
+            if not groups:
+                continue
+            unpacked = map(_UNPACK, groups, itertools.repeat(view))
+            if simple:
+                sums[i] = list(map(operator.add, sums[i], map(sum, unpacked)))
+            else:
+                grouped.extend(item for item in zip(chunk.group_slots, unpacked, strict=True)
+                               if item[1])  # (not a series with no entry in that window)
+    if not simple:
+        for chunk, values in zip(chunks, singles, strict=True):
+            grouped.extend(zip(chunk.slots[:len(values)], ((value,) for value in values),
+                               strict=True))
+    return singles, sums, grouped
 
 
 def _combine(mode: str, values: Iterable[float]) -> float:
