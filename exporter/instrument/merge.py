@@ -263,7 +263,8 @@ class _Chunk:
 
     __slots__ = ("group_slots", "reach", "slots", "spread", "windows")
 
-    def __init__(self, offsets: Iterable[int], slots: Iterable[int]) -> None:
+    def __init__(self, offsets: Iterable[int], slots: Iterable[int], *, summed: bool) -> None:
+        """summed: the file's groups are summed (not a min/max gauge's)."""
         by_slot: dict[int, list[int]] = {}
         for offset, slot in zip(offsets, slots, strict=True):
             by_slot.setdefault(slot, []).append(offset)
@@ -273,13 +274,13 @@ class _Chunk:
         self.slots = [slot for _, slot in singles] + self.group_slots
         single_windows = dict(_by_window([offset for offset, _ in singles]))
         group_windows = [dict(_by_window(sorted(by_slot[slot]))) for slot in self.group_slots]
-        self.windows: dict[int, tuple[struct.Struct | None, list[struct.Struct]]] = {}
+        self.windows: dict[int, _Window] = {}
         for window in sorted(set(single_windows).union(*group_windows)):
             found = single_windows.get(window)
-            self.windows[window] = (
+            self.windows[window] = _Window(
                 None if found is None else _struct(found),
-                [_struct(group.get(window, [])) for group in group_windows]
-                if any(window in group for group in group_windows) else [])
+                [group.get(window, []) for group in group_windows]
+                if any(window in group for group in group_windows) else [], bits=summed)
         # How far into each window its values go.
         self.reach = {window: max(found) + 8
                       for window, found in _by_window(sorted(_all_offsets(by_slot)))}
@@ -292,6 +293,36 @@ class _Chunk:
             for index, slot in enumerate(self.slots):
                 where[slot] = index
             self.spread = operator.itemgetter(*where.values())
+
+
+class _Window:
+    """One window of a chunk: the struct of its singles, those of its groups.
+
+    Most groups of a histogram file are the "<other>" route's buckets far from where the
+    requests fall, all zeros scrape after scrape. So a group (of a summed file) is first read
+    as 64-bit integers: zeros unpack to Python's one cached 0, made and summed at no cost, and
+    a sum of 0 means every value is +0.0. The first time a group holds anything else, it is
+    read as doubles from then on (counts only grow: it stays so).
+    """
+
+    __slots__ = ("bits", "groups", "single")
+
+    def __init__(self, single: struct.Struct | None, groups: list[list[int]], *,
+                 bits: bool) -> None:
+        self.single = single
+        self.groups = [_struct(found, "Q" if bits and found else "d") for found in groups]
+        # The groups still read as integers.
+        self.bits = [i for i, found in enumerate(groups) if found] if bits else []
+
+    def sums(self, view: memoryview) -> list[float]:
+        """The sum of each group's values in view."""
+        found: list[float] = list(map(sum, map(_UNPACK, self.groups, itertools.repeat(view))))
+        if self.bits and any(found[i] for i in self.bits):
+            for i in [i for i in self.bits if found[i]]:
+                self.groups[i] = struct.Struct(self.groups[i].format.replace("Q", "d"))
+                found[i] = sum(self.groups[i].unpack_from(view))
+            self.bits = [i for i in self.bits if not found[i]]
+        return found
 
 
 def _all_offsets(by_slot: dict[int, list[int]]) -> Iterator[int]:
@@ -312,14 +343,15 @@ def _by_window(offsets: list[int]) -> Iterator[tuple[int, list[int]]]:
         yield window, inside
 
 
-def _struct(offsets: list[int]) -> struct.Struct:
-    """A struct reading the doubles at offsets (ascending) of a buffer."""
+def _struct(offsets: list[int], code: str = "d") -> struct.Struct:
+    """A struct reading the doubles at offsets (ascending) of a buffer (code "Q": their
+    bits, as integers)."""
     if not offsets:
         return _NO_VALUES
     parts = ["="]
     end = 0
     for offset in offsets:
-        parts.append(f"{offset - end}xd" if offset > end else "d")
+        parts.append(f"{offset - end}x{code}" if offset > end else code)
         end = offset + 8
     return struct.Struct("".join(parts))
 
@@ -360,9 +392,9 @@ class _Layout:
         self.slots.extend(slots)
         self.present = self.present.union(slots)
         if len(self.chunks) >= _MAX_CHUNKS:
-            self.chunks = [_Chunk(self.offsets, self.slots)]
+            self.chunks = [_Chunk(self.offsets, self.slots, summed=self.simple)]
         else:
-            self.chunks.append(_Chunk(offsets, slots))
+            self.chunks.append(_Chunk(offsets, slots, summed=self.simple))
         reach: dict[int, int] = {}
         for chunk in self.chunks:
             for window, length in chunk.reach.items():
@@ -853,15 +885,14 @@ def _read_values(layout: _Layout, data: FileWindows) -> _Values:
             found = chunk.windows.get(window)
             if found is None:
                 continue
-            single, groups = found
-            if single is not None:
-                singles[i] += single.unpack_from(view)
-            if not groups:
+            if found.single is not None:
+                singles[i] += found.single.unpack_from(view)
+            if not found.groups:
                 continue
-            unpacked = map(_UNPACK, groups, itertools.repeat(view))
             if simple:
-                sums[i] = list(map(operator.add, sums[i], map(sum, unpacked)))
+                sums[i] = list(map(operator.add, sums[i], found.sums(view)))
             else:
+                unpacked = map(_UNPACK, found.groups, itertools.repeat(view))
                 grouped.extend(item for item in zip(chunk.group_slots, unpacked, strict=True)
                                if item[1])  # (not a series with no entry in that window)
     if not simple:
