@@ -135,15 +135,8 @@ def _fold_type(folder: Folder, prefix: str, dead: list[str], names: set[str],
         changed = False
         for ident in dead:
             source = f"{prefix}_{ident}.db"
-            if source not in names or ident in acc.markers:
-                continue
-            try:
-                with folder.data(source) as opened:
-                    if opened is None:
-                        kept.add(source)
-                        continue
-                    acc.add_file(opened[0])
-            except FileNotFoundError:
+            if source not in names or ident in acc.markers or not _add_dead_file(
+                    folder, acc, source, kept):
                 continue
             acc.markers[ident] = marker_key(ident).encode()
             changed = True
@@ -155,6 +148,20 @@ def _fold_type(folder: Folder, prefix: str, dead: list[str], names: set[str],
         if changed:
             acc.write(folder, name, None if old is None else old[0])
     return kept
+
+
+def _add_dead_file(folder: Folder, acc: _Accumulation, source: str, kept: set[str]) -> bool:
+    """Add a dead worker's file to acc; False when it is gone, or refused as something the app
+    never writes (then it is added to kept: left in place)."""
+    try:
+        with folder.data(source) as opened:
+            if opened is None:
+                kept.add(source)
+                return False
+            acc.add_file(opened[0])
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _open_accumulator(stack: contextlib.ExitStack, folder: Folder, name: str,
@@ -343,16 +350,8 @@ def _fold_gauge_names(folder: Folder, dead: list[str], names: set[str],
         known = len(acc.values)
         for ident in dead:
             source = f"{LIVE_GAUGES}_{ident}.db"
-            if source not in names:
-                continue
-            try:
-                with folder.data(source) as opened:
-                    if opened is None:
-                        kept.add(source)
-                        continue
-                    acc.add_file(opened[0])
-            except FileNotFoundError:
-                continue
+            if source in names:
+                _add_dead_file(folder, acc, source, kept)
         if len(acc.values) != known:
             acc.markers.clear()
             acc.write(folder, name, None if old is None else old[0])
