@@ -14,10 +14,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from exporter.collectors import COLLECTORS, DEFAULTS
 from exporter.collectors.app import AppCollector
 from exporter.collectors.app_config import AppConfig
-from exporter.collectors.app_folder import accumulator_path, fold
+from exporter.collectors.app_fold import fold
+from exporter.collectors.app_folder import accumulator_path
 from exporter.config import ConfigError, load_config
 from exporter.instrument import Recorder
-from exporter.instrument.store import read_entries
+from exporter.instrument.safefiles import read_entries
 from tests.harness import parse_metrics
 
 ROUTES = [f"api/r{i}/<int:id>/" for i in range(12)]
@@ -106,6 +107,44 @@ def test_dead_workers_fold_and_totals_hold(tmp_path: Path) -> None:
     assert not [n for n in os.listdir(tmp_path) if a.store.ident in n]
     assert {k: v for k, v in after.items() if k[0].startswith("qatoolbox_http_request_d")} == \
         {k: v for k, v in before.items() if k[0].startswith("qatoolbox_http_request_d")}
+
+
+def test_an_accumulator_is_read_again_only_when_replaced(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accumulators are replaced whole, never written in place: while one keeps its inode,
+    mtime and size, its values are those read last and it is not read again; a new one (a
+    fold) or a new mtime is read."""
+    from exporter.instrument.readplan import read_values
+
+    col = collector(tmp_path)
+    live, dead = Recorder(str(tmp_path)), Recorder(str(tmp_path))
+    work(live, 10)
+    work(dead, 20)
+    dead.close()
+    assert total(scrape(col), "qatoolbox_http_requests_total") == 30  # dead is folded
+    scrape(col)  # (the routes the fold met are decided after it: its layout grows once more)
+    read: list[str] = []
+
+    def counted(layout: Any, data: Any) -> Any:
+        read.append(data.name)
+        return read_values(layout, data)
+
+    monkeypatch.setattr("exporter.instrument.filemerge.read_values", counted)
+    work(live, 5)
+    assert total(scrape(col), "qatoolbox_http_requests_total") == 35
+    assert f"counter_{live.store.ident}.db" in read
+    assert not [name for name in read if "folded" in name]
+    read.clear()
+    other = Recorder(str(tmp_path))
+    work(other, 7)
+    other.close()
+    assert total(scrape(col), "qatoolbox_http_requests_total") == 42  # a new accumulator
+    assert "counter_folded.db" in read
+    read.clear()
+    path = accumulator_path(str(tmp_path), "counter")
+    os.utime(path, ns=(time.time_ns(), os.stat(path).st_mtime_ns + 1_000_000))
+    assert total(scrape(col), "qatoolbox_http_requests_total") == 42
+    assert "counter_folded.db" in read
 
 
 def test_bare_lock_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
@@ -281,7 +320,7 @@ def test_corrupt_file_drops_the_folder_not_the_scrape(tmp_path: Path) -> None:
 
 
 def test_plain_prometheus_client_files_are_merged_not_folded(tmp_path: Path) -> None:
-    from exporter.instrument.store import write_file
+    from exporter.instrument.safefiles import write_file
 
     key = '["app_jobs", "app_jobs_total", {}, "Jobs."]'
     write_file(str(tmp_path / "counter_4242.db"), [(key, 5.0)])
@@ -318,8 +357,8 @@ def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> i
     """Files read in windows of the real size, or of a few entries (64 bytes: every entry
     larger than a window; 1000: entries across window edges)."""
     if request.param is not None:
-        monkeypatch.setattr("exporter.instrument.store.WINDOW", request.param)
-        monkeypatch.setattr("exporter.instrument.merge.WINDOW", request.param)
+        monkeypatch.setattr("exporter.instrument.safefiles.WINDOW", request.param)
+        monkeypatch.setattr("exporter.instrument.readplan.WINDOW", request.param)
     return request.param  # type: ignore[no-any-return]
 
 
@@ -527,7 +566,8 @@ def test_a_route_past_the_cap_stays_folded_across_restarts(tmp_path: Path) -> No
 
 
 def test_routes_kept_while_there_is_room_are_saved_as_they_come(tmp_path: Path) -> None:
-    from exporter.collectors.app_folder import ROUTES_FILE, decode_routes
+    from exporter.collectors.app_folder import ROUTES_FILE
+    from exporter.collectors.app_routes import decode_routes
 
     rec = Recorder(str(tmp_path))
     try:

@@ -22,17 +22,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from exporter.collectors import COLLECTORS
 from exporter.collectors.app import AppCollector
 from exporter.collectors.app_config import AppConfig
-from exporter.collectors.app_folder import (
-    DIR_LOCK,
-    MAX_ROUTES,
-    ROUTES_FILE,
-    accumulator_path,
-    decode_routes,
-    encode_routes,
-)
+from exporter.collectors.app_folder import DIR_LOCK, MAX_ROUTES, ROUTES_FILE, accumulator_path
+from exporter.collectors.app_routes import decode_routes, encode_routes
 from exporter.config import Config
 from exporter.instrument import Recorder
-from exporter.instrument.store import MAX_FILE_BYTES, REFUSAL_REASONS, mmap_key, write_file
+from exporter.instrument.fileformat import mmap_key
+from exporter.instrument.safefiles import MAX_FILE_BYTES, REFUSAL_REASONS, write_file
 from tests.harness import ExporterProcess, wait_for
 from tests.test_app import collector, scrape, total, value, work
 

@@ -21,7 +21,8 @@ from exporter import instrument
 from exporter.instrument import Recorder, _State
 from exporter.instrument.asgi import PrometheusASGIMiddleware
 from exporter.instrument.merge import Merger
-from exporter.instrument.store import read_entries, writer_alive
+from exporter.instrument.safefiles import read_entries
+from exporter.instrument.store import writer_alive
 from exporter.instrument.wsgi import PrometheusWSGIMiddleware
 from tests.harness import ROOT, parse_metrics
 

@@ -7,7 +7,8 @@ so the files read per scrape are those of live workers plus a constant few, howe
 workers have come and gone. See docs/app.md for the crash-safety argument.
 
 The folders are writable by the application's code, so every entry in them is hostile input:
-how they are opened, listed and folded safely is exporter/collectors/app_folder.py.
+how they are opened and listed safely is exporter/collectors/app_folder.py, how exited
+workers' files are folded app_fold.py, and how the kept route set is saved app_routes.py.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from exporter.collectors.app_config import AppConfig
+from exporter.collectors.app_fold import fold_folder, marker_ident, remove_dead_locks
 from exporter.collectors.app_folder import (
     APP_PREFIXES,
     FOLDED_IDENT,
@@ -31,41 +33,19 @@ from exporter.collectors.app_folder import (
     LOCK_WAIT,
     LOG_BURST,
     LOG_WINDOW,
-    MAX_ROUTE_CHARS,
     MAX_ROUTES,
-    MAX_ROUTES_BYTES,
     RESERVED_PREFIXES,
-    ROUTES_FILE,
-    STATE_ROUTES_FILE,
     Folder,
     Listing,
     UnusableFolderError,
     accumulator_name,
-    decode_routes,
-    encode_routes,
-    fold_folder,
-    marker_ident,
     open_folder,
-    remove_dead_locks,
     shown,
 )
-from exporter.instrument.merge import (
-    ROUTE_OVERFLOW,
-    FileInfo,
-    FileMerger,
-    MergePart,
-)
-from exporter.instrument.store import (
-    FOLDABLE_TYPES,
-    MALFORMED,
-    REFUSAL_REASONS,
-    TOO_LARGE,
-    UNREADABLE,
-    ReadBuffer,
-    RefusedEntryError,
-    open_entry,
-    write_bytes_at,
-)
+from exporter.collectors.app_routes import SavedRoutes
+from exporter.instrument.fileformat import FOLDABLE_TYPES
+from exporter.instrument.filemerge import FileInfo, FileMerger, MergePart
+from exporter.instrument.safefiles import REFUSAL_REASONS, ReadBuffer, RefusedEntryError
 
 log = logging.getLogger("exporter.collectors.app")
 
@@ -150,14 +130,11 @@ class AppCollector:
         self._problems: dict[str, str | None] = {}
         self._fold_errors: dict[str, str | None] = {}
         # The kept routes are saved in app.state_dir when it is set, else in each folder.
-        self._state_dir = config.state_dir or None
-        self._routes_saved: dict[str, int] = {}  # where -> kept_generation last written there
-        self._routes_errors: dict[str, str | None] = {}
-        self._routes_full_logged = False
+        self._routes = SavedRoutes(self._merger, config.state_dir or None,
+                                   compact=self._compact)
         for directory in self._dirs:
             self._check_at_start(directory)
-        if self._state_dir is not None:
-            self._merger.adopt(self._load_state_dir(self._state_dir))
+        self._merger.adopt(self._routes.load_state_dir())
 
     def _check_at_start(self, directory: str) -> None:
         """Log what is wrong with a folder's ownership and mode (docs/app.md)."""
@@ -209,9 +186,8 @@ class AppCollector:
         if not self._dirs:
             return
         results = {d: self._read_dir(d) for d in self._dirs}
-        if self._state_dir is not None:
-            self._save_state_dir(self._state_dir)
-        self._note_routes_full()
+        self._routes.save_state_dir()
+        self._routes.note_full()
         yield from self._merger.families(
             [r.part for r in results.values() if r.up and r.part is not None])
         self._merger.forget(set().union(*(r.paths for r in results.values())))
@@ -244,117 +220,6 @@ class AppCollector:
             self._refusal_log.report(directory, result.refused)
         yield from (up, workers, files, folded, rejected)
 
-    # --- the kept routes, saved ---
-
-    def _load_routes(self, folder: Folder) -> list[str]:
-        """The route set saved in a folder; none when there is none or it is refused (counted
-        and logged like any refused entry, but the folder stays up: it holds no counts)."""
-        try:
-            fd, info = open_entry(folder.fd, ROUTES_FILE, folder.owners)
-        except FileNotFoundError:
-            return []
-        except RefusedEntryError as exc:
-            folder.refuse(ROUTES_FILE, exc.reason, str(exc))
-            return []
-        try:
-            data = _read_small(fd, info)
-        except RefusedEntryError as exc:
-            folder.refuse(ROUTES_FILE, exc.reason, str(exc))
-            return []
-        finally:
-            os.close(fd)
-        try:
-            return decode_routes(data)
-        except ValueError as exc:
-            folder.refuse(ROUTES_FILE, MALFORMED, str(exc))
-            return []
-
-    def _save_routes(self, folder: Folder, listing: Listing) -> None:
-        """Write the kept set into the folder when it changed since last written there, or
-        when the file is gone (gunicorn empties the folder when it starts)."""
-        generation = self._merger.kept_generation
-        if not self._merger.kept_routes or (
-                self._routes_saved.get(folder.path) == generation
-                and ROUTES_FILE in listing.names):
-            return
-        try:
-            write_bytes_at(folder.fd, ROUTES_FILE, self._routes_to_save(folder.path))
-        except OSError as exc:
-            self._routes_error(folder.path, exc.strerror or str(exc))
-            return
-        self._routes_saved[folder.path] = generation
-        self._routes_error(folder.path, None)
-
-    def _routes_to_save(self, where: str) -> bytes:
-        routes = self._merger.kept_routes
-        saved = [r for r in routes if len(r) <= MAX_ROUTE_CHARS]
-        if len(saved) != len(routes):
-            self._routes_error(where, f"routes over {MAX_ROUTE_CHARS} characters are not "
-                                      "saved")
-        return encode_routes(saved)
-
-    def _routes_error(self, where: str, error: str | None) -> None:
-        if self._routes_errors.get(where) == error:
-            return
-        if error is not None:
-            log.warning("app kept routes cannot be saved; a restart may choose other routes "
-                        "to keep", extra={"dir": where, "err": error})
-        self._routes_errors[where] = error
-
-    def _load_state_dir(self, directory: str) -> list[str]:
-        """The route set saved in app.state_dir (a folder of the exporter's own)."""
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            log.warning("app.state_dir cannot be opened; the kept routes are not saved",
-                        extra={"dir": directory, "err": exc.strerror or str(exc)})
-            return []
-        try:
-            fd, info = open_entry(dir_fd, STATE_ROUTES_FILE, frozenset((os.geteuid(), 0)))
-            try:
-                return decode_routes(_read_small(fd, info))
-            finally:
-                os.close(fd)
-        except FileNotFoundError:
-            return []
-        except (RefusedEntryError, ValueError) as exc:
-            log.warning("app saved routes refused; routes are chosen again",
-                        extra={"dir": directory, "file": STATE_ROUTES_FILE,
-                               "detail": shown(str(exc))})
-            return []
-        finally:
-            os.close(dir_fd)
-
-    def _save_state_dir(self, directory: str) -> None:
-        generation = self._merger.kept_generation
-        if not self._merger.kept_routes or self._routes_saved.get(directory) == generation:
-            return
-        try:
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                write_bytes_at(dir_fd, STATE_ROUTES_FILE, self._routes_to_save(directory))
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            self._routes_error(directory, exc.strerror or str(exc))
-            return
-        self._routes_saved[directory] = generation
-        self._routes_error(directory, None)
-
-    def _note_routes_full(self) -> None:
-        """Say once that routes are now being folded, and where the kept set is saved."""
-        if self._routes_full_logged or not self._merger.routes_full():
-            return
-        self._routes_full_logged = True
-        where = self._state_dir or ("each app folder" if self._compact else None)
-        if where is None:
-            log.warning(f"app routes past the first {MAX_ROUTES} are summed under "
-                        f'route="{ROUTE_OVERFLOW}"; the kept set is not saved (app.compact is '
-                        "off): set app.state_dir so that a restart keeps the same routes")
-        else:
-            log.info(f"app routes past the first {MAX_ROUTES} are summed under "
-                     f'route="{ROUTE_OVERFLOW}"', extra={"saved_in": where})
-
     def _read_dir(self, directory: str) -> _DirResult:
         result = _DirResult()
         try:
@@ -383,13 +248,13 @@ class AppCollector:
                 # Another exporter holds the folder (a fold, or it is stuck): skip this
                 # folder for this scrape rather than read it halfway through a fold.
                 return result
-            if self._state_dir is None and not self._merger.routes_full():
+            if self._routes.state_dir is None and not self._merger.routes_full():
                 # Before any route of this folder is decided: the set saved here (by this
                 # exporter before a restart, or by another one reading the same folder).
-                self._merger.adopt(self._load_routes(folder))
+                self._merger.adopt(self._routes.load_folder(folder))
             self._read_files(folder, listing, alive, result)
-            if self._state_dir is None and self._compact and lock_fd is not None:
-                self._save_routes(folder, listing)
+            if self._routes.state_dir is None and self._compact and lock_fd is not None:
+                self._routes.save_folder(folder, listing)
         except UnusableFolderError as exc:
             self._problem(directory, str(exc))
             result.part = None
@@ -479,20 +344,6 @@ class AppCollector:
         result.files += 1
         result.paths.add(path)
         return info
-
-
-def _read_small(fd: int, info: os.stat_result) -> bytes:
-    """A saved route set's bytes: RefusedEntryError when over MAX_ROUTES_BYTES or unreadable."""
-    if info.st_size > MAX_ROUTES_BYTES:
-        raise RefusedEntryError(TOO_LARGE, f"{info.st_size} bytes, over the "
-                                           f"{MAX_ROUTES_BYTES}-byte limit")
-    try:
-        data = os.pread(fd, MAX_ROUTES_BYTES + 1, 0)
-    except OSError as exc:
-        raise RefusedEntryError(UNREADABLE, f"cannot be read: {exc.strerror}") from None
-    if len(data) > MAX_ROUTES_BYTES:
-        raise RefusedEntryError(TOO_LARGE, f"over the {MAX_ROUTES_BYTES}-byte limit")
-    return data
 
 
 def _try_lock(fd: int, kind: int, wait: float = 0.0) -> bool:

@@ -16,8 +16,9 @@ from collections.abc import Iterable, Sequence
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from exporter.instrument.fileformat import mmap_key
 from exporter.instrument.merge import Merger, format_le
-from exporter.instrument.store import ENV_DIR, Store, ValueFile, mmap_key
+from exporter.instrument.store import ENV_DIR, Store, ValueFile
 
 __all__ = [
     "DB_QUERY_BUCKETS",

@@ -15,13 +15,8 @@ import glob
 import os
 from typing import Any
 
-from exporter.instrument.store import (
-    ENV_DIR,
-    GAUGE_MODE,
-    is_writer_ident,
-    parse_name,
-    writer_alive,
-)
+from exporter.instrument.fileformat import GAUGE_MODE, is_writer_ident, parse_name
+from exporter.instrument.store import ENV_DIR, writer_alive
 
 __all__ = ["child_exit", "mark_worker_dead", "on_starting", "setup_multiproc_dir"]
 
