@@ -156,8 +156,10 @@ class ReadBuffer:
 
     def view(self, length: int) -> memoryview:
         if length > len(self._buffer):
-            # A new buffer rather than a resize: a view of the old one may still exist.
-            self._buffer = bytearray(max(length, WINDOW))
+            # A new buffer rather than a resize: a view of the old one may still exist. Sized
+            # to the largest read so far (in powers of two from 64 KiB): small folders, most
+            # of them, never pay for a whole WINDOW of resident memory.
+            self._buffer = bytearray(max(1 << 16, 1 << (length - 1).bit_length()))
         return memoryview(self._buffer)[:length]
 
 
