@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -300,8 +299,13 @@ color:var(--mute)}}
 """
 
 
+# What html.escape(text, quote=True) replaces, in one pass: the html package also loads
+# html.entities' 2,000-entry tables, resident for the exporter's life (~0.2 MB).
+_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#x27;"})
+
+
 def _e(text: str) -> str:
-    return html.escape(text, quote=True)
+    return text.translate(_ESCAPES)
 
 
 def _table(title: str, rows: list[Row], columns: Sequence[str]) -> str:

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from exporter.collectors import COLLECTORS
@@ -33,6 +35,7 @@ from exporter.landing import (
     OK,
     LandingPage,
     RecordingRunner,
+    _e,
     build_view,
     page,
 )
@@ -451,3 +454,9 @@ def test_chromium_keeps_hostile_text_inert(tmp_path: Path, profile: Path) -> Non
     assert "<img" not in document and "<script" not in document
     assert "<title>qatoolbox-exporter</title>" in document
     assert attack in text_of(document)
+
+
+@given(st.text())
+def test_escaping_is_html_escape(text: str) -> None:
+    """The page escapes as html.escape(quote=True) does, without the html package."""
+    assert _e(text) == html.escape(text, quote=True)

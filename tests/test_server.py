@@ -328,6 +328,7 @@ def test_one_off_work_leaves_no_modules_resident() -> None:
 import socket, sys
 from exporter.checks import listen_problems
 from exporter.collectors.business_config import business_defaults
+import exporter.landing
 assert business_defaults()
 from exporter.resp import Connection, RedisError
 listen_problems("localhost:0")
@@ -340,7 +341,7 @@ try:
 except RedisError:
     pass
 assert "encodings.idna" not in sys.modules, "idna loaded"
-for name in ("importlib.resources", "tempfile", "zipfile"):
+for name in ("importlib.resources", "tempfile", "zipfile", "html.entities"):
     assert name not in sys.modules, name + " loaded"
 print("ok")
 """
