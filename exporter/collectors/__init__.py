@@ -94,7 +94,8 @@ def _app(c: Config) -> Collector:
 
     # The business queries' families are the exporter's too: the app's files may not use them.
     queries = c.business.all_queries() if c.enabled("business") else ()
-    return AppCollector(c.app, reserved_names={n for q in queries for n in (q.metric, q.family)})
+    return AppCollector(c.app, reserved_names={n for q in queries for n in (q.metric, q.family)},
+                        repeat_interval=c.log.repeat_interval)
 
 
 COLLECTORS: dict[str, CollectorSpec] = {

@@ -46,6 +46,7 @@ from exporter.collectors.app_routes import SavedRoutes
 from exporter.instrument.fileformat import FOLDABLE_TYPES
 from exporter.instrument.filemerge import FileInfo, FileMerger, MergePart
 from exporter.instrument.safefiles import REFUSAL_REASONS, ReadBuffer, RefusedEntryError
+from exporter.logs import OnChange
 
 log = logging.getLogger("exporter.collectors.app")
 
@@ -115,8 +116,10 @@ class AppCollector:
 
     name = "app"
 
-    def __init__(self, config: AppConfig, reserved_names: Iterable[str] = ()) -> None:
-        """reserved_names: further families the exporter serves (the business queries')."""
+    def __init__(self, config: AppConfig, reserved_names: Iterable[str] = (),
+                 repeat_interval: float = 300.0) -> None:
+        """reserved_names: further families the exporter serves (the business queries');
+        repeat_interval: log.repeat_interval, how often a lasting problem is logged again."""
         self._dirs = config.multiprocess_dirs
         self._compact = config.compact
         self._merger = FileMerger(route_limit=MAX_ROUTES, reserved_prefixes=RESERVED_PREFIXES,
@@ -127,11 +130,11 @@ class AppCollector:
         # Files are read through this, a window at a time (scrapes of one collector never
         # overlap: the scrape runner runs one collection at a time).
         self._buffer = ReadBuffer()
-        self._problems: dict[str, str | None] = {}
-        self._fold_errors: dict[str, str | None] = {}
+        # A folder's problems and fold errors, logged as every collector logs a failure.
+        self._folder_log = OnChange(repeat_interval)
         # The kept routes are saved in app.state_dir when it is set, else in each folder.
         self._routes = SavedRoutes(self._merger, config.state_dir or None,
-                                   compact=self._compact)
+                                   compact=self._compact, log_on_change=self._folder_log)
         for directory in self._dirs:
             self._check_at_start(directory)
         self._merger.adopt(self._routes.load_state_dir())
@@ -144,7 +147,6 @@ class AppCollector:
             self._problem(directory, str(exc))
             return
         os.close(fd)
-        self._problems[directory] = None
         mode, owner, me = stat.S_IMODE(info.st_mode), info.st_uid, os.geteuid()
         if mode & stat.S_IWOTH:
             log.warning("app metrics folder is writable by every user (sticky); files of "
@@ -163,23 +165,21 @@ class AppCollector:
                                "exporter_uid": me})
 
     def _problem(self, directory: str, problem: str | None) -> None:
-        """Log a folder becoming unusable (or usable again) once per change."""
-        if self._problems.get(directory, "") == problem:
-            return
-        if problem is not None:
+        """Log a folder becoming unusable (when it starts, changes, or again after
+        repeat_interval) and usable again (once)."""
+        if problem is None:
+            if self._folder_log.clear(("unusable", directory)):
+                log.info("app metrics folder usable again", extra={"dir": directory})
+        elif self._folder_log.changed(("unusable", directory), problem):
             log.warning("app metrics folder unusable", extra={"dir": directory,
                                                                "problem": problem})
-        elif directory in self._problems:
-            log.info("app metrics folder usable again", extra={"dir": directory})
-        self._problems[directory] = problem
 
     def _fold_error(self, directory: str, error: str | None) -> None:
-        if self._fold_errors.get(directory) == error:
-            return
-        if error is not None:
+        if error is None:
+            self._folder_log.clear(("fold", directory))
+        elif self._folder_log.changed(("fold", directory), error):
             log.warning("app metrics folder could not be folded; it serves nothing until it "
                         "can", extra={"dir": directory, "err": error})
-        self._fold_errors[directory] = error
 
     def collect(self) -> Iterator[Metric]:
         """Fold, read and merge every folder."""

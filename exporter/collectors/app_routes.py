@@ -31,6 +31,7 @@ from exporter.instrument.safefiles import (
     write_bytes_at,
 )
 from exporter.instrument.series import ROUTE_OVERFLOW
+from exporter.logs import OnChange
 
 log = logging.getLogger("exporter.collectors.app")
 
@@ -45,12 +46,13 @@ class SavedRoutes:
     """Loads and saves the merger's kept routes; a failure to save is logged once per place
     and change, and never takes a folder down (it holds no counts)."""
 
-    def __init__(self, merger: FileMerger, state_dir: str | None, *, compact: bool) -> None:
+    def __init__(self, merger: FileMerger, state_dir: str | None, *, compact: bool,
+                 log_on_change: OnChange | None = None) -> None:
         self._merger = merger
         self.state_dir = state_dir
         self._compact = compact
         self._saved: dict[str, int] = {}  # where -> kept_generation last written there
-        self._errors: dict[str, str | None] = {}
+        self._errors = log_on_change if log_on_change is not None else OnChange()
         self._full_logged = False
 
     def load_folder(self, folder: Folder) -> list[str]:
@@ -101,12 +103,11 @@ class SavedRoutes:
         return encode_routes(saved)
 
     def _error(self, where: str, error: str | None) -> None:
-        if self._errors.get(where) == error:
-            return
-        if error is not None:
+        if error is None:
+            self._errors.clear(("routes", where))
+        elif self._errors.changed(("routes", where), error):
             log.warning("app kept routes cannot be saved; a restart may choose other routes "
                         "to keep", extra={"dir": where, "err": error})
-        self._errors[where] = error
 
     def load_state_dir(self) -> list[str]:
         """The route set saved in app.state_dir (a folder of the exporter's own)."""
