@@ -161,6 +161,33 @@ def _metadata_stand_in() -> ModuleType:
     return module
 
 
+def _ctypes_util_stand_in() -> ModuleType:
+    """ctypes.util's stand-in for psycopg's import: psycopg.pq.misc imports it for one
+    find_library() that only its pure-Python libpq binding calls; the real module brings
+    subprocess, tempfile, shutil, bz2 and lzma (1.3 MB resident). Its find_library runs the
+    real one, loaded aside, should anything call it."""
+    module = ModuleType("ctypes.util", "stand-in: see exporter.lean")
+
+    def find_library(name: str) -> str | None:
+        spec = importlib.machinery.PathFinder.find_spec("ctypes.util", ctypes.__path__)
+        assert spec is not None and spec.loader is not None
+        real = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(real)
+        found: str | None = real.find_library(name)
+        return found
+
+    module.find_library = find_library  # type: ignore[attr-defined]
+    return module
+
+
+def _psycopg_binds_with_c() -> bool:
+    """Whether psycopg will use its C binding (psycopg-binary or psycopg-c), not ctypes."""
+    if os.environ.get("PSYCOPG_IMPL", "").lower() == "python":
+        return False
+    return any(importlib.util.find_spec(name) is not None
+               for name in ("psycopg_binary", "psycopg_c"))
+
+
 def limit_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
     """mallopt(M_ARENA_MAX, count) in glibc; False where there is no such call (musl)."""
     try:
@@ -179,6 +206,8 @@ import_without("asyncio", ssl=None)
 # which Python's ssl never touches): an empty stand-in satisfies that import. psycopg and
 # psycopg-binary read their own version with importlib.metadata: the stand-in reads it from
 # the .dist-info folder's name.
+# With its C binding, psycopg never calls ctypes.util (above).
 import_without("psycopg", ssl=ModuleType("ssl", "stand-in: see exporter.lean"),
-               importlib__metadata=_metadata_stand_in())
+               importlib__metadata=_metadata_stand_in(),
+               **({"ctypes__util": _ctypes_util_stand_in()} if _psycopg_binds_with_c() else {}))
 limit_malloc_arenas()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -308,6 +309,9 @@ import asyncio.base_events
 assert asyncio.base_events.ssl is None
 assert "ssl" not in sys.modules, "ssl imported"
 assert "importlib.metadata" not in sys.modules, "importlib.metadata imported"
+assert "tempfile" not in sys.modules and "ctypes.util" not in sys.modules, "ctypes.util imported"
+from exporter.lean import _ctypes_util_stand_in
+assert _ctypes_util_stand_in().find_library("c")
 import importlib.metadata
 assert psycopg.__version__ == importlib.metadata.version("psycopg"), psycopg.__version__
 import ssl
@@ -319,12 +323,27 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_psycopg_pure_python_binding_still_finds_libpq() -> None:
+    """The ctypes.util stand-in is only for psycopg's C bindings: its ctypes binding
+    (PSYCOPG_IMPL=python) looks libpq up with the real find_library."""
+    code = """
+import exporter.scrape
+import psycopg
+assert psycopg.pq.__impl__ == "python", psycopg.pq.__impl__
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=60, check=False, env={**os.environ, "PSYCOPG_IMPL": "python"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 def test_one_off_work_leaves_no_modules_resident() -> None:
     """The listen address check and the Redis client resolve ASCII names as bytes: a str
     makes getaddrinfo load encodings.idna, stringprep and unicodedata (0.4 MB) for good. The
     shipped business queries are read as a plain file: importlib.resources would bring
     tempfile, zipfile, shutil and random (~1 MB)."""
     code = """
+import os
 import socket, sys
 from exporter.checks import listen_problems
 from exporter.collectors.business_config import business_defaults
