@@ -113,8 +113,9 @@ class _Names:
         self.escaping = escaping
         self.metrics: dict[str, str] = {}
         self.labels: dict[str, str] = {}
-        # (sample name, *label items) -> (rendered series, last value, its line): a value
-        # unchanged since the last scrape (most are) reuses its line.
+        # (sample name, *label names, *label values) -> (rendered series, last value, its
+        # line): a value unchanged since the last scrape (most are) reuses its line. A flat
+        # key (its length says where the names end) holds no tuple per label item.
         self.series: dict[object, tuple[str, object, str]] = {}
 
     def metric(self, name: str) -> str:
@@ -244,7 +245,7 @@ class TextEncoder(_Encoder):
                     target = om_samples.setdefault(sname[len(base):], [])
                 else:
                     target = output
-                key = (sname, *labels.items()) if labels else sname
+                key = (sname, *labels, *labels.values()) if labels else sname
                 value = sample[2]
                 timestamp = sample[3]
                 last = cache_get(key)
@@ -289,7 +290,7 @@ class OpenMetricsEncoder(_Encoder):
                 # The hot loop of a scrape: as in TextEncoder.
                 sname: str = sample[0]
                 labels: dict[str, str] = sample[1]
-                key = (sname, *labels.items()) if labels else sname
+                key = (sname, *labels, *labels.values()) if labels else sname
                 value = sample[2]
                 timestamp = sample[3]
                 last = cache_get(key)
