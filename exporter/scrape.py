@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import platform
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -234,5 +234,6 @@ def _build_info() -> GaugeMetricFamily:
         "Version of the exporter and of the Python it runs on; always 1.",
         labels=["version", "python_version"],
     )
-    info.add_metric([__version__, platform.python_version()], 1.0)
+    # What platform.python_version() says, without the platform module (~0.15 MB resident).
+    info.add_metric([__version__, sys.version.split()[0]], 1.0)
     return info
