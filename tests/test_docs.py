@@ -329,3 +329,19 @@ def test_every_documented_metric_name_is_written_in_full_in_the_code() -> None:
                      if n not in code and suffix.sub("", n) not in code
                      and f'"{n.removesuffix("_total")}"' not in instrument)
     assert missing == []
+
+
+def test_each_metric_family_comes_from_one_collector() -> None:
+    """A family name written in one collector's modules (collectors/<name>*.py) is written in
+    no other collector's: two collectors never emit the same family (prefixes they reserve,
+    ending with `_`, may be shared)."""
+    owners: dict[str, set[str]] = {}
+    literal = re.compile(r'"(qatoolbox_[a-z0-9_]*[a-z0-9])"')
+    for path in (ROOT / "exporter" / "collectors").glob("*.py"):
+        if path.name == "__init__.py":
+            continue
+        collector = path.stem.split("_")[0]
+        for name in literal.findall(path.read_text()):
+            owners.setdefault(name, set()).add(collector)
+    assert len(owners) > 100
+    assert {n: sorted(c) for n, c in owners.items() if len(c) > 1} == {}
