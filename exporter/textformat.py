@@ -185,8 +185,8 @@ class _Encoder:
         self._names = _Names(openmetrics=self.openmetrics, escaping=escaping)
 
     def _line(self, key: object, sample: Any, last: tuple[str, object, str] | None) -> str:
-        """A sample's line, remembered for the next scrape under key. (The encoders' loops
-        reuse a remembered line themselves, inline: that is most samples, the hot path.)"""
+        """A sample's line, remembered for the next scrape under key (_samples reuses a
+        remembered line itself, inline: that is most samples, the hot path)."""
         names = self._names
         value, timestamp = sample[2], sample[3]
         series = last[0] if last is not None else names.render(sample[0], sample[1])
@@ -206,13 +206,46 @@ class _Encoder:
         return f"{series} {text} {int(float(timestamp) * 1000):d}\n"
 
 
+    def _samples(self, samples: Iterable[Any], output: list[str],
+                 split_from: str | None = None) -> dict[str, list[str]] | None:
+        """Append the lines of a family's samples to output: the hot loop of a scrape. The
+        same series come back scrape after scrape, mostly with the same values, so their
+        rendered names and labels, and their last line, are remembered (bounded) and reused.
+
+        split_from (the text format): the family's name, whose samples named it plus an
+        OpenMetrics-only suffix (_created, ...) are returned by suffix instead, to be written
+        as families of their own. In OpenMetrics, None when a sample has an exemplar or a
+        native histogram: the caller renders that family otherwise."""
+        cache_get = self._names.series.get
+        append = output.append
+        openmetrics = self.openmetrics
+        split: dict[str, list[str]] = {}
+        for sample in samples:
+            if openmetrics and (sample[4] is not None or sample[5] is not None):
+                return None
+            sname: str = sample[0]
+            labels: dict[str, str] = sample[1]
+            target = append
+            if split_from is not None and sname.endswith(_OM_SUFFIXES) and \
+                    sname.startswith(split_from) and sname[len(split_from):] in _OM_SUFFIXES:
+                target = split.setdefault(sname[len(split_from):], []).append
+            key = (sname, *labels, *labels.values()) if labels else sname
+            value = sample[2]
+            last = cache_get(key)
+            if last is not None and sample[3] is None and value == last[1] and \
+                    (value or _same_zero(value, last[1])):
+                target(last[2])
+                continue
+            target(self._line(key, sample, last))
+        return split
+
+
 class TextEncoder(_Encoder):
     """The text format 0.0.4 (or 1.0.0 with an escaping), as prometheus_client's
     exposition.generate_latest writes it."""
 
     def __call__(self, registry: Source) -> bytes:
         names = self._names
-        cache_get = names.series.get
         output: list[str] = []
         for metric in registry.collect():
             mname: str = metric.name
@@ -232,28 +265,8 @@ class TextEncoder(_Encoder):
             escaped = names.metric(mname)
             output.append(f"# HELP {escaped} {_help_text(documentation)}\n"
                           f"# TYPE {escaped} {mtype}\n")
-            om_samples: dict[str, list[str]] = {}
             base: str = metric.name
-            for sample in metric.samples:
-                # The hot loop of a scrape, inlined: the same series come back scrape after
-                # scrape, mostly with the same values, so their rendered names and labels,
-                # and their last line, are remembered (bounded).
-                sname: str = sample[0]
-                labels: dict[str, str] = sample[1]
-                if sname.endswith(_OM_SUFFIXES) and sname.startswith(base) and \
-                        sname[len(base):] in _OM_SUFFIXES:
-                    target = om_samples.setdefault(sname[len(base):], [])
-                else:
-                    target = output
-                key = (sname, *labels, *labels.values()) if labels else sname
-                value = sample[2]
-                timestamp = sample[3]
-                last = cache_get(key)
-                if last is not None and timestamp is None and value == last[1] and \
-                        (value or _same_zero(value, last[1])):
-                    target.append(last[2])
-                    continue
-                target.append(self._line(key, sample, last))
+            om_samples = self._samples(metric.samples, output, split_from=base) or {}
             for suffix, lines in sorted(om_samples.items()):
                 escaped = names.metric(base + suffix)
                 output.append(f"# HELP {escaped} {_help_text(documentation)}\n"
@@ -270,9 +283,7 @@ class OpenMetricsEncoder(_Encoder):
 
     def __call__(self, registry: Source) -> bytes:
         names = self._names
-        cache_get = names.series.get
         output: list[str] = []
-        append = output.append
         for metric in registry.collect():
             family_at = len(output)
             mname = names.metric(metric.name)
@@ -281,24 +292,10 @@ class OpenMetricsEncoder(_Encoder):
             unit = getattr(metric, "unit", "")
             if unit:
                 output.append(f"# UNIT {mname} {unit}\n")
-            for sample in metric.samples:
-                if sample[4] is not None or sample[5] is not None:
-                    # Exemplars and native histograms: rare, left to prometheus_client.
-                    del output[family_at:]
-                    append(self._fallback(metric))
-                    break
-                # The hot loop of a scrape: as in TextEncoder.
-                sname: str = sample[0]
-                labels: dict[str, str] = sample[1]
-                key = (sname, *labels, *labels.values()) if labels else sname
-                value = sample[2]
-                timestamp = sample[3]
-                last = cache_get(key)
-                if last is not None and timestamp is None and value == last[1] and \
-                        (value or _same_zero(value, last[1])):
-                    append(last[2])
-                    continue
-                append(self._line(key, sample, last))
+            if self._samples(metric.samples, output) is None:
+                # Exemplars and native histograms: rare, left to prometheus_client.
+                del output[family_at:]
+                output.append(self._fallback(metric))
         output.append("# EOF\n")
         return "".join(output).encode("utf-8")
 
