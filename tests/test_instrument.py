@@ -163,6 +163,18 @@ def test_series_are_capped(fresh: Recorder, monkeypatch: pytest.MonkeyPatch) -> 
                  status="other") == 3
 
 
+def test_task_series_are_capped(fresh: Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(instrument, "MAX_SERIES", 2)
+    for i in range(5):
+        fresh.task_finished(f"tasks.leaky_{i}", "succeeded", 0.5)
+    found = samples(fresh)
+    tasks = {dict(lbl)["task"] for (n, lbl) in found if n == "qatoolbox_celery_tasks_total"}
+    assert tasks == {"tasks.leaky_0", "tasks.leaky_1", "<other>"}
+    assert value(found, "qatoolbox_celery_tasks_total", task="<other>",
+                 state="succeeded") == 3
+    assert value(found, "qatoolbox_celery_task_duration_seconds_count", task="<other>") == 3
+
+
 def test_method_normalized() -> None:
     assert instrument.normalize_method("PATCH") == "PATCH"
     assert instrument.normalize_method("PROPFIND") == "other"

@@ -11,7 +11,8 @@ import math
 import os
 import threading
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -52,6 +53,8 @@ UNMATCHED = "<unmatched>"
 # recorded under route "<other>": a guard against a route function that leaks raw paths.
 MAX_SERIES = 2000
 OVERFLOW = "<other>"
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 _HTTP_DURATION = ("qatoolbox_http_request_duration_seconds",
                   "Time from the request reaching the application to its response, in seconds.")
@@ -80,6 +83,20 @@ def normalize_method(method: str) -> str:
     """The method label: a standard verb, or "other" (clients can send any token)."""
     return method if method in STANDARD_METHODS else "other"
 
+
+
+def _capped(table: dict[_K, _V], key: _K, overflow: _K, make: Callable[[_K], _V]) -> _V:
+    """table's entry for key, made while the table holds fewer than MAX_SERIES; past that, a
+    new key shares overflow's entry (its route or task named OVERFLOW), so a flood of distinct
+    routes or task names cannot grow the files without bound."""
+    entry = table.get(key)
+    if entry is None:
+        if len(table) >= MAX_SERIES:
+            key = overflow
+            entry = table.get(key)
+        if entry is None:
+            entry = table[key] = make(key)
+    return entry
 
 class _Histogram:
     """Slot indexes of one labelled histogram series: one per bucket, then the sum."""
@@ -135,14 +152,8 @@ class Recorder:
         return self.store.directory is not None
 
     def _route(self, route: str, method: str) -> _Route:
-        slots = self._routes.get((route, method))
-        if slots is None:
-            if len(self._routes) >= MAX_SERIES:
-                route = OVERFLOW
-                slots = self._routes.get((route, method))
-            if slots is None:
-                slots = self._routes[(route, method)] = _Route(self.store, route, method)
-        return slots
+        return _capped(self._routes, (route, method), (OVERFLOW, method),
+                       lambda key: _Route(self.store, *key))
 
     # request_started and request_finished run on every request of the application: they
     # take the lock with acquire/release (half the cost of a with block) and have _observe
@@ -226,23 +237,23 @@ class Recorder:
     def task_finished(self, task: str, state: str, seconds: float | None) -> None:
         """A Celery task run ended in state (succeeded, failed, retried, ...)."""
         with self._lock:
-            entry = self._tasks.get((task, state))
-            if entry is None:
-                if len(self._tasks) >= MAX_SERIES:
-                    task = OVERFLOW
-                entry = self._tasks.get((task, state))
-            if entry is None:
-                hist = next((h for (t, _), (h, _) in self._tasks.items() if t == task), None)
-                if hist is None:
-                    hist = _Histogram(self.store, _TASK_DURATION, {"task": task}, TASK_BUCKETS)
-                name, help_text = _TASKS
-                counter = self.store.counters.slot(mmap_key(
-                    name, f"{name}_total", {"task": task, "state": state}, help_text))
-                entry = self._tasks[(task, state)] = (hist, counter)
-            hist, counter = entry
+            hist, counter = _capped(self._tasks, (task, state), (OVERFLOW, state),
+                                    self._task_entry)
             self.store.counters.add(counter, 1.0)
             if seconds is not None:
                 _observe(self.store.histograms, hist, TASK_BUCKETS, seconds)
+
+    def _task_entry(self, key: tuple[str, str]) -> tuple[_Histogram, int]:
+        """A task's duration histogram (one per task, shared by its states) and the counter
+        of one of its states."""
+        task, state = key
+        hist = next((h for (t, _), (h, _) in self._tasks.items() if t == task), None)
+        if hist is None:
+            hist = _Histogram(self.store, _TASK_DURATION, {"task": task}, TASK_BUCKETS)
+        name, help_text = _TASKS
+        counter = self.store.counters.slot(mmap_key(
+            name, f"{name}_total", {"task": task, "state": state}, help_text))
+        return hist, counter
 
     def collect(self) -> list[Metric]:
         """This process's metrics as families (for single-process mode)."""
