@@ -12,7 +12,7 @@ import functools
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from exporter import collectors as table
 from exporter.configfile import (
@@ -109,23 +109,39 @@ class ConfigBase:
         return self.collectors.get(name, False)
 
 
-def compose() -> type[ConfigBase]:
+def compose() -> type[Config]:
     """The Config class of the collector table as it is now: ConfigBase's fields, then one
     field per collector holding its section (the same class for the same table)."""
     return _composed(tuple((name, spec.section.cls) for name, spec in table.COLLECTORS.items()))
 
 
 @functools.cache
-def _composed(sections: tuple[tuple[str, type[Any]], ...]) -> type[ConfigBase]:
+def _composed(sections: tuple[tuple[str, type[Any]], ...]) -> type[Config]:
     fields = [(name, cls, field(default_factory=cls)) for name, cls in sections]
     namespace = {"__module__": __name__, "__doc__": "The whole validated configuration."}
-    composed: type[ConfigBase] = dataclasses.make_dataclass(
+    composed = dataclasses.make_dataclass(
         "Config", fields, bases=(ConfigBase,), frozen=True, namespace=namespace)
-    return composed
+    return cast("type[Config]", composed)
 
 
 if TYPE_CHECKING:
-    Config = ConfigBase
+    from exporter.collectors.app_config import AppConfig
+    from exporter.collectors.business_config import BusinessConfig
+    from exporter.collectors.host_config import HostConfig
+    from exporter.collectors.postgres_config import PostgresConfig
+    from exporter.collectors.process_config import ProcessConfig
+    from exporter.collectors.redis_config import RedisConfig
+
+    class Config(ConfigBase):
+        """What the type checker knows of the composed class: the shipped collectors'
+        sections typed; a section registered later is Any (ConfigBase.__getattr__)."""
+
+        host: HostConfig
+        process: ProcessConfig
+        postgres: PostgresConfig
+        business: BusinessConfig
+        redis: RedisConfig
+        app: AppConfig
 else:
     # The table's own collectors; load_config composes again for one registered later.
     Config = compose()
