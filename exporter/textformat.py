@@ -205,7 +205,6 @@ class _Encoder:
             return f"{series} {text} {timestamp}\n"
         return f"{series} {text} {int(float(timestamp) * 1000):d}\n"
 
-
     def _samples(self, samples: Iterable[Any], output: list[str],
                  split_from: str | None = None) -> dict[str, list[str]] | None:
         """Append the lines of a family's samples to output: the hot loop of a scrape. The

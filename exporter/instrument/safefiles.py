@@ -157,9 +157,11 @@ class ReadBuffer:
     def view(self, length: int) -> memoryview:
         if length > len(self._buffer):
             # A new buffer rather than a resize: a view of the old one may still exist. Sized
-            # to the largest read so far (in powers of two from 64 KiB): small folders, most
-            # of them, never pay for a whole WINDOW of resident memory.
-            self._buffer = bytearray(max(1 << 16, 1 << (length - 1).bit_length()))
+            # to the largest read so far (in powers of two from 64 KiB, up to WINDOW; a longer
+            # read, exactly): small folders, most of them, never pay for a whole WINDOW of
+            # resident memory, and no read gets more than it asked for past WINDOW.
+            size = max(1 << 16, 1 << (length - 1).bit_length()) if length <= WINDOW else length
+            self._buffer = bytearray(size)
         return memoryview(self._buffer)[:length]
 
 
