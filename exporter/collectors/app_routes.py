@@ -47,12 +47,12 @@ class SavedRoutes:
     and change, and never takes a folder down (it holds no counts)."""
 
     def __init__(self, merger: FileMerger, state_dir: str | None, *, compact: bool,
-                 log_on_change: OnChange | None = None) -> None:
+                 log_on_change: OnChange) -> None:
         self._merger = merger
         self.state_dir = state_dir
         self._compact = compact
         self._saved: dict[str, int] = {}  # where -> kept_generation last written there
-        self._errors = log_on_change if log_on_change is not None else OnChange()
+        self._errors = log_on_change  # the collector's: one repeat_interval for its failures
         self._full_logged = False
 
     def load_folder(self, folder: Folder) -> list[str]:
