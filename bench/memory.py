@@ -3,16 +3,21 @@
     .venv/bin/python bench/memory.py                          # an hour, a scrape every 15 s
     .venv/bin/python bench/memory.py --duration 600 --interval 1
     .venv/bin/python bench/memory.py --variant this=. --variant main=/tmp/main-export@15
+    .venv/bin/python bench/memory.py --variant inst=. --variant dev=. --from-checkout dev
 
 It starts the demo stack (as bench/compare.py does: PostgreSQL with the QAToolBox schema and
 seed data, Redis, the demo app under gunicorn and Celery recording through exporter.instrument)
 and keeps light loadgen traffic going on the app for the whole run, so the app collector's
 files grow as in production. Each variant is an exporter with the default configuration (all
 collectors on; only where things are: DB_*, REDIS_URL, app.multiprocess_dirs), connected as
-docs/reliability.md's least-privilege role and ACL user, run from its own checkout (a variant
-is NAME=CHECKOUT[@INTERVAL]). Every exporter gets the request Prometheus sends
-(bench/scrape.py, PROMETHEUS_HEADERS) every INTERVAL seconds; after each scrape its RSS,
-anonymous and file-backed resident memory are read from /proc/<pid>/status.
+docs/reliability.md's least-privilege role and ACL user, installed from its own checkout as
+`pip install .` installs it (a wheel's files, compiled; no editable-install finder) in a
+virtual environment of its own with this one's dependencies, and started by its
+`qatoolbox-exporter` script (a variant is NAME=CHECKOUT[@INTERVAL]; `--from-checkout NAME` runs
+it from the checkout in this environment instead, as the benchmarks before 5 December did).
+Every exporter gets the request Prometheus sends (bench/scrape.py, PROMETHEUS_HEADERS) every
+INTERVAL seconds; after each scrape its RSS, anonymous and file-backed resident memory are read
+from /proc/<pid>/status.
 
 It prints, per variant, the RSS at checkpoints (1, 5, 10, 15, 30, 45, 60 minutes and the end),
 the peak (VmHWM), failed scrapes, and at the end the largest mappings of /proc/<pid>/smaps.
@@ -47,7 +52,7 @@ from bench.compare import (  # noqa: E402
     wait_scrape,
     wait_settled,
 )
-from bench.scrape import compile_package, fetch  # noqa: E402
+from bench.scrape import compile_package, fetch, install_package  # noqa: E402
 from tests.harness import free_port, stop_process, tempdir  # noqa: E402
 
 CHECKPOINTS_MIN = (1, 5, 10, 15, 30, 45, 60, 90, 120)
@@ -122,21 +127,29 @@ def smaps_top(pid: int, count: int = 12) -> list[tuple[str, int]]:
     return sorted(sizes.items(), key=lambda item: -item[1])[:count]
 
 
-def start_variant(variant: Variant, demo: Demo) -> None:
-    """The exporter of a checkout, default config, waiting until every collector succeeds."""
+def start_variant(variant: Variant, demo: Demo, from_checkout: bool) -> None:
+    """The exporter of a checkout, default config, waiting until every collector succeeds:
+    installed as `pip install .` installs it, or (from_checkout) run from the checkout in this
+    environment (the development venv's editable-install finder loaded)."""
     port = free_port()
     config = demo.base / f"memory-{variant.name}.yml"
     config.write_text(yaml.safe_dump({"app": {"multiprocess_dirs": [
         str(d) for d in demo.app.metrics_dirs]}}))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("DB_", "REDIS_", "PROMETHEUS_MULTIPROC", "PYTHON"))}
-    env.update({**demo.env, "PYTHONPATH": str(variant.checkout)})
-    compile_package(variant.checkout)
+    env.update(demo.env)
+    if from_checkout:
+        env["PYTHONPATH"] = str(variant.checkout)
+        compile_package(variant.checkout)
+        command = [sys.executable, "-m", "exporter"]
+        cwd = variant.checkout
+    else:
+        command = install_package(variant.checkout, demo.base / f"install-{variant.name}")
+        cwd = demo.base
     log_file = (demo.base / f"memory-{variant.name}.log").open("ab")
     variant.proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", "--web.listen-address", f"127.0.0.1:{port}",
-         "--config.file", str(config)],
-        cwd=variant.checkout, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        [*command, "--web.listen-address", f"127.0.0.1:{port}", "--config.file", str(config)],
+        cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     log_file.close()
     variant.url = f"http://127.0.0.1:{port}/metrics"
     poll = variant.proc.poll
@@ -201,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--traffic-rate", type=float, default=5,
                         help="loadgen requests per second on the demo app during the run")
     parser.add_argument("--csv", type=Path, help="write every sample here")
+    parser.add_argument("--from-checkout", action="append", default=[], metavar="NAME",
+                        help="run variant NAME from its checkout in this environment instead of "
+                        "installing it as pip does (the editable-install finder then loads); "
+                        "repeatable")
     args = parser.parse_args(argv)
     if not 0 < args.duration <= 4 * 3600 or args.interval <= 0:
         parser.error("--duration must be in (0, 14400] and --interval above 0")
@@ -217,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for variant in variants:
                 log(f"starting {variant.name} from {variant.checkout}")
-                start_variant(variant, demo)
+                start_variant(variant, demo, variant.name in args.from_checkout)
             traffic = subprocess.Popen(
                 [sys.executable, str(LOADGEN), "--url", demo.app.url, "--rate",
                  str(args.traffic_rate), "--duration", str(args.duration + 60), "--seed", "2"],

@@ -70,6 +70,26 @@ def compile_package(checkout: Path = ROOT) -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
+def install_package(checkout: Path, into: Path) -> list[str]:
+    """Install a checkout as a user's `pip install .` does (a wheel's files and their .pyc, no
+    editable-install finder) into a fresh virtual environment at `into`, whose dependencies
+    are this environment's; return the command that starts its `qatoolbox-exporter` script.
+
+    The development .venv is an editable install: every interpreter it starts imports
+    setuptools' finder (pathlib, importlib.util, urllib.parse ...) from a .pth file, which the
+    Docker image and the systemd unit's `pip install` do not have."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(into)], check=True)
+    site = next((into / "lib").glob("python3*/site-packages"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    "--no-deps", "--target", str(site),
+                    str(checkout)], check=True, stdout=subprocess.DEVNULL)
+    # The dependencies (prometheus-client, psycopg, PyYAML) from this environment: a path line
+    # in a .pth file adds the folder without running that folder's own .pth files.
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "_bench_deps.pth").write_text("".join(f"{p}\n" for p in deps))
+    return [str(into / "bin" / "python"), str(site / "bin" / "qatoolbox-exporter")]
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()

@@ -3,6 +3,7 @@ rendered by headless Chromium against real exporters, PostgreSQL and Redis."""
 
 from __future__ import annotations
 
+import ast
 import html
 import os
 import re
@@ -19,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from exporter import landing
 from exporter.collectors import COLLECTORS
 from exporter.collectors.app_config import AppConfig
 from exporter.collectors.business_config import BusinessConfig
@@ -38,6 +40,7 @@ from exporter.landing import (
     _e,
     build_view,
     page,
+    read_by_page,
 )
 from exporter.scrape import Outcome, ScrapeRunner
 from tests.harness import (
@@ -285,6 +288,63 @@ def test_true_before_the_first_scrape_and_reuses_a_recent_collection() -> None:
         assert states(LandingPage(plain, WebConfig()).render().decode()) == {"host": OK}
     finally:
         plain.close()
+
+
+def test_recording_keeps_only_what_the_page_reads() -> None:
+    """The runner keeps the families the page reads of a collection, not the whole of it, and
+    a page drawn from what it kept is the page drawn from the whole collection."""
+    wanted = [
+        gauge("qatoolbox_postgres_up", 0),
+        gauge("qatoolbox_postgres_connection_error", 1, reason="auth_failed"),
+        gauge("qatoolbox_business_up", 1),
+        gauge("qatoolbox_business_query_success", 0, query="a"),
+        gauge("qatoolbox_business_query_applicable", 1, query="a"),
+        gauge("qatoolbox_business_query_last_success_timestamp_seconds", NOW - 90, query="a"),
+        gauge("qatoolbox_business_query_duration_seconds", 0.4, query="a"),
+        gauge("qatoolbox_business_superuser_refused", 0),
+        gauge("qatoolbox_app_multiprocess_dir_up", 1, dir="/srv/app/metrics"),
+        gauge("qatoolbox_app_workers", 2, dir="/srv/app/metrics"),
+    ]
+    noise = [gauge(f"qatoolbox_host_thing_{i}", i) for i in range(50)]
+    noise.append(gauge("qatoolbox_http_requests_in_flight", 3))
+
+    class Everything:
+        name = "host"
+
+        def collect(self) -> list[Metric]:
+            return [*noise[:25], *wanted, *noise[25:]]
+
+    runner = RecordingRunner([Everything()], timeout=10)
+    try:
+        full = runner.collect()
+        last = runner.last_collection()
+    finally:
+        runner.close()
+    assert last is not None
+    assert [f.name for f in last[1]] == [f.name for f in wanted]
+    assert {f.name for f in [*wanted, *noise]} < {f.name for f in full}  # + the runner's own
+    config = every_collector()
+    outcomes = {n: ok() for n in COLLECTORS}
+    assert view(last[1], outcomes, config) == view(full, outcomes, config)
+
+
+def test_every_family_the_page_reads_is_kept() -> None:
+    """Each metric name the page's code looks up (a literal, or an f-string with a collector
+    name in it) is one RecordingRunner keeps: a lookup added without it would fail here."""
+    source = Path(landing.__file__).read_text()
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            text = node.value
+        elif isinstance(node, ast.JoinedStr):
+            text = "".join(part.value if isinstance(part, ast.Constant) else "postgres"
+                           for part in node.values)
+        else:
+            continue
+        if text.startswith("qatoolbox_") and " " not in text and text != "qatoolbox_":
+            names.add(text)
+    assert len(names) >= 9, names
+    assert [n for n in sorted(names) if not read_by_page(n)] == []
 
 
 # --- rendered by Chromium against real exporters ----------------------------------------------
