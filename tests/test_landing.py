@@ -337,7 +337,7 @@ def test_every_family_the_page_reads_is_kept() -> None:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             text = node.value
         elif isinstance(node, ast.JoinedStr):
-            text = "".join(part.value if isinstance(part, ast.Constant) else "postgres"
+            text = "".join(str(part.value) if isinstance(part, ast.Constant) else "postgres"
                            for part in node.values)
         else:
             continue
