@@ -96,6 +96,32 @@ def _environment_help() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it ($COLUMNS, then standard
+    output's terminal, else 80), without importing shutil: argparse's help formatter does at
+    every add_argument(), and shutil's archive support loads bz2 and lzma with their libraries
+    into an exporter that never prints help."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns if columns > 0 else 80
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's raw-description formatter, told the width (see _columns)."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; collector flags and the environment help come from the collector
     table."""
@@ -103,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qatoolbox-exporter",
         description="Prometheus exporter for QAToolBox: host, processes, PostgreSQL, Redis,\n"
         "application and business metrics.",
-        epilog=_environment_help() + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_environment_help() + EPILOG, formatter_class=_HelpFormatter,
     )
     parser.add_argument("--config.file", dest="config_file", metavar="PATH",
                         help="YAML configuration file (optional)")

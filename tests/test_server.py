@@ -369,6 +369,31 @@ print("ok")
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
+def test_parsing_the_command_line_loads_no_archive_modules() -> None:
+    """argparse's help formatter imports shutil for the terminal width at every
+    add_argument(), and shutil loads bz2 and lzma with their libraries (0.5 MB resident): the
+    exporter's formatter is told the width, and --help comes out as argparse's own would."""
+    code = """
+import argparse, sys
+from exporter.cli import build_parser, parse
+parse(["--config.file", "x.yml", "--no-collector.redis"])
+for name in ("shutil", "bz2", "lzma"):
+    assert name not in sys.modules, name + " loaded"
+parser = build_parser()
+ours = parser.format_help()
+parser.formatter_class = argparse.RawDescriptionHelpFormatter
+assert ours == parser.format_help()
+print(len(ours.splitlines()))
+"""
+    lines = []
+    for columns in ("60", "120"):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                timeout=60, check=False, env={**os.environ, "COLUMNS": columns})
+        assert result.returncode == 0, result.stderr[-2000:]
+        lines.append(int(result.stdout.strip()))
+    assert lines[0] > lines[1]  # wrapped to the width asked for
+
+
 def test_import_without_is_scoped_to_the_one_import(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """exporter.lean.import_without: the module named gets the stand-in (or an ImportError
