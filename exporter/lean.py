@@ -13,6 +13,8 @@ Three things keep the exporter's resident memory down (docs/bench-prometheus.md,
   and gets an empty stand-in; asyncio (psycopg.errors imports it, for an async API the
   exporter does not use) gets an ImportError and takes its own no-TLS path. Once psycopg is
   imported, ssl is importable as usual for what really needs it (a TLS web config, rediss://).
+  The same way, psycopg's imports of ctypes.util (used by its ctypes binding only) and
+  typing_extensions (TypeVar's `default=`, read by type checkers only) get small stand-ins.
 - glibc's malloc keeps one arena per thread that ever contended (up to 8 per core); the
   exporter's threads mostly wait and hold the GIL when they allocate, so one arena is enough.
 
@@ -29,8 +31,10 @@ import importlib.util
 import os
 import sys
 import threading
+import typing
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 # mallopt(3) parameter numbers (malloc.h).
 _M_ARENA_MAX = -8
@@ -180,6 +184,38 @@ def _ctypes_util_stand_in() -> ModuleType:
     return module
 
 
+def _typing_extensions_stand_in() -> ModuleType:
+    """typing_extensions' stand-in for psycopg's import: on Python 3.11 and 3.12 psycopg takes
+    only TypeVar from it, for the `default=` of its generic row types, which only type checkers
+    read; the real module is 0.4 MB resident. Its TypeVar makes typing's (the default left
+    out); any other name loads the real module and gives its attribute."""
+    module = ModuleType("typing_extensions", "stand-in: see exporter.lean")
+
+    def type_var(name: str, *constraints: Any, bound: Any = None, covariant: bool = False,
+                 contravariant: bool = False, **_typing_only: Any) -> Any:
+        return typing.TypeVar(name, *constraints, bound=bound, covariant=covariant,
+                              contravariant=contravariant)
+
+    def attribute(name: str) -> object:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        real = sys.modules.get("typing_extensions")
+        if real is None or real is module:  # (while psycopg imports: this stand-in)
+            real = module.__dict__.get("_real")
+            if real is None:
+                spec = importlib.machinery.PathFinder.find_spec("typing_extensions")
+                if spec is None or spec.loader is None:
+                    raise AttributeError(name)
+                real = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(real)
+                module.__dict__["_real"] = real
+        return getattr(real, name)
+
+    module.TypeVar = type_var  # type: ignore[attr-defined]
+    module.__getattr__ = attribute  # type: ignore[method-assign]  # PEP 562
+    return module
+
+
 def _psycopg_binds_with_c() -> bool:
     """Whether psycopg will use its C binding (psycopg-binary or psycopg-c), not ctypes."""
     if os.environ.get("PSYCOPG_IMPL", "").lower() == "python":
@@ -209,5 +245,6 @@ import_without("asyncio", ssl=None)
 # With its C binding, psycopg never calls ctypes.util (above).
 import_without("psycopg", ssl=ModuleType("ssl", "stand-in: see exporter.lean"),
                importlib__metadata=_metadata_stand_in(),
+               typing_extensions=_typing_extensions_stand_in(),
                **({"ctypes__util": _ctypes_util_stand_in()} if _psycopg_binds_with_c() else {}))
 limit_malloc_arenas()

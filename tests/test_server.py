@@ -310,6 +310,7 @@ assert asyncio.base_events.ssl is None
 assert "ssl" not in sys.modules, "ssl imported"
 assert "importlib.metadata" not in sys.modules, "importlib.metadata imported"
 assert "tempfile" not in sys.modules and "ctypes.util" not in sys.modules, "ctypes.util imported"
+assert "typing_extensions" not in sys.modules, "typing_extensions imported"
 from exporter.lean import _ctypes_util_stand_in
 assert _ctypes_util_stand_in().find_library("c")
 import importlib.metadata
@@ -321,6 +322,28 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=60, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_typing_extensions_stand_in_gives_what_psycopg_takes() -> None:
+    """psycopg takes only TypeVar of typing_extensions on Python 3.11 and 3.12: the stand-in
+    makes typing's (default= is for type checkers); any other name comes from the real
+    module, loaded aside, so a psycopg that asks for more still imports."""
+    import typing
+
+    from exporter.lean import _typing_extensions_stand_in
+
+    stand_in = _typing_extensions_stand_in()
+    row = stand_in.TypeVar("Row", covariant=True, default=tuple)
+    assert isinstance(row, typing.TypeVar) and row.__covariant__ and row.__name__ == "Row"
+
+    class Box(typing.Generic[row]):
+        pass
+
+    assert Box[int].__args__ == (int,)
+    assert stand_in.Protocol.__name__ == "Protocol"  # the real module's, loaded aside
+    assert stand_in.Literal is typing.Literal
+    with pytest.raises(AttributeError):
+        stand_in.__wrapped__  # noqa: B018
 
 
 def test_psycopg_pure_python_binding_still_finds_libpq() -> None:
