@@ -336,10 +336,10 @@ def test_typing_extensions_stand_in_gives_what_psycopg_takes() -> None:
     row = stand_in.TypeVar("Row", covariant=True, default=tuple)
     assert isinstance(row, typing.TypeVar) and row.__covariant__ and row.__name__ == "Row"
 
-    class Box(typing.Generic[row]):
+    class Box(typing.Generic[row]):  # type: ignore[misc]
         pass
 
-    assert Box[int].__args__ == (int,)
+    assert Box[int].__args__ == (int,)  # type: ignore[misc]
     assert stand_in.Protocol.__name__ == "Protocol"  # the real module's, loaded aside
     assert stand_in.Literal is typing.Literal
     with pytest.raises(AttributeError):
