@@ -6,8 +6,6 @@ import os
 import stat
 from typing import Any
 
-import yaml
-
 from exporter.configtypes import ConfigError, Secret, describe_value
 
 # Hard caps on what is read from a file named by the configuration or the environment: a
@@ -23,7 +21,6 @@ CONFIG_FILE_LIMIT = 1 << 20
 YAML_MAX_NODES = 20_000
 YAML_MAX_DEPTH = 64
 YAML_MAX_NUMBER_LENGTH = 100
-_NUMBER_TAGS = frozenset({"tag:yaml.org,2002:int", "tag:yaml.org,2002:float"})
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                (stat.S_ISSOCK, "a socket"))
@@ -81,59 +78,6 @@ def read_file(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-class _RefusedError(Exception):
-    """A YAML document beyond the limits above, with where it went over."""
-
-    def __init__(self, problem: str, mark: Any) -> None:
-        super().__init__(problem)
-        self.problem, self.problem_mark = problem, mark
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """PyYAML's safe loader that counts nodes as it composes them (an alias by the size of
-    what it refers to) and refuses a document past the limits before anything is built."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self._nodes = 0
-        self._depth = 0
-        # Expanded size of each node composed so far; an anchor's is missing until its node is
-        # complete, so an alias inside its own anchor (a recursive document) is found.
-        self._sizes: dict[int, int] = {}
-
-    def _count(self, nodes: int, mark: Any) -> None:
-        self._nodes += nodes
-        if self._nodes > YAML_MAX_NODES:
-            raise _RefusedError(f"more than {YAML_MAX_NODES} values (an alias counts as many as "
-                           f"it refers to)", mark)
-
-    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
-        # PyYAML's stubs leave peek_event unannotated: it returns the next parser event.
-        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
-        if isinstance(event, yaml.AliasEvent):
-            anchored = self.anchors.get(event.anchor)
-            if anchored is not None:  # else PyYAML reports the undefined alias
-                if id(anchored) not in self._sizes:
-                    raise _RefusedError("an alias inside the value it refers to", event.start_mark)
-                self._count(self._sizes[id(anchored)], event.start_mark)
-            return super().compose_node(parent, index)
-        self._depth += 1
-        if self._depth > YAML_MAX_DEPTH:
-            raise _RefusedError(f"nested too deeply (more than {YAML_MAX_DEPTH} levels)",
-                           event.start_mark)
-        first = self._nodes
-        self._count(1, event.start_mark)
-        node = super().compose_node(parent, index)
-        self._depth -= 1
-        if node is not None:
-            self._sizes[id(node)] = self._nodes - first
-            if (isinstance(node, yaml.ScalarNode) and node.tag in _NUMBER_TAGS
-                    and len(node.value) > YAML_MAX_NUMBER_LENGTH):
-                raise _RefusedError(f"a number longer than {YAML_MAX_NUMBER_LENGTH} characters",
-                               node.start_mark)
-        return node
-
-
 def read_yaml(path: str, what: str = "config file") -> Any:
     """Read a YAML file; ConfigError, prefixed "<what> <path>", for anything that is not data:
     a file that is not regular or is larger than CONFIG_FILE_LIMIT, I/O errors, syntax errors,
@@ -148,24 +92,11 @@ def read_yaml(path: str, what: str = "config file") -> Any:
         raise ConfigError([f"{prefix}: cannot read: {exc}"]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{prefix}: not UTF-8 text"]) from None
-    loader: _BoundedLoader | None = None
-    try:
-        loader = _BoundedLoader(text)  # checks the characters at once
-        return loader.get_single_data()
-    except (yaml.YAMLError, _RefusedError) as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([f"{prefix}: invalid YAML{where}: {problem}"]) from None
-    except RecursionError:
-        raise ConfigError([f"{prefix}: invalid YAML: nested too deeply"]) from None
-    except Exception:
-        # The library's message may quote the value; the file may hold secrets.
-        raise ConfigError([f"{prefix}: invalid YAML: a value that cannot be converted (a bad "
-                           f"date, number or tagged value)"]) from None
-    finally:
-        if loader is not None:
-            loader.dispose()
+    # Loaded here, not with this module: PyYAML is start-up work (and the web config's
+    # reloads), and the exporter lets go of it once serving (exporter.lean.release_modules).
+    from exporter.yamlload import load_bounded
+
+    return load_bounded(text, prefix)
 
 
 def read_secret(path: str, key: str, errors: list[str]) -> Secret:

@@ -25,6 +25,7 @@ side (exporter.instrument) never does, so it is not affected.
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import importlib.machinery
 import importlib.util
@@ -134,6 +135,24 @@ def import_without(module: str, **stand_ins: ModuleType | None) -> bool:
     _finders.append(finder)
     sys.meta_path.insert(0, finder)
     return True
+
+
+def release_modules(*names: str) -> list[str]:
+    """Forget the modules named and their submodules, so that their code and data are freed
+    once nothing else refers to them: for start-up work (argparse, PyYAML) that would
+    otherwise stay resident for the process's life. An import of one later loads it again.
+    Returns the names forgotten."""
+    prefixes = tuple(f"{name}." for name in names)
+    gone = [name for name in list(sys.modules)
+            if name in names or name.startswith(prefixes)]
+    for name in gone:
+        module = sys.modules.pop(name, None)
+        parent, _, child = name.rpartition(".")
+        holder = sys.modules.get(parent) if parent else None
+        if holder is not None and getattr(holder, child, None) is module:
+            delattr(holder, child)  # a package keeps its imported submodules as attributes
+    gc.collect()
+    return gone
 
 
 def _distribution_version(name: str) -> str:
@@ -247,4 +266,8 @@ import_without("psycopg", ssl=ModuleType("ssl", "stand-in: see exporter.lean"),
                importlib__metadata=_metadata_stand_in(),
                typing_extensions=_typing_extensions_stand_in(),
                **({"ctypes__util": _ctypes_util_stand_in()} if _psycopg_binds_with_c() else {}))
+# PyYAML without libyaml's binding: the exporter reads its small files with the pure-Python
+# safe loader (exporter/yamlload.py), and the binding's module keeps the yaml package alive
+# for good, so that it could not be let go of after start-up (release_modules).
+import_without("yaml", **{"yaml___yaml": None})
 limit_malloc_arenas()

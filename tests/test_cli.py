@@ -477,3 +477,55 @@ def test_stack_keeps_its_logs_unless_clean(clean: bool) -> None:
             assert "listening" in exporter_log.read_text()
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+_RELEASE_PROBE = """
+import gc, json, sys, weakref
+from exporter import cli, lean
+
+WATCHED = ("argparse", "gettext", "yaml", "exporter.cliflags", "exporter.yamlload")
+refs = {}
+release = lean.release_modules
+
+
+def recording(*names):
+    for name in WATCHED:
+        if name in sys.modules:
+            refs[name] = weakref.ref(sys.modules[name])
+    return release(*names)
+
+
+def serve(config, security=None):
+    gc.collect()
+    print(json.dumps({"alive": sorted(n for n, ref in refs.items() if ref() is not None),
+                      "loaded": sorted(n for n in WATCHED if n in sys.modules),
+                      "watched": sorted(refs)}))
+    return 0
+
+
+lean.release_modules = recording
+cli.serve = serve
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_startup_modules_are_let_go_once_serving(tmp_path: Path) -> None:
+    """argparse (with gettext) and PyYAML are start-up work: once the exporter serves, they
+    are gone from sys.modules and freed (nothing keeps a reference), unless a web config file
+    may be re-read, which keeps PyYAML."""
+    config = tmp_path / "config.yml"
+    config.write_text("scrape:\n  timeout: 3s\n")
+    web = tmp_path / "web.yml"
+    web.write_text("http_server_config:\n  headers:\n    X-Frame-Options: deny\n")
+    found = []
+    for extra in ([], ["--web.config.file", str(web)]):
+        result = subprocess.run(
+            [sys.executable, "-c", _RELEASE_PROBE, "--config.file", str(config),
+             "--web.listen-address", "127.0.0.1:0", *extra],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        found.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    plain, with_web = found
+    assert {"argparse", "yaml", "exporter.cliflags", "exporter.yamlload"} <= set(plain["watched"])
+    assert plain["alive"] == [] and plain["loaded"] == []
+    assert with_web["alive"] == with_web["loaded"] == ["exporter.yamlload", "yaml"]

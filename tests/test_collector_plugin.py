@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from exporter import collectors
-from exporter.cli import build_parser, parse
+from exporter.cliflags import build_parser, parse
 from exporter.config import Config, ConfigError, compose, load_config
 from exporter.scrape import ScrapeRunner
 from exporter.server import ExporterHTTPServer

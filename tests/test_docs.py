@@ -72,7 +72,7 @@ def test_readme_names_the_two_commands_and_they_exist() -> None:
 
 
 def test_every_flag_is_documented_in_the_readme() -> None:
-    from exporter.cli import build_parser
+    from exporter.cliflags import build_parser
 
     flags = {opt for action in build_parser()._actions for opt in action.option_strings
              if opt.startswith("--") and opt not in ("--help",)}

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from exporter import webconfig
-from exporter.cli import VALUE_FLAGS
+from exporter.cliflags import VALUE_FLAGS
 from exporter.collectors import DEFAULTS
 from exporter.config import Config, ConfigError, Duration, Regex, Secret, load_config
 from exporter.webconfig import WebConfigFile, WebSecurity, load_web_config, parse_web_config

@@ -1304,7 +1304,7 @@ def test_serving_the_exporter_never_loads_the_report() -> None:
     """The report's code and matplotlib stay out of the exporter's process: the dispatch in
     exporter/cli.py imports them only for `report` and `export`."""
     code = ("import sys\nfrom exporter import cli\nfrom exporter import server, scrape\n"
-            "cli.parse(['--config.check'])\n"
+            "from exporter import cliflags\ncliflags.parse(['--config.check'])\n"
             "print(sorted(m for m in sys.modules if m.startswith(('exporter.report', "
             "'matplotlib'))))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -398,7 +398,7 @@ def test_parsing_the_command_line_loads_no_archive_modules() -> None:
     exporter's formatter is told the width, and --help comes out as argparse's own would."""
     code = """
 import argparse, sys
-from exporter.cli import build_parser, parse
+from exporter.cliflags import build_parser, parse
 parse(["--config.file", "x.yml", "--no-collector.redis"])
 for name in ("shutil", "bz2", "lzma"):
     assert name not in sys.modules, name + " loaded"

@@ -11,8 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import yaml
-
 from exporter.collectors.business_sql import sql_problem
 from exporter.configtypes import (
     ConfigError,
@@ -158,6 +156,8 @@ def business_defaults() -> tuple[BusinessQuery, ...]:
         path = os.path.join(os.path.dirname(os.path.dirname(__file__)), BUSINESS_DEFAULTS_FILE)
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
+        import yaml  # start-up work: the exporter lets go of PyYAML once serving (lean.py)
+
         errors: list[str] = []
         built = from_plain(BusinessConfig, yaml.safe_load(text), BUSINESS_DEFAULTS_FILE, errors)
         if errors:
