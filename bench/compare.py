@@ -76,7 +76,10 @@ ANCHORS = {
 # The series budget of one exporter on the demo stack (docs/bench-compare.md explains it).
 SERIES_BUDGET = 5000
 TARGET_LATENCY_RATIO = 0.5
-TARGET_CPU_RATIO = 1.0
+# Issue 10 asked for the three anchors' CPU at most; issue 19 for half of it.
+TARGET_CPU_RATIO = 0.5
+# Peak RSS here is VmHWM over a fast interleaved run; issue 19's 40 MB is the RSS after an hour
+# of scrapes every 15 s, which bench/memory.py measures.
 TARGET_RSS_MB = 40.0
 # Families by collector, for the budget table (prefix match, first wins).
 COLLECTOR_PREFIXES = (
