@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import os
@@ -61,7 +62,20 @@ def connect_params(cfg: PostgresConfig, application_name: str, options: str,
 def connect(params: dict[str, Any], autocommit: bool = False
             ) -> psycopg.Connection[tuple[Any, ...]]:
     """A new connection with params (connect_params'); raises psycopg.Error."""
-    return psycopg.Connection.connect(autocommit=autocommit, **params)
+    try:
+        return psycopg.Connection.connect(autocommit=autocommit, **params)
+    except psycopg.Error as exc:
+        error = exc
+    # psycopg keeps each failed attempt's error, traceback and frames in a reference cycle
+    # that holds the attempt's socket (two attempts for localhost: ::1 and 127.0.0.1), and
+    # the error raised reaches it through its traceback and context: left to the cyclic
+    # collector, an outage kept sockets open for as long as it took to get to them. The error
+    # is raised without them (its message and SQLSTATE are what the callers read), and the
+    # cycle is collected now (a few ms, on a failed connection only).
+    error.__context__ = error.__cause__ = None
+    error = error.with_traceback(None)
+    gc.collect()
+    raise error
 
 
 def redact(text: str, cfg: PostgresConfig) -> str:

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 
+from exporter import pgconn
 from exporter.collectors.postgres import PostgresCollector, PostgresError
 from exporter.collectors.postgres_config import PostgresConfig
 from exporter.collectors.postgres_families import (
@@ -910,3 +911,31 @@ def test_connection_error_reason_for_each_way_of_failing(postgres: PostgresServe
             assert failure_reason(c) == {"connection_refused": 1}
         finally:
             pg.start()
+
+
+def test_a_failed_connection_leaves_no_socket_open() -> None:
+    """A connection attempt to a server that never answers (accepted, then silence: a paused
+    one) fails on connect_timeout and leaves no socket behind, even with the cyclic garbage
+    collector off: psycopg keeps the failed attempt in a reference cycle that holds its
+    socket, which an outage would otherwise pile up until a full collection."""
+    import gc
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshakes; nobody reads
+    port = silent.getsockname()[1]
+    params = {"host": "127.0.0.1", "port": port, "dbname": "x", "user": "x",
+              "connect_timeout": 1, "sslmode": "disable"}
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for _ in range(2):
+            with pytest.raises(psycopg.OperationalError):
+                pgconn.connect(params)
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        if was_enabled:
+            gc.enable()
+        silent.close()
