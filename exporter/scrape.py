@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar, runtime_checkable
 
@@ -143,16 +142,18 @@ class ScrapeRunner:
         deadline = time.monotonic() + self._timeout
         futures: dict[str, Future[_Timed]] = {}
         busy: set[str] = set()
+        queue: list[tuple[Collector, Future[_Timed]]] = []
         for collector in self._collectors:
             previous = self._running.get(collector.name)
             if previous is not None and not previous.done():
                 # A run stuck past its budget (a paused server): don't pile up threads behind it.
                 busy.add(collector.name)
                 continue
-            run = self._pool.submit(self._timed, collector)
+            run: Future[_Timed] = Future()
             futures[collector.name] = self._running[collector.name] = run
-            wait_futures([run], timeout=max(0.0, min(STAGGER, deadline - time.monotonic())))
-        wait_futures(list(futures.values()), timeout=max(0.0, deadline - time.monotonic()))
+            queue.append((collector, run))
+        if queue:
+            _Chain(queue, self._timed, self._pool.submit).run(deadline)
 
         families: list[Metric] = []
         duration = GaugeMetricFamily(
@@ -168,7 +169,8 @@ class ScrapeRunner:
         for collector in self._collectors:
             name = collector.name
             future = futures.get(name)
-            if future is not None and future.done() and future.exception() is None:
+            if (future is not None and future.done() and not future.cancelled()
+                    and future.exception() is None):
                 produced, elapsed = future.result()
                 families.extend(produced)
                 outcome = Outcome(True, elapsed, "", time.time())
@@ -181,7 +183,7 @@ class ScrapeRunner:
                     error = "previous run still in progress"
                     # Still the run that timed out: the same failure, not a new one to log.
                     logged = timed_out
-                elif future is not None and future.done():
+                elif future is not None and future.done() and not future.cancelled():
                     exc = future.exception()
                     error = f"{type(exc).__name__}: {exc}"
                 else:
@@ -226,6 +228,86 @@ class ScrapeRunner:
                     collector.close()
                 except Exception:
                     log.exception("close failed", extra={"collector": collector.name})
+
+
+class _Chain:
+    """One collection's collectors, run one after another by as few threads as can be.
+
+    A pool thread takes the next collector as soon as the one before is done, so quick
+    collectors (all of them, most of the time) run back to back on one thread, handed over
+    once, and the caller is woken once, when the last is done (a hand-over per collector cost
+    the serving thread 0.6 ms per scrape in thread switches). When the collector running has
+    run for STAGGER with others still waiting (a slow or stuck one), the caller starts
+    another thread on the next: a collector stuck on a paused server holds only its own
+    thread, and delays each later start by STAGGER at most.
+    """
+
+    def __init__(self, queue: list[tuple[Collector, Future[_Timed]]],
+                 timed: Callable[[Collector], _Timed],
+                 submit: Callable[[Callable[[], None]], object]) -> None:
+        self._queue = queue
+        self._timed = timed
+        self._submit = submit
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # the next collector to take
+        self._done = 0
+        self._taken_at = 0.0  # when the last collector was taken
+        self._starting = 0  # threads submitted that have not taken a collector yet
+
+    def run(self, deadline: float) -> None:
+        """Run every collector, or return at the deadline with those running still running
+        (the ones not started by then are cancelled: they count as timed out)."""
+        cond = self._cond
+        queue = self._queue
+        with cond:
+            self._start()
+            while self._done < len(queue):
+                now = time.monotonic()
+                if now >= deadline:
+                    for _, future in queue[self._next:]:
+                        future.cancel()
+                    self._next = len(queue)
+                    return
+                wait = deadline - now
+                if self._next < len(queue):
+                    # Woken at least every STAGGER while collectors wait to be taken.
+                    stalled_for = now - self._taken_at
+                    if stalled_for >= STAGGER and not self._starting:
+                        self._start()
+                        continue
+                    wait = min(wait, STAGGER - stalled_for if stalled_for < STAGGER else STAGGER)
+                cond.wait(wait)
+
+    def _start(self) -> None:
+        """Another thread for the chain (the lock held)."""
+        self._starting += 1
+        self._submit(self._work)
+
+    def _work(self) -> None:
+        cond = self._cond
+        queue = self._queue
+        starting = True
+        while True:
+            with cond:
+                if starting:
+                    self._starting -= 1
+                    starting = False
+                if self._next >= len(queue):
+                    return
+                collector, future = queue[self._next]
+                self._next += 1
+                self._taken_at = time.monotonic()
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = self._timed(collector)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+            with cond:
+                self._done += 1
+                if self._done == len(queue):
+                    cond.notify_all()
 
 
 def _build_info() -> GaugeMetricFamily:
