@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -757,3 +758,53 @@ def test_frozen_database_one_summary_then_one_recovery(
     assert "no answer from PostgreSQL" in warnings[0] or "timeout" in warnings[0], warnings
     assert [m for level, m in logged if level == logging.INFO] == [
         "business queries reach PostgreSQL again"], logged
+
+
+def test_a_connection_attempt_outlived_by_a_good_one_is_tried_again(
+    postgres: PostgresServer, make_collector: Callable[..., BusinessCollector],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attempt that started while PostgreSQL did not answer and failed after another
+    worker's attempt succeeded (the server came back meanwhile) is tried once more, not
+    reported as PostgreSQL unreachable: under load, a resumed server otherwise got a second
+    "queries failed" summary right after "reach PostgreSQL again"."""
+    import threading
+
+    import psycopg
+
+    from exporter import pgconn
+
+    pg = postgres
+    pg.create_exporter_role()
+    collector = make_collector(pg.exporter_env(), [query("qatoolbox_probe", "SELECT 1 AS value")])
+    real = pgconn.connect
+    other_done = threading.Event()
+    calls: list[str] = []
+
+    def connect(params: dict[str, Any], autocommit: bool = False) -> Any:
+        if threading.current_thread().name == "stale-attempt" and "stale" not in calls:
+            calls.append("stale")
+            assert other_done.wait(30)
+            raise psycopg.OperationalError("connection timeout expired")
+        calls.append("real")
+        return real(params, autocommit)
+
+    monkeypatch.setattr("exporter.collectors.business.pgconn.connect", connect)
+    got: list[Any] = []
+    first = threading.Thread(target=lambda: got.append(collector._connection(fresh=True)),
+                             name="stale-attempt")
+    first.start()
+    try:
+        while "stale" not in calls:
+            time.sleep(0.01)
+        second, _ = collector._connection(fresh=True)  # PostgreSQL is back: this one connects
+        other_done.set()
+        first.join(30)
+        assert got and got[0][0] is not second and not got[0][0].closed
+        assert calls.count("real") >= 2  # the good attempt and the stale one's retry
+        assert collector._connect_failure is None
+        got[0][0].close()
+        second.close()
+    finally:
+        other_done.set()
+        first.join(30)

@@ -168,6 +168,7 @@ class BusinessCollector:
         # (monotonic time, message, seconds) of the last failed or refused connection: the
         # next attempt waits that many seconds, and queries fail at once meanwhile.
         self._connect_failure: tuple[float, str, float, str] | None = None
+        self._connected_at = -math.inf  # when a connection last succeeded
         self._refused = False
         # Per query, and for the collector ("unreachable", "superuser"): logged when a failure
         # starts or changes and again after repeat_interval, and on recovery.
@@ -417,8 +418,11 @@ class BusinessCollector:
             self._up = up
             self._reason = None if up else reason
 
-    def _connection(self, fresh: bool = False) -> tuple[Connection, bool]:
-        """An idle pooled connection (reused True) or a new one."""
+    def _connection(self, fresh: bool = False, retry: bool = True) -> tuple[Connection, bool]:
+        """An idle pooled connection (reused True) or a new one. A connection attempt that
+        fails after another worker's attempt succeeded (it started while PostgreSQL was not
+        answering, and timed out after it came back) is tried once more rather than reported
+        as PostgreSQL unreachable."""
         with self._lock:
             if self._idle and not fresh:
                 return self._idle.pop(), True
@@ -429,6 +433,7 @@ class BusinessCollector:
             raise UnreachableError(failure[1], failure[3])
         params = pgconn.connect_params(self._pg, "qatoolbox-exporter-business", SESSION_OPTIONS)
         conn: Connection | None = None
+        started = self._clock()
         try:
             conn = pgconn.connect(params)
             superuser = is_superuser(conn)
@@ -438,8 +443,12 @@ class BusinessCollector:
             message = f"cannot connect: {pgconn.describe_error(exc, self._pg)}"
             reason = pgconn.reason(exc)
             with self._lock:
-                self._connect_failure = (self._clock(), message, CONNECT_BACKOFF, reason)
-                self._up, self._reason = False, reason
+                stale = retry and self._connected_at > started
+                if not stale:
+                    self._connect_failure = (self._clock(), message, CONNECT_BACKOFF, reason)
+                    self._up, self._reason = False, reason
+            if stale:
+                return self._connection(fresh, retry=False)
             raise UnreachableError(message, reason) from exc
         if superuser and not self._allow_superuser:
             role = conn.info.user
@@ -448,6 +457,7 @@ class BusinessCollector:
         conn.read_only = True  # every transaction starts with BEGIN READ ONLY too
         with self._lock:
             self._connect_failure = None
+            self._connected_at = self._clock()
             if self._refused:
                 log.info("business queries run again: the PostgreSQL role is no longer a "
                          "superuser", extra={"user": conn.info.user})
