@@ -808,3 +808,29 @@ def test_a_connection_attempt_outlived_by_a_good_one_is_tried_again(
     finally:
         other_done.set()
         first.join(30)
+
+
+def test_no_summary_after_recovery_for_queries_not_run_since(
+    postgres: PostgresServer, make_collector: Callable[..., BusinessCollector],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Once a connection succeeds again, the queries that failed to reach PostgreSQL before
+    it and have not run since are not summarised again as failing (the next outcome of any
+    query used to log "N business queries failed" right after "reach PostgreSQL again")."""
+    pg = postgres
+    pg.create_exporter_role()
+    collector = make_collector(pg.exporter_env(), [
+        query(n, "SELECT 1 AS value", interval="1h") for n in TEN])
+    caplog.set_level(logging.DEBUG, logger="exporter.business")
+    with collector._lock:
+        for state in collector._states:
+            state.queued = False
+            state.error, state.unreachable = "cannot connect: timeout", "timeout"
+            state.unreachable_at = collector._clock()
+        collector._summarise()  # during the outage: one summary
+        collector._collector_log.clear("unreachable")  # a connection succeeded again
+        collector._connected_at = collector._clock() + 1
+        collector._summarise()  # a later outcome: nothing new failed
+    warnings = [r.getMessage() for r in caplog.records
+                if r.name == "exporter.business" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("10 business queries failed"), warnings

@@ -94,6 +94,9 @@ class _State:
     # The reason (pgconn.REASONS) when the last run failed because PostgreSQL could not be
     # reached: then the collector's summary line says it, not one line per query.
     unreachable: str | None = None
+    # When it last failed to reach PostgreSQL (the summary counts failures since the last
+    # good connection only, not those of queries that have not run again since).
+    unreachable_at: float = -math.inf
     # True, or False while a table or column it requires is missing; None until the
     # catalog was first read for a query that requires something.
     applicable: bool | None = True
@@ -292,6 +295,8 @@ class BusinessCollector:
         metric = state.query.metric
         was_unreachable = state.unreachable is not None
         state.error, state.unreachable = error, unreachable
+        if unreachable is not None:
+            state.unreachable_at = self._clock()
         if error is None:
             if self._query_log.clear(metric):
                 log.log(logging.DEBUG if was_unreachable else logging.INFO,
@@ -305,7 +310,8 @@ class BusinessCollector:
         """One line for the queries that failed because PostgreSQL could not be reached, once
         none of them is still running: "10 business queries failed: <why>"; again when the
         reason changes or after repeat_interval (caller holds the lock)."""
-        failed = [s for s in self._states if s.unreachable is not None]
+        failed = [s for s in self._states
+                  if s.unreachable is not None and s.unreachable_at >= self._connected_at]
         if not failed or any(s.queued for s in self._states):
             return
         reason = failed[-1].unreachable
