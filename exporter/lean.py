@@ -184,6 +184,17 @@ def _metadata_stand_in() -> ModuleType:
     return module
 
 
+def _load_aside(name: str, path: Sequence[str] | None = None) -> ModuleType:
+    """The real module `name` (found on path, or sys.path), run in a module of its own that is
+    not put in sys.modules: what a stand-in hands over to when asked for more than it has."""
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module named {name!r}", name=name)
+    real = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(real)
+    return real
+
+
 def _ctypes_util_stand_in() -> ModuleType:
     """ctypes.util's stand-in for psycopg's import: psycopg.pq.misc imports it for one
     find_library() that only its pure-Python libpq binding calls; the real module brings
@@ -192,11 +203,7 @@ def _ctypes_util_stand_in() -> ModuleType:
     module = ModuleType("ctypes.util", "stand-in: see exporter.lean")
 
     def find_library(name: str) -> str | None:
-        spec = importlib.machinery.PathFinder.find_spec("ctypes.util", ctypes.__path__)
-        assert spec is not None and spec.loader is not None
-        real = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(real)
-        found: str | None = real.find_library(name)
+        found: str | None = _load_aside("ctypes.util", ctypes.__path__).find_library(name)
         return found
 
     module.find_library = find_library  # type: ignore[attr-defined]
@@ -222,12 +229,10 @@ def _typing_extensions_stand_in() -> ModuleType:
         if real is None or real is module:  # (while psycopg imports: this stand-in)
             real = module.__dict__.get("_real")
             if real is None:
-                spec = importlib.machinery.PathFinder.find_spec("typing_extensions")
-                if spec is None or spec.loader is None:
-                    raise AttributeError(name)
-                real = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(real)
-                module.__dict__["_real"] = real
+                try:
+                    real = module.__dict__["_real"] = _load_aside("typing_extensions")
+                except ImportError:
+                    raise AttributeError(name) from None
         return getattr(real, name)
 
     module.TypeVar = type_var  # type: ignore[attr-defined]
